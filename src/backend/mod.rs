@@ -1,0 +1,173 @@
+//! Backends: what a request does once the queue thread has read its
+//! descriptor. One module per backend, all behind [`QueueBackend`], which the
+//! queue loop takes as a generic parameter so the per-I/O call is static.
+//!
+//! A backend object is made per queue thread and used only by that thread.
+//! The request's data is reached through [`Data`]: a per-tag buffer that the
+//! kernel copies to or from the bio (copy mode), or the `/dev/ublkcN` file
+//! position of the request (user copy), where the backend moves the bytes
+//! itself with one pread/pwrite and no copy of its own.
+
+pub mod null;
+pub mod ram;
+
+use std::os::fd::RawFd;
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+
+use crate::config::{BackendKind, DeviceConfig};
+use crate::error::{Error, Result};
+use crate::queue::{Queue, QueueSetup};
+use crate::sys;
+
+/// One request, decoded from its descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub op: u8,
+    pub flags: u32,
+    /// Byte offset on the device.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+impl Request {
+    pub fn from_desc(d: &sys::IoDesc) -> Self {
+        Request {
+            op: d.op(),
+            flags: d.op_flags >> 8,
+            offset: d.start_sector << 9,
+            len: d.nr_sectors << 9,
+        }
+    }
+}
+
+/// Where the request's bytes are.
+pub enum Data<'a> {
+    /// Copy mode: the tag's own buffer.
+    Buf(&'a mut [u8]),
+    /// User copy: `pread` (WRITE) or `pwrite` (READ) on `fd` at `pos`.
+    UserCopy { fd: RawFd, pos: u64 },
+    /// No data reachable (null backend in user-copy mode never touches it).
+    None,
+}
+
+/// The per-queue half of a backend.
+pub trait QueueBackend {
+    /// Serves one request and returns bytes done (READ/WRITE) or 0, or -errno.
+    fn serve(&mut self, req: &Request, data: Data<'_>) -> i32;
+}
+
+/// Completion value for a request that moved `len` bytes.
+pub fn done(len: u32) -> i32 {
+    len as i32
+}
+
+/// `pwrite` all of `buf` to `fd` at `pos`; -errno on failure.
+///
+/// # Safety
+/// `[buf, buf+len)` must be readable memory for the whole call.
+pub unsafe fn pwrite_all(fd: RawFd, buf: *const u8, len: usize, pos: u64) -> i32 {
+    let mut off = 0usize;
+    while off < len {
+        // SAFETY: the caller guarantees [buf, buf+len) is readable for the call.
+        let n = unsafe { libc::pwrite(fd, buf.add(off).cast(), len - off, (pos + off as u64) as i64) };
+        if n <= 0 {
+            return neg_errno(n);
+        }
+        off += n as usize;
+    }
+    len as i32
+}
+
+/// `pread` all of `len` bytes from `fd` at `pos` into `buf`; -errno on failure.
+///
+/// # Safety
+/// `[buf, buf+len)` must be writable memory for the whole call.
+pub unsafe fn pread_all(fd: RawFd, buf: *mut u8, len: usize, pos: u64) -> i32 {
+    let mut off = 0usize;
+    while off < len {
+        // SAFETY: the caller guarantees [buf, buf+len) is writable for the call.
+        let n = unsafe { libc::pread(fd, buf.add(off).cast(), len - off, (pos + off as u64) as i64) };
+        if n <= 0 {
+            return neg_errno(n);
+        }
+        off += n as usize;
+    }
+    len as i32
+}
+
+fn neg_errno(n: isize) -> i32 {
+    if n == 0 {
+        -libc::EIO
+    } else {
+        -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    }
+}
+
+/// The device-wide half of a backend: made once per server process, it
+/// makes one [`QueueBackend`] per queue thread and starts that thread.
+pub enum DeviceBackend {
+    Null,
+    Ram(std::sync::Arc<ram::RamStore>),
+}
+
+impl DeviceBackend {
+    /// Prepares a new device's backend (a fresh zeroed RAM store).
+    pub fn create(cfg: &DeviceConfig) -> Result<Self> {
+        match cfg.backend {
+            BackendKind::Null => Ok(DeviceBackend::Null),
+            BackendKind::Ram => {
+                let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
+                Ok(DeviceBackend::Ram(std::sync::Arc::new(ram::RamStore::create(path, cfg.size)?)))
+            }
+        }
+    }
+
+    /// Reopens an existing device's backend, keeping its data (recovery).
+    pub fn open(cfg: &DeviceConfig) -> Result<Self> {
+        match cfg.backend {
+            BackendKind::Null => Ok(DeviceBackend::Null),
+            BackendKind::Ram => {
+                let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
+                Ok(DeviceBackend::Ram(std::sync::Arc::new(ram::RamStore::open(path, cfg.size)?)))
+            }
+        }
+    }
+
+    /// Starts the thread `ublk{dev}q{qid}`. It reports on `ready` once its
+    /// FETCHes are posted (or why it could not), then serves until aborted.
+    pub fn spawn_queue(&self, setup: QueueSetup, ready: Sender<Result<()>>) -> Result<JoinHandle<Result<()>>> {
+        let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
+        let spawn = |f: Box<dyn FnOnce() -> Result<()> + Send>| {
+            std::thread::Builder::new().name(name.clone()).spawn(f).map_err(|e| Error::io("spawn queue thread", e))
+        };
+        match self {
+            DeviceBackend::Null => spawn(Box::new(move || run_queue(setup, null::NullQueue, ready))),
+            DeviceBackend::Ram(store) => {
+                let q = ram::RamQueue::new(store.clone());
+                spawn(Box::new(move || run_queue(setup, q, ready)))
+            }
+        }
+    }
+}
+
+/// The body of a queue thread, generic so the backend call is static.
+fn run_queue<B: QueueBackend>(setup: QueueSetup, backend: B, ready: Sender<Result<()>>) -> Result<()> {
+    let started = Queue::new(setup, backend).and_then(|mut q| q.fetch_all().map(|_| q));
+    let queue = match started {
+        Ok(q) => {
+            let _ = ready.send(Ok(()));
+            q
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = ready.send(Err(e));
+            crate::server::notify_queue_ended();
+            return Err(Error::invalid(msg));
+        }
+    };
+    let res = queue.run();
+    crate::server::notify_queue_ended();
+    res
+}

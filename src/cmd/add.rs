@@ -1,0 +1,142 @@
+//! `add`: validate, then serve a new device in a daemon (default) or in
+//! this process (`--foreground`), and print it once LIVE.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::backend::DeviceBackend;
+use crate::cli::AddArgs;
+use crate::config::{BackendKind, DeviceConfig, Recovery, DEFAULT_MAX_IO_BYTES};
+use crate::ctrl::Ctrl;
+use crate::daemon::{self, Notifier};
+use crate::error::{Error, Result};
+use crate::server::{Server, Stop};
+use crate::{log, settings};
+
+/// How long `add` waits for the daemon: START_DEV scans partitions, which
+/// is slow under software emulation.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn run(args: &AddArgs) -> Result<()> {
+    let cfg = config_from(args)?;
+    cfg.validate()?;
+    preflight(&cfg)?;
+    if args.foreground {
+        return serve(cfg, Notifier::none(), Some(args.json));
+    }
+    let dev_id = daemon::spawn_server(&cfg, START_TIMEOUT)?;
+    crate::cmd::list::print_one(dev_id, args.json)
+}
+
+pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
+    let dev_id = match args.id {
+        None | Some(-1) => None,
+        Some(id) if (0..1 << 20).contains(&id) => Some(id as u32),
+        Some(id) => return Err(Error::invalid(format!("device id {id} is out of range: give -n between 0 and 1048575"))),
+    };
+    let default_size = match args.backend {
+        BackendKind::Null => 250 << 30,
+        BackendKind::Ram => 256 << 20,
+    };
+    Ok(DeviceConfig {
+        dev_id,
+        backend: args.backend,
+        size: args.size.unwrap_or(default_size),
+        store: args.store.clone(),
+        queues: narrow(args.queues, "queues", "-q")?,
+        depth: narrow(args.depth, "depth", "-d")?,
+        cpus: args.cpus.clone().unwrap_or_default(),
+        poll: args.poll,
+        block_size: args.block_size,
+        max_io_bytes: DEFAULT_MAX_IO_BYTES,
+        copy_mode: args.copy_mode,
+        recovery: Recovery::None,
+    })
+}
+
+fn narrow(v: u32, what: &str, flag: &str) -> Result<u16> {
+    u16::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} is out of range: give {flag} between 1 and 4096")))
+}
+
+/// Checks that need the machine, before anything is created.
+fn preflight(cfg: &DeviceConfig) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    let mut ctrl = Ctrl::open()?;
+    if let Some(id) = cfg.dev_id.filter(|&id| ctrl.info(id).is_ok()) {
+        return Err(Error::IdInUse(id));
+    }
+    if cfg.backend == BackendKind::Ram {
+        check_store_space(cfg)?;
+    }
+    Ok(())
+}
+
+fn store_dir(cfg: &DeviceConfig) -> PathBuf {
+    match &cfg.store {
+        Some(p) => p.parent().map(PathBuf::from).unwrap_or_else(|| ".".into()),
+        None => "/dev/shm".into(),
+    }
+}
+
+fn check_store_space(cfg: &DeviceConfig) -> Result<()> {
+    let dir = store_dir(cfg);
+    let c = std::ffi::CString::new(dir.to_string_lossy().as_bytes()).map_err(|_| Error::invalid("bad store path"))?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is NUL-terminated and st is a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(format!("statvfs {}", dir.display()), std::io::Error::last_os_error()));
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    if cfg.size > free {
+        return Err(Error::invalid(format!(
+            "size {} does not fit in {} ({} bytes free): give a smaller --size or another --store",
+            cfg.size,
+            dir.display(),
+            free
+        )));
+    }
+    Ok(())
+}
+
+/// The server itself: create, attach, start, serve until stopped.
+/// `foreground_json` is Some when the dump is printed by this process.
+pub fn serve(mut cfg: DeviceConfig, mut notify: Notifier, foreground_json: Option<bool>) -> Result<()> {
+    let mut server = match Server::create(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            notify.failed(&e);
+            return Err(e);
+        }
+    };
+    notify.added(server.dev_id);
+    if server.cfg.backend == BackendKind::Ram && server.cfg.store.is_none() {
+        server.cfg.store = Some(format!("/dev/shm/ublk-bench-{}", server.dev_id).into());
+    }
+    cfg.clone_from(&server.cfg);
+    let started = DeviceBackend::create(&cfg).and_then(|backend| {
+        settings::save(server.dev_id, &cfg)?;
+        server.attach(&backend)?;
+        server.start()?;
+        Ok(backend)
+    });
+    let _backend = match started {
+        Ok(b) => b,
+        Err(e) => {
+            notify.failed(&e);
+            server.abandon();
+            return Err(e);
+        }
+    };
+    log!("device {} LIVE, {} queue(s), backend {}", server.dev_id, cfg.queues, cfg.backend.name());
+    notify.live(server.dev_id);
+    if let Some(json) = foreground_json {
+        crate::cmd::list::print_one(server.dev_id, json)?;
+    }
+    let stop = server.wait();
+    log!("device {}: {:?}", server.dev_id, stop);
+    server.shutdown(stop == Stop::Signal)
+}

@@ -1,0 +1,112 @@
+//! `list`: the kernel's view of each device (GET_DEV_INFO) joined with our
+//! persisted settings (backend, size, store).
+
+use serde::Serialize;
+
+use crate::config::DeviceConfig;
+use crate::ctrl::{self, Ctrl};
+use crate::error::{Error, Result};
+use crate::settings;
+use crate::sys::{self, DevInfo};
+
+#[derive(Debug, Serialize)]
+pub struct DeviceView {
+    pub dev_id: u32,
+    pub state: &'static str,
+    pub pid: i32,
+    pub queues: u16,
+    pub depth: u16,
+    pub backend: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub max_io_bytes: u32,
+    pub flags: Vec<&'static str>,
+    pub copy_mode: Option<&'static str>,
+    pub poll: Option<bool>,
+    pub cpus: Vec<usize>,
+    pub store: Option<String>,
+}
+
+pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
+    let info = ctrl.info(dev_id).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev_id),
+        _ => Error::io(format!("GET_DEV_INFO of device {dev_id}"), e),
+    })?;
+    let cfg = settings::load(dev_id).ok();
+    let size = match &cfg {
+        Some(c) => c.size,
+        None => ctrl.get_params(dev_id).map(|p| p.basic.dev_sectors << 9).unwrap_or(0),
+    };
+    Ok(make_view(&info, cfg.as_ref(), size))
+}
+
+fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64) -> DeviceView {
+    DeviceView {
+        dev_id: info.dev_id,
+        state: sys::state_name(info.state),
+        pid: info.ublksrv_pid,
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
+        backend: cfg.map_or("unknown".into(), |c| c.backend.name().into()),
+        size,
+        block_size: cfg.map_or(512, |c| c.block_size),
+        max_io_bytes: info.max_io_buf_bytes,
+        flags: flag_names(info.flags),
+        copy_mode: cfg.map(|c| c.copy_mode.name()),
+        poll: cfg.map(|c| c.poll),
+        cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
+        store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
+    }
+}
+
+pub fn flag_names(flags: u64) -> Vec<&'static str> {
+    sys::FEATURES.iter().filter(|(f, _, _)| flags & f != 0).map(|(_, n, _)| *n).collect()
+}
+
+/// The ublksrv-style dump: scripts grep `dev id N:` and `state LIVE`.
+pub fn dump(v: &DeviceView) -> String {
+    format!(
+        "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
+         \tmax rq size {} daemon pid {} flags {}\n\
+         \tstate {}\n\
+         \tbackend {} copy {} poll {} cpus [{}]{}\n",
+        v.dev_id,
+        v.queues,
+        v.depth,
+        v.block_size,
+        v.size >> 9,
+        v.max_io_bytes,
+        v.pid,
+        v.flags.join("|"),
+        v.state,
+        v.backend,
+        v.copy_mode.unwrap_or("?"),
+        v.poll.map_or("?".into(), |p| p.to_string()),
+        crate::config::format_cpus(&v.cpus),
+        v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
+    )
+}
+
+pub fn print_one(dev_id: u32, json: bool) -> Result<()> {
+    let v = view(&mut Ctrl::open()?, dev_id)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+    } else {
+        print!("{}", dump(&v));
+    }
+    Ok(())
+}
+
+pub fn run(id: Option<u32>, json: bool) -> Result<()> {
+    let mut ctrl = Ctrl::open()?;
+    let views = match id {
+        Some(id) => vec![view(&mut ctrl, id)?],
+        None => ctrl::device_ids().into_iter().filter_map(|id| view(&mut ctrl, id).ok()).collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&views).expect("serializes"));
+    } else {
+        views.iter().for_each(|v| print!("{}", dump(v)));
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Control plane: commands to `/dev/ublk-control` over an SQE128 io_uring.
+//!
+//! One `Ctrl` per thread (the ring is not shared). Every command is
+//! synchronous: it is submitted and its single completion awaited. Buffers
+//! passed to the kernel live on the caller's stack for the whole call, which
+//! covers the command's lifetime because we wait for its CQE before returning.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::mem::size_of;
+use std::os::fd::AsRawFd;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::error::{Error, Result};
+use crate::sys::{self, CtrlCmd, DevInfo, Params};
+
+pub const CONTROL_PATH: &str = "/dev/ublk-control";
+
+pub struct Ctrl {
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    fd: File,
+}
+
+impl Ctrl {
+    /// Opens `/dev/ublk-control`, with errors a person can act on.
+    pub fn open() -> Result<Self> {
+        let fd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(CONTROL_PATH)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOENT) => Error::NoDriver,
+                Some(libc::EACCES) | Some(libc::EPERM) => Error::NotRoot,
+                _ => Error::io(format!("open {CONTROL_PATH}"), e),
+            })?;
+        let ring = IoUring::builder()
+            .build(4)
+            .map_err(|e| Error::io("io_uring setup for the control ring", e))?;
+        Ok(Ctrl { ring, fd })
+    }
+
+    /// Submits one control command and returns its CQE result (>= 0) or the errno.
+    fn cmd(&mut self, op: u32, cmd: CtrlCmd) -> io::Result<i32> {
+        let mut payload = [0u8; 80];
+        // SAFETY: CtrlCmd is repr(C), 32 bytes, plain data; payload has room for it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                &cmd as *const CtrlCmd as *const u8,
+                payload.as_mut_ptr(),
+                size_of::<CtrlCmd>(),
+            )
+        };
+        let sqe = opcode::UringCmd80::new(types::Fd(self.fd.as_raw_fd()), op)
+            .cmd(payload)
+            .build()
+            .user_data(op as u64);
+        // SAFETY: the buffer `cmd.addr` points at is owned by our caller, who
+        // keeps it alive until this function returns, and we return only after
+        // the command's completion has been reaped.
+        unsafe { self.ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("control ring full"))?;
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(cqe) = self.ring.completion().next() {
+                let res = cqe.result();
+                return if res < 0 {
+                    Err(io::Error::from_raw_os_error(-res))
+                } else {
+                    Ok(res)
+                };
+            }
+        }
+    }
+
+    fn dev_cmd<T>(&mut self, op: u32, dev_id: u32, buf: Option<&mut T>, data: u64) -> io::Result<i32> {
+        let (addr, len) = match buf {
+            Some(b) => (b as *mut T as u64, size_of::<T>() as u16),
+            None => (0, 0),
+        };
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: sys::QUEUE_ID_NONE,
+            len,
+            addr,
+            data,
+            ..Default::default()
+        };
+        self.cmd(op, cmd)
+    }
+
+    /// Every `UBLK_F_*` flag the running kernel supports.
+    pub fn features(&mut self) -> Result<u64> {
+        let mut f: u64 = 0;
+        self.dev_cmd(sys::UBLK_U_CMD_GET_FEATURES, 0, Some(&mut f), 0)
+            .map_err(|e| Error::io("GET_FEATURES (kernel older than 6.5?)", e))?;
+        Ok(f)
+    }
+
+    /// ADD_DEV. On success `info` holds what the kernel granted.
+    pub fn add(&mut self, info: &mut DevInfo) -> io::Result<()> {
+        let id = info.dev_id;
+        self.dev_cmd(sys::UBLK_U_CMD_ADD_DEV, id, Some(info), 0).map(|_| ())
+    }
+
+    pub fn set_params(&mut self, dev_id: u32, params: &mut Params) -> io::Result<()> {
+        params.len = size_of::<Params>() as u32;
+        self.dev_cmd(sys::UBLK_U_CMD_SET_PARAMS, dev_id, Some(params), 0).map(|_| ())
+    }
+
+    pub fn get_params(&mut self, dev_id: u32) -> io::Result<Params> {
+        let mut p = Params { len: size_of::<Params>() as u32, ..Default::default() };
+        self.dev_cmd(sys::UBLK_U_CMD_GET_PARAMS, dev_id, Some(&mut p), 0)?;
+        Ok(p)
+    }
+
+    /// START_DEV blocks until every tag has been fetched: call it from a
+    /// thread other than the queue threads.
+    pub fn start(&mut self, dev_id: u32, pid: i32) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_START_DEV, dev_id, None, pid as u64).map(|_| ())
+    }
+
+    pub fn stop(&mut self, dev_id: u32) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_STOP_DEV, dev_id, None, 0).map(|_| ())
+    }
+
+    /// DEL_DEV waits until every reference to `/dev/ublkcN` is gone, so the
+    /// caller must not hold one.
+    pub fn del(&mut self, dev_id: u32) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_DEL_DEV, dev_id, None, 0).map(|_| ())
+    }
+
+    pub fn del_async(&mut self, dev_id: u32) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_DEL_DEV_ASYNC, dev_id, None, 0).map(|_| ())
+    }
+
+    pub fn info(&mut self, dev_id: u32) -> io::Result<DevInfo> {
+        let mut info = DevInfo::default();
+        self.dev_cmd(sys::UBLK_U_CMD_GET_DEV_INFO, dev_id, Some(&mut info), 0)?;
+        Ok(info)
+    }
+
+    /// The CPUs blk-mq maps to queue `qid`.
+    pub fn queue_affinity(&mut self, dev_id: u32, qid: u16) -> io::Result<Vec<usize>> {
+        let mut mask = [0u64; 64]; // 4096 CPUs
+        self.dev_cmd(sys::UBLK_U_CMD_GET_QUEUE_AFFINITY, dev_id, Some(&mut mask), qid as u64)?;
+        let cpus = (0..mask.len() * 64).filter(|c| mask[c / 64] & (1 << (c % 64)) != 0);
+        Ok(cpus.collect())
+    }
+
+    pub fn start_recovery(&mut self, dev_id: u32) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_START_USER_RECOVERY, dev_id, None, 0).map(|_| ())
+    }
+
+    pub fn end_recovery(&mut self, dev_id: u32, pid: i32) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_END_USER_RECOVERY, dev_id, None, pid as u64).map(|_| ())
+    }
+
+    pub fn quiesce(&mut self, dev_id: u32, timeout_ms: u64) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_QUIESCE_DEV, dev_id, None, timeout_ms).map(|_| ())
+    }
+}
+
+/// Ids of every ublk device present, from `/dev/ublkcN` nodes and sysfs.
+pub fn device_ids() -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+pub fn char_path(dev_id: u32) -> String {
+    format!("/dev/ublkc{dev_id}")
+}
+
+pub fn block_path(dev_id: u32) -> String {
+    format!("/dev/ublkb{dev_id}")
+}

@@ -1,0 +1,237 @@
+//! Data plane: one thread per hardware queue.
+//!
+//! Tag ownership: after FETCH a tag belongs to the kernel. Its CQE (result
+//! `UBLK_IO_RES_OK`) hands it to us with a request in `descs[tag]`; we serve
+//! it and send COMMIT_AND_FETCH, which hands it back. A CQE of
+//! `UBLK_IO_RES_ABORT` ends the tag for good (device stopped, quiesced or
+//! being recovered by another server). The thread returns once every tag has
+//! ended.
+//!
+//! Buffers: in copy mode each tag owns `max_io_bytes` of one anonymous map
+//! made at queue start; the kernel reads or writes it between dispatch and
+//! commit. In user-copy mode there are no buffers and the backend moves the
+//! bytes with pread/pwrite on `/dev/ublkcN`.
+//!
+//! The loop allocates nothing and takes no lock: one `io_uring_enter` per
+//! turn, then a pass over the CQ that pushes one COMMIT per request.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use memmap2::{Mmap, MmapMut, MmapOptions};
+
+use crate::backend::{Data, QueueBackend, Request};
+use crate::config::CopyMode;
+use crate::error::{Error, Result};
+use crate::stats::QueueStats;
+use crate::sys::{self, IoCmd, IoDesc};
+
+pub type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
+/// Everything a queue thread needs, fixed before it starts.
+#[derive(Clone)]
+pub struct QueueSetup {
+    pub dev_id: u32,
+    pub qid: u16,
+    pub depth: u16,
+    pub cpu: Option<usize>,
+    pub poll: bool,
+    pub copy: CopyMode,
+    pub max_io_bytes: u32,
+    pub char_dev: Arc<File>,
+    pub stats: Option<Arc<QueueStats>>,
+}
+
+/// A queue's mappings and ring, made in its own thread before any FETCH.
+pub struct Queue<B> {
+    setup: QueueSetup,
+    backend: B,
+    descs: Mmap,
+    bufs: Option<MmapMut>,
+    ring: Ring,
+}
+
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+impl<B: QueueBackend> Queue<B> {
+    /// Pins the calling thread, maps the descriptors and builds the ring.
+    pub fn new(setup: QueueSetup, backend: B) -> Result<Self> {
+        if let Some(cpu) = setup.cpu {
+            pin(cpu)?;
+        }
+        let page = page_size();
+        let descs = map_descs(&setup, page)?;
+        let bufs = match setup.copy {
+            CopyMode::Copy => Some(
+                MmapMut::map_anon(setup.depth as usize * setup.max_io_bytes as usize)
+                    .map_err(|e| Error::io("allocate per-tag buffers", e))?,
+            ),
+            _ => None,
+        };
+        let entries = (setup.depth as u32 * 2).next_power_of_two();
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .map_err(|e| Error::io(format!("io_uring setup for queue {}", setup.qid), e))?;
+        Ok(Queue { setup, backend, descs, bufs, ring })
+    }
+
+    /// Posts FETCH_REQ for every tag. START_DEV or END_USER_RECOVERY may
+    /// be sent once this returns.
+    pub fn fetch_all(&mut self) -> Result<()> {
+        for tag in 0..self.setup.depth {
+            let sqe = self.io_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0);
+            // SAFETY: the descriptor map and buffers outlive the ring (same struct,
+            // ring dropped first is not needed: the kernel cancels on ring exit).
+            unsafe { self.ring.submission().push(&sqe) }
+                .map_err(|_| Error::invalid("submission queue smaller than queue depth"))?;
+        }
+        self.ring
+            .submit()
+            .map_err(|e| Error::io(format!("submit FETCH_REQ on queue {}", self.setup.qid), e))?;
+        Ok(())
+    }
+
+    fn io_cmd(&self, op: u32, tag: u16, result: i32) -> squeue::Entry128 {
+        let cmd = IoCmd { q_id: self.setup.qid, tag, result, addr: self.buf_addr(tag) };
+        let mut payload = [0u8; 80];
+        // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
+        unsafe {
+            std::ptr::copy_nonoverlapping(&cmd as *const IoCmd as *const u8, payload.as_mut_ptr(), 16)
+        };
+        opcode::UringCmd80::new(types::Fd(self.setup.char_dev.as_raw_fd()), op)
+            .cmd(payload)
+            .build()
+            .user_data(tag as u64)
+    }
+
+    fn buf_addr(&self, tag: u16) -> u64 {
+        match &self.bufs {
+            Some(b) => b.as_ptr() as u64 + tag as u64 * self.setup.max_io_bytes as u64,
+            None => 0,
+        }
+    }
+
+    /// Serves until every tag has been aborted.
+    pub fn run(mut self) -> Result<()> {
+        let mut live = self.setup.depth as u32;
+        let mut first_error: Option<i32> = None;
+        while live > 0 {
+            self.wait()?;
+            let n = self.ring.completion().len();
+            for _ in 0..n {
+                let Some(cqe) = self.ring.completion().next() else { break };
+                let tag = cqe.user_data() as u16;
+                match cqe.result() {
+                    sys::UBLK_IO_RES_OK => self.handle(tag)?,
+                    sys::UBLK_IO_RES_ABORT => live -= 1,
+                    err => {
+                        live -= 1;
+                        first_error.get_or_insert(err);
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(Error::io(
+                format!("queue {} tag command", self.setup.qid),
+                std::io::Error::from_raw_os_error(-e),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// One `io_uring_enter`: sleeps for a completion, or in poll mode only
+    /// runs task work (GETEVENTS with min_complete 0) and returns at once.
+    fn wait(&mut self) -> Result<()> {
+        let res = if self.setup.poll {
+            let to_submit = self.ring.submission().len() as u32;
+            // SAFETY: no argument pointer is passed; the ring is ours.
+            unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
+            }
+        } else {
+            self.ring.submit_and_wait(1)
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e)),
+        }
+    }
+
+    fn handle(&mut self, tag: u16) -> Result<()> {
+        let start = self.setup.stats.as_ref().map(|_| crate::stats::now_ns());
+        let desc = self.desc(tag);
+        let req = Request::from_desc(&desc);
+        let result = self.serve(tag, &req);
+        if let (Some(stats), Some(t0)) = (&self.setup.stats, start) {
+            stats.record(&req, result, crate::stats::now_ns().saturating_sub(t0));
+        }
+        let sqe = self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+        // SAFETY: as in fetch_all.
+        unsafe { self.ring.submission().push(&sqe) }
+            .map_err(|_| Error::invalid("submission queue overflow"))
+    }
+
+    fn serve(&mut self, tag: u16, req: &Request) -> i32 {
+        let data = match self.setup.copy {
+            CopyMode::Copy => {
+                let len = self.setup.max_io_bytes as usize;
+                let bufs = self.bufs.as_mut().expect("copy mode has buffers");
+                let off = tag as usize * len;
+                Data::Buf(&mut bufs[off..off + len])
+            }
+            _ => Data::UserCopy {
+                fd: self.setup.char_dev.as_raw_fd(),
+                pos: sys::user_copy_pos(self.setup.qid, tag, 0),
+            },
+        };
+        self.backend.serve(req, data)
+    }
+
+    fn desc(&self, tag: u16) -> IoDesc {
+        let base = self.descs.as_ptr() as *const IoDesc;
+        // SAFETY: tag < depth, and the map holds depth descriptors; the kernel
+        // writes it, so read it volatile.
+        unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
+    }
+}
+
+fn map_descs(setup: &QueueSetup, page: usize) -> Result<Mmap> {
+    let off = sys::desc_offset(setup.qid, page) as u64;
+    // SAFETY: the kernel owns the contents; we only read them volatile, and
+    // the map is read-only as the driver demands.
+    unsafe {
+        MmapOptions::new()
+            .offset(off)
+            .len(sys::desc_len(setup.depth, page))
+            .map(&*setup.char_dev)
+    }
+    .map_err(|e| Error::io(format!("mmap descriptors of queue {}", setup.qid), e))
+}
+
+/// Pins the calling thread to `cpu` and checks that it took.
+pub fn pin(cpu: usize) -> Result<()> {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+        return Err(Error::invalid(format!("could not pin queue thread to CPU {cpu}")));
+    }
+    // SAFETY: sched_getcpu has no preconditions.
+    let now = unsafe { libc::sched_getcpu() };
+    if now != cpu as i32 {
+        return Err(Error::invalid(format!("pinned to CPU {cpu} but running on CPU {now}")));
+    }
+    Ok(())
+}
+
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}

@@ -1,0 +1,295 @@
+//! A server's life: create or take over a device, run its queue threads,
+//! start it, wait for a stop, and tear down without leaking the device.
+//!
+//! The control thread (the caller) sends every control command; queue
+//! threads only FETCH and COMMIT. START_DEV and END_USER_RECOVERY block
+//! until every tag is fetched, which is why they are sent from here after
+//! each queue thread reported its FETCHes posted.
+//!
+//! Signals: SIGTERM and SIGINT ask for a graceful stop that deletes the
+//! device; SIGUSR1 is raised by a queue thread when it ends. All three are
+//! blocked in every thread and taken with `sigwait` by the control thread.
+
+use std::fs::{File, OpenOptions};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::backend::DeviceBackend;
+use crate::config::{CopyMode, DeviceConfig, Recovery};
+use crate::ctrl::{self, Ctrl};
+use crate::error::{Error, Result};
+use crate::queue::QueueSetup;
+use crate::settings;
+use crate::stats::QueueStats;
+use crate::sys::{self, DevInfo, Params};
+
+pub struct Server {
+    pub ctrl: Ctrl,
+    pub cfg: DeviceConfig,
+    pub info: DevInfo,
+    pub dev_id: u32,
+    char_dev: Option<Arc<File>>,
+    threads: Vec<JoinHandle<Result<()>>>,
+    pub stats: Vec<Arc<QueueStats>>,
+}
+
+/// Why `wait` returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM or SIGINT: delete the device.
+    Signal,
+    /// Every queue ended (device stopped, deleted or quiesced elsewhere).
+    QueuesEnded,
+}
+
+impl Server {
+    /// ADD_DEV and SET_PARAMS for a new device. On error nothing is left.
+    pub fn create(cfg: &DeviceConfig) -> Result<Self> {
+        let mut ctrl = Ctrl::open()?;
+        let features = ctrl.features()?;
+        let mut cfg = cfg.clone();
+        cfg.copy_mode = resolve_copy_mode(cfg.copy_mode, features)?;
+        check_recovery(cfg.recovery, features)?;
+        let mut info = DevInfo {
+            nr_hw_queues: cfg.queues,
+            queue_depth: cfg.depth,
+            max_io_buf_bytes: cfg.max_io_bytes,
+            dev_id: cfg.dev_id.unwrap_or(sys::DEV_ID_ANY),
+            flags: copy_flags(cfg.copy_mode) | cfg.recovery.flags(),
+            ..Default::default()
+        };
+        ctrl.add(&mut info).map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) => Error::IdInUse(info.dev_id),
+            _ => Error::io("ADD_DEV", e),
+        })?;
+        let dev_id = info.dev_id;
+        cfg.dev_id = Some(dev_id);
+        let mut params = params_for(&cfg, &info);
+        if let Err(e) = ctrl.set_params(dev_id, &mut params) {
+            let _ = ctrl.del(dev_id);
+            return Err(Error::io("SET_PARAMS", e));
+        }
+        Ok(Server { ctrl, cfg, info, dev_id, char_dev: None, threads: vec![], stats: vec![] })
+    }
+
+    /// Opens `/dev/ublkcN`, starts every queue thread and returns once each
+    /// has posted FETCH for all its tags.
+    pub fn attach(&mut self, backend: &DeviceBackend) -> Result<()> {
+        block_signals();
+        QUEUES_ENDED.store(0, Ordering::SeqCst);
+        let char_dev = Arc::new(open_char_dev(self.dev_id)?);
+        self.char_dev = Some(char_dev.clone());
+        let (tx, rx) = mpsc::channel();
+        for qid in 0..self.cfg.queues {
+            let setup = self.queue_setup(qid, &char_dev)?;
+            self.stats.push(setup.stats.clone().expect("stats set"));
+            let handle = backend.spawn_queue(setup, tx.clone())?;
+            self.threads.push(handle);
+        }
+        drop(tx);
+        for _ in 0..self.cfg.queues {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::invalid("a queue thread died during start-up")),
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_setup(&mut self, qid: u16, char_dev: &Arc<File>) -> Result<QueueSetup> {
+        let cpu = match self.cfg.cpu_for(qid) {
+            Some(c) => c,
+            None => self
+                .ctrl
+                .queue_affinity(self.dev_id, qid)
+                .map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?
+                .first()
+                .copied()
+                .unwrap_or(0),
+        };
+        Ok(QueueSetup {
+            dev_id: self.dev_id,
+            qid,
+            depth: self.cfg.depth,
+            cpu: Some(cpu),
+            poll: self.cfg.poll,
+            copy: self.cfg.copy_mode,
+            max_io_bytes: self.info.max_io_buf_bytes,
+            char_dev: char_dev.clone(),
+            stats: Some(Arc::new(QueueStats::default())),
+        })
+    }
+
+    /// START_DEV with our pid; `/dev/ublkbN` exists when it returns.
+    pub fn start(&mut self) -> Result<()> {
+        self.ctrl.start(self.dev_id, std::process::id() as i32).map_err(|e| Error::io("START_DEV", e))?;
+        self.info = self.ctrl.info(self.dev_id).map_err(|e| Error::io("GET_DEV_INFO", e))?;
+        Ok(())
+    }
+
+    /// Blocks until a stop signal or until every queue thread has ended.
+    pub fn wait(&self) -> Stop {
+        loop {
+            if QUEUES_ENDED.load(Ordering::SeqCst) >= self.threads.len() {
+                return Stop::QueuesEnded;
+            }
+            match wait_signal() {
+                libc::SIGTERM | libc::SIGINT => return Stop::Signal,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Ends the queue threads and, when `delete`, removes the device and its
+    /// files. Without `delete` the device stays for a new server to recover.
+    pub fn shutdown(mut self, delete: bool) -> Result<()> {
+        if delete {
+            let _ = self.ctrl.stop(self.dev_id);
+        }
+        let mut first_err = None;
+        for t in self.threads.drain(..) {
+            if let Ok(Err(e)) = t.join() {
+                first_err.get_or_insert(e);
+            }
+        }
+        // DEL_DEV waits for every reference to /dev/ublkcN: close ours first.
+        self.char_dev = None;
+        if delete {
+            delete_device(&mut self.ctrl, self.dev_id, Some(&self.cfg));
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Abandons a device whose start failed: DEL_DEV_ASYNC finishes the
+    /// deletion once this process has exited and dropped its references.
+    pub fn abandon(mut self) {
+        let _ = self.ctrl.stop(self.dev_id);
+        let _ = self.ctrl.del_async(self.dev_id);
+        settings::remove(self.dev_id);
+        if let Some(store) = &self.cfg.store {
+            let _ = std::fs::remove_file(store);
+        }
+    }
+}
+
+/// Deletes a device and its files; the caller holds no `/dev/ublkcN` reference.
+pub fn delete_device(ctrl: &mut Ctrl, dev_id: u32, cfg: Option<&DeviceConfig>) {
+    let _ = ctrl.del(dev_id);
+    settings::remove(dev_id);
+    if let Some(store) = cfg.and_then(|c| c.store.as_ref()) {
+        let _ = std::fs::remove_file(store);
+    }
+}
+
+fn resolve_copy_mode(mode: CopyMode, features: u64) -> Result<CopyMode> {
+    let user = features & sys::UBLK_F_USER_COPY != 0;
+    match mode {
+        CopyMode::Auto if user => Ok(CopyMode::User),
+        CopyMode::Auto | CopyMode::Copy => Ok(CopyMode::Copy),
+        CopyMode::User if user => Ok(CopyMode::User),
+        CopyMode::User => Err(Error::Unsupported {
+            feature: "UBLK_F_USER_COPY",
+            version: "6.5",
+            hint: "use --copy-mode copy",
+        }),
+    }
+}
+
+fn check_recovery(rec: Recovery, features: u64) -> Result<()> {
+    let need = [
+        (sys::UBLK_F_USER_RECOVERY, "UBLK_F_USER_RECOVERY", "6.1"),
+        (sys::UBLK_F_USER_RECOVERY_REISSUE, "UBLK_F_USER_RECOVERY_REISSUE", "6.1"),
+        (sys::UBLK_F_USER_RECOVERY_FAIL_IO, "UBLK_F_USER_RECOVERY_FAIL_IO", "6.13"),
+    ];
+    for (flag, feature, version) in need {
+        if rec.flags() & flag != 0 && features & flag == 0 {
+            return Err(Error::Unsupported { feature, version, hint: "drop the recovery flag or upgrade" });
+        }
+    }
+    Ok(())
+}
+
+fn copy_flags(mode: CopyMode) -> u64 {
+    match mode {
+        CopyMode::User => sys::UBLK_F_USER_COPY,
+        _ => 0,
+    }
+}
+
+fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Params {
+    let bs_shift = cfg.block_size.trailing_zeros() as u8;
+    let mut p = Params { types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD, ..Default::default() };
+    p.basic.logical_bs_shift = bs_shift;
+    p.basic.physical_bs_shift = bs_shift.max(12);
+    p.basic.io_min_shift = bs_shift;
+    p.basic.io_opt_shift = bs_shift.max(12);
+    p.basic.max_sectors = info.max_io_buf_bytes >> 9;
+    p.basic.dev_sectors = cfg.dev_sectors();
+    p.discard.discard_granularity = cfg.block_size.max(4096);
+    p.discard.max_discard_sectors = u32::MAX >> 9;
+    p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
+    p.discard.max_discard_segments = 1;
+    p
+}
+
+/// Opens `/dev/ublkcN`, waiting briefly for udev/devtmpfs to create it.
+fn open_char_dev(dev_id: u32) -> Result<File> {
+    let path = ctrl::char_path(dev_id);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => return Ok(f),
+            Err(e) if retryable_open(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(Error::io(format!("open {path}"), e)),
+        }
+    }
+}
+
+/// ENOENT while the node appears; EBUSY while a dead server's file is released.
+fn retryable_open(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EBUSY))
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the stop signals in this thread and every thread it spawns later.
+pub fn block_signals() {
+    let set = stop_signals();
+    // SAFETY: set is a valid signal set; a null old-set pointer is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn wait_signal() -> i32 {
+    let set = stop_signals();
+    let mut sig = 0;
+    // SAFETY: set and sig are valid for the call.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    sig
+}
+
+/// Queue threads of this process that have ended. A counter rather than
+/// `JoinHandle::is_finished`, which may still be false when the signal lands.
+static QUEUES_ENDED: AtomicUsize = AtomicUsize::new(0);
+
+/// Called by a queue thread as it ends, to wake the control thread.
+pub fn notify_queue_ended() {
+    QUEUES_ENDED.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: plain syscall.
+    unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+}

@@ -1,0 +1,332 @@
+//! The ublk kernel ABI: structs, constants and command numbers from
+//! `include/uapi/linux/ublk_cmd.h`, and nothing else.
+//!
+//! Every struct shared with the kernel has its size and field offsets
+//! const-asserted below, so a layout slip fails the build, not a device.
+
+use std::mem::{offset_of, size_of};
+
+/// `_IOR('u', nr, 32-byte struct)`.
+const fn ior(nr: u32) -> u32 {
+    0x8020_7500 | nr
+}
+/// `_IOWR('u', nr, 32-byte struct)`.
+const fn iowr(nr: u32) -> u32 {
+    0xC020_7500 | nr
+}
+/// `_IOWR('u', nr, 16-byte struct)`: the per-I/O commands.
+const fn iowr_io(nr: u32) -> u32 {
+    0xC010_7500 | nr
+}
+
+pub const UBLK_U_CMD_GET_QUEUE_AFFINITY: u32 = ior(0x01);
+pub const UBLK_U_CMD_GET_DEV_INFO: u32 = ior(0x02);
+pub const UBLK_U_CMD_ADD_DEV: u32 = iowr(0x04);
+pub const UBLK_U_CMD_DEL_DEV: u32 = iowr(0x05);
+pub const UBLK_U_CMD_START_DEV: u32 = iowr(0x06);
+pub const UBLK_U_CMD_STOP_DEV: u32 = iowr(0x07);
+pub const UBLK_U_CMD_SET_PARAMS: u32 = iowr(0x08);
+pub const UBLK_U_CMD_GET_PARAMS: u32 = ior(0x09);
+pub const UBLK_U_CMD_START_USER_RECOVERY: u32 = iowr(0x10);
+pub const UBLK_U_CMD_END_USER_RECOVERY: u32 = iowr(0x11);
+pub const UBLK_U_CMD_GET_FEATURES: u32 = ior(0x13);
+pub const UBLK_U_CMD_DEL_DEV_ASYNC: u32 = ior(0x14);
+pub const UBLK_U_CMD_QUIESCE_DEV: u32 = iowr(0x16);
+
+pub const UBLK_U_IO_FETCH_REQ: u32 = iowr_io(0x20);
+pub const UBLK_U_IO_COMMIT_AND_FETCH_REQ: u32 = iowr_io(0x21);
+pub const UBLK_U_IO_REGISTER_IO_BUF: u32 = iowr_io(0x23);
+pub const UBLK_U_IO_UNREGISTER_IO_BUF: u32 = iowr_io(0x24);
+
+/// CQE result of a FETCH/COMMIT: a request waits in the descriptor.
+pub const UBLK_IO_RES_OK: i32 = 0;
+/// CQE result when the device stops or quiesces: the tag is finished.
+pub const UBLK_IO_RES_ABORT: i32 = -libc::ENODEV;
+
+pub const UBLK_S_DEV_DEAD: u16 = 0;
+pub const UBLK_S_DEV_LIVE: u16 = 1;
+pub const UBLK_S_DEV_QUIESCED: u16 = 2;
+pub const UBLK_S_DEV_FAIL_IO: u16 = 3;
+
+pub const UBLK_F_SUPPORT_ZERO_COPY: u64 = 1 << 0;
+pub const UBLK_F_URING_CMD_COMP_IN_TASK: u64 = 1 << 1;
+pub const UBLK_F_NEED_GET_DATA: u64 = 1 << 2;
+pub const UBLK_F_USER_RECOVERY: u64 = 1 << 3;
+pub const UBLK_F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
+pub const UBLK_F_UNPRIVILEGED_DEV: u64 = 1 << 5;
+pub const UBLK_F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
+pub const UBLK_F_USER_COPY: u64 = 1 << 7;
+pub const UBLK_F_ZONED: u64 = 1 << 8;
+pub const UBLK_F_USER_RECOVERY_FAIL_IO: u64 = 1 << 9;
+pub const UBLK_F_UPDATE_SIZE: u64 = 1 << 10;
+pub const UBLK_F_AUTO_BUF_REG: u64 = 1 << 11;
+pub const UBLK_F_QUIESCE: u64 = 1 << 12;
+pub const UBLK_F_PER_IO_DAEMON: u64 = 1 << 13;
+pub const UBLK_F_BUF_REG_OFF_DAEMON: u64 = 1 << 14;
+pub const UBLK_F_BATCH_IO: u64 = 1 << 15;
+pub const UBLK_F_INTEGRITY: u64 = 1 << 16;
+pub const UBLK_F_SAFE_STOP_DEV: u64 = 1 << 17;
+pub const UBLK_F_NO_AUTO_PART_SCAN: u64 = 1 << 18;
+pub const UBLK_F_SHMEM_ZC: u64 = 1 << 19;
+
+/// Every flag with its name and the first mainline kernel that has it.
+pub const FEATURES: &[(u64, &str, &str)] = &[
+    (UBLK_F_SUPPORT_ZERO_COPY, "ZERO_COPY", "6.15"),
+    (UBLK_F_URING_CMD_COMP_IN_TASK, "COMP_IN_TASK", "6.0"),
+    (UBLK_F_NEED_GET_DATA, "NEED_GET_DATA", "6.0"),
+    (UBLK_F_USER_RECOVERY, "USER_RECOVERY", "6.1"),
+    (UBLK_F_USER_RECOVERY_REISSUE, "USER_RECOVERY_REISSUE", "6.1"),
+    (UBLK_F_UNPRIVILEGED_DEV, "UNPRIVILEGED_DEV", "6.3"),
+    (UBLK_F_CMD_IOCTL_ENCODE, "CMD_IOCTL_ENCODE", "6.4"),
+    (UBLK_F_USER_COPY, "USER_COPY", "6.5"),
+    (UBLK_F_ZONED, "ZONED", "6.6"),
+    (UBLK_F_USER_RECOVERY_FAIL_IO, "USER_RECOVERY_FAIL_IO", "6.13"),
+    (UBLK_F_UPDATE_SIZE, "UPDATE_SIZE", "6.15"),
+    (UBLK_F_AUTO_BUF_REG, "AUTO_BUF_REG", "6.16"),
+    (UBLK_F_QUIESCE, "QUIESCE", "6.16"),
+    (UBLK_F_PER_IO_DAEMON, "PER_IO_DAEMON", "6.16"),
+    (UBLK_F_BUF_REG_OFF_DAEMON, "BUF_REG_OFF_DAEMON", "6.17"),
+    (UBLK_F_BATCH_IO, "BATCH_IO", "7.0"),
+    (UBLK_F_INTEGRITY, "INTEGRITY", "7.0"),
+    (UBLK_F_SAFE_STOP_DEV, "SAFE_STOP_DEV", "7.0"),
+    (UBLK_F_NO_AUTO_PART_SCAN, "NO_AUTO_PART_SCAN", "7.0"),
+    (UBLK_F_SHMEM_ZC, "SHMEM_ZC", "7.1"),
+];
+
+pub const UBLK_IO_OP_READ: u8 = 0;
+pub const UBLK_IO_OP_WRITE: u8 = 1;
+pub const UBLK_IO_OP_FLUSH: u8 = 2;
+pub const UBLK_IO_OP_DISCARD: u8 = 3;
+pub const UBLK_IO_OP_WRITE_SAME: u8 = 4;
+pub const UBLK_IO_OP_WRITE_ZEROES: u8 = 5;
+
+pub const UBLK_ATTR_VOLATILE_CACHE: u32 = 1 << 2;
+pub const UBLK_PARAM_TYPE_BASIC: u32 = 1 << 0;
+pub const UBLK_PARAM_TYPE_DISCARD: u32 = 1 << 1;
+
+/// The descriptor array of queue q starts at `q * UBLK_MAX_QUEUE_DESC_BYTES`
+/// rounded up to a page.
+pub const UBLK_MAX_QUEUE_DEPTH: u32 = 4096;
+pub const UBLK_MAX_NR_QUEUES: u32 = 4096;
+
+/// User-copy file positions: `UBLKSRV_IO_BUF_OFFSET + (q << 41) + (tag << 25) + off`.
+pub const UBLKSRV_IO_BUF_OFFSET: u64 = 0x8000_0000;
+pub const UBLK_TAG_OFF: u32 = 25;
+pub const UBLK_QID_OFF: u32 = 41;
+/// A request carries at most 32 MiB in user-copy mode.
+pub const UBLK_IO_BUF_BYTES_MAX: u32 = 1 << UBLK_TAG_OFF;
+
+pub const DEV_ID_ANY: u32 = u32::MAX;
+pub const QUEUE_ID_NONE: u16 = u16::MAX;
+
+/// `struct ublksrv_ctrl_cmd`: the 32-byte payload of every control command.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CtrlCmd {
+    pub dev_id: u32,
+    pub queue_id: u16,
+    pub len: u16,
+    pub addr: u64,
+    pub data: u64,
+    pub dev_path_len: u16,
+    pub pad: u16,
+    pub reserved: u32,
+}
+
+/// `struct ublksrv_ctrl_dev_info`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DevInfo {
+    pub nr_hw_queues: u16,
+    pub queue_depth: u16,
+    pub state: u16,
+    pub pad0: u16,
+    pub max_io_buf_bytes: u32,
+    pub dev_id: u32,
+    pub ublksrv_pid: i32,
+    pub pad1: u32,
+    pub flags: u64,
+    pub ublksrv_flags: u64,
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+    pub reserved1: u64,
+    pub reserved2: u64,
+}
+
+/// `struct ublk_param_basic`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParamBasic {
+    pub attrs: u32,
+    pub logical_bs_shift: u8,
+    pub physical_bs_shift: u8,
+    pub io_opt_shift: u8,
+    pub io_min_shift: u8,
+    pub max_sectors: u32,
+    pub chunk_sectors: u32,
+    pub dev_sectors: u64,
+    pub virt_boundary_mask: u64,
+}
+
+/// `struct ublk_param_discard`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParamDiscard {
+    pub discard_alignment: u32,
+    pub discard_granularity: u32,
+    pub max_discard_sectors: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_discard_segments: u16,
+    pub reserved0: u16,
+}
+
+/// `struct ublk_param_devt` (read-only, filled by GET_PARAMS).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParamDevt {
+    pub char_major: u32,
+    pub char_minor: u32,
+    pub disk_major: u32,
+    pub disk_minor: u32,
+}
+
+/// `struct ublk_params` (7.x layout, 152 bytes). The zoned, dma, segment
+/// and integrity members we never set are kept as opaque bytes; older
+/// kernels clamp `len` to their own size.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Params {
+    pub len: u32,
+    pub types: u32,
+    pub basic: ParamBasic,
+    pub discard: ParamDiscard,
+    pub devt: ParamDevt,
+    pub unused: [u32; 19],
+}
+
+/// `struct ublksrv_io_desc`: one per tag in the read-only mmapped array.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IoDesc {
+    pub op_flags: u32,
+    pub nr_sectors: u32,
+    pub start_sector: u64,
+    pub addr: u64,
+}
+
+impl IoDesc {
+    pub fn op(&self) -> u8 {
+        (self.op_flags & 0xff) as u8
+    }
+}
+
+/// `struct ublksrv_io_cmd`: the payload of FETCH and COMMIT_AND_FETCH.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IoCmd {
+    pub q_id: u16,
+    pub tag: u16,
+    pub result: i32,
+    pub addr: u64,
+}
+
+/// `struct ublk_auto_buf_reg`, passed in `sqe->addr`.
+pub const fn auto_buf_reg(index: u16, flags: u8) -> u64 {
+    index as u64 | ((flags as u64) << 16)
+}
+
+/// Byte offset of queue `q`'s descriptor array in the `/dev/ublkcN` mmap.
+pub fn desc_offset(q: u16, page_size: usize) -> i64 {
+    let max = UBLK_MAX_QUEUE_DEPTH as usize * size_of::<IoDesc>();
+    (q as usize * max.div_ceil(page_size) * page_size) as i64
+}
+
+/// Length of one queue's descriptor mapping.
+pub fn desc_len(depth: u16, page_size: usize) -> usize {
+    (depth as usize * size_of::<IoDesc>()).div_ceil(page_size) * page_size
+}
+
+/// File position on `/dev/ublkcN` of byte `off` of request `(q, tag)` in user copy.
+pub fn user_copy_pos(q: u16, tag: u16, off: u64) -> u64 {
+    UBLKSRV_IO_BUF_OFFSET + ((q as u64) << UBLK_QID_OFF) + ((tag as u64) << UBLK_TAG_OFF) + off
+}
+
+pub fn state_name(state: u16) -> &'static str {
+    match state {
+        UBLK_S_DEV_DEAD => "DEAD",
+        UBLK_S_DEV_LIVE => "LIVE",
+        UBLK_S_DEV_QUIESCED => "QUIESCED",
+        UBLK_S_DEV_FAIL_IO => "FAIL_IO",
+        _ => "UNKNOWN",
+    }
+}
+
+const _: () = {
+    assert!(size_of::<CtrlCmd>() == 32);
+    assert!(offset_of!(CtrlCmd, queue_id) == 4);
+    assert!(offset_of!(CtrlCmd, len) == 6);
+    assert!(offset_of!(CtrlCmd, addr) == 8);
+    assert!(offset_of!(CtrlCmd, data) == 16);
+    assert!(offset_of!(CtrlCmd, dev_path_len) == 24);
+
+    assert!(size_of::<DevInfo>() == 64);
+    assert!(offset_of!(DevInfo, state) == 4);
+    assert!(offset_of!(DevInfo, max_io_buf_bytes) == 8);
+    assert!(offset_of!(DevInfo, dev_id) == 12);
+    assert!(offset_of!(DevInfo, ublksrv_pid) == 16);
+    assert!(offset_of!(DevInfo, flags) == 24);
+    assert!(offset_of!(DevInfo, ublksrv_flags) == 32);
+    assert!(offset_of!(DevInfo, owner_uid) == 40);
+    assert!(offset_of!(DevInfo, reserved1) == 48);
+
+    assert!(size_of::<ParamBasic>() == 32);
+    assert!(offset_of!(ParamBasic, max_sectors) == 8);
+    assert!(offset_of!(ParamBasic, dev_sectors) == 16);
+    assert!(offset_of!(ParamBasic, virt_boundary_mask) == 24);
+    assert!(size_of::<ParamDiscard>() == 20);
+    assert!(offset_of!(ParamDiscard, max_discard_segments) == 16);
+    assert!(size_of::<ParamDevt>() == 16);
+    assert!(size_of::<Params>() == 152);
+    assert!(offset_of!(Params, basic) == 8);
+    assert!(offset_of!(Params, discard) == 40);
+    assert!(offset_of!(Params, devt) == 60);
+
+    assert!(size_of::<IoDesc>() == 24);
+    assert!(offset_of!(IoDesc, nr_sectors) == 4);
+    assert!(offset_of!(IoDesc, start_sector) == 8);
+    assert!(offset_of!(IoDesc, addr) == 16);
+
+    assert!(size_of::<IoCmd>() == 16);
+    assert!(offset_of!(IoCmd, tag) == 2);
+    assert!(offset_of!(IoCmd, result) == 4);
+    assert!(offset_of!(IoCmd, addr) == 8);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_numbers_match_the_uapi_header() {
+        assert_eq!(UBLK_U_CMD_ADD_DEV, 0xC020_7504);
+        assert_eq!(UBLK_U_CMD_GET_FEATURES, 0x8020_7513);
+        assert_eq!(UBLK_U_CMD_DEL_DEV_ASYNC, 0x8020_7514);
+        assert_eq!(UBLK_U_IO_FETCH_REQ, 0xC010_7520);
+        assert_eq!(UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0xC010_7521);
+    }
+
+    #[test]
+    fn descriptor_offsets_use_the_max_depth_stride() {
+        assert_eq!(desc_offset(0, 4096), 0);
+        assert_eq!(desc_offset(1, 4096), 98304);
+        assert_eq!(desc_offset(1, 65536), 131072);
+        assert_eq!(desc_len(128, 4096), 4096);
+        assert_eq!(desc_len(4096, 4096), 98304);
+    }
+
+    #[test]
+    fn user_copy_position_packs_queue_and_tag() {
+        assert_eq!(user_copy_pos(0, 0, 0), 0x8000_0000);
+        assert_eq!(user_copy_pos(1, 2, 512), 0x8000_0000 + (1 << 41) + (2 << 25) + 512);
+    }
+}
