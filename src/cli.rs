@@ -5,10 +5,14 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_cpus, parse_size, BackendKind, CopyMode};
+use crate::config::{BackendKind, CopyMode, parse_cpus, parse_size};
 
 #[derive(Debug, Parser)]
-#[command(name = "ublk-bench", version, about = "A ublk server built to be measured: IOPS, latency and crash-recovery downtime")]
+#[command(
+    name = "ublk-bench",
+    version,
+    about = "A ublk server built to be measured: IOPS, latency and crash-recovery downtime"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Command,
@@ -32,11 +36,26 @@ pub enum Command {
     },
     /// Delete a device (-n ID) or all of them (-a).
     Del(DelArgs),
-    /// Internal: the daemonized server started by `add`.
+    /// Serve a device again after its server died (needs -r at add time).
+    Recover {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+    },
+    /// Planned handover: the server drains and exits, a new one takes over (6.16+).
+    Restart {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+    },
+    /// Internal: a daemonized server (new device, or --recover ID).
     #[command(name = "__serve", hide = true)]
-    Serve {
+    Serve(ServeArgs),
+    /// Internal: the supervisor started by `add --supervise/--standby`.
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
         #[arg(long)]
         config: String,
+        #[arg(long)]
+        standby: bool,
         #[arg(long)]
         notify_fd: i32,
     },
@@ -80,6 +99,37 @@ pub struct AddArgs {
     /// Print the device as JSON instead of the dump.
     #[arg(long)]
     pub json: bool,
+    /// UBLK_F_USER_RECOVERY: the device survives a server crash.
+    #[arg(short = 'r', long = "recovery")]
+    pub recovery: bool,
+    /// Requeue I/O that was in the dead server (USER_RECOVERY_REISSUE); implies -r.
+    #[arg(short = 'i', long = "reissue")]
+    pub reissue: bool,
+    /// Fail new I/O fast while no server is attached (USER_RECOVERY_FAIL_IO); implies -r.
+    #[arg(short = 'e', long = "fail-io")]
+    pub fail_io: bool,
+    /// Watch the server and recover it at once if it dies; implies -r.
+    #[arg(long)]
+    pub supervise: bool,
+    /// Like --supervise, with a hot standby server ready to take over; implies -r.
+    #[arg(long)]
+    pub standby: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long)]
+    pub config: Option<String>,
+    #[arg(long)]
+    pub recover: Option<u32>,
+    #[arg(long, default_value = "recover")]
+    pub method: String,
+    #[arg(long)]
+    pub crash_seen_ns: Option<u64>,
+    #[arg(long)]
+    pub watch_pid: Option<i32>,
+    #[arg(long)]
+    pub notify_fd: i32,
 }
 
 #[derive(Debug, Args)]

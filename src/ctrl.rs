@@ -10,7 +10,7 @@ use std::io;
 use std::mem::size_of;
 use std::os::fd::AsRawFd;
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::error::{Error, Result};
 use crate::sys::{self, CtrlCmd, DevInfo, Params};
@@ -25,18 +25,15 @@ pub struct Ctrl {
 impl Ctrl {
     /// Opens `/dev/ublk-control`, with errors a person can act on.
     pub fn open() -> Result<Self> {
-        let fd = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(CONTROL_PATH)
-            .map_err(|e| match e.raw_os_error() {
+        let fd = OpenOptions::new().read(true).write(true).open(CONTROL_PATH).map_err(|e| {
+            match e.raw_os_error() {
                 Some(libc::ENOENT) => Error::NoDriver,
                 Some(libc::EACCES) | Some(libc::EPERM) => Error::NotRoot,
                 _ => Error::io(format!("open {CONTROL_PATH}"), e),
-            })?;
-        let ring = IoUring::builder()
-            .build(4)
-            .map_err(|e| Error::io("io_uring setup for the control ring", e))?;
+            }
+        })?;
+        let ring =
+            IoUring::builder().build(4).map_err(|e| Error::io("io_uring setup for the control ring", e))?;
         Ok(Ctrl { ring, fd })
     }
 
@@ -58,8 +55,7 @@ impl Ctrl {
         // SAFETY: the buffer `cmd.addr` points at is owned by our caller, who
         // keeps it alive until this function returns, and we return only after
         // the command's completion has been reaped.
-        unsafe { self.ring.submission().push(&sqe) }
-            .map_err(|_| io::Error::other("control ring full"))?;
+        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("control ring full"))?;
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -68,11 +64,7 @@ impl Ctrl {
             }
             if let Some(cqe) = self.ring.completion().next() {
                 let res = cqe.result();
-                return if res < 0 {
-                    Err(io::Error::from_raw_os_error(-res))
-                } else {
-                    Ok(res)
-                };
+                return if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res) };
             }
         }
     }
@@ -82,14 +74,7 @@ impl Ctrl {
             Some(b) => (b as *mut T as u64, size_of::<T>() as u16),
             None => (0, 0),
         };
-        let cmd = CtrlCmd {
-            dev_id,
-            queue_id: sys::QUEUE_ID_NONE,
-            len,
-            addr,
-            data,
-            ..Default::default()
-        };
+        let cmd = CtrlCmd { dev_id, queue_id: sys::QUEUE_ID_NONE, len, addr, data, ..Default::default() };
         self.cmd(op, cmd)
     }
 

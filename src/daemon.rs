@@ -31,7 +31,7 @@ impl Notifier {
         Notifier(Some(unsafe { File::from_raw_fd(fd) }))
     }
 
-    fn send(&mut self, line: &str) {
+    pub fn send(&mut self, line: &str) {
         if let Some(f) = &mut self.0 {
             let _ = f.write_all(format!("{line}\n").as_bytes());
         }
@@ -58,14 +58,70 @@ pub fn log_path() -> std::path::PathBuf {
 }
 
 /// Starts `ublk-bench __serve` detached and returns the device id once LIVE.
-pub fn spawn_server(cfg: &DeviceConfig, timeout: Duration) -> Result<u32> {
-    let (read_end, write_end) = pipe()?;
-    let child = spawn_child(cfg, &write_end)?;
-    drop(write_end);
-    wait_for_live(child, read_end, timeout)
+/// If it fails, the child is reaped and any half-made device deleted.
+pub fn spawn_server(args: &[String], timeout: Duration) -> Result<u32> {
+    let mut s = Spawned::start(args)?;
+    let res = s.wait_live(timeout);
+    if res.is_err() {
+        s.kill_and_reap();
+        if let Some(id) = s.dev_id {
+            cleanup_half_made(id);
+        }
+    }
+    res
 }
 
-fn spawn_child(cfg: &DeviceConfig, write_end: &OwnedFd) -> Result<Child> {
+/// A child `ublk-bench` process that reports on a pipe.
+pub struct Spawned {
+    pub child: Child,
+    pipe: File,
+    text: String,
+    pub dev_id: Option<u32>,
+}
+
+impl Spawned {
+    /// Runs `ublk-bench ARGS --notify-fd N` with its output in the server log.
+    pub fn start(args: &[String]) -> Result<Self> {
+        let (read_end, write_end) = pipe()?;
+        let child = spawn_child(args, &write_end)?;
+        drop(write_end);
+        Ok(Spawned { child, pipe: File::from(read_end), text: String::new(), dev_id: None })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for `ok N` (Ok(N)), `err MSG`, EOF or the deadline.
+    pub fn wait_live(&mut self, timeout: Duration) -> Result<u32> {
+        let deadline = Instant::now() + timeout;
+        let outcome = read_lines(&mut self.pipe, &mut self.text, deadline);
+        for line in self.text.lines() {
+            if let Some(id) = line.strip_prefix("id ").and_then(|s| s.parse().ok()) {
+                self.dev_id = Some(id);
+            }
+            if let Some(id) = line.strip_prefix("ok ").and_then(|s| s.parse().ok()) {
+                return Ok(id);
+            }
+        }
+        let err = self.text.lines().find_map(|l| l.strip_prefix("err ")).map(str::to_owned);
+        Err(match (err, outcome) {
+            (Some(msg), _) => Error::invalid(msg),
+            (None, Err(e)) => e,
+            (None, Ok(())) => Error::invalid(format!(
+                "the server exited before the device went LIVE: see {}",
+                log_path().display()
+            )),
+        })
+    }
+
+    pub fn kill_and_reap(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_child(args: &[String], write_end: &OwnedFd) -> Result<Child> {
     std::fs::create_dir_all(settings::run_dir()).map_err(|e| Error::io("create run folder", e))?;
     let log = OpenOptions::new()
         .create(true)
@@ -75,7 +131,7 @@ fn spawn_child(cfg: &DeviceConfig, write_end: &OwnedFd) -> Result<Child> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(write_end);
     Command::new(exe)
-        .args(["__serve", "--config", &serde_json::to_string(cfg).expect("config serializes")])
+        .args(args)
         .args(["--notify-fd", &fd.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| Error::io("dup log", e))?)
@@ -84,36 +140,9 @@ fn spawn_child(cfg: &DeviceConfig, write_end: &OwnedFd) -> Result<Child> {
         .map_err(|e| Error::io("start the server process", e))
 }
 
-fn wait_for_live(mut child: Child, pipe: OwnedFd, timeout: Duration) -> Result<u32> {
-    let mut reader = File::from(pipe);
-    let mut text = String::new();
-    let deadline = Instant::now() + timeout;
-    let outcome = read_lines(&mut reader, &mut text, deadline);
-    let mut dev_id = None;
-    for line in text.lines() {
-        if let Some(id) = line.strip_prefix("id ").and_then(|s| s.parse().ok()) {
-            dev_id = Some(id);
-        }
-        if let Some(id) = line.strip_prefix("ok ").and_then(|s| s.parse().ok()) {
-            return Ok(id);
-        }
-    }
-    let err = text.lines().find_map(|l| l.strip_prefix("err ")).map(str::to_owned);
-    if err.is_none() || outcome.is_err() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    if let Some(id) = dev_id {
-        cleanup_half_made(id);
-    }
-    Err(match (err, outcome) {
-        (Some(msg), _) => Error::invalid(msg),
-        (None, Err(e)) => e,
-        (None, Ok(())) => Error::invalid(format!(
-            "the server exited before the device went LIVE: see {}",
-            log_path().display()
-        )),
-    })
+/// The arguments that start a server for a new device.
+pub fn serve_args(cfg: &DeviceConfig) -> Vec<String> {
+    vec!["__serve".into(), "--config".into(), serde_json::to_string(cfg).expect("config serializes")]
 }
 
 /// Reads until EOF, a final `ok`/`err` line, or the deadline.

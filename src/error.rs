@@ -6,7 +6,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("/dev/ublk-control is missing: load the driver with `modprobe ublk_drv` (or run inside the guest: bench-scripts/vm -- ...)")]
+    #[error(
+        "/dev/ublk-control is missing: load the driver with `modprobe ublk_drv` (or run inside the guest: bench-scripts/vm -- ...)"
+    )]
     NoDriver,
     #[error("permission denied on /dev/ublk-control: ublk-bench must run as root")]
     NotRoot,

@@ -2,10 +2,12 @@
 
 use clap::Parser;
 
-use ublk_bench::cli::{Cli, Command};
+use ublk_bench::cli::{Cli, Command, ServeArgs};
 use ublk_bench::cmd;
+use ublk_bench::config::DeviceConfig;
 use ublk_bench::daemon::{self, Notifier};
 use ublk_bench::error::{Error, Result};
+use ublk_bench::supervisor;
 
 fn main() {
     let cli = Cli::parse();
@@ -21,14 +23,29 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Add(args) => cmd::add::run(&args),
         Command::List { id, json } => cmd::list::run(id, json),
         Command::Del(d) => cmd::del::run(d.id, d.all),
-        Command::Serve { config, notify_fd } => serve_daemon(&config, notify_fd),
+        Command::Recover { id } => cmd::recover::run(id),
+        Command::Restart { id } => cmd::restart::run(id),
+        Command::Serve(a) => serve_daemon(a),
+        Command::Supervise { config, standby, notify_fd } => {
+            daemon::detach();
+            // SAFETY: the parent passed us the write end of its pipe as this fd.
+            let notify = unsafe { Notifier::from_fd(notify_fd) };
+            supervisor::run(&parse_config(&config)?, standby, notify)
+        }
     }
 }
 
-fn serve_daemon(config: &str, notify_fd: i32) -> Result<()> {
+fn serve_daemon(a: ServeArgs) -> Result<()> {
     daemon::detach();
-    let cfg = serde_json::from_str(config).map_err(|e| Error::invalid(format!("bad --config: {e}")))?;
     // SAFETY: the parent passed us the write end of its pipe as this fd.
-    let notify = unsafe { Notifier::from_fd(notify_fd) };
-    cmd::add::serve(cfg, notify, None)
+    let notify = unsafe { Notifier::from_fd(a.notify_fd) };
+    match (a.recover, a.config) {
+        (Some(id), _) => cmd::recover::serve(id, &a.method, a.crash_seen_ns, a.watch_pid, notify),
+        (None, Some(c)) => cmd::add::serve(parse_config(&c)?, notify, None),
+        (None, None) => Err(Error::invalid("__serve needs --config or --recover")),
+    }
+}
+
+fn parse_config(json: &str) -> Result<DeviceConfig> {
+    serde_json::from_str(json).map_err(|e| Error::invalid(format!("bad --config: {e}")))
 }

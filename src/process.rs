@@ -24,9 +24,16 @@ pub fn wait_pidfd(fd: &OwnedFd, timeout: Option<Duration>) -> bool {
     }
 }
 
+/// True if `pid` runs; a zombie (exited, not yet reaped) counts as dead.
 pub fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    // SAFETY: signal 0 only checks for existence; pid > 0 excludes groups.
+    if pid <= 0 || unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name, which may hold spaces.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
 }
 
 /// Waits up to `timeout` for `pid` to exit, then SIGKILLs it.
@@ -34,7 +41,15 @@ pub fn reap_or_kill(pid: i32, timeout: Duration) {
     let Some(fd) = pidfd(pid) else { return };
     if !wait_pidfd(&fd, Some(timeout)) {
         // SAFETY: plain syscall; the pidfd pins the pid so we cannot hit a reused one.
-        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SIGKILL, 0, 0) };
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SIGKILL,
+                0,
+                0,
+            )
+        };
         wait_pidfd(&fd, Some(Duration::from_secs(5)));
     }
 }

@@ -18,8 +18,9 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::backend::{Data, QueueBackend, Request};
@@ -40,17 +41,27 @@ pub struct QueueSetup {
     pub poll: bool,
     pub copy: CopyMode,
     pub max_io_bytes: u32,
-    pub char_dev: Arc<File>,
     pub stats: Option<Arc<QueueStats>>,
+    /// Set to the monotonic time of the first request this queue serves.
+    pub first_served: Arc<AtomicU64>,
 }
 
 /// A queue's mappings and ring, made in its own thread before any FETCH.
+///
+/// It is made in two steps so a hot standby can do the slow part early:
+/// [`Queue::new`] pins the thread, builds the ring and allocates buffers;
+/// [`Queue::bind`] maps the descriptors of an opened `/dev/ublkcN`.
 pub struct Queue<B> {
+    // Declared first so it drops first: closing the ring cancels every
+    // command before the buffers and descriptor map they point at go.
+    ring: Ring,
     setup: QueueSetup,
     backend: B,
-    descs: Mmap,
+    char_dev: Option<Arc<File>>,
+    char_fd: i32,
+    descs: Option<Mmap>,
     bufs: Option<MmapMut>,
-    ring: Ring,
+    served_any: bool,
 }
 
 const IORING_ENTER_GETEVENTS: u32 = 1;
@@ -61,8 +72,6 @@ impl<B: QueueBackend> Queue<B> {
         if let Some(cpu) = setup.cpu {
             pin(cpu)?;
         }
-        let page = page_size();
-        let descs = map_descs(&setup, page)?;
         let bufs = match setup.copy {
             CopyMode::Copy => Some(
                 MmapMut::map_anon(setup.depth as usize * setup.max_io_bytes as usize)
@@ -78,7 +87,15 @@ impl<B: QueueBackend> Queue<B> {
             .setup_defer_taskrun()
             .build(entries)
             .map_err(|e| Error::io(format!("io_uring setup for queue {}", setup.qid), e))?;
-        Ok(Queue { setup, backend, descs, bufs, ring })
+        Ok(Queue { setup, backend, char_dev: None, char_fd: -1, descs: None, bufs, ring, served_any: false })
+    }
+
+    /// Maps this queue's descriptors from `/dev/ublkcN`.
+    pub fn bind(&mut self, char_dev: Arc<File>) -> Result<()> {
+        self.descs = Some(map_descs(&self.setup, &char_dev, page_size())?);
+        self.char_fd = char_dev.as_raw_fd();
+        self.char_dev = Some(char_dev);
+        Ok(())
     }
 
     /// Posts FETCH_REQ for every tag. START_DEV or END_USER_RECOVERY may
@@ -86,8 +103,8 @@ impl<B: QueueBackend> Queue<B> {
     pub fn fetch_all(&mut self) -> Result<()> {
         for tag in 0..self.setup.depth {
             let sqe = self.io_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0);
-            // SAFETY: the descriptor map and buffers outlive the ring (same struct,
-            // ring dropped first is not needed: the kernel cancels on ring exit).
+            // SAFETY: the command points at this queue's buffer (copy mode) or
+            // nothing; the ring drops before the buffers (field order above).
             unsafe { self.ring.submission().push(&sqe) }
                 .map_err(|_| Error::invalid("submission queue smaller than queue depth"))?;
         }
@@ -101,13 +118,8 @@ impl<B: QueueBackend> Queue<B> {
         let cmd = IoCmd { q_id: self.setup.qid, tag, result, addr: self.buf_addr(tag) };
         let mut payload = [0u8; 80];
         // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
-        unsafe {
-            std::ptr::copy_nonoverlapping(&cmd as *const IoCmd as *const u8, payload.as_mut_ptr(), 16)
-        };
-        opcode::UringCmd80::new(types::Fd(self.setup.char_dev.as_raw_fd()), op)
-            .cmd(payload)
-            .build()
-            .user_data(tag as u64)
+        unsafe { std::ptr::copy_nonoverlapping(&cmd as *const IoCmd as *const u8, payload.as_mut_ptr(), 16) };
+        opcode::UringCmd80::new(types::Fd(self.char_fd), op).cmd(payload).build().user_data(tag as u64)
     }
 
     fn buf_addr(&self, tag: u16) -> u64 {
@@ -153,21 +165,27 @@ impl<B: QueueBackend> Queue<B> {
             let to_submit = self.ring.submission().len() as u32;
             // SAFETY: no argument pointer is passed; the ring is ours.
             unsafe {
-                self.ring
-                    .submitter()
-                    .enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
+                self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
             }
         } else {
             self.ring.submit_and_wait(1)
         };
         match res {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => Ok(()),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e)),
         }
     }
 
     fn handle(&mut self, tag: u16) -> Result<()> {
+        if !self.served_any {
+            self.served_any = true;
+            self.setup.first_served.store(crate::stats::now_ns(), Ordering::Relaxed);
+        }
         let start = self.setup.stats.as_ref().map(|_| crate::stats::now_ns());
         let desc = self.desc(tag);
         let req = Request::from_desc(&desc);
@@ -177,8 +195,7 @@ impl<B: QueueBackend> Queue<B> {
         }
         let sqe = self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
         // SAFETY: as in fetch_all.
-        unsafe { self.ring.submission().push(&sqe) }
-            .map_err(|_| Error::invalid("submission queue overflow"))
+        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| Error::invalid("submission queue overflow"))
     }
 
     fn serve(&mut self, tag: u16, req: &Request) -> i32 {
@@ -189,33 +206,25 @@ impl<B: QueueBackend> Queue<B> {
                 let off = tag as usize * len;
                 Data::Buf(&mut bufs[off..off + len])
             }
-            _ => Data::UserCopy {
-                fd: self.setup.char_dev.as_raw_fd(),
-                pos: sys::user_copy_pos(self.setup.qid, tag, 0),
-            },
+            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
         };
         self.backend.serve(req, data)
     }
 
     fn desc(&self, tag: u16) -> IoDesc {
-        let base = self.descs.as_ptr() as *const IoDesc;
+        let base = self.descs.as_ref().expect("bound before FETCH").as_ptr() as *const IoDesc;
         // SAFETY: tag < depth, and the map holds depth descriptors; the kernel
         // writes it, so read it volatile.
         unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
     }
 }
 
-fn map_descs(setup: &QueueSetup, page: usize) -> Result<Mmap> {
+fn map_descs(setup: &QueueSetup, char_dev: &File, page: usize) -> Result<Mmap> {
     let off = sys::desc_offset(setup.qid, page) as u64;
     // SAFETY: the kernel owns the contents; we only read them volatile, and
     // the map is read-only as the driver demands.
-    unsafe {
-        MmapOptions::new()
-            .offset(off)
-            .len(sys::desc_len(setup.depth, page))
-            .map(&*setup.char_dev)
-    }
-    .map_err(|e| Error::io(format!("mmap descriptors of queue {}", setup.qid), e))
+    unsafe { MmapOptions::new().offset(off).len(sys::desc_len(setup.depth, page)).map(char_dev) }
+        .map_err(|e| Error::io(format!("mmap descriptors of queue {}", setup.qid), e))
 }
 
 /// Pins the calling thread to `cpu` and checks that it took.

@@ -11,13 +11,13 @@
 //! blocked in every thread and taken with `sigwait` by the control thread.
 
 use std::fs::{File, OpenOptions};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::DeviceBackend;
+use crate::backend::{DeviceBackend, QueueChannels};
 use crate::config::{CopyMode, DeviceConfig, Recovery};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
@@ -33,7 +33,11 @@ pub struct Server {
     pub dev_id: u32,
     char_dev: Option<Arc<File>>,
     threads: Vec<JoinHandle<Result<()>>>,
+    binds: Vec<mpsc::Sender<Arc<File>>>,
+    ready: Option<mpsc::Receiver<Result<()>>>,
     pub stats: Vec<Arc<QueueStats>>,
+    /// Monotonic ns of the first request served by any queue (0: none yet).
+    pub first_served: Arc<AtomicU64>,
 }
 
 /// Why `wait` returned.
@@ -58,7 +62,7 @@ impl Server {
             queue_depth: cfg.depth,
             max_io_buf_bytes: cfg.max_io_bytes,
             dev_id: cfg.dev_id.unwrap_or(sys::DEV_ID_ANY),
-            flags: copy_flags(cfg.copy_mode) | cfg.recovery.flags(),
+            flags: copy_flags(cfg.copy_mode) | cfg.recovery.flags() | quiesce_flag(cfg.recovery, features),
             ..Default::default()
         };
         ctrl.add(&mut info).map_err(|e| match e.raw_os_error() {
@@ -72,25 +76,71 @@ impl Server {
             let _ = ctrl.del(dev_id);
             return Err(Error::io("SET_PARAMS", e));
         }
-        Ok(Server { ctrl, cfg, info, dev_id, char_dev: None, threads: vec![], stats: vec![] })
+        Ok(Server {
+            ctrl,
+            cfg,
+            info,
+            dev_id,
+            char_dev: None,
+            threads: vec![],
+            binds: vec![],
+            ready: None,
+            stats: vec![],
+            first_served: Arc::default(),
+        })
     }
 
-    /// Opens `/dev/ublkcN`, starts every queue thread and returns once each
-    /// has posted FETCH for all its tags.
-    pub fn attach(&mut self, backend: &DeviceBackend) -> Result<()> {
+    /// Takes over an existing device (recovery): no ADD_DEV, the kernel's
+    /// queue count, depth and flags stand.
+    pub fn adopt(dev_id: u32, cfg: DeviceConfig) -> Result<Self> {
+        let mut ctrl = Ctrl::open()?;
+        let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
+        Ok(Server {
+            ctrl,
+            cfg,
+            info,
+            dev_id,
+            char_dev: None,
+            threads: vec![],
+            binds: vec![],
+            ready: None,
+            stats: vec![],
+            first_served: Arc::default(),
+        })
+    }
+
+    /// Starts every queue thread and returns once each has pinned itself and
+    /// built its ring and buffers. Nothing touches `/dev/ublkcN` yet.
+    pub fn prepare(&mut self, backend: &DeviceBackend) -> Result<()> {
         block_signals();
         QUEUES_ENDED.store(0, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        for qid in 0..self.info.nr_hw_queues {
+            let setup = self.queue_setup(qid)?;
+            self.stats.push(setup.stats.clone().expect("stats set"));
+            let (bind_tx, bind_rx) = mpsc::channel();
+            let handle = backend.spawn_queue(setup, QueueChannels { bind: bind_rx, ready: tx.clone() })?;
+            self.threads.push(handle);
+            self.binds.push(bind_tx);
+        }
+        self.ready = Some(rx);
+        self.wait_ready()
+    }
+
+    /// Opens `/dev/ublkcN`, hands it to every queue thread and returns once
+    /// each has posted FETCH for all its tags.
+    pub fn attach(&mut self) -> Result<()> {
         let char_dev = Arc::new(open_char_dev(self.dev_id)?);
         self.char_dev = Some(char_dev.clone());
-        let (tx, rx) = mpsc::channel();
-        for qid in 0..self.cfg.queues {
-            let setup = self.queue_setup(qid, &char_dev)?;
-            self.stats.push(setup.stats.clone().expect("stats set"));
-            let handle = backend.spawn_queue(setup, tx.clone())?;
-            self.threads.push(handle);
+        for b in self.binds.drain(..) {
+            let _ = b.send(char_dev.clone());
         }
-        drop(tx);
-        for _ in 0..self.cfg.queues {
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let rx = self.ready.as_ref().expect("prepare ran");
+        for _ in 0..self.threads.len() {
             match rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
@@ -100,7 +150,7 @@ impl Server {
         Ok(())
     }
 
-    fn queue_setup(&mut self, qid: u16, char_dev: &Arc<File>) -> Result<QueueSetup> {
+    fn queue_setup(&mut self, qid: u16) -> Result<QueueSetup> {
         let cpu = match self.cfg.cpu_for(qid) {
             Some(c) => c,
             None => self
@@ -119,8 +169,8 @@ impl Server {
             poll: self.cfg.poll,
             copy: self.cfg.copy_mode,
             max_io_bytes: self.info.max_io_buf_bytes,
-            char_dev: char_dev.clone(),
             stats: Some(Arc::new(QueueStats::default())),
+            first_served: self.first_served.clone(),
         })
     }
 
@@ -150,6 +200,8 @@ impl Server {
         if delete {
             let _ = self.ctrl.stop(self.dev_id);
         }
+        // Threads still waiting to bind (a standby never used) end here.
+        self.binds.clear();
         let mut first_err = None;
         for t in self.threads.drain(..) {
             if let Ok(Err(e)) = t.join() {
@@ -213,6 +265,11 @@ fn check_recovery(rec: Recovery, features: u64) -> Result<()> {
     Ok(())
 }
 
+/// QUIESCE_DEV (planned restart) comes free with recovery where the kernel has it.
+fn quiesce_flag(rec: Recovery, features: u64) -> u64 {
+    if rec != Recovery::None { features & sys::UBLK_F_QUIESCE } else { 0 }
+}
+
 fn copy_flags(mode: CopyMode) -> u64 {
     match mode {
         CopyMode::User => sys::UBLK_F_USER_COPY,
@@ -222,7 +279,8 @@ fn copy_flags(mode: CopyMode) -> u64 {
 
 fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Params {
     let bs_shift = cfg.block_size.trailing_zeros() as u8;
-    let mut p = Params { types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD, ..Default::default() };
+    let mut p =
+        Params { types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD, ..Default::default() };
     p.basic.logical_bs_shift = bs_shift;
     p.basic.physical_bs_shift = bs_shift.max(12);
     p.basic.io_min_shift = bs_shift;
@@ -292,4 +350,11 @@ pub fn notify_queue_ended() {
     QUEUES_ENDED.fetch_add(1, Ordering::SeqCst);
     // SAFETY: plain syscall.
     unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+}
+
+pub fn no_device(dev_id: u32, e: std::io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev_id),
+        _ => Error::io(format!("GET_DEV_INFO of device {dev_id}"), e),
+    }
 }

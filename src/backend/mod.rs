@@ -11,8 +11,10 @@
 pub mod null;
 pub mod ram;
 
+use std::fs::File;
 use std::os::fd::RawFd;
-use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 
 use crate::config::{BackendKind, DeviceConfig};
@@ -33,12 +35,7 @@ pub struct Request {
 
 impl Request {
     pub fn from_desc(d: &sys::IoDesc) -> Self {
-        Request {
-            op: d.op(),
-            flags: d.op_flags >> 8,
-            offset: d.start_sector << 9,
-            len: d.nr_sectors << 9,
-        }
+        Request { op: d.op(), flags: d.op_flags >> 8, offset: d.start_sector << 9, len: d.nr_sectors << 9 }
     }
 }
 
@@ -98,18 +95,14 @@ pub unsafe fn pread_all(fd: RawFd, buf: *mut u8, len: usize, pos: u64) -> i32 {
 }
 
 fn neg_errno(n: isize) -> i32 {
-    if n == 0 {
-        -libc::EIO
-    } else {
-        -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-    }
+    if n == 0 { -libc::EIO } else { -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) }
 }
 
 /// The device-wide half of a backend: made once per server process, it
 /// makes one [`QueueBackend`] per queue thread and starts that thread.
 pub enum DeviceBackend {
     Null,
-    Ram(std::sync::Arc<ram::RamStore>),
+    Ram(Arc<ram::RamStore>),
 }
 
 impl DeviceBackend {
@@ -118,8 +111,9 @@ impl DeviceBackend {
         match cfg.backend {
             BackendKind::Null => Ok(DeviceBackend::Null),
             BackendKind::Ram => {
-                let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
-                Ok(DeviceBackend::Ram(std::sync::Arc::new(ram::RamStore::create(path, cfg.size)?)))
+                let path =
+                    cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
+                Ok(DeviceBackend::Ram(Arc::new(ram::RamStore::create(path, cfg.size)?)))
             }
         }
     }
@@ -129,45 +123,68 @@ impl DeviceBackend {
         match cfg.backend {
             BackendKind::Null => Ok(DeviceBackend::Null),
             BackendKind::Ram => {
-                let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
-                Ok(DeviceBackend::Ram(std::sync::Arc::new(ram::RamStore::open(path, cfg.size)?)))
+                let path =
+                    cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
+                Ok(DeviceBackend::Ram(Arc::new(ram::RamStore::open(path, cfg.size)?)))
             }
         }
     }
 
-    /// Starts the thread `ublk{dev}q{qid}`. It reports on `ready` once its
-    /// FETCHes are posted (or why it could not), then serves until aborted.
-    pub fn spawn_queue(&self, setup: QueueSetup, ready: Sender<Result<()>>) -> Result<JoinHandle<Result<()>>> {
+    /// Starts the thread `ublk{dev}q{qid}`. It pins itself, builds its ring
+    /// and buffers and reports on `ready`; then waits for `/dev/ublkcN` on
+    /// `bind`, maps it, posts every FETCH, reports again, and serves until
+    /// aborted. Dropping `bind`'s sender before sending ends the thread.
+    pub fn spawn_queue(&self, setup: QueueSetup, io: QueueChannels) -> Result<JoinHandle<Result<()>>> {
         let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
         let spawn = |f: Box<dyn FnOnce() -> Result<()> + Send>| {
-            std::thread::Builder::new().name(name.clone()).spawn(f).map_err(|e| Error::io("spawn queue thread", e))
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(f)
+                .map_err(|e| Error::io("spawn queue thread", e))
         };
         match self {
-            DeviceBackend::Null => spawn(Box::new(move || run_queue(setup, null::NullQueue, ready))),
+            DeviceBackend::Null => spawn(Box::new(move || run_queue(setup, null::NullQueue, io))),
             DeviceBackend::Ram(store) => {
                 let q = ram::RamQueue::new(store.clone());
-                spawn(Box::new(move || run_queue(setup, q, ready)))
+                spawn(Box::new(move || run_queue(setup, q, io)))
             }
         }
     }
 }
 
+/// How the control thread talks to a queue thread during start-up.
+pub struct QueueChannels {
+    pub bind: Receiver<Arc<File>>,
+    pub ready: Sender<Result<()>>,
+}
+
 /// The body of a queue thread, generic so the backend call is static.
-fn run_queue<B: QueueBackend>(setup: QueueSetup, backend: B, ready: Sender<Result<()>>) -> Result<()> {
-    let started = Queue::new(setup, backend).and_then(|mut q| q.fetch_all().map(|_| q));
-    let queue = match started {
-        Ok(q) => {
-            let _ = ready.send(Ok(()));
-            q
-        }
+fn run_queue<B: QueueBackend>(setup: QueueSetup, backend: B, io: QueueChannels) -> Result<()> {
+    let res = prepare_and_fetch(setup, backend, &io);
+    let res = match res {
+        Ok(Some(queue)) => queue.run(),
+        Ok(None) => Ok(()),
         Err(e) => {
-            let msg = e.to_string();
-            let _ = ready.send(Err(e));
-            crate::server::notify_queue_ended();
-            return Err(Error::invalid(msg));
+            let _ = io.ready.send(Err(Error::invalid(e.to_string())));
+            Err(e)
         }
     };
-    let res = queue.run();
     crate::server::notify_queue_ended();
     res
+}
+
+/// Ok(None) when the control thread gave up before binding (a standby
+/// that was never needed).
+fn prepare_and_fetch<B: QueueBackend>(
+    setup: QueueSetup,
+    backend: B,
+    io: &QueueChannels,
+) -> Result<Option<Queue<B>>> {
+    let mut queue = Queue::new(setup, backend)?;
+    let _ = io.ready.send(Ok(()));
+    let Ok(char_dev) = io.bind.recv() else { return Ok(None) };
+    queue.bind(char_dev)?;
+    queue.fetch_all()?;
+    let _ = io.ready.send(Ok(()));
+    Ok(Some(queue))
 }

@@ -1,7 +1,7 @@
 //! `null`: completes every request at once, so a run measures ublk alone.
 //! Reads return whatever the buffer holds; no data is produced.
 
-use super::{done, Data, QueueBackend, Request};
+use super::{Data, QueueBackend, Request, done};
 use crate::sys;
 
 #[derive(Debug, Default)]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use super::{done, pread_all, pwrite_all, Data, QueueBackend, Request};
+use super::{Data, QueueBackend, Request, done, pread_all, pwrite_all};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -86,7 +86,8 @@ impl RamStore {
         if end > start {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             // SAFETY: plain syscall on an fd we own.
-            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, start as i64, (end - start) as i64) };
+            let r =
+                unsafe { libc::fallocate(self.file.as_raw_fd(), mode, start as i64, (end - start) as i64) };
             if r != 0 {
                 self.memset(start, end - start);
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::backend::DeviceBackend;
 use crate::cli::AddArgs;
-use crate::config::{BackendKind, DeviceConfig, Recovery, DEFAULT_MAX_IO_BYTES};
+use crate::config::{BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery};
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier};
 use crate::error::{Error, Result};
@@ -21,10 +21,23 @@ pub fn run(args: &AddArgs) -> Result<()> {
     let cfg = config_from(args)?;
     cfg.validate()?;
     preflight(&cfg)?;
+    let supervised = args.supervise || args.standby;
     if args.foreground {
+        if supervised {
+            return Err(Error::invalid("--supervise/--standby run in the background: drop --foreground"));
+        }
         return serve(cfg, Notifier::none(), Some(args.json));
     }
-    let dev_id = daemon::spawn_server(&cfg, START_TIMEOUT)?;
+    let dev_id = if supervised {
+        let json = serde_json::to_string(&cfg).expect("config serializes");
+        let mut a = vec!["__supervise".to_string(), "--config".into(), json];
+        if args.standby {
+            a.push("--standby".into());
+        }
+        daemon::spawn_server(&a, START_TIMEOUT)?
+    } else {
+        daemon::spawn_server(&daemon::serve_args(&cfg), START_TIMEOUT)?
+    };
     crate::cmd::list::print_one(dev_id, args.json)
 }
 
@@ -32,7 +45,11 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
     let dev_id = match args.id {
         None | Some(-1) => None,
         Some(id) if (0..1 << 20).contains(&id) => Some(id as u32),
-        Some(id) => return Err(Error::invalid(format!("device id {id} is out of range: give -n between 0 and 1048575"))),
+        Some(id) => {
+            return Err(Error::invalid(format!(
+                "device id {id} is out of range: give -n between 0 and 1048575"
+            )));
+        }
     };
     let default_size = match args.backend {
         BackendKind::Null => 250 << 30,
@@ -50,12 +67,28 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         block_size: args.block_size,
         max_io_bytes: DEFAULT_MAX_IO_BYTES,
         copy_mode: args.copy_mode,
-        recovery: Recovery::None,
+        recovery: recovery_from(args)?,
+    })
+}
+
+fn recovery_from(args: &AddArgs) -> Result<Recovery> {
+    Ok(match (args.reissue, args.fail_io) {
+        (true, true) => {
+            return Err(Error::invalid(
+                "-i/--reissue and -e/--fail-io exclude each other: reissue requeues I/O the dead server held, \
+                 fail-io fails it; pick one",
+            ));
+        }
+        (true, false) => Recovery::Reissue,
+        (false, true) => Recovery::FailIo,
+        _ if args.recovery || args.supervise || args.standby => Recovery::Plain,
+        _ => Recovery::None,
     })
 }
 
 fn narrow(v: u32, what: &str, flag: &str) -> Result<u16> {
-    u16::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} is out of range: give {flag} between 1 and 4096")))
+    u16::try_from(v)
+        .map_err(|_| Error::invalid(format!("{what} {v} is out of range: give {flag} between 1 and 4096")))
 }
 
 /// Checks that need the machine, before anything is created.
@@ -83,7 +116,8 @@ fn store_dir(cfg: &DeviceConfig) -> PathBuf {
 
 fn check_store_space(cfg: &DeviceConfig) -> Result<()> {
     let dir = store_dir(cfg);
-    let c = std::ffi::CString::new(dir.to_string_lossy().as_bytes()).map_err(|_| Error::invalid("bad store path"))?;
+    let c = std::ffi::CString::new(dir.to_string_lossy().as_bytes())
+        .map_err(|_| Error::invalid("bad store path"))?;
     // SAFETY: statvfs is plain data; all-zero is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is NUL-terminated and st is a valid out-pointer.
@@ -119,7 +153,8 @@ pub fn serve(mut cfg: DeviceConfig, mut notify: Notifier, foreground_json: Optio
     cfg.clone_from(&server.cfg);
     let started = DeviceBackend::create(&cfg).and_then(|backend| {
         settings::save(server.dev_id, &cfg)?;
-        server.attach(&backend)?;
+        server.prepare(&backend)?;
+        server.attach()?;
         server.start()?;
         Ok(backend)
     });

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::server::delete_device;
-use crate::{process, settings};
+use crate::{process, settings, supervisor};
 
 pub fn run(id: Option<u32>, all: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
@@ -31,6 +31,8 @@ pub fn del_one(ctrl: &mut Ctrl, dev_id: u32) -> Result<()> {
         _ => Error::io(format!("GET_DEV_INFO of device {dev_id}"), e),
     })?;
     let cfg = settings::load(dev_id).ok();
+    // The supervisor goes first, so it does not recover what we delete.
+    supervisor::stop(dev_id);
     delete_device(ctrl, dev_id, cfg.as_ref());
     if info.ublksrv_pid > 0 {
         process::reap_or_kill(info.ublksrv_pid, Duration::from_secs(10));

@@ -5,3 +5,5 @@ pub mod add;
 pub mod del;
 pub mod features;
 pub mod list;
+pub mod recover;
+pub mod restart;

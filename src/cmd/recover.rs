@@ -1,0 +1,101 @@
+//! `recover -n ID`: start a new daemonized server for a device whose server
+//! died, and the `__serve --recover` side that does the takeover.
+
+use std::time::Duration;
+
+use crate::cmd::list::print_one;
+use crate::ctrl::Ctrl;
+use crate::daemon::{Notifier, Spawned};
+use crate::error::{Error, Result};
+use crate::recovery::{Takeover, check_recoverable};
+use crate::server::{Stop, no_device};
+use crate::stats::now_ns;
+use crate::supervisor::recover_args;
+use crate::{log, process, settings, sys};
+
+const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn run(dev_id: u32) -> Result<()> {
+    let began = now_ns();
+    let mut ctrl = Ctrl::open()?;
+    let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
+    check_recoverable(&info)?;
+    settings::load(dev_id)?;
+    if info.state == sys::UBLK_S_DEV_LIVE && process::alive(info.ublksrv_pid) {
+        return Err(Error::invalid(format!(
+            "device {dev_id} is LIVE, served by pid {}: nothing to recover",
+            info.ublksrv_pid
+        )));
+    }
+    drop(ctrl);
+    spawn_recovering(dev_id, "recover", began)?;
+    print_one(dev_id, false)
+}
+
+/// Starts `__serve --recover` and waits until it reports the device LIVE.
+pub fn spawn_recovering(dev_id: u32, method: &str, crash_seen: u64) -> Result<u32> {
+    let mut s = Spawned::start(&recover_args(dev_id, method, Some(crash_seen), None))?;
+    s.wait_live(LIVE_TIMEOUT).inspect_err(|_| s.kill_and_reap())
+}
+
+/// The recovering server. With `watch_pid` it is a hot standby: it gets
+/// everything ready, then waits for that process to die before taking over.
+pub fn serve(
+    dev_id: u32,
+    method: &str,
+    crash_seen_ns: Option<u64>,
+    watch_pid: Option<i32>,
+    mut notify: Notifier,
+) -> Result<()> {
+    let result = takeover(dev_id, method, crash_seen_ns, watch_pid);
+    let mut t = match result {
+        Ok(t) => t,
+        Err(e) => {
+            log!("device {dev_id}: {method} failed: {e}");
+            notify.failed(&e);
+            return Err(e);
+        }
+    };
+    notify.live(dev_id);
+    log!("device {dev_id} LIVE again ({method})");
+    t.record_events(Duration::from_secs(5));
+    let (server, _backend) = t.into_server();
+    let stop = server.wait();
+    log!("device {dev_id}: {stop:?}");
+    server.shutdown(stop == Stop::Signal)
+}
+
+fn takeover(
+    dev_id: u32,
+    method: &str,
+    crash_seen_ns: Option<u64>,
+    watch_pid: Option<i32>,
+) -> Result<Takeover> {
+    let mut t = Takeover::prepare(dev_id, method)?;
+    let crash_seen = match watch_pid {
+        Some(pid) => {
+            die_with_parent();
+            wait_for_exit(pid)?;
+            Some(now_ns())
+        }
+        None => crash_seen_ns,
+    };
+    t.run(crash_seen)?;
+    Ok(t)
+}
+
+fn wait_for_exit(pid: i32) -> Result<()> {
+    match process::pidfd(pid) {
+        Some(fd) => {
+            process::wait_pidfd(&fd, None);
+            Ok(())
+        }
+        None => Err(Error::invalid(format!("standby: no process {pid} to watch"))),
+    }
+}
+
+/// A standby is useless without its supervisor: die with it.
+fn die_with_parent() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+}

@@ -1,0 +1,67 @@
+//! `restart -n ID`: planned handover with QUIESCE_DEV (Linux 6.16+). The
+//! old server drains, commits and exits; a new one recovers the device.
+//! Clients see a short stall and no error. A supervised device's
+//! supervisor (or standby) brings up the new server itself.
+
+use std::time::{Duration, Instant};
+
+use crate::cmd::list::print_one;
+use crate::cmd::recover::spawn_recovering;
+use crate::ctrl::Ctrl;
+use crate::error::{Error, Result};
+use crate::recovery::check_recoverable;
+use crate::server::no_device;
+use crate::stats::now_ns;
+use crate::{process, supervisor, sys};
+
+const QUIESCE_TIMEOUT_MS: u64 = 10_000;
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn run(dev_id: u32) -> Result<()> {
+    let mut ctrl = Ctrl::open()?;
+    let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
+    check_recoverable(&info)?;
+    if info.flags & sys::UBLK_F_QUIESCE == 0 {
+        return Err(Error::Unsupported {
+            feature: "UBLK_F_QUIESCE on this device",
+            version: "6.16",
+            hint: "the device must be created with -r on a kernel that has QUIESCE_DEV",
+        });
+    }
+    if info.state != sys::UBLK_S_DEV_LIVE {
+        return Err(Error::invalid(format!(
+            "device {dev_id} is {}, not LIVE: use `ublk-bench recover -n {dev_id}`",
+            sys::state_name(info.state)
+        )));
+    }
+    let old = info.ublksrv_pid;
+    let supervised = supervisor::pid_path(dev_id).exists();
+    let old_fd = process::pidfd(old);
+    let t0 = now_ns();
+    ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS).map_err(|e| Error::io("QUIESCE_DEV", e))?;
+    if supervised {
+        wait_new_server(&mut ctrl, dev_id, old)?;
+    } else {
+        if let Some(fd) = &old_fd {
+            process::wait_pidfd(fd, Some(HANDOVER_TIMEOUT));
+        }
+        spawn_recovering(dev_id, "restart", t0)?;
+    }
+    print_one(dev_id, false)
+}
+
+/// Polls until the device is LIVE under a pid other than `old`.
+fn wait_new_server(ctrl: &mut Ctrl, dev_id: u32, old: i32) -> Result<()> {
+    let deadline = Instant::now() + HANDOVER_TIMEOUT;
+    while Instant::now() < deadline {
+        let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
+        if info.state == sys::UBLK_S_DEV_LIVE && info.ublksrv_pid != old && process::alive(info.ublksrv_pid) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Err(Error::invalid(format!(
+        "device {dev_id}: no new server took over within {}s",
+        HANDOVER_TIMEOUT.as_secs()
+    )))
+}
