@@ -46,6 +46,15 @@ pub enum Command {
         #[arg(short = 'n', long = "number")]
         id: u32,
     },
+    /// Per-queue and merged server-side statistics of a device.
+    Stats {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recovery-downtime run: drive a device, SIGKILL its server N times, measure the gap.
+    Downtime(DowntimeArgs),
     /// Internal: a daemonized server (new device, or --recover ID).
     #[command(name = "__serve", hide = true)]
     Serve(ServeArgs),
@@ -114,6 +123,60 @@ pub struct AddArgs {
     /// Like --supervise, with a hot standby server ready to take over; implies -r.
     #[arg(long)]
     pub standby: bool,
+}
+
+/// How a crashed server is brought back during a downtime run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecoverMethod {
+    Recover,
+    Supervise,
+    Standby,
+    Restart,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DowntimeArgs {
+    /// Use this existing device instead of creating one.
+    #[arg(short = 'n', long = "number")]
+    pub id: Option<u32>,
+    /// Backend of the device to create.
+    #[arg(long, value_enum, default_value_t = BackendKind::Ram)]
+    pub backend: BackendKind,
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    pub size: u64,
+    #[arg(short = 'q', long = "queues", default_value_t = 1)]
+    pub queues: u32,
+    #[arg(short = 'd', long = "depth", default_value_t = 128)]
+    pub depth: u32,
+    #[arg(long)]
+    pub poll: bool,
+    /// Recovery flavour of the created device: reissue (-r -i), plain (-r) or fail-io (-r -e).
+    #[arg(long, default_value = "reissue")]
+    pub recovery: String,
+    #[arg(long, value_enum, default_value_t = RecoverMethod::Supervise)]
+    pub method: RecoverMethod,
+    /// Crash cycles.
+    #[arg(long, default_value_t = 10)]
+    pub cycles: u32,
+    /// Time between kills, e.g. 2s or 500ms.
+    #[arg(long, default_value = "2s")]
+    pub interval: String,
+    /// Client read percentage (100 = randread, 0 = randwrite).
+    #[arg(long, default_value_t = 100)]
+    pub rwmix: u32,
+    /// Client block size.
+    #[arg(long, value_parser = parse_size, default_value = "4k")]
+    pub bs: u64,
+    /// Client iodepth per job.
+    #[arg(long, default_value_t = 16)]
+    pub iodepth: u32,
+    /// Client jobs (threads, one io_uring each).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: u32,
+    /// Where downtime-<UTC>.json, .csv and .svg go.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod config;
 pub mod ctrl;
 pub mod daemon;
+pub mod downtime;
 pub mod error;
 pub mod log;
 pub mod process;

@@ -7,7 +7,7 @@ use ublk_bench::cmd;
 use ublk_bench::config::DeviceConfig;
 use ublk_bench::daemon::{self, Notifier};
 use ublk_bench::error::{Error, Result};
-use ublk_bench::supervisor;
+use ublk_bench::{downtime, supervisor};
 
 fn main() {
     let cli = Cli::parse();
@@ -25,6 +25,8 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Del(d) => cmd::del::run(d.id, d.all),
         Command::Recover { id } => cmd::recover::run(id),
         Command::Restart { id } => cmd::restart::run(id),
+        Command::Stats { id, json } => cmd::stats::run(id, json),
+        Command::Downtime(a) => downtime::run(&a),
         Command::Serve(a) => serve_daemon(a),
         Command::Supervise { config, standby, notify_fd } => {
             daemon::detach();

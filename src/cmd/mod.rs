@@ -7,3 +7,4 @@ pub mod features;
 pub mod list;
 pub mod recover;
 pub mod restart;
+pub mod stats;
