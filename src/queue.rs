@@ -26,7 +26,7 @@ use memmap2::{Mmap, MmapMut, MmapOptions};
 use crate::backend::{Data, QueueBackend, Request};
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
-use crate::stats::QueueStats;
+use crate::stats::{StatsFile, now_ns};
 use crate::sys::{self, IoCmd, IoDesc};
 
 pub type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
@@ -41,7 +41,7 @@ pub struct QueueSetup {
     pub poll: bool,
     pub copy: CopyMode,
     pub max_io_bytes: u32,
-    pub stats: Option<Arc<QueueStats>>,
+    pub stats: Option<Arc<StatsFile>>,
     /// Set to the monotonic time of the first request this queue serves.
     pub first_served: Arc<AtomicU64>,
 }
@@ -170,6 +170,9 @@ impl<B: QueueBackend> Queue<B> {
         } else {
             self.ring.submit_and_wait(1)
         };
+        if let (true, Some(stats)) = (self.setup.poll, &self.setup.stats) {
+            stats.queue(self.setup.qid as usize).turn(!self.ring.completion().is_empty());
+        }
         match res {
             Ok(_) => Ok(()),
             Err(e)
@@ -184,14 +187,14 @@ impl<B: QueueBackend> Queue<B> {
     fn handle(&mut self, tag: u16) -> Result<()> {
         if !self.served_any {
             self.served_any = true;
-            self.setup.first_served.store(crate::stats::now_ns(), Ordering::Relaxed);
+            self.setup.first_served.store(now_ns(), Ordering::Relaxed);
         }
-        let start = self.setup.stats.as_ref().map(|_| crate::stats::now_ns());
+        let t0 = now_ns();
         let desc = self.desc(tag);
         let req = Request::from_desc(&desc);
         let result = self.serve(tag, &req);
-        if let (Some(stats), Some(t0)) = (&self.setup.stats, start) {
-            stats.record(&req, result, crate::stats::now_ns().saturating_sub(t0));
+        if let Some(stats) = &self.setup.stats {
+            stats.queue(self.setup.qid as usize).record(&req, result, now_ns().saturating_sub(t0));
         }
         let sqe = self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
         // SAFETY: as in fetch_all.

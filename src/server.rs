@@ -23,7 +23,7 @@ use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::queue::QueueSetup;
 use crate::settings;
-use crate::stats::QueueStats;
+use crate::stats::StatsFile;
 use crate::sys::{self, DevInfo, Params};
 
 pub struct Server {
@@ -35,7 +35,6 @@ pub struct Server {
     threads: Vec<JoinHandle<Result<()>>>,
     binds: Vec<mpsc::Sender<Arc<File>>>,
     ready: Option<mpsc::Receiver<Result<()>>>,
-    pub stats: Vec<Arc<QueueStats>>,
     /// Monotonic ns of the first request served by any queue (0: none yet).
     pub first_served: Arc<AtomicU64>,
 }
@@ -85,7 +84,6 @@ impl Server {
             threads: vec![],
             binds: vec![],
             ready: None,
-            stats: vec![],
             first_served: Arc::default(),
         })
     }
@@ -104,7 +102,6 @@ impl Server {
             threads: vec![],
             binds: vec![],
             ready: None,
-            stats: vec![],
             first_served: Arc::default(),
         })
     }
@@ -114,10 +111,10 @@ impl Server {
     pub fn prepare(&mut self, backend: &DeviceBackend) -> Result<()> {
         block_signals();
         QUEUES_ENDED.store(0, Ordering::SeqCst);
+        let stats = Arc::new(StatsFile::create(self.dev_id, self.info.nr_hw_queues as usize)?);
         let (tx, rx) = mpsc::channel();
         for qid in 0..self.info.nr_hw_queues {
-            let setup = self.queue_setup(qid)?;
-            self.stats.push(setup.stats.clone().expect("stats set"));
+            let setup = self.queue_setup(qid, &stats)?;
             let (bind_tx, bind_rx) = mpsc::channel();
             let handle = backend.spawn_queue(setup, QueueChannels { bind: bind_rx, ready: tx.clone() })?;
             self.threads.push(handle);
@@ -150,7 +147,7 @@ impl Server {
         Ok(())
     }
 
-    fn queue_setup(&mut self, qid: u16) -> Result<QueueSetup> {
+    fn queue_setup(&mut self, qid: u16, stats: &Arc<StatsFile>) -> Result<QueueSetup> {
         let cpu = match self.cfg.cpu_for(qid) {
             Some(c) => c,
             None => self
@@ -169,7 +166,7 @@ impl Server {
             poll: self.cfg.poll,
             copy: self.cfg.copy_mode,
             max_io_bytes: self.info.max_io_buf_bytes,
-            stats: Some(Arc::new(QueueStats::default())),
+            stats: Some(stats.clone()),
             first_served: self.first_served.clone(),
         })
     }

@@ -1,12 +1,22 @@
-//! Server-side statistics kept by each queue thread.
+//! Server-side statistics, published in shared memory as they are made.
 //!
-//! Counters are relaxed atomics written only by the owning queue thread, so
-//! recording costs a few uncontended adds and no lock.
+//! `/run/ublk-bench/<id>.stats` holds one [`QueueStats`] slot per queue. Each
+//! slot is written only by its queue thread, with relaxed atomic stores, so
+//! recording costs a few uncontended memory writes and no lock or syscall.
+//! Service time (descriptor seen to COMMIT queued) goes into log-linear
+//! buckets (16 per power of two, so within 6.25%), which `stats` turns into
+//! an HdrHistogram to merge queues and read percentiles. Readers take two
+//! snapshots and difference them, so nothing needs a consistent cut.
 
+use std::fs::OpenOptions;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use memmap2::{MmapMut, MmapOptions};
+
 use crate::backend::Request;
-use crate::sys;
+use crate::error::{Error, Result};
+use crate::{settings, sys};
 
 /// Monotonic clock in nanoseconds.
 pub fn now_ns() -> u64 {
@@ -16,35 +26,287 @@ pub fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-#[derive(Debug, Default)]
+pub const SUB_BITS: u32 = 4;
+pub const BUCKETS: usize = 64 << SUB_BITS;
+const MAGIC: u64 = 0x7562_6c6b_7374_6174; // "ublkstat"
+
+/// Counters of one queue. Field order is the file format.
+#[repr(C)]
+#[derive(Debug)]
 pub struct QueueStats {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
-    pub other: AtomicU64,
+    pub others: AtomicU64,
     pub read_bytes: AtomicU64,
     pub write_bytes: AtomicU64,
     pub errors: AtomicU64,
-    pub service_ns: AtomicU64,
+    pub busy_turns: AtomicU64,
+    pub idle_turns: AtomicU64,
+    pub max_ns: AtomicU64,
+    pub buckets: [AtomicU64; BUCKETS],
+}
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    queues: u64,
+}
+
+/// Bucket of a service time: exact below 16 ns, then 16 per octave.
+pub fn bucket_of(ns: u64) -> usize {
+    if ns < (1 << SUB_BITS) {
+        return ns as usize;
+    }
+    let exp = 63 - ns.leading_zeros();
+    let sub = (ns >> (exp - SUB_BITS)) & ((1 << SUB_BITS) - 1);
+    (((exp - SUB_BITS + 1) << SUB_BITS) as u64 + sub) as usize
+}
+
+/// Lowest value that falls in bucket `b` (inverse of [`bucket_of`]).
+pub fn bucket_floor(b: usize) -> u64 {
+    let b = b as u64;
+    if b < (1 << SUB_BITS) {
+        return b;
+    }
+    let exp = (b >> SUB_BITS) + SUB_BITS as u64 - 1;
+    let sub = b & ((1 << SUB_BITS) - 1);
+    (1 << exp) | (sub << (exp - SUB_BITS as u64))
 }
 
 impl QueueStats {
+    /// Single writer: load and store instead of read-modify-write.
+    fn bump(a: &AtomicU64, by: u64) {
+        a.store(a.load(Relaxed).wrapping_add(by), Relaxed);
+    }
+
     pub fn record(&self, req: &Request, result: i32, ns: u64) {
         match req.op {
             sys::UBLK_IO_OP_READ => {
-                self.reads.fetch_add(1, Relaxed);
-                self.read_bytes.fetch_add(req.len as u64, Relaxed);
+                Self::bump(&self.reads, 1);
+                Self::bump(&self.read_bytes, req.len as u64);
             }
             sys::UBLK_IO_OP_WRITE => {
-                self.writes.fetch_add(1, Relaxed);
-                self.write_bytes.fetch_add(req.len as u64, Relaxed);
+                Self::bump(&self.writes, 1);
+                Self::bump(&self.write_bytes, req.len as u64);
             }
-            _ => {
-                self.other.fetch_add(1, Relaxed);
-            }
+            _ => Self::bump(&self.others, 1),
         }
         if result < 0 {
-            self.errors.fetch_add(1, Relaxed);
+            Self::bump(&self.errors, 1);
         }
-        self.service_ns.fetch_add(ns, Relaxed);
+        Self::bump(&self.buckets[bucket_of(ns).min(BUCKETS - 1)], 1);
+        if ns > self.max_ns.load(Relaxed) {
+            self.max_ns.store(ns, Relaxed);
+        }
+    }
+
+    pub fn turn(&self, busy: bool) {
+        Self::bump(if busy { &self.busy_turns } else { &self.idle_turns }, 1);
+    }
+
+    /// A plain copy of the counters.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            reads: self.reads.load(Relaxed),
+            writes: self.writes.load(Relaxed),
+            others: self.others.load(Relaxed),
+            read_bytes: self.read_bytes.load(Relaxed),
+            write_bytes: self.write_bytes.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            busy_turns: self.busy_turns.load(Relaxed),
+            idle_turns: self.idle_turns.load(Relaxed),
+            max_ns: self.max_ns.load(Relaxed),
+            buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub reads: u64,
+    pub writes: u64,
+    pub others: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub errors: u64,
+    pub busy_turns: u64,
+    pub idle_turns: u64,
+    pub max_ns: u64,
+    pub buckets: Vec<u64>,
+}
+
+impl Snapshot {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        Snapshot {
+            reads: d(self.reads, earlier.reads),
+            writes: d(self.writes, earlier.writes),
+            others: d(self.others, earlier.others),
+            read_bytes: d(self.read_bytes, earlier.read_bytes),
+            write_bytes: d(self.write_bytes, earlier.write_bytes),
+            errors: d(self.errors, earlier.errors),
+            busy_turns: d(self.busy_turns, earlier.busy_turns),
+            idle_turns: d(self.idle_turns, earlier.idle_turns),
+            max_ns: self.max_ns,
+            buckets: self.buckets.iter().zip(&earlier.buckets).map(|(a, b)| d(*a, *b)).collect(),
+        }
+    }
+
+    pub fn ios(&self) -> u64 {
+        self.reads + self.writes + self.others
+    }
+
+    /// Service-time histogram, values at each bucket's floor.
+    pub fn histogram(&self) -> hdrhistogram::Histogram<u64> {
+        let mut h = hdrhistogram::Histogram::new_with_bounds(1, 1 << 44, 3).expect("valid bounds");
+        for (b, &n) in self.buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
+            h.saturating_record_n(bucket_floor(b).max(1), n);
+        }
+        h
+    }
+
+    /// Sum of several queues.
+    pub fn merge(all: &[Snapshot]) -> Snapshot {
+        let mut m = Snapshot { buckets: vec![0; BUCKETS], ..Default::default() };
+        for s in all {
+            m.reads += s.reads;
+            m.writes += s.writes;
+            m.others += s.others;
+            m.read_bytes += s.read_bytes;
+            m.write_bytes += s.write_bytes;
+            m.errors += s.errors;
+            m.busy_turns += s.busy_turns;
+            m.idle_turns += s.idle_turns;
+            m.max_ns = m.max_ns.max(s.max_ns);
+            m.buckets.iter_mut().zip(&s.buckets).for_each(|(a, b)| *a += b);
+        }
+        m
+    }
+}
+
+pub fn stats_path(dev_id: u32) -> PathBuf {
+    settings::run_dir().join(format!("{dev_id}.stats"))
+}
+
+/// The mapped stats file of one device.
+pub struct StatsFile {
+    map: MmapMut,
+    queues: usize,
+}
+
+// SAFETY: every field the map exposes is an atomic; the map itself is never
+// remapped while shared.
+unsafe impl Sync for StatsFile {}
+// SAFETY: as above; the mapping may be used from any thread.
+unsafe impl Send for StatsFile {}
+
+impl StatsFile {
+    fn len(queues: usize) -> usize {
+        size_of::<Header>() + queues * size_of::<QueueStats>()
+    }
+
+    /// Creates a zeroed file for `queues` queues (a new server starts afresh).
+    pub fn create(dev_id: u32, queues: usize) -> Result<Self> {
+        let path = stats_path(dev_id);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+        f.set_len(Self::len(queues) as u64).map_err(|e| Error::io("size stats file", e))?;
+        // SAFETY: the file is ours and sized above; other processes only read it.
+        let mut map =
+            unsafe { MmapOptions::new().map_mut(&f) }.map_err(|e| Error::io("mmap stats file", e))?;
+        // SAFETY: the map is at least a Header long and page aligned.
+        let h = unsafe { &mut *(map.as_mut_ptr() as *mut Header) };
+        h.queues = queues as u64;
+        h.magic = MAGIC;
+        Ok(StatsFile { map, queues })
+    }
+
+    /// Maps an existing file for reading (by `stats`).
+    pub fn open(dev_id: u32) -> Result<Self> {
+        let path = stats_path(dev_id);
+        let f = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| {
+            Error::io(format!("open {} (is device {dev_id} served by ublk-bench?)", path.display()), e)
+        })?;
+        // SAFETY: shared map of a file only ever grown before use; we check its size below.
+        let map = unsafe { MmapOptions::new().map_mut(&f) }.map_err(|e| Error::io("mmap stats file", e))?;
+        if map.len() < size_of::<Header>() {
+            return Err(Error::invalid(format!("{} is truncated", path.display())));
+        }
+        // SAFETY: the map holds at least a Header.
+        let h = unsafe { &*(map.as_ptr() as *const Header) };
+        let queues = h.queues as usize;
+        if h.magic != MAGIC || map.len() < Self::len(queues) {
+            return Err(Error::invalid(format!("{} is not a ublk-bench stats file", path.display())));
+        }
+        Ok(StatsFile { map, queues })
+    }
+
+    pub fn queues(&self) -> usize {
+        self.queues
+    }
+
+    pub fn queue(&self, q: usize) -> &QueueStats {
+        assert!(q < self.queues);
+        let off = size_of::<Header>() + q * size_of::<QueueStats>();
+        // SAFETY: in bounds (checked against the file size at open/create),
+        // 8-byte aligned (header and slots are multiples of 8), and
+        // QueueStats is only atomics, valid for any bit pattern.
+        unsafe { &*(self.map.as_ptr().add(off) as *const QueueStats) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_invert() {
+        let mut last = 0;
+        for ns in [0u64, 1, 15, 16, 17, 31, 32, 1000, 1023, 1024, 1 << 30, u64::MAX >> 1] {
+            let b = bucket_of(ns);
+            assert!(b >= last, "{ns}");
+            last = b;
+            assert!(bucket_floor(b) <= ns);
+            if b + 1 < BUCKETS {
+                assert!(bucket_floor(b + 1) > ns, "{ns} bucket {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bucket_error_is_under_one_sixteenth() {
+        for ns in (100..1_000_000).step_by(997) {
+            let f = bucket_floor(bucket_of(ns));
+            assert!((ns - f) as f64 / ns as f64 <= 1.0 / 16.0, "{ns} -> {f}");
+        }
+    }
+
+    #[test]
+    fn snapshots_difference_and_merge() {
+        let a = Snapshot { reads: 10, read_bytes: 40960, buckets: vec![1; BUCKETS], ..Default::default() };
+        let b = Snapshot { reads: 25, read_bytes: 102400, buckets: vec![3; BUCKETS], ..Default::default() };
+        let d = b.since(&a);
+        assert_eq!((d.reads, d.read_bytes), (15, 61440));
+        assert!(d.buckets.iter().all(|&x| x == 2));
+        let m = Snapshot::merge(&[a, b]);
+        assert_eq!(m.reads, 35);
+        assert_eq!(m.buckets[7], 4);
+    }
+
+    #[test]
+    fn histogram_percentiles_come_from_buckets() {
+        let mut s = Snapshot { buckets: vec![0; BUCKETS], ..Default::default() };
+        s.buckets[bucket_of(10_000)] = 99;
+        s.buckets[bucket_of(1_000_000)] = 1;
+        let h = s.histogram();
+        let p50 = h.value_at_quantile(0.5);
+        assert!((9_000..=10_000).contains(&p50), "{p50}");
+        assert!(h.value_at_quantile(0.999) >= 900_000);
     }
 }
