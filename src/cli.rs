@@ -72,7 +72,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
-    /// Backend: null (ublk cost alone) or ram (shared-memory store that survives a crash).
+    /// Backend: null (ublk cost alone), ram (shared-memory store that survives a crash) or nvme (passthrough).
     #[arg(value_enum)]
     pub backend: BackendKind,
     /// Device id; -1 or absent lets the kernel pick.
@@ -96,6 +96,9 @@ pub struct AddArgs {
     /// RAM store file (default /dev/shm/ublk-bench-<id>).
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// NVMe namespace for the nvme backend: /dev/ngXnY (or /dev/nvmeXnY).
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
     /// Logical block size in bytes.
     #[arg(short = 'b', long = "block-size", default_value_t = 512)]
     pub block_size: u32,

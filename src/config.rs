@@ -13,6 +13,7 @@ use crate::sys;
 pub enum BackendKind {
     Null,
     Ram,
+    Nvme,
 }
 
 impl BackendKind {
@@ -20,6 +21,7 @@ impl BackendKind {
         match self {
             BackendKind::Null => "null",
             BackendKind::Ram => "ram",
+            BackendKind::Nvme => "nvme",
         }
     }
 }
@@ -34,6 +36,8 @@ pub enum CopyMode {
     Copy,
     /// UBLK_F_USER_COPY: pread/pwrite on /dev/ublkcN.
     User,
+    /// UBLK_F_AUTO_BUF_REG: the request's pages go straight to the device.
+    Zero,
 }
 
 impl CopyMode {
@@ -42,6 +46,7 @@ impl CopyMode {
             CopyMode::Auto => "auto",
             CopyMode::Copy => "copy",
             CopyMode::User => "user",
+            CopyMode::Zero => "zero",
         }
     }
 }
@@ -80,6 +85,9 @@ pub struct DeviceConfig {
     pub size: u64,
     /// RAM store path; None for `null`.
     pub store: Option<PathBuf>,
+    /// NVMe namespace (`/dev/ngXnY`) for `nvme`.
+    #[serde(default)]
+    pub nvme_dev: Option<PathBuf>,
     pub queues: u16,
     pub depth: u16,
     /// CPU per queue (queue q uses `cpus[q % len]`); empty: kernel affinity.
@@ -221,6 +229,7 @@ mod tests {
             backend: BackendKind::Ram,
             size: 64 << 20,
             store: None,
+            nvme_dev: None,
             queues: 1,
             depth: 64,
             cpus: vec![],

@@ -106,7 +106,7 @@ impl Spawned {
         }
         let err = self.text.lines().find_map(|l| l.strip_prefix("err ")).map(str::to_owned);
         Err(match (err, outcome) {
-            (Some(msg), _) => Error::invalid(msg),
+            (Some(msg), _) => Error::Relayed(msg),
             (None, Err(e)) => e,
             (None, Ok(())) => Error::invalid(format!(
                 "the server exited before the device went LIVE: see {}",

@@ -18,6 +18,9 @@ pub enum Error {
     NoDevice(u32),
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A message already worded for the user, passed on from another process.
+    #[error("{0}")]
+    Relayed(String),
     #[error("the running kernel lacks {feature} (needs Linux {version} or newer): {hint}")]
     Unsupported { feature: &'static str, version: &'static str, hint: &'static str },
     #[error("{what}: {source}")]

@@ -23,13 +23,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
+use crate::backend::nvme::BACKEND_BIT;
 use crate::backend::{Data, QueueBackend, Request};
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
 use crate::stats::{StatsFile, now_ns};
 use crate::sys::{self, IoCmd, IoDesc};
 
-pub type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+/// SQE128 for ublk and NVMe passthrough commands, CQE32 for NVMe results.
+pub type Ring = IoUring<squeue::Entry128, cqueue::Entry32>;
 
 /// Everything a queue thread needs, fixed before it starts.
 #[derive(Clone)]
@@ -62,6 +64,8 @@ pub struct Queue<B> {
     descs: Option<Mmap>,
     bufs: Option<MmapMut>,
     served_any: bool,
+    /// Each tag's request and the time its descriptor was read.
+    inflight: Vec<(Request, u64)>,
 }
 
 const IORING_ENTER_GETEVENTS: u32 = 1;
@@ -87,7 +91,23 @@ impl<B: QueueBackend> Queue<B> {
             .setup_defer_taskrun()
             .build(entries)
             .map_err(|e| Error::io(format!("io_uring setup for queue {}", setup.qid), e))?;
-        Ok(Queue { setup, backend, char_dev: None, char_fd: -1, descs: None, bufs, ring, served_any: false })
+        if setup.copy == CopyMode::Zero {
+            ring.submitter()
+                .register_buffers_sparse(setup.depth as u32)
+                .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
+        }
+        let inflight = vec![(Request::default(), 0); setup.depth as usize];
+        Ok(Queue {
+            setup,
+            backend,
+            char_dev: None,
+            char_fd: -1,
+            descs: None,
+            bufs,
+            ring,
+            served_any: false,
+            inflight,
+        })
     }
 
     /// Maps this queue's descriptors from `/dev/ublkcN`.
@@ -139,6 +159,11 @@ impl<B: QueueBackend> Queue<B> {
             for _ in 0..n {
                 let Some(cqe) = self.ring.completion().next() else { break };
                 let tag = cqe.user_data() as u16;
+                if cqe.user_data() & BACKEND_BIT != 0 {
+                    let result = self.backend.complete(tag, cqe.result());
+                    self.commit(tag, result)?;
+                    continue;
+                }
                 match cqe.result() {
                     sys::UBLK_IO_RES_OK => self.handle(tag)?,
                     sys::UBLK_IO_RES_ABORT => live -= 1,
@@ -189,19 +214,26 @@ impl<B: QueueBackend> Queue<B> {
             self.served_any = true;
             self.setup.first_served.store(now_ns(), Ordering::Relaxed);
         }
-        let t0 = now_ns();
-        let desc = self.desc(tag);
-        let req = Request::from_desc(&desc);
-        let result = self.serve(tag, &req);
+        let req = Request::from_desc(&self.desc(tag));
+        self.inflight[tag as usize] = (req, now_ns());
+        match self.submit(tag, &req) {
+            Some(result) => self.commit(tag, result),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the request's service time and queues its COMMIT_AND_FETCH.
+    fn commit(&mut self, tag: u16, result: i32) -> Result<()> {
         if let Some(stats) = &self.setup.stats {
-            stats.queue(self.setup.qid as usize).record(&req, result, now_ns().saturating_sub(t0));
+            let (req, t0) = &self.inflight[tag as usize];
+            stats.queue(self.setup.qid as usize).record(req, result, now_ns().saturating_sub(*t0));
         }
         let sqe = self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
         // SAFETY: as in fetch_all.
         unsafe { self.ring.submission().push(&sqe) }.map_err(|_| Error::invalid("submission queue overflow"))
     }
 
-    fn serve(&mut self, tag: u16, req: &Request) -> i32 {
+    fn submit(&mut self, tag: u16, req: &Request) -> Option<i32> {
         let data = match self.setup.copy {
             CopyMode::Copy => {
                 let len = self.setup.max_io_bytes as usize;
@@ -209,9 +241,10 @@ impl<B: QueueBackend> Queue<B> {
                 let off = tag as usize * len;
                 Data::Buf(&mut bufs[off..off + len])
             }
+            CopyMode::Zero => Data::Fixed { index: tag },
             _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
         };
-        self.backend.serve(req, data)
+        self.backend.submit(tag, req, data, &mut self.ring.submission())
     }
 
     fn desc(&self, tag: u16) -> IoDesc {

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::{DeviceBackend, QueueChannels};
-use crate::config::{CopyMode, DeviceConfig, Recovery};
+use crate::config::{BackendKind, CopyMode, DeviceConfig, Recovery};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::queue::QueueSetup;
@@ -54,7 +54,7 @@ impl Server {
         let mut ctrl = Ctrl::open()?;
         let features = ctrl.features()?;
         let mut cfg = cfg.clone();
-        cfg.copy_mode = resolve_copy_mode(cfg.copy_mode, features)?;
+        cfg.copy_mode = resolve_copy_mode(cfg.copy_mode, cfg.backend, features)?;
         check_recovery(cfg.recovery, features)?;
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
@@ -70,7 +70,7 @@ impl Server {
         })?;
         let dev_id = info.dev_id;
         cfg.dev_id = Some(dev_id);
-        let mut params = params_for(&cfg, &info);
+        let mut params = params_for(&cfg, &info)?;
         if let Err(e) = ctrl.set_params(dev_id, &mut params) {
             let _ = ctrl.del(dev_id);
             return Err(Error::io("SET_PARAMS", e));
@@ -234,17 +234,42 @@ pub fn delete_device(ctrl: &mut Ctrl, dev_id: u32, cfg: Option<&DeviceConfig>) {
     }
 }
 
-fn resolve_copy_mode(mode: CopyMode, features: u64) -> Result<CopyMode> {
-    let user = features & sys::UBLK_F_USER_COPY != 0;
-    match mode {
-        CopyMode::Auto if user => Ok(CopyMode::User),
-        CopyMode::Auto | CopyMode::Copy => Ok(CopyMode::Copy),
-        CopyMode::User if user => Ok(CopyMode::User),
-        CopyMode::User => Err(Error::Unsupported {
+/// Picks the copy mode: `auto` takes the best the kernel offers for the
+/// backend; an explicit mode the kernel or backend cannot do is refused.
+pub fn resolve_copy_mode(mode: CopyMode, backend: BackendKind, features: u64) -> Result<CopyMode> {
+    let has = |f: u64| features & f != 0;
+    let mode = match (mode, backend) {
+        // Zero copy for nvme is not the default until it works (see below).
+        (CopyMode::Auto, BackendKind::Nvme) => CopyMode::Copy,
+        (CopyMode::Auto, _) if has(sys::UBLK_F_USER_COPY) => CopyMode::User,
+        (CopyMode::Auto, _) => CopyMode::Copy,
+        (m, _) => m,
+    };
+    match (mode, backend) {
+        (CopyMode::Zero, BackendKind::Ram) => Err(Error::invalid(
+            "zero copy cannot reach a RAM store (the server never sees the pages): use --copy-mode user",
+        )),
+        (CopyMode::User, BackendKind::Nvme) => {
+            Err(Error::invalid("user copy would add a bounce copy for nvme: use --copy-mode zero or copy"))
+        }
+        (CopyMode::User, _) if !has(sys::UBLK_F_USER_COPY) => Err(Error::Unsupported {
             feature: "UBLK_F_USER_COPY",
             version: "6.5",
             hint: "use --copy-mode copy",
         }),
+        (CopyMode::Zero, BackendKind::Nvme) if std::env::var_os("UBLK_BENCH_EXPERIMENTAL_ZC").is_none() => {
+            Err(Error::invalid(
+                "zero copy for nvme is not working yet: the NVMe passthrough command gets EFAULT \
+                 importing the auto-registered buffer (Linux 7.3); use --copy-mode copy \
+                 (UBLK_BENCH_EXPERIMENTAL_ZC=1 enables the unfinished path)",
+            ))
+        }
+        (CopyMode::Zero, _) if !has(sys::UBLK_F_AUTO_BUF_REG) => Err(Error::Unsupported {
+            feature: "UBLK_F_AUTO_BUF_REG",
+            version: "6.16",
+            hint: "use --copy-mode copy",
+        }),
+        (m, _) => Ok(m),
     }
 }
 
@@ -270,11 +295,12 @@ fn quiesce_flag(rec: Recovery, features: u64) -> u64 {
 fn copy_flags(mode: CopyMode) -> u64 {
     match mode {
         CopyMode::User => sys::UBLK_F_USER_COPY,
+        CopyMode::Zero => sys::UBLK_F_AUTO_BUF_REG,
         _ => 0,
     }
 }
 
-fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Params {
+fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Result<Params> {
     let bs_shift = cfg.block_size.trailing_zeros() as u8;
     let mut p =
         Params { types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD, ..Default::default() };
@@ -288,7 +314,18 @@ fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Params {
     p.discard.max_discard_sectors = u32::MAX >> 9;
     p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
     p.discard.max_discard_segments = 1;
-    p
+    if let (BackendKind::Nvme, Some(dev)) = (cfg.backend, &cfg.nvme_dev) {
+        let (ns, _) = crate::backend::nvme::Namespace::probe(dev)?;
+        // PRP lists need page-aligned segments; without this the NVMe driver bounces.
+        p.basic.virt_boundary_mask = 4095;
+        p.basic.physical_bs_shift = p.basic.physical_bs_shift.max(ns.lba_shift as u8);
+        p.discard.max_discard_sectors = if ns.discard { u32::MAX >> 9 } else { 0 };
+        p.discard.max_write_zeroes_sectors = if ns.write_zeroes { u32::MAX >> 9 } else { 0 };
+        if !ns.discard && !ns.write_zeroes {
+            p.types &= !sys::UBLK_PARAM_TYPE_DISCARD;
+        }
+    }
+    Ok(p)
 }
 
 /// Opens `/dev/ublkcN`, waiting briefly for udev/devtmpfs to create it.

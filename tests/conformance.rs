@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ublk_bench::backend::null::NullQueue;
 use ublk_bench::backend::ram::{RamQueue, RamStore};
-use ublk_bench::backend::{Data, QueueBackend, Request};
+use ublk_bench::backend::{Data, Request, SyncBackend};
 use ublk_bench::sys;
 
 const SIZE: u64 = 8 << 20;
@@ -38,7 +38,7 @@ impl Mode {
     }
 
     /// Serves a WRITE of `data` at `offset`.
-    fn write(&mut self, b: &mut impl QueueBackend, offset: u64, data: &[u8]) -> i32 {
+    fn write(&mut self, b: &mut impl SyncBackend, offset: u64, data: &[u8]) -> i32 {
         let r = req(sys::UBLK_IO_OP_WRITE, offset, data.len() as u32);
         match self {
             Mode::Buf(buf) => {
@@ -53,7 +53,7 @@ impl Mode {
     }
 
     /// Serves a READ of `len` bytes at `offset` and returns what it produced.
-    fn read(&mut self, b: &mut impl QueueBackend, offset: u64, len: usize) -> (i32, Vec<u8>) {
+    fn read(&mut self, b: &mut impl SyncBackend, offset: u64, len: usize) -> (i32, Vec<u8>) {
         let r = req(sys::UBLK_IO_OP_READ, offset, len as u32);
         match self {
             Mode::Buf(buf) => {
@@ -77,7 +77,7 @@ fn ram() -> (tempfile::TempDir, RamQueue) {
 }
 
 /// What every backend must do, whatever it stores.
-fn common_contract(b: &mut impl QueueBackend, mode: &mut Mode) {
+fn common_contract(b: &mut impl SyncBackend, mode: &mut Mode) {
     assert_eq!(mode.write(b, 0, &pattern(4096, 1)), 4096);
     assert_eq!(mode.read(b, 4096, 8192).0, 8192);
     assert_eq!(b.serve(&req(sys::UBLK_IO_OP_FLUSH, 0, 0), Data::None), 0);

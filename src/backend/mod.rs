@@ -9,6 +9,7 @@
 //! itself with one pread/pwrite and no copy of its own.
 
 pub mod null;
+pub mod nvme;
 pub mod ram;
 
 use std::fs::File;
@@ -21,9 +22,11 @@ use crate::config::{BackendKind, DeviceConfig};
 use crate::error::{Error, Result};
 use crate::queue::{Queue, QueueSetup};
 use crate::sys;
+use io_uring::SubmissionQueue;
+use io_uring::squeue::Entry128;
 
 /// One request, decoded from its descriptor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub op: u8,
     pub flags: u32,
@@ -45,14 +48,63 @@ pub enum Data<'a> {
     Buf(&'a mut [u8]),
     /// User copy: `pread` (WRITE) or `pwrite` (READ) on `fd` at `pos`.
     UserCopy { fd: RawFd, pos: u64 },
+    /// Zero copy: the request's pages are registered in the queue ring's
+    /// buffer table at this index.
+    Fixed { index: u16 },
     /// No data reachable (null backend in user-copy mode never touches it).
     None,
 }
 
-/// The per-queue half of a backend.
+/// The per-queue half of a backend, as the queue loop drives it.
 pub trait QueueBackend {
+    /// Starts one request. Some(result) if it finished at once; None if it
+    /// went into `sq` tagged `BACKEND_BIT | tag`, to end in [`Self::complete`].
+    fn submit(
+        &mut self,
+        tag: u16,
+        req: &Request,
+        data: Data<'_>,
+        sq: &mut SubmissionQueue<'_, Entry128>,
+    ) -> Option<i32>;
+
+    /// The COMMIT result for the CQE of a command `submit` queued.
+    fn complete(&mut self, _tag: u16, res: i32) -> i32 {
+        res
+    }
+}
+
+/// A backend that finishes every request in the call.
+pub trait SyncBackend {
     /// Serves one request and returns bytes done (READ/WRITE) or 0, or -errno.
     fn serve(&mut self, req: &Request, data: Data<'_>) -> i32;
+}
+
+impl<T: SyncBackend> QueueBackend for T {
+    fn submit(
+        &mut self,
+        _tag: u16,
+        req: &Request,
+        data: Data<'_>,
+        _sq: &mut SubmissionQueue<'_, Entry128>,
+    ) -> Option<i32> {
+        Some(self.serve(req, data))
+    }
+}
+
+impl QueueBackend for nvme::NvmeQueue {
+    fn submit(
+        &mut self,
+        tag: u16,
+        req: &Request,
+        data: Data<'_>,
+        sq: &mut SubmissionQueue<'_, Entry128>,
+    ) -> Option<i32> {
+        nvme::NvmeQueue::submit(self, tag, req, data, sq)
+    }
+
+    fn complete(&mut self, tag: u16, res: i32) -> i32 {
+        nvme::NvmeQueue::complete(self, tag, res)
+    }
 }
 
 /// Completion value for a request that moved `len` bytes.
@@ -103,6 +155,7 @@ fn neg_errno(n: isize) -> i32 {
 pub enum DeviceBackend {
     Null,
     Ram(Arc<ram::RamStore>),
+    Nvme(Arc<nvme::Namespace>, Arc<File>),
 }
 
 impl DeviceBackend {
@@ -110,6 +163,7 @@ impl DeviceBackend {
     pub fn create(cfg: &DeviceConfig) -> Result<Self> {
         match cfg.backend {
             BackendKind::Null => Ok(DeviceBackend::Null),
+            BackendKind::Nvme => Self::nvme(cfg),
             BackendKind::Ram => {
                 let path =
                     cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
@@ -118,10 +172,17 @@ impl DeviceBackend {
         }
     }
 
+    fn nvme(cfg: &DeviceConfig) -> Result<Self> {
+        let dev = cfg.nvme_dev.as_deref().ok_or_else(|| Error::invalid("nvme backend without --dev"))?;
+        let (ns, file) = nvme::Namespace::probe(dev)?;
+        Ok(DeviceBackend::Nvme(Arc::new(ns), Arc::new(file)))
+    }
+
     /// Reopens an existing device's backend, keeping its data (recovery).
     pub fn open(cfg: &DeviceConfig) -> Result<Self> {
         match cfg.backend {
             BackendKind::Null => Ok(DeviceBackend::Null),
+            BackendKind::Nvme => Self::nvme(cfg),
             BackendKind::Ram => {
                 let path =
                     cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
@@ -146,6 +207,10 @@ impl DeviceBackend {
             DeviceBackend::Null => spawn(Box::new(move || run_queue(setup, null::NullQueue, io))),
             DeviceBackend::Ram(store) => {
                 let q = ram::RamQueue::new(store.clone());
+                spawn(Box::new(move || run_queue(setup, q, io)))
+            }
+            DeviceBackend::Nvme(ns, file) => {
+                let q = nvme::NvmeQueue::new(ns.clone(), file.clone(), setup.depth);
                 spawn(Box::new(move || run_queue(setup, q, io)))
             }
         }

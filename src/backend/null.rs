@@ -1,13 +1,13 @@
 //! `null`: completes every request at once, so a run measures ublk alone.
 //! Reads return whatever the buffer holds; no data is produced.
 
-use super::{Data, QueueBackend, Request, done};
+use super::{Data, Request, SyncBackend, done};
 use crate::sys;
 
 #[derive(Debug, Default)]
 pub struct NullQueue;
 
-impl QueueBackend for NullQueue {
+impl SyncBackend for NullQueue {
     fn serve(&mut self, req: &Request, _data: Data<'_>) -> i32 {
         match req.op {
             sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => done(req.len),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use super::{Data, QueueBackend, Request, done, pread_all, pwrite_all};
+use super::{Data, Request, SyncBackend, done, pread_all, pwrite_all};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -126,7 +126,7 @@ impl RamQueue {
             }
             // SAFETY: src..src+len is inside the map (checked by in_range).
             Data::UserCopy { fd, pos } => unsafe { pwrite_all(fd, src, req.len as usize, pos) },
-            Data::None => -libc::EINVAL,
+            Data::None | Data::Fixed { .. } => -libc::EINVAL,
         }
     }
 
@@ -140,7 +140,7 @@ impl RamQueue {
             }
             // SAFETY: dst..dst+len is inside the map (checked by in_range).
             Data::UserCopy { fd, pos } => unsafe { pread_all(fd, dst, req.len as usize, pos) },
-            Data::None => -libc::EINVAL,
+            Data::None | Data::Fixed { .. } => -libc::EINVAL,
         }
     }
 
@@ -150,7 +150,7 @@ impl RamQueue {
     }
 }
 
-impl QueueBackend for RamQueue {
+impl SyncBackend for RamQueue {
     fn serve(&mut self, req: &Request, data: Data<'_>) -> i32 {
         if !self.store.in_range(req) {
             return -libc::EINVAL;

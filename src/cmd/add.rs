@@ -54,12 +54,14 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
     let default_size = match args.backend {
         BackendKind::Null => 250 << 30,
         BackendKind::Ram => 256 << 20,
+        BackendKind::Nvme => 0,
     };
-    Ok(DeviceConfig {
+    let cfg = DeviceConfig {
         dev_id,
         backend: args.backend,
         size: args.size.unwrap_or(default_size),
         store: args.store.clone(),
+        nvme_dev: None,
         queues: narrow(args.queues, "queues", "-q")?,
         depth: narrow(args.depth, "depth", "-d")?,
         cpus: args.cpus.clone().unwrap_or_default(),
@@ -68,7 +70,26 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         max_io_bytes: DEFAULT_MAX_IO_BYTES,
         copy_mode: args.copy_mode,
         recovery: recovery_from(args)?,
-    })
+    };
+    match args.backend {
+        BackendKind::Nvme => nvme_config(cfg, args),
+        _ if args.dev.is_some() => Err(Error::invalid("--dev is for the nvme backend only")),
+        _ => Ok(cfg),
+    }
+}
+
+/// Size, block size and request size come from the namespace.
+fn nvme_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
+    let dev = args.dev.as_deref().ok_or_else(|| Error::invalid("the nvme backend needs --dev /dev/ngXnY"))?;
+    let (ns, _) = crate::backend::nvme::Namespace::probe(dev)?;
+    if args.size.is_some_and(|s| s > ns.size) {
+        return Err(Error::invalid(format!("--size exceeds the namespace ({} bytes)", ns.size)));
+    }
+    cfg.size = args.size.unwrap_or(ns.size);
+    cfg.block_size = 1 << ns.lba_shift;
+    cfg.max_io_bytes = cfg.max_io_bytes.min(ns.max_hw_bytes);
+    cfg.nvme_dev = Some(ns.char_dev);
+    Ok(cfg)
 }
 
 fn recovery_from(args: &AddArgs) -> Result<Recovery> {

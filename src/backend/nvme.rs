@@ -1,0 +1,343 @@
+//! `nvme`: every request becomes an NVMe I/O command sent through io_uring
+//! passthrough (`IORING_OP_URING_CMD`, `NVME_URING_CMD_IO`) on the queue's
+//! own ring, to the namespace's generic char device `/dev/ngXnY`.
+//!
+//! Data: in zero-copy mode the kernel registers the request's own pages in
+//! the queue ring's buffer table at slot = tag (UBLK_F_AUTO_BUF_REG) and the
+//! NVMe command reads or writes them in place (fixed buffer, offset 0). In
+//! copy mode the command points at the tag's buffer. DISCARD sends a DSM
+//! deallocate whose one range lives in a per-tag slot made at queue start.
+//!
+//! Completion is asynchronous: `submit` pushes the command tagged with
+//! [`BACKEND_BIT`] and the queue loop hands its CQE to `complete`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types};
+
+use super::{Data, Request};
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// `user_data` bit that marks a backend command's CQE.
+pub const BACKEND_BIT: u64 = 1 << 63;
+
+const NVME_URING_CMD_IO: u32 = 0xC048_4E80;
+const NVME_IOCTL_ID: libc::c_ulong = 0x4E40;
+const OP_FLUSH: u8 = 0x00;
+const OP_WRITE: u8 = 0x01;
+const OP_READ: u8 = 0x02;
+const OP_WRITE_ZEROES: u8 = 0x08;
+const OP_DSM: u8 = 0x09;
+const DSM_DEALLOCATE: u32 = 1 << 2;
+
+/// `struct nvme_uring_cmd` (72 bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NvmeUringCmd {
+    pub opcode: u8,
+    pub flags: u8,
+    pub rsvd1: u16,
+    pub nsid: u32,
+    pub cdw2: u32,
+    pub cdw3: u32,
+    pub metadata: u64,
+    pub addr: u64,
+    pub metadata_len: u32,
+    pub data_len: u32,
+    pub cdw10: u32,
+    pub cdw11: u32,
+    pub cdw12: u32,
+    pub cdw13: u32,
+    pub cdw14: u32,
+    pub cdw15: u32,
+    pub timeout_ms: u32,
+    pub rsvd2: u32,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<NvmeUringCmd>() == 72);
+    assert!(std::mem::offset_of!(NvmeUringCmd, addr) == 24);
+    assert!(std::mem::offset_of!(NvmeUringCmd, data_len) == 36);
+    assert!(std::mem::offset_of!(NvmeUringCmd, cdw10) == 40);
+    assert!(std::mem::offset_of!(NvmeUringCmd, timeout_ms) == 64);
+};
+
+/// One DSM range (`struct nvme_dsm_range`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct DsmRange {
+    cattr: u32,
+    nlb: u32,
+    slba: u64,
+}
+
+/// What the namespace offers, read once from sysfs and the char device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub char_dev: PathBuf,
+    pub nsid: u32,
+    pub lba_shift: u32,
+    pub size: u64,
+    pub max_hw_bytes: u32,
+    pub discard: bool,
+    pub write_zeroes: bool,
+}
+
+/// `/dev/nvme0n1` → `/dev/ng0n1`; `/dev/ng0n1` stays.
+pub fn generic_path(dev: &Path) -> Result<PathBuf> {
+    let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if let Some(rest) = name.strip_prefix("nvme").filter(|r| r.contains('n') && !r.contains('p')) {
+        return Ok(dev.with_file_name(format!("ng{rest}")));
+    }
+    if name.starts_with("ng") {
+        return Ok(dev.to_owned());
+    }
+    Err(Error::invalid(format!(
+        "{} is not an NVMe namespace: give --dev /dev/ngXnY (or /dev/nvmeXnY)",
+        dev.display()
+    )))
+}
+
+impl Namespace {
+    pub fn probe(dev: &Path) -> Result<(Self, File)> {
+        let char_dev = generic_path(dev)?;
+        let meta = std::fs::metadata(&char_dev).map_err(|e| {
+            Error::io(
+                format!("{} (is the nvme driver loaded and the namespace present?)", char_dev.display()),
+                e,
+            )
+        })?;
+        if !meta.file_type().is_char_device() {
+            return Err(Error::invalid(format!(
+                "{} is not a character device: give the generic namespace node /dev/ngXnY",
+                char_dev.display()
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&char_dev)
+            .map_err(|e| Error::io(format!("open {}", char_dev.display()), e))?;
+        // SAFETY: NVME_IOCTL_ID takes no argument and returns the nsid.
+        let nsid = unsafe { libc::ioctl(file.as_raw_fd(), NVME_IOCTL_ID) };
+        if nsid <= 0 {
+            return Err(Error::io("NVME_IOCTL_ID", std::io::Error::last_os_error()));
+        }
+        let block = block_name(&char_dev);
+        let ns = Namespace::from_sysfs(char_dev, nsid as u32, &block)?;
+        Ok((ns, file))
+    }
+
+    fn from_sysfs(char_dev: PathBuf, nsid: u32, block: &str) -> Result<Self> {
+        let q = |f: &str| read_u64(&format!("/sys/block/{block}/queue/{f}"));
+        let lbs = q("logical_block_size")?;
+        if !lbs.is_power_of_two() || !(512..=4096).contains(&lbs) {
+            return Err(Error::invalid(format!(
+                "{block} uses {lbs}-byte LBAs: only 512 to 4096 are supported (reformat the namespace)"
+            )));
+        }
+        Ok(Namespace {
+            char_dev,
+            nsid,
+            lba_shift: lbs.trailing_zeros(),
+            size: read_u64(&format!("/sys/block/{block}/size"))? << 9,
+            max_hw_bytes: (q("max_hw_sectors_kb")? << 10).min(u32::MAX as u64) as u32,
+            discard: q("discard_max_bytes").unwrap_or(0) > 0,
+            write_zeroes: q("write_zeroes_max_bytes").unwrap_or(0) > 0,
+        })
+    }
+}
+
+fn block_name(char_dev: &Path) -> String {
+    let name = char_dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    format!("nvme{}", name.trim_start_matches("ng"))
+}
+
+fn read_u64(path: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(path).map_err(|e| Error::io(format!("read {path}"), e))?;
+    s.trim().parse().map_err(|_| Error::invalid(format!("{path}: not a number")))
+}
+
+/// NVMe status (CQE res > 0) to the errno a block-layer client should see.
+pub fn status_to_errno(status: i32) -> i32 {
+    let (sct, sc) = ((status >> 8) & 0x7, status & 0xff);
+    match (sct, sc) {
+        (0, 0x02) => -libc::EINVAL, // invalid field
+        (0, 0x0b) => -libc::EINVAL, // invalid namespace or format
+        (0, 0x80) => -libc::ENOSPC, // LBA out of range
+        (0, 0x81) => -libc::ENOSPC, // capacity exceeded
+        (1, 0x80..=0x82) => -libc::ENOSPC,
+        (2, 0x86) => -libc::EACCES,     // access denied
+        (2, 0x87) => -libc::ENODATA,    // deallocated or unwritten
+        (2, _) => -libc::EIO,           // media and data integrity errors
+        (0, 0x01) => -libc::EOPNOTSUPP, // invalid opcode
+        _ => -libc::EIO,
+    }
+}
+
+/// One queue's handle on the namespace.
+pub struct NvmeQueue {
+    ns: Arc<Namespace>,
+    file: Arc<File>,
+    ranges: Vec<DsmRange>,
+    /// Bytes each request moved, returned at completion.
+    lens: Vec<u32>,
+}
+
+impl NvmeQueue {
+    pub fn new(ns: Arc<Namespace>, file: Arc<File>, depth: u16) -> Self {
+        NvmeQueue {
+            ns,
+            file,
+            ranges: vec![DsmRange::default(); depth as usize],
+            lens: vec![0; depth as usize],
+        }
+    }
+
+    fn command(
+        &mut self,
+        tag: u16,
+        req: &Request,
+        data: &Data<'_>,
+    ) -> std::result::Result<NvmeUringCmd, i32> {
+        let shift = self.ns.lba_shift;
+        let (slba, nlb) = (req.offset >> shift, req.len >> shift);
+        let mut c = NvmeUringCmd {
+            nsid: self.ns.nsid,
+            cdw10: slba as u32,
+            cdw11: (slba >> 32) as u32,
+            ..Default::default()
+        };
+        match req.op {
+            sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => {
+                c.opcode = if req.op == sys::UBLK_IO_OP_READ { OP_READ } else { OP_WRITE };
+                c.cdw12 = nlb.checked_sub(1).ok_or(-libc::EINVAL)?;
+                c.data_len = req.len;
+                c.addr = match data {
+                    Data::Buf(b) => b.as_ptr() as u64,
+                    Data::Fixed { .. } => 0,
+                    _ => return Err(-libc::EINVAL),
+                };
+            }
+            sys::UBLK_IO_OP_FLUSH => {
+                c = NvmeUringCmd { opcode: OP_FLUSH, nsid: self.ns.nsid, ..Default::default() }
+            }
+            sys::UBLK_IO_OP_WRITE_ZEROES if self.ns.write_zeroes => {
+                c.opcode = OP_WRITE_ZEROES;
+                c.cdw12 = nlb.checked_sub(1).ok_or(-libc::EINVAL)?;
+            }
+            sys::UBLK_IO_OP_DISCARD if self.ns.discard => {
+                self.ranges[tag as usize] = DsmRange { cattr: 0, nlb, slba };
+                c = NvmeUringCmd {
+                    opcode: OP_DSM,
+                    nsid: self.ns.nsid,
+                    addr: &self.ranges[tag as usize] as *const DsmRange as u64,
+                    data_len: std::mem::size_of::<DsmRange>() as u32,
+                    cdw10: 0,
+                    cdw11: DSM_DEALLOCATE,
+                    ..Default::default()
+                };
+            }
+            _ => return Err(-libc::EOPNOTSUPP),
+        }
+        Ok(c)
+    }
+
+    /// Pushes the NVMe command for `tag`; Some(result) if it failed at once.
+    pub fn submit(
+        &mut self,
+        tag: u16,
+        req: &Request,
+        data: Data<'_>,
+        sq: &mut io_uring::SubmissionQueue<'_, squeue::Entry128>,
+    ) -> Option<i32> {
+        let cmd = match self.command(tag, req, &data) {
+            Ok(c) => c,
+            Err(e) => return Some(e),
+        };
+        let mut payload = [0u8; 80];
+        // SAFETY: NvmeUringCmd is repr(C), 72 bytes of plain data.
+        unsafe { std::ptr::copy_nonoverlapping(&cmd as *const _ as *const u8, payload.as_mut_ptr(), 72) };
+        let mut op =
+            opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO).cmd(payload);
+        if let (Data::Fixed { index }, true) = (data, req.len > 0) {
+            op = op.buf_index(Some(index));
+        }
+        self.lens[tag as usize] = match req.op {
+            sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => req.len,
+            _ => 0,
+        };
+        let sqe = op.build().user_data(BACKEND_BIT | tag as u64);
+        // SAFETY: the command's data (tag buffer, kernel-registered request
+        // pages, or this queue's DSM range slot) stays valid until its CQE:
+        // the tag is not reused before we COMMIT it, which follows the CQE.
+        match unsafe { sq.push(&sqe) } {
+            Ok(()) => None,
+            Err(_) => Some(-libc::EBUSY),
+        }
+    }
+
+    /// The COMMIT result for a finished NVMe command.
+    pub fn complete(&mut self, tag: u16, res: i32) -> i32 {
+        match res {
+            0 => self.lens[tag as usize] as i32,
+            r if r > 0 => status_to_errno(r),
+            r => r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_paths_map_to_the_generic_node() {
+        assert_eq!(generic_path(Path::new("/dev/nvme0n1")).unwrap(), PathBuf::from("/dev/ng0n1"));
+        assert_eq!(generic_path(Path::new("/dev/ng1n2")).unwrap(), PathBuf::from("/dev/ng1n2"));
+        assert!(generic_path(Path::new("/dev/nvme0n1p1")).is_err());
+        assert!(generic_path(Path::new("/dev/sda")).is_err());
+        assert_eq!(block_name(Path::new("/dev/ng0n1")), "nvme0n1");
+    }
+
+    #[test]
+    fn nvme_status_maps_to_errno() {
+        assert_eq!(status_to_errno(0x80), -libc::ENOSPC);
+        assert_eq!(status_to_errno(0x2), -libc::EINVAL);
+        assert_eq!(status_to_errno(0x281), -libc::EIO);
+        assert_eq!(status_to_errno(0x7ff), -libc::EIO);
+    }
+
+    fn queue() -> NvmeQueue {
+        let ns = Namespace {
+            char_dev: "/dev/null".into(),
+            nsid: 1,
+            lba_shift: 9,
+            size: 1 << 30,
+            max_hw_bytes: 1 << 20,
+            discard: true,
+            write_zeroes: true,
+        };
+        NvmeQueue::new(Arc::new(ns), Arc::new(File::open("/dev/null").unwrap()), 4)
+    }
+
+    #[test]
+    fn requests_become_nvme_commands() {
+        let mut q = queue();
+        let r = Request { op: sys::UBLK_IO_OP_READ, flags: 0, offset: 4096 * 3 + (1u64 << 33), len: 8192 };
+        let c = q.command(0, &r, &Data::Fixed { index: 0 }).unwrap();
+        assert_eq!((c.opcode, c.nsid, c.addr, c.data_len, c.cdw12), (OP_READ, 1, 0, 8192, 15));
+        assert_eq!(((c.cdw11 as u64) << 32) | c.cdw10 as u64, r.offset >> 9);
+        let d = Request { op: sys::UBLK_IO_OP_DISCARD, flags: 0, offset: 1 << 20, len: 1 << 20 };
+        let c = q.command(2, &d, &Data::None).unwrap();
+        assert_eq!((c.opcode, c.cdw11, c.data_len), (OP_DSM, DSM_DEALLOCATE, 16));
+        assert_eq!((q.ranges[2].slba, q.ranges[2].nlb), (2048, 2048));
+        let z = Request { op: sys::UBLK_IO_OP_WRITE_ZEROES, flags: 0, offset: 0, len: 4096 };
+        assert_eq!(q.command(1, &z, &Data::None).unwrap().cdw12, 7);
+    }
+}
