@@ -7,6 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{BackendKind, CopyMode, parse_cpus, parse_size};
 
+/// A whole `--cpus` list: an alias, so clap takes the parser's Vec as one value.
+pub type CpuList = Vec<usize>;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ublk-bench",
@@ -86,7 +89,7 @@ pub struct AddArgs {
     pub depth: u32,
     /// CPUs for the queue threads, e.g. 0,1 or 0-3; default: the kernel's queue affinity.
     #[arg(long, value_parser = parse_cpus)]
-    pub cpus: Option<Vec<usize>>,
+    pub cpus: Option<CpuList>,
     /// Busy-poll the queue rings instead of sleeping in io_uring_enter.
     #[arg(long)]
     pub poll: bool,
@@ -205,4 +208,41 @@ pub struct DelArgs {
     pub id: Option<u32>,
     #[arg(short = 'a', long = "all")]
     pub all: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ublk-bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn add_takes_the_ublksrv_style_flags() {
+        let cli = parse(&[
+            "add", "ram", "-n", "3", "-q", "2", "-d", "64", "--cpus", "0-1", "--size", "64M", "-r", "-i",
+        ])
+        .unwrap();
+        let Command::Add(a) = cli.cmd else { panic!("not add") };
+        assert_eq!((a.id, a.queues, a.depth), (Some(3), 2, 64));
+        assert_eq!(a.cpus, Some(vec![0, 1]));
+        assert_eq!(a.size, Some(64 << 20));
+        assert!(a.recovery && a.reissue && !a.fail_io);
+    }
+
+    #[test]
+    fn bad_input_is_refused_by_the_parser() {
+        assert!(parse(&["add", "foo"]).is_err());
+        assert!(parse(&["add", "ram", "--size", "12x"]).is_err());
+        assert!(parse(&["add", "null", "--cpus", "a"]).is_err());
+        assert!(parse(&["del"]).is_err());
+        assert!(parse(&["del", "-n", "1", "-a"]).is_err());
+    }
+
+    #[test]
+    fn del_and_list_parse() {
+        assert!(matches!(parse(&["del", "-a"]).unwrap().cmd, Command::Del(DelArgs { all: true, .. })));
+        assert!(matches!(parse(&["list", "--json"]).unwrap().cmd, Command::List { json: true, .. }));
+    }
 }

@@ -196,3 +196,39 @@ pub fn serve(mut cfg: DeviceConfig, mut notify: Notifier, foreground_json: Optio
     log!("device {}: {:?}", server.dev_id, stop);
     server.shutdown(stop == Stop::Signal)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> AddArgs {
+        let argv = ["ublk-bench", "add"].iter().chain(extra).copied();
+        match crate::cli::Cli::parse_from(argv).cmd {
+            crate::cli::Command::Add(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn reissue_and_fail_io_exclude_each_other() {
+        let err = config_from(&args(&["ram", "-i", "-e"])).unwrap_err().to_string();
+        assert!(err.contains("exclude each other"), "{err}");
+    }
+
+    #[test]
+    fn recovery_flags_imply_user_recovery() {
+        assert_eq!(config_from(&args(&["ram", "-i"])).unwrap().recovery, Recovery::Reissue);
+        assert_eq!(config_from(&args(&["ram", "-e"])).unwrap().recovery, Recovery::FailIo);
+        assert_eq!(config_from(&args(&["ram", "--supervise"])).unwrap().recovery, Recovery::Plain);
+        assert_eq!(config_from(&args(&["null"])).unwrap().recovery, Recovery::None);
+    }
+
+    #[test]
+    fn ids_and_backend_options_are_checked() {
+        assert_eq!(config_from(&args(&["null", "-n", "-1"])).unwrap().dev_id, None);
+        assert!(config_from(&args(&["null", "-n", "2000000"])).is_err());
+        assert!(config_from(&args(&["ram", "--dev", "/dev/ng0n1"])).is_err());
+        assert!(config_from(&args(&["null", "-q", "70000"])).is_err());
+    }
+}
