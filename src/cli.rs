@@ -149,17 +149,24 @@ pub struct DowntimeArgs {
     /// Backend of the device to create.
     #[arg(long, value_enum, default_value_t = BackendKind::Ram)]
     pub backend: BackendKind,
+    /// Size of the device to create.
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     pub size: u64,
+    /// Queues of the device to create.
     #[arg(short = 'q', long = "queues", default_value_t = 1)]
     pub queues: u32,
+    /// Queue depth of the device to create.
     #[arg(short = 'd', long = "depth", default_value_t = 128)]
     pub depth: u32,
+    /// Create the device with busy-polling queue threads.
     #[arg(long)]
     pub poll: bool,
     /// Recovery flavour of the created device: reissue (-r -i), plain (-r) or fail-io (-r -e).
     #[arg(long, default_value = "reissue")]
     pub recovery: String,
+    /// How the server comes back: `recover` (this run calls `ublk-bench recover`
+    /// after the kill), `supervise` (cold restart by the supervisor), `standby`
+    /// (hot standby takes over), `restart` (planned handover, no SIGKILL).
     #[arg(long, value_enum, default_value_t = RecoverMethod::Supervise)]
     pub method: RecoverMethod,
     /// Crash cycles.

@@ -1,8 +1,733 @@
 //! `downtime`: the recovery-downtime run.
+//!
+//! 1. Make a device (`add ram -r -i`, plus `--supervise`/`--standby` for
+//!    those methods) or take the one given with `-n`. A guard deletes what
+//!    the run made, on success, error and Ctrl-C alike.
+//! 2. Drive `/dev/ublkbN` with the run's own io_uring client ([`client`]).
+//! 3. `--cycles` times, `--interval` after the device was last seen LIVE:
+//!    publish the kill time, SIGKILL the server (or call `restart`), bring
+//!    it back by the method, and wait until the device is LIVE under a new
+//!    server.
+//! 4. Stop the client, read the server's phase events, delete the device,
+//!    and write `downtime-<UTC>.json`, `.csv` and `.svg` into `--out`.
+//!
+//! Add, recover, restart and del run as subprocesses of this very binary, in
+//! their own process group so that a Ctrl-C reaches only this process, which
+//! then finishes the step at hand and cleans up.
 
-use crate::cli::DowntimeArgs;
+pub mod client;
+pub mod gap;
+pub mod plot;
+pub mod report;
+
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cli::{DowntimeArgs, RecoverMethod};
+use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
+use crate::stats::now_ns;
+use crate::{process, recovery, supervisor, sys};
 
-pub fn run(_args: &DowntimeArgs) -> Result<()> {
-    Err(Error::invalid("downtime is not built yet"))
+use client::{JobConfig, JobResult, Shared};
+use report::{CycleReport, Report, RunConfig, Summary};
+
+/// How long a cycle may take from the kill to LIVE (software emulation is slow).
+const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the client may take to complete its first I/O.
+const FIRST_IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest run the per-millisecond buckets cover (1 h).
+const MAX_BUCKETS: usize = 3_600_000;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM set a flag; the run stops at the next check and cleans up.
+fn install_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sigaction is plain data; the handler only stores to an
+        // atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+fn check_interrupt() -> Result<()> {
+    if !interrupted() {
+        return Ok(());
+    }
+    let e = std::io::Error::new(std::io::ErrorKind::Interrupted, "stopped by SIGINT/SIGTERM");
+    Err(Error::io("downtime", e))
+}
+
+/// Sleeps until `t`, waking every 10 ms to notice Ctrl-C.
+fn sleep_until(t: Instant) -> Result<()> {
+    loop {
+        check_interrupt()?;
+        let now = Instant::now();
+        if now >= t {
+            return Ok(());
+        }
+        std::thread::sleep((t - now).min(Duration::from_millis(10)));
+    }
+}
+
+/// `2s`, `500ms`, `1.5s`, `250us`, `1m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || Error::invalid(format!("'{s}' is not a duration: write e.g. 2s, 500ms or 1.5s"));
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(Error::invalid(format!(
+            "--interval {s} is out of range: give more than 0 and at most a day"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The `add` flags of a recovery flavour.
+fn recovery_flags(name: &str) -> Result<&'static [&'static str]> {
+    Ok(match name {
+        "reissue" => &["-r", "-i"],
+        "plain" => &["-r"],
+        "fail-io" | "fail_io" | "failio" => &["-r", "-e"],
+        _ => {
+            return Err(Error::invalid(format!(
+                "--recovery {name} is unknown: use reissue (-r -i), plain (-r) or fail-io (-r -e)"
+            )));
+        }
+    })
+}
+
+fn validate(a: &DowntimeArgs) -> Result<Duration> {
+    let interval = parse_duration(&a.interval)?;
+    recovery_flags(&a.recovery)?;
+    if a.cycles == 0 {
+        return Err(Error::invalid("--cycles must be at least 1"));
+    }
+    if a.rwmix > 100 {
+        return Err(Error::invalid(format!(
+            "--rwmix {} is out of range: give a read percentage 0..100",
+            a.rwmix
+        )));
+    }
+    if a.bs < 512 || !a.bs.is_multiple_of(512) || a.bs > 1 << 20 {
+        return Err(Error::invalid(format!("--bs {} must be a multiple of 512 between 512 and 1M", a.bs)));
+    }
+    if a.iodepth == 0 || a.iodepth > 4096 {
+        return Err(Error::invalid(format!("--iodepth {} is out of range: give 1..4096", a.iodepth)));
+    }
+    if a.jobs == 0 || a.jobs > 256 {
+        return Err(Error::invalid(format!("--jobs {} is out of range: give 1..256", a.jobs)));
+    }
+    Ok(interval)
+}
+
+/// Runs this binary with `args` in its own process group; Ok(stdout) on success.
+fn run_self(exe: &Path, args: &[String]) -> Result<String> {
+    let out = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .output()
+        .map_err(|e| Error::io(format!("run {}", exe.display()), e))?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Err(Error::invalid(format!(
+        "`ublk-bench {}` failed ({}): {}",
+        args.join(" "),
+        out.status,
+        err.trim().trim_start_matches("ublk-bench: error: ")
+    )))
+}
+
+/// The device under test; deletes it on drop if the run made it.
+struct Device {
+    id: u32,
+    created: bool,
+    exe: PathBuf,
+    flags: u64,
+}
+
+impl Device {
+    fn acquire(a: &DowntimeArgs, exe: &Path, ctrl: &mut Ctrl) -> Result<Device> {
+        let mut dev = match a.id {
+            Some(id) => Device { id, created: false, exe: exe.into(), flags: 0 },
+            None => Device::create(a, exe)?,
+        };
+        let info = ctrl.info(dev.id).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev.id),
+            _ => Error::io(format!("GET_DEV_INFO of device {}", dev.id), e),
+        })?;
+        dev.flags = info.flags;
+        recovery::check_recoverable(&info)?;
+        if info.state != sys::UBLK_S_DEV_LIVE {
+            return Err(Error::invalid(format!(
+                "device {} is {}, not LIVE: recover it first (`ublk-bench recover -n {0}`)",
+                dev.id,
+                sys::state_name(info.state)
+            )));
+        }
+        let supervised = supervisor::pid_path(dev.id).exists();
+        match a.method {
+            RecoverMethod::Supervise | RecoverMethod::Standby if !supervised => {
+                return Err(Error::invalid(format!(
+                    "device {} has no supervisor: --method {:?} needs a device added with --supervise/--standby",
+                    dev.id, a.method
+                )));
+            }
+            RecoverMethod::Recover if supervised => {
+                return Err(Error::invalid(format!(
+                    "device {} is supervised: its supervisor would race `recover`; use --method supervise or standby",
+                    dev.id
+                )));
+            }
+            RecoverMethod::Restart if info.flags & sys::UBLK_F_QUIESCE == 0 => {
+                return Err(Error::Unsupported {
+                    feature: "UBLK_F_QUIESCE on this device",
+                    version: "6.16",
+                    hint: "--method restart needs QUIESCE_DEV; use another method",
+                });
+            }
+            _ => {}
+        }
+        Ok(dev)
+    }
+
+    fn create(a: &DowntimeArgs, exe: &Path) -> Result<Device> {
+        let mut args: Vec<String> = vec![
+            "add".into(),
+            a.backend.name().into(),
+            "--size".into(),
+            a.size.to_string(),
+            "-q".into(),
+            a.queues.to_string(),
+            "-d".into(),
+            a.depth.to_string(),
+            "--json".into(),
+        ];
+        if a.poll {
+            args.push("--poll".into());
+        }
+        args.extend(recovery_flags(&a.recovery)?.iter().map(|s| s.to_string()));
+        match a.method {
+            RecoverMethod::Supervise => args.push("--supervise".into()),
+            RecoverMethod::Standby => args.push("--standby".into()),
+            _ => {}
+        }
+        let out = run_self(exe, &args)?;
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| Error::invalid(format!("cannot read `add --json` output ({e}): {out}")))?;
+        let id = v["dev_id"]
+            .as_u64()
+            .ok_or_else(|| Error::invalid(format!("no dev_id in `add` output: {out}")))?;
+        Ok(Device { id: id as u32, created: true, exe: exe.into(), flags: 0 })
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if !self.created {
+            return;
+        }
+        println!("deleting device {}", self.id);
+        if let Err(e) = run_self(&self.exe, &["del".into(), "-n".into(), self.id.to_string()]) {
+            eprintln!("ublk-bench: downtime: could not delete device {}: {e}", self.id);
+        }
+    }
+}
+
+/// What the run did, cycle by cycle (monotonic ns).
+#[derive(Debug, Default)]
+struct Timeline {
+    kills: Vec<u64>,
+    lives: Vec<u64>,
+    old_pids: Vec<i32>,
+    new_pids: Vec<i32>,
+}
+
+struct Run<'a> {
+    a: &'a DowntimeArgs,
+    interval: Duration,
+    exe: PathBuf,
+    dev_id: u32,
+    shared: Arc<Shared>,
+    jobs: Vec<JoinHandle<Result<JobResult>>>,
+    t0: u64,
+    tl: Timeline,
+}
+
+pub fn run(a: &DowntimeArgs) -> Result<()> {
+    let interval = validate(a)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    install_signals();
+    let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
+    let mut ctrl = Ctrl::open()?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(format!("create {}", a.out.display()), e))?;
+    let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let stamp = report::utc_stamp(unix);
+
+    let dev = Device::acquire(a, &exe, &mut ctrl)?;
+    let path = PathBuf::from(ctrl::block_path(dev.id));
+    println!(
+        "downtime: device {} ({}), method {:?}, {} cycle(s) every {:?}, client {} job(s) x qd{} bs {} {}",
+        dev.id,
+        if dev.created { "created" } else { "existing" },
+        a.method,
+        a.cycles,
+        interval,
+        a.jobs,
+        a.iodepth,
+        a.bs,
+        rw_name(a.rwmix)
+    );
+
+    let cycles = a.cycles as usize;
+    let max_ms = (60_000 + (cycles + 2) * interval.as_millis() as usize + cycles * 30_000).min(MAX_BUCKETS);
+    let shared = Arc::new(Shared::new(cycles, a.jobs as usize));
+    let t0 = now_ns();
+    let mut run =
+        Run { a, interval, exe, dev_id: dev.id, shared, jobs: Vec::new(), t0, tl: Timeline::default() };
+    let mut outcome = Ok(());
+    for index in 0..a.jobs as usize {
+        let cfg = JobConfig {
+            index,
+            path: path.clone(),
+            bs: a.bs,
+            iodepth: a.iodepth,
+            rwmix: a.rwmix,
+            t0,
+            max_ms,
+            cycles,
+        };
+        match client::spawn(cfg, run.shared.clone()) {
+            Ok(h) => run.jobs.push(h),
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    if outcome.is_ok() {
+        outcome = run.drive(&mut ctrl);
+    }
+    run.shared.stop.store(true, Ordering::Relaxed);
+    let end_ns = now_ns();
+    let mut results = Vec::new();
+    for h in run.jobs.drain(..) {
+        match h.join() {
+            Ok(Ok(r)) => results.push(r),
+            Ok(Err(e)) => match outcome {
+                Ok(()) => outcome = Err(e),
+                Err(_) => eprintln!("ublk-bench: downtime: client job: {e}"),
+            },
+            Err(_) => outcome = Err(Error::invalid("a client thread panicked")),
+        }
+    }
+    let events = read_events(dev.id, &run.tl, outcome.is_ok());
+    let flags = dev.flags;
+    drop(dev);
+    if results.len() == a.jobs as usize && !run.tl.kills.is_empty() {
+        let complete = outcome.is_ok() && run.tl.lives.len() == cycles;
+        let rep = build_report(&run, &results, &events, &stamp, complete, flags);
+        write_outputs(&run, &rep, &results, end_ns, &stamp)?;
+    } else if outcome.is_ok() {
+        outcome = Err(Error::invalid("no result: a client job failed"));
+    }
+    outcome
+}
+
+fn rw_name(rwmix: u32) -> String {
+    match rwmix {
+        100 => "randread".into(),
+        0 => "randwrite".into(),
+        r => format!("randrw {r}/{}", 100 - r),
+    }
+}
+
+impl Run<'_> {
+    fn drive(&mut self, ctrl: &mut Ctrl) -> Result<()> {
+        self.wait_first_io()?;
+        let mut last_live = Instant::now();
+        let mut last_line = (Instant::now(), self.shared.totals());
+        for i in 0..self.a.cycles as usize {
+            sleep_until(last_live + self.interval)?;
+            if i > 0 {
+                self.progress_line(i - 1, &mut last_line);
+            }
+            self.check_jobs()?;
+            let info = ctrl.info(self.dev_id).map_err(|e| Error::io("GET_DEV_INFO", e))?;
+            if info.state != sys::UBLK_S_DEV_LIVE {
+                return Err(Error::invalid(format!(
+                    "device {} is {} before cycle {}",
+                    self.dev_id,
+                    sys::state_name(info.state),
+                    i + 1
+                )));
+            }
+            let old = info.ublksrv_pid;
+            self.tl.old_pids.push(old);
+            let kill = self.hit(i, old)?;
+            self.tl.kills.push(kill);
+            let (live, pid) = self.wait_live(ctrl, old)?;
+            self.shared.publish_live(i, live);
+            self.tl.lives.push(live);
+            self.tl.new_pids.push(pid);
+            last_live = Instant::now();
+        }
+        sleep_until(last_live + self.interval)?;
+        self.progress_line(self.a.cycles as usize - 1, &mut last_line);
+        Ok(())
+    }
+
+    fn check_jobs(&self) -> Result<()> {
+        if self.jobs.iter().any(|h| h.is_finished()) {
+            return Err(Error::invalid("a client job stopped early"));
+        }
+        Ok(())
+    }
+
+    fn wait_first_io(&self) -> Result<()> {
+        let deadline = Instant::now() + FIRST_IO_TIMEOUT;
+        while self.shared.totals().0 == 0 {
+            check_interrupt()?;
+            self.check_jobs()?;
+            if Instant::now() > deadline {
+                return Err(Error::invalid(format!(
+                    "the client completed no I/O on {} within {}s",
+                    ctrl::block_path(self.dev_id),
+                    FIRST_IO_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Publishes kill `i` and takes the server down by the method; returns
+    /// the kill time.
+    fn hit(&mut self, i: usize, old: i32) -> Result<u64> {
+        let id = self.dev_id.to_string();
+        if self.a.method == RecoverMethod::Restart {
+            let k = now_ns();
+            self.shared.publish_kill(i, k);
+            run_self(&self.exe, &["restart".into(), "-n".into(), id])?;
+            return Ok(k);
+        }
+        let fd = process::pidfd(old).ok_or_else(|| {
+            Error::invalid(format!("server pid {old} of device {} is not running", self.dev_id))
+        })?;
+        let k = now_ns();
+        self.shared.publish_kill(i, k);
+        // SAFETY: plain syscall on a pidfd we own; the pidfd pins the process.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, 0, 0) };
+        if r != 0 {
+            return Err(Error::io(format!("SIGKILL pid {old}"), std::io::Error::last_os_error()));
+        }
+        if self.a.method == RecoverMethod::Recover {
+            // `recover` refuses a LIVE device whose server still runs.
+            process::wait_pidfd(&fd, Some(Duration::from_secs(30)));
+            run_self(&self.exe, &["recover".into(), "-n".into(), id])?;
+        }
+        Ok(k)
+    }
+
+    /// Polls GET_DEV_INFO every millisecond until the device is LIVE under a
+    /// living server other than `old`.
+    fn wait_live(&self, ctrl: &mut Ctrl, old: i32) -> Result<(u64, i32)> {
+        let deadline = Instant::now() + LIVE_TIMEOUT;
+        let supervised = matches!(self.a.method, RecoverMethod::Supervise | RecoverMethod::Standby);
+        loop {
+            let info = ctrl.info(self.dev_id).map_err(|e| Error::io("GET_DEV_INFO", e))?;
+            let pid = info.ublksrv_pid;
+            if info.state == sys::UBLK_S_DEV_LIVE && pid > 0 && pid != old && process::alive(pid) {
+                return Ok((now_ns(), pid));
+            }
+            check_interrupt()?;
+            if supervised && !supervisor::pid_path(self.dev_id).exists() {
+                return Err(Error::invalid(format!(
+                    "the supervisor of device {} is gone (it gives up after too many crashes): see {}",
+                    self.dev_id,
+                    crate::daemon::log_path().display()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::invalid(format!(
+                    "device {} is {} {}s after the kill, not LIVE under a new server",
+                    self.dev_id,
+                    sys::state_name(info.state),
+                    LIVE_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn progress_line(&self, i: usize, last: &mut (Instant, (u64, u64))) {
+        let now = Instant::now();
+        let totals = self.shared.totals();
+        let secs = now.duration_since(last.0).as_secs_f64().max(1e-9);
+        let iops = (totals.0 - (last.1).0) as f64 / secs;
+        let errors = totals.1 - (last.1).1;
+        *last = (now, totals);
+        let k = self.tl.kills[i];
+        let events = report::parse_events(
+            &std::fs::read_to_string(recovery::events_path(self.dev_id)).unwrap_or_default(),
+        );
+        let anchor = report::event_for(&events, k, None).and_then(report::Event::anchor_ns);
+        let gap = self
+            .shared
+            .stall_of(i, anchor)
+            .map_or("-".into(), |(a, b)| format!("{:.1}", (b - a) as f64 / 1e6));
+        let live = self.tl.lives.get(i).map_or("-".into(), |l| format!("{:.1}", (l - k) as f64 / 1e6));
+        println!(
+            "cycle {:>3}/{}: gap {:>8} ms  LIVE after {:>8} ms  pid {} -> {}  errors {}  client {:.0} IOPS",
+            i + 1,
+            self.a.cycles,
+            gap,
+            live,
+            self.tl.old_pids.get(i).copied().unwrap_or(0),
+            self.tl.new_pids.get(i).copied().unwrap_or(0),
+            errors,
+            iops
+        );
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// The takeover events of the device; waits a little for the last cycle's.
+fn read_events(dev_id: u32, tl: &Timeline, wait: bool) -> Vec<report::Event> {
+    let path = recovery::events_path(dev_id);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let events = report::parse_events(&std::fs::read_to_string(&path).unwrap_or_default());
+        let have_last = tl.kills.last().is_none_or(|&k| report::event_for(&events, k, None).is_some());
+        if have_last || !wait || Instant::now() > deadline {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn us(ns: i128) -> f64 {
+    ns as f64 / 1e3
+}
+
+fn build_report(
+    run: &Run,
+    results: &[JobResult],
+    events: &[report::Event],
+    stamp: &str,
+    complete: bool,
+    flags: u64,
+) -> Report {
+    let a = run.a;
+    let tl = &run.tl;
+    let mut cycles = Vec::new();
+    for (i, &k) in tl.kills.iter().enumerate() {
+        let next = tl.kills.get(i + 1).copied();
+        let event = report::event_for(events, k, next);
+        let g = gap::merge(results.iter().map(|r| r.cycle(i)), event.and_then(report::Event::anchor_ns));
+        let rel = |t: u64| us(t as i128 - k as i128);
+        cycles.push(CycleReport {
+            cycle: i as u32 + 1,
+            kill_ms: (k - run.t0) as f64 / 1e6,
+            old_pid: tl.old_pids.get(i).copied().unwrap_or(0),
+            new_pid: tl.new_pids.get(i).copied().unwrap_or(0),
+            gap_us: g.gap_ns().map(|n| n as f64 / 1e3),
+            gap_start_us: g.stall.map(|(s, _)| rel(s)),
+            gap_end_us: g.stall.map(|(_, e)| rel(e)),
+            gap_anchored: g.anchored,
+            max_latency_us: g.max_latency_ns.map(|n| n as f64 / 1e3),
+            ios_across_gap: g.across_gap,
+            max_latency_at_kill_us: g.max_latency_at_kill_ns.map(|n| n as f64 / 1e3),
+            inflight_at_kill: g.spanning,
+            errors: g.errors,
+            live_us: tl.lives.get(i).map(|&l| rel(l)),
+            phases: event.map(|e| e.offsets(k)),
+        });
+    }
+    let errors: u64 = results.iter().map(|r| r.tracker.errors).sum();
+    let ios: u64 = results.iter().map(|r| r.tracker.ok + r.tracker.errors).sum();
+    let mut notes = vec![
+        "gap_us: the stretch with no successful completion by any client job that holds the moment the new \
+         server sent START_USER_RECOVERY (gap_anchored; else the longest such stretch ending after the kill and \
+         beginning before LIVE): from the last completion before the outage, stragglers from the dying server \
+         included, to the first completion served by the new server"
+            .to_string(),
+        "max_latency_us / ios_across_gap: the I/Os that waited through the gap (submitted before it ended, \
+         completed at or after its end); max_latency_at_kill_us / inflight_at_kill: the I/Os submitted \
+         before the kill and completed after it"
+            .to_string(),
+        "times in cycles[] are µs from the kill (the moment before SIGKILL was sent, or `restart` was called); \
+         kill_ms is ms since the run's start, the CSV's time base"
+            .to_string(),
+    ];
+    let late: u64 = results.iter().map(|r| r.late).sum();
+    if late > 0 {
+        notes.push(format!("{late} completions fell after the last per-ms bucket (not in the CSV)"));
+    }
+    let undrained: u32 = results.iter().map(|r| r.undrained).sum();
+    if undrained > 0 {
+        notes.push(format!("{undrained} I/Os were still in flight when the client stopped"));
+    }
+    let before: u64 = results.iter().map(|r| r.tracker.errors_before).sum();
+    if before > 0 {
+        notes.push(format!("{before} errors before the first kill"));
+    }
+    let summary = Summary::new(&cycles, errors, ios);
+    Report {
+        tool: "ublk-bench downtime",
+        version: env!("CARGO_PKG_VERSION"),
+        started_utc: stamp.to_string(),
+        kernel: report::kernel_release(),
+        git_rev: report::git_rev(),
+        config: RunConfig {
+            method: a.method,
+            recovery: a.recovery.clone(),
+            dev_id: run.dev_id,
+            device_created: a.id.is_none(),
+            device_flags: crate::cmd::list::flag_names(flags),
+            backend: a.backend.name().into(),
+            size: a.size,
+            queues: a.queues,
+            depth: a.depth,
+            poll: a.poll,
+            cycles: a.cycles,
+            interval_ms: run.interval.as_millis() as u64,
+            rwmix: a.rwmix,
+            bs: a.bs,
+            iodepth: a.iodepth,
+            jobs: a.jobs,
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        },
+        cycles,
+        summary,
+        complete,
+        notes,
+    }
+}
+
+fn write_outputs(run: &Run, rep: &Report, results: &[JobResult], end_ns: u64, stamp: &str) -> Result<()> {
+    let end_ms = ((end_ns - run.t0) / 1_000_000 + 1) as usize;
+    let len = results.iter().map(|r| r.ok_ms.len()).max().unwrap_or(0).min(end_ms);
+    let mut ok_ms = vec![0u32; len];
+    for r in results {
+        for (m, n) in ok_ms.iter_mut().zip(&r.ok_ms) {
+            *m += n;
+        }
+    }
+    let base = run.a.out.join(format!("downtime-{stamp}"));
+    let json = base.with_extension("json");
+    let csv = base.with_extension("csv");
+    let svg = base.with_extension("svg");
+    report::write(&json, &report::to_json(rep))?;
+    report::write(&csv, &report::csv(&ok_ms))?;
+    let ms = |t: u64| (t - run.t0) as f64 / 1e6;
+    let cycles = rep
+        .cycles
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let k = run.tl.kills[i];
+            let from_kill = |us: f64| ms(k) + us / 1e3;
+            let live = c.phases.as_ref().and_then(|p| p.end_recovery_us).or(c.live_us);
+            plot::PlotCycle {
+                kill_ms: ms(k),
+                live_ms: live.map(from_kill),
+                gap: c.gap_start_us.zip(c.gap_end_us).map(|(s, e)| (from_kill(s), from_kill(e))),
+            }
+        })
+        .collect();
+    let g = &rep.summary.gap_us;
+    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}", v / 1e3));
+    let d = plot::PlotData {
+        title: format!(
+            "ublk-bench downtime: {:?}, {} -r ({}), {} cycles",
+            rep.config.method, rep.config.backend, rep.config.recovery, rep.summary.cycles
+        ),
+        subtitle: format!(
+            "gap p50 {} ms, max {} ms, errors {}; client {} job(s) x qd{} {} {}; kernel {}; git {}; {}",
+            fmt(g.p50),
+            fmt(g.max),
+            rep.summary.errors,
+            rep.config.jobs,
+            rep.config.iodepth,
+            rep.config.bs,
+            rw_name(rep.config.rwmix),
+            rep.kernel,
+            rep.git_rev,
+            rep.started_utc
+        ),
+        kill_label: if rep.config.method == RecoverMethod::Restart {
+            "restart".into()
+        } else {
+            "kill".into()
+        },
+        ok_ms,
+        cycles,
+    };
+    report::write(&svg, &plot::render(&d))?;
+    println!();
+    print!("{}", report::table(rep));
+    println!("wrote {}, {}, {}", json.display(), csv.display(), svg.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn recovery_names() {
+        assert_eq!(recovery_flags("reissue").unwrap(), &["-r", "-i"]);
+        assert_eq!(recovery_flags("plain").unwrap(), &["-r"]);
+        assert_eq!(recovery_flags("fail-io").unwrap(), &["-r", "-e"]);
+        assert!(recovery_flags("magic").is_err());
+    }
 }

@@ -1,0 +1,473 @@
+//! The downtime run's results: the JSON report (schema below), the
+//! per-millisecond IOPS CSV, the server's phase events, and the tables
+//! printed on the terminal.
+//!
+//! `downtime-<UTC>.json`:
+//! - `config`: the run's settings (method, recovery, device, client load);
+//! - `kernel` (`uname -r`), `git_rev` (short hash or "unknown"), `started_utc`;
+//! - `cycles[]`: per kill `cycle`, `kill_ms` (since the run's start, the
+//!   CSV's time base), `old_pid`, `new_pid`, `gap_us`, `gap_start_us` and
+//!   `gap_end_us` (from the kill), `gap_anchored`, `max_latency_us` and `ios_across_gap`
+//!   (the I/Os that waited through the gap), `max_latency_at_kill_us` and
+//!   `inflight_at_kill` (the I/Os in flight across the kill itself),
+//!   `errors`, `live_us` (when the run saw
+//!   the device LIVE again, from the kill) and `phases` (the server's
+//!   timestamps from `/run/ublk-bench/<id>.events`, µs from the kill);
+//! - `summary`: `cycles`, `recovered`, `errors`, `ios`, `gap_us.{p50,p99,max,
+//!   min,mean}`, `max_latency_us`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::gap::percentile;
+use crate::cli::RecoverMethod;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tool: &'static str,
+    pub version: &'static str,
+    pub started_utc: String,
+    pub kernel: String,
+    pub git_rev: String,
+    pub config: RunConfig,
+    pub cycles: Vec<CycleReport>,
+    pub summary: Summary,
+    /// False when the run was interrupted or failed after some cycles.
+    pub complete: bool,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunConfig {
+    pub method: RecoverMethod,
+    /// reissue, plain or fail-io.
+    pub recovery: String,
+    pub dev_id: u32,
+    /// True when the run made the device (and deleted it afterwards).
+    pub device_created: bool,
+    pub device_flags: Vec<&'static str>,
+    pub backend: String,
+    pub size: u64,
+    pub queues: u32,
+    pub depth: u32,
+    pub poll: bool,
+    pub cycles: u32,
+    pub interval_ms: u64,
+    pub rwmix: u32,
+    pub bs: u64,
+    pub iodepth: u32,
+    pub jobs: u32,
+    pub cpus: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CycleReport {
+    /// 1-based.
+    pub cycle: u32,
+    /// The kill (or the `restart` call) in ms since the run's start.
+    pub kill_ms: f64,
+    pub old_pid: i32,
+    pub new_pid: i32,
+    /// Client-visible outage: the longest stretch without a successful
+    /// completion around the kill. None: service never came back.
+    pub gap_us: Option<f64>,
+    pub gap_start_us: Option<f64>,
+    pub gap_end_us: Option<f64>,
+    /// True if the gap holds the new server's START_USER_RECOVERY (from
+    /// `phases`); false: the longest stall after the kill was taken.
+    pub gap_anchored: bool,
+    /// The longest latency of the I/Os that spanned the crash: submitted
+    /// before the gap ended, completed at or after its end.
+    pub max_latency_us: Option<f64>,
+    pub ios_across_gap: u32,
+    /// The same for the I/Os submitted before the kill and completed after
+    /// it (None: nothing was in flight).
+    pub max_latency_at_kill_us: Option<f64>,
+    pub inflight_at_kill: u32,
+    /// Failed completions (negative result or short) after this kill.
+    pub errors: u64,
+    /// When the run saw the device LIVE under the new server.
+    pub live_us: Option<f64>,
+    pub phases: Option<PhaseOffsets>,
+}
+
+/// A takeover's phases in µs from the kill (negative: before it, as a hot
+/// standby's preparation).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct PhaseOffsets {
+    pub method: String,
+    pub pid: u32,
+    pub old_pid: i32,
+    pub began_us: Option<f64>,
+    pub prepared_us: Option<f64>,
+    pub crash_seen_us: Option<f64>,
+    pub quiesced_us: Option<f64>,
+    pub start_recovery_us: Option<f64>,
+    pub fetch_posted_us: Option<f64>,
+    pub end_recovery_us: Option<f64>,
+    pub first_served_us: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub cycles: usize,
+    /// Cycles where the client got service back.
+    pub recovered: usize,
+    /// Every failed completion of the run, before the first kill included.
+    pub errors: u64,
+    pub ios: u64,
+    pub gap_us: GapStats,
+    pub max_latency_us: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GapStats {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+    pub min: Option<f64>,
+    pub mean: Option<f64>,
+}
+
+impl Summary {
+    pub fn new(cycles: &[CycleReport], errors: u64, ios: u64) -> Self {
+        let mut gaps: Vec<f64> = cycles.iter().filter_map(|c| c.gap_us).collect();
+        gaps.sort_by(f64::total_cmp);
+        let mean = (!gaps.is_empty()).then(|| gaps.iter().sum::<f64>() / gaps.len() as f64);
+        Summary {
+            cycles: cycles.len(),
+            recovered: gaps.len(),
+            errors,
+            ios,
+            gap_us: GapStats {
+                p50: percentile(&gaps, 50.0),
+                p99: percentile(&gaps, 99.0),
+                max: gaps.last().copied(),
+                min: gaps.first().copied(),
+                mean,
+            },
+            max_latency_us: cycles.iter().filter_map(|c| c.max_latency_us).max_by(f64::total_cmp),
+        }
+    }
+}
+
+/// One line of `/run/ublk-bench/<id>.events` (see `recovery::Phases`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Event {
+    pub dev_id: u32,
+    pub method: String,
+    pub pid: u32,
+    pub old_pid: i32,
+    pub began_ns: u64,
+    pub crash_seen_ns: Option<u64>,
+    pub prepared_ns: u64,
+    pub quiesced_ns: u64,
+    pub start_recovery_ns: u64,
+    pub fetch_posted_ns: u64,
+    pub end_recovery_ns: u64,
+    pub first_served_ns: Option<u64>,
+}
+
+impl Event {
+    /// The moment the takeover learnt of the outage; a standby's `began` is
+    /// long before, so prefer `crash_seen`.
+    pub fn key_ns(&self) -> u64 {
+        self.crash_seen_ns.unwrap_or(if self.quiesced_ns != 0 { self.quiesced_ns } else { self.began_ns })
+    }
+
+    /// The moment the gap must contain: START_USER_RECOVERY returned (the
+    /// old server is gone, the new one serves nothing yet), else QUIESCED
+    /// seen.
+    pub fn anchor_ns(&self) -> Option<u64> {
+        [self.start_recovery_ns, self.quiesced_ns].into_iter().find(|&t| t != 0)
+    }
+
+    pub fn offsets(&self, kill_ns: u64) -> PhaseOffsets {
+        let off = |t: u64| (t != 0).then(|| (t as f64 - kill_ns as f64) / 1e3);
+        PhaseOffsets {
+            method: self.method.clone(),
+            pid: self.pid,
+            old_pid: self.old_pid,
+            began_us: off(self.began_ns),
+            prepared_us: off(self.prepared_ns),
+            crash_seen_us: self.crash_seen_ns.and_then(off),
+            quiesced_us: off(self.quiesced_ns),
+            start_recovery_us: off(self.start_recovery_ns),
+            fetch_posted_us: off(self.fetch_posted_ns),
+            end_recovery_us: off(self.end_recovery_ns),
+            first_served_us: self.first_served_ns.and_then(off),
+        }
+    }
+}
+
+/// Parses an events file's text; bad lines are skipped.
+pub fn parse_events(text: &str) -> Vec<Event> {
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// The event of the cycle whose kill was at `kill_ns` (the next kill, if
+/// any, at `next_ns`): the first whose key falls in between.
+pub fn event_for(events: &[Event], kill_ns: u64, next_ns: Option<u64>) -> Option<&Event> {
+    events.iter().find(|e| e.key_ns() >= kill_ns && next_ns.is_none_or(|n| e.key_ns() < n))
+}
+
+/// `20250102T030405Z` for a Unix time in seconds.
+pub fn utc_stamp(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain data; all-zero is a valid value.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: u is a valid out-pointer for the call.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: uname NUL-terminates release within the array.
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// `git rev-parse --short HEAD` of the current folder, or "unknown".
+pub fn git_rev() -> String {
+    std::process::Command::new("git")
+        .args(["-c", "safe.directory=*", "rev-parse", "--short", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn to_json(r: &Report) -> String {
+    serde_json::to_string_pretty(r).expect("report serializes")
+}
+
+/// `ms,iops`: successful completions in each millisecond since the run's
+/// start, as a rate (count × 1000).
+pub fn csv(ok_ms: &[u32]) -> String {
+    let mut s = String::with_capacity(ok_ms.len() * 10 + 8);
+    s.push_str("ms,iops\n");
+    for (ms, n) in ok_ms.iter().enumerate() {
+        let _ = writeln!(s, "{ms},{}", *n as u64 * 1000);
+    }
+    s
+}
+
+pub fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))
+}
+
+fn ms(us: Option<f64>) -> String {
+    us.map_or("-".into(), |v| format!("{:.1}", v / 1e3))
+}
+
+/// The end-of-run table: one row per cycle, times in ms from the kill;
+/// `stuck_io` counts the I/Os that waited through the gap, `maxlat_ms` is the
+/// longest of their latencies.
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>5} {:>10} {:>10} {:>8} {:>6} {:>9} | {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "cycle",
+        "gap_ms",
+        "maxlat_ms",
+        "stuck_io",
+        "errors",
+        "live_ms",
+        "seen_ms",
+        "quiesced",
+        "start_rec",
+        "end_rec",
+        "1st_io"
+    );
+    for c in &r.cycles {
+        let p = c.phases.clone().unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{:>5} {:>10} {:>10} {:>8} {:>6} {:>9} | {:>9} {:>9} {:>9} {:>9} {:>9}",
+            c.cycle,
+            ms(c.gap_us),
+            ms(c.max_latency_us),
+            c.ios_across_gap,
+            c.errors,
+            ms(c.live_us),
+            ms(p.crash_seen_us),
+            ms(p.quiesced_us),
+            ms(p.start_recovery_us),
+            ms(p.end_recovery_us),
+            ms(p.first_served_us)
+        );
+    }
+    let g = &r.summary.gap_us;
+    let _ = writeln!(
+        s,
+        "method {:?} ({}): {}/{} cycles recovered; gap p50 {} ms, p99 {} ms, max {} ms; errors {}; {} I/Os",
+        r.config.method,
+        r.config.recovery,
+        r.summary.recovered,
+        r.summary.cycles,
+        ms(g.p50),
+        ms(g.p99),
+        ms(g.max),
+        r.summary.errors,
+        r.summary.ios
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn sample() -> Report {
+        let cycles: Vec<CycleReport> = (1..=3)
+            .map(|i| CycleReport {
+                cycle: i,
+                kill_ms: 2000.0 * i as f64,
+                old_pid: 100 + i as i32,
+                new_pid: 200 + i as i32,
+                gap_us: Some(1000.0 * i as f64),
+                gap_start_us: Some(-3.0),
+                gap_end_us: Some(1000.0 * i as f64 - 3.0),
+                gap_anchored: true,
+                max_latency_us: Some(1010.0 * i as f64),
+                ios_across_gap: 16,
+                max_latency_at_kill_us: Some(990.0 * i as f64),
+                inflight_at_kill: 16,
+                errors: 0,
+                live_us: Some(900.0),
+                phases: Some(
+                    Event { method: "supervise".into(), crash_seen_ns: Some(1_050), ..Default::default() }
+                        .offsets(1_000),
+                ),
+            })
+            .collect();
+        let summary = Summary::new(&cycles, 0, 12345);
+        Report {
+            tool: "ublk-bench downtime",
+            version: "0.0.0",
+            started_utc: utc_stamp(0),
+            kernel: "6.0.0".into(),
+            git_rev: "abc1234".into(),
+            config: RunConfig {
+                method: RecoverMethod::Supervise,
+                recovery: "reissue".into(),
+                dev_id: 0,
+                device_created: true,
+                device_flags: vec!["USER_RECOVERY"],
+                backend: "ram".into(),
+                size: 256 << 20,
+                queues: 1,
+                depth: 128,
+                poll: false,
+                cycles: 3,
+                interval_ms: 2000,
+                rwmix: 100,
+                bs: 4096,
+                iodepth: 16,
+                jobs: 1,
+                cpus: 2,
+            },
+            cycles,
+            summary,
+            complete: true,
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn json_schema_round_trip() {
+        let text = to_json(&sample());
+        let v: Value = serde_json::from_str(&text).expect("valid JSON");
+        for key in ["config", "kernel", "git_rev", "cycles", "summary", "started_utc"] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["config"]["method"], "supervise");
+        assert_eq!(v["config"]["cycles"], 3);
+        let cycles = v["cycles"].as_array().unwrap();
+        assert_eq!(cycles.len(), 3);
+        for c in cycles {
+            for key in ["gap_us", "max_latency_us", "errors", "phases"] {
+                assert!(c.get(key).is_some(), "cycle lacks {key}");
+            }
+            assert!(c["gap_us"].as_f64().unwrap() > 0.0);
+            assert_eq!(c["errors"], 0);
+            assert_eq!(c["phases"]["crash_seen_us"].as_f64(), Some(0.05));
+            assert_eq!(c["phases"]["method"], "supervise");
+            assert!(c["phases"]["quiesced_us"].is_null());
+        }
+        let g = &v["summary"]["gap_us"];
+        assert_eq!(g["p50"].as_f64(), Some(2000.0));
+        assert_eq!(g["p99"].as_f64(), Some(3000.0));
+        assert_eq!(g["max"].as_f64(), Some(3000.0));
+        assert_eq!(v["summary"]["errors"], 0);
+        assert_eq!(v["summary"]["recovered"], 3);
+    }
+
+    #[test]
+    fn summary_without_recovered_cycles_is_null() {
+        let c = CycleReport { cycle: 1, ..Default::default() };
+        let s = Summary::new(&[c], 5, 10);
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v["gap_us"]["p50"].is_null());
+        assert_eq!(v["recovered"], 0);
+        assert_eq!(v["errors"], 5);
+    }
+
+    #[test]
+    fn events_parse_and_match_cycles() {
+        let text = r#"{"dev_id":3,"method":"supervise","pid":11,"old_pid":10,"began_ns":900,"crash_seen_ns":1010,"prepared_ns":1100,"quiesced_ns":1200,"start_recovery_ns":1300,"fetch_posted_ns":1400,"end_recovery_ns":1500,"first_served_ns":1600}
+garbage
+{"dev_id":3,"method":"standby","pid":12,"old_pid":11,"began_ns":1700,"crash_seen_ns":5020,"prepared_ns":1800,"quiesced_ns":5100,"start_recovery_ns":5200,"fetch_posted_ns":5300,"end_recovery_ns":5400,"first_served_ns":null}
+"#;
+        let ev = parse_events(text);
+        assert_eq!(ev.len(), 2);
+        assert_eq!(event_for(&ev, 1000, Some(5000)).map(|e| e.pid), Some(11));
+        let second = event_for(&ev, 5000, None).unwrap();
+        assert_eq!(second.pid, 12);
+        let o = second.offsets(5000);
+        assert_eq!(o.began_us, Some(-3.3));
+        assert_eq!(o.crash_seen_us, Some(0.02));
+        assert_eq!(o.first_served_us, None);
+        assert_eq!(event_for(&ev, 6000, None), None);
+    }
+
+    #[test]
+    fn utc_stamps() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_stamp(1_735_787_045), "20250102T030405Z");
+    }
+
+    #[test]
+    fn csv_is_ms_and_iops() {
+        assert_eq!(csv(&[0, 3, 12]), "ms,iops\n0,0\n1,3000\n2,12000\n");
+    }
+}
