@@ -37,7 +37,9 @@ pub struct Phases {
     pub dev_id: u32,
     pub method: String,
     pub pid: u32,
-    pub old_pid: i32,
+    /// The server taken over, where known: the kernel forgets it once the
+    /// process is gone, so only a standby (which watched it) can say.
+    pub old_pid: Option<i32>,
     pub began_ns: u64,
     pub crash_seen_ns: Option<u64>,
     pub prepared_ns: u64,
@@ -78,7 +80,7 @@ impl Takeover {
         self.phases.crash_seen_ns = crash_seen_ns;
         let dev_id = self.server.dev_id;
         let info = wait_recoverable(&mut self.server.ctrl, dev_id, QUIESCE_TIMEOUT)?;
-        self.phases.old_pid = info.ublksrv_pid;
+        self.phases.old_pid = self.phases.old_pid.or((info.ublksrv_pid > 0).then_some(info.ublksrv_pid));
         self.phases.quiesced_ns = now_ns();
         start_recovery(&mut self.server.ctrl, dev_id, START_TIMEOUT)?;
         self.phases.start_recovery_ns = now_ns();

@@ -74,6 +74,7 @@ fn takeover(
     let mut t = Takeover::prepare(dev_id, method)?;
     let crash_seen = match watch_pid {
         Some(pid) => {
+            t.phases.old_pid = Some(pid);
             die_with_parent();
             wait_for_exit(pid)?;
             Some(now_ns())
