@@ -83,7 +83,7 @@ impl<B: QueueBackend> Queue<B> {
             ),
             _ => None,
         };
-        let entries = (setup.depth as u32 * 2).next_power_of_two();
+        let entries = (setup.depth as u32 * 4).next_power_of_two();
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
             .setup_coop_taskrun()
@@ -160,8 +160,9 @@ impl<B: QueueBackend> Queue<B> {
                 let Some(cqe) = self.ring.completion().next() else { break };
                 let tag = cqe.user_data() as u16;
                 if cqe.user_data() & BACKEND_BIT != 0 {
-                    let result = self.backend.complete(tag, cqe.result());
-                    self.commit(tag, result)?;
+                    if let Some(result) = self.backend.complete(cqe.user_data(), cqe.result()) {
+                        self.commit(tag, result)?;
+                    }
                     continue;
                 }
                 match cqe.result() {
@@ -241,7 +242,7 @@ impl<B: QueueBackend> Queue<B> {
                 let off = tag as usize * len;
                 Data::Buf(&mut bufs[off..off + len])
             }
-            CopyMode::Zero => Data::Fixed { index: tag },
+            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
             _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
         };
         self.backend.submit(tag, req, data, &mut self.ring.submission())

@@ -239,7 +239,7 @@ pub fn delete_device(ctrl: &mut Ctrl, dev_id: u32, cfg: Option<&DeviceConfig>) {
 pub fn resolve_copy_mode(mode: CopyMode, backend: BackendKind, features: u64) -> Result<CopyMode> {
     let has = |f: u64| features & f != 0;
     let mode = match (mode, backend) {
-        // Zero copy for nvme is not the default until it works (see below).
+        (CopyMode::Auto, BackendKind::Nvme) if has(sys::UBLK_F_SUPPORT_ZERO_COPY) => CopyMode::Zero,
         (CopyMode::Auto, BackendKind::Nvme) => CopyMode::Copy,
         (CopyMode::Auto, _) if has(sys::UBLK_F_USER_COPY) => CopyMode::User,
         (CopyMode::Auto, _) => CopyMode::Copy,
@@ -257,18 +257,15 @@ pub fn resolve_copy_mode(mode: CopyMode, backend: BackendKind, features: u64) ->
             version: "6.5",
             hint: "use --copy-mode copy",
         }),
-        (CopyMode::Zero, BackendKind::Nvme) if std::env::var_os("UBLK_BENCH_EXPERIMENTAL_ZC").is_none() => {
-            Err(Error::invalid(
-                "zero copy for nvme is not working yet: the NVMe passthrough command gets EFAULT \
-                 importing the auto-registered buffer (Linux 7.3); use --copy-mode copy \
-                 (UBLK_BENCH_EXPERIMENTAL_ZC=1 enables the unfinished path)",
-            ))
+        // REGISTER_IO_BUF came in 6.15, with UPDATE_SIZE: older kernels may
+        // list ZERO_COPY without a working command behind it.
+        (CopyMode::Zero, _) if !has(sys::UBLK_F_SUPPORT_ZERO_COPY) || !has(sys::UBLK_F_UPDATE_SIZE) => {
+            Err(Error::Unsupported {
+                feature: "UBLK_F_SUPPORT_ZERO_COPY with REGISTER_IO_BUF",
+                version: "6.15",
+                hint: "use --copy-mode copy",
+            })
         }
-        (CopyMode::Zero, _) if !has(sys::UBLK_F_AUTO_BUF_REG) => Err(Error::Unsupported {
-            feature: "UBLK_F_AUTO_BUF_REG",
-            version: "6.16",
-            hint: "use --copy-mode copy",
-        }),
         (m, _) => Ok(m),
     }
 }
@@ -295,7 +292,7 @@ fn quiesce_flag(rec: Recovery, features: u64) -> u64 {
 fn copy_flags(mode: CopyMode) -> u64 {
     match mode {
         CopyMode::User => sys::UBLK_F_USER_COPY,
-        CopyMode::Zero => sys::UBLK_F_AUTO_BUF_REG,
+        CopyMode::Zero => sys::UBLK_F_SUPPORT_ZERO_COPY,
         _ => 0,
     }
 }
@@ -319,9 +316,9 @@ fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Result<Params> {
         // PRP lists need page-aligned segments; without this the NVMe driver bounces.
         p.basic.virt_boundary_mask = 4095;
         p.basic.physical_bs_shift = p.basic.physical_bs_shift.max(ns.lba_shift as u8);
-        p.discard.max_discard_sectors = if ns.discard { u32::MAX >> 9 } else { 0 };
-        p.discard.max_write_zeroes_sectors = if ns.write_zeroes { u32::MAX >> 9 } else { 0 };
-        if !ns.discard && !ns.write_zeroes {
+        p.discard.max_discard_sectors = (ns.discard_max_bytes() >> 9).min(u32::MAX as u64) as u32;
+        p.discard.max_write_zeroes_sectors = (ns.write_zeroes_max >> 9).min(u32::MAX as u64) as u32;
+        if ns.discard_max_bytes() == 0 {
             p.types &= !sys::UBLK_PARAM_TYPE_DISCARD;
         }
     }

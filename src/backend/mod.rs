@@ -50,7 +50,7 @@ pub enum Data<'a> {
     UserCopy { fd: RawFd, pos: u64 },
     /// Zero copy: the request's pages are registered in the queue ring's
     /// buffer table at this index.
-    Fixed { index: u16 },
+    Fixed { index: u16, char_fd: RawFd, qid: u16 },
     /// No data reachable (null backend in user-copy mode never touches it).
     None,
 }
@@ -67,9 +67,10 @@ pub trait QueueBackend {
         sq: &mut SubmissionQueue<'_, Entry128>,
     ) -> Option<i32>;
 
-    /// The COMMIT result for the CQE of a command `submit` queued.
-    fn complete(&mut self, _tag: u16, res: i32) -> i32 {
-        res
+    /// Takes the CQE of a command `submit` queued; the COMMIT result once
+    /// the request is done (a request may need several commands).
+    fn complete(&mut self, _user_data: u64, res: i32) -> Option<i32> {
+        Some(res)
     }
 }
 
@@ -102,8 +103,8 @@ impl QueueBackend for nvme::NvmeQueue {
         nvme::NvmeQueue::submit(self, tag, req, data, sq)
     }
 
-    fn complete(&mut self, tag: u16, res: i32) -> i32 {
-        nvme::NvmeQueue::complete(self, tag, res)
+    fn complete(&mut self, user_data: u64, res: i32) -> Option<i32> {
+        nvme::NvmeQueue::complete(self, user_data, res)
     }
 }
 

@@ -2,10 +2,13 @@
 //! passthrough (`IORING_OP_URING_CMD`, `NVME_URING_CMD_IO`) on the queue's
 //! own ring, to the namespace's generic char device `/dev/ngXnY`.
 //!
-//! Data: in zero-copy mode the kernel registers the request's own pages in
-//! the queue ring's buffer table at slot = tag (UBLK_F_AUTO_BUF_REG) and the
-//! NVMe command reads or writes them in place (fixed buffer, offset 0). In
-//! copy mode the command points at the tag's buffer. DISCARD sends a DSM
+//! Data: in zero-copy mode (UBLK_F_SUPPORT_ZERO_COPY) a hard-linked chain
+//! registers the request's own pages in the queue ring's buffer table at
+//! slot = tag, the NVMe command reads or writes them in place (fixed buffer,
+//! offset 0), and the slot is unregistered. (UBLK_F_AUTO_BUF_REG would save
+//! the two extra commands, but its buffers came back -EFAULT from every
+//! fixed-buffer import on Linux 7.3 here; see the issue notes.) In copy mode
+//! the command points at the tag's buffer. DISCARD sends a DSM
 //! deallocate whose one range lives in a per-tag slot made at queue start.
 //!
 //! Completion is asynchronous: `submit` pushes the command tagged with
@@ -34,6 +37,8 @@ const OP_READ: u8 = 0x02;
 const OP_WRITE_ZEROES: u8 = 0x08;
 const OP_DSM: u8 = 0x09;
 const DSM_DEALLOCATE: u32 = 1 << 2;
+/// Write Zeroes: deallocate the blocks too (DEAC, CDW12 bit 25).
+const WZ_DEALLOCATE: u32 = 1 << 25;
 
 /// `struct nvme_uring_cmd` (72 bytes).
 #[repr(C)]
@@ -84,8 +89,18 @@ pub struct Namespace {
     pub lba_shift: u32,
     pub size: u64,
     pub max_hw_bytes: u32,
-    pub discard: bool,
-    pub write_zeroes: bool,
+    /// Largest DSM deallocate and Write Zeroes in bytes (0: unsupported).
+    pub discard_max: u64,
+    pub write_zeroes_max: u64,
+}
+
+impl Namespace {
+    /// DISCARD is sent as Write Zeroes with deallocate where the namespace
+    /// has it, so discarded blocks read back as zeros (a bare DSM
+    /// deallocate leaves that to the device).
+    pub fn discard_max_bytes(&self) -> u64 {
+        if self.write_zeroes_max > 0 { self.write_zeroes_max } else { self.discard_max }
+    }
 }
 
 /// `/dev/nvme0n1` → `/dev/ng0n1`; `/dev/ng0n1` stays.
@@ -147,8 +162,8 @@ impl Namespace {
             lba_shift: lbs.trailing_zeros(),
             size: read_u64(&format!("/sys/block/{block}/size"))? << 9,
             max_hw_bytes: (q("max_hw_sectors_kb")? << 10).min(u32::MAX as u64) as u32,
-            discard: q("discard_max_bytes").unwrap_or(0) > 0,
-            write_zeroes: q("write_zeroes_max_bytes").unwrap_or(0) > 0,
+            discard_max: q("discard_max_bytes").unwrap_or(0),
+            write_zeroes_max: q("write_zeroes_max_bytes").unwrap_or(0),
         })
     }
 }
@@ -187,15 +202,21 @@ pub struct NvmeQueue {
     ranges: Vec<DsmRange>,
     /// Bytes each request moved, returned at completion.
     lens: Vec<u32>,
+    /// CQEs still due for each tag's chain, and its result so far.
+    pending: Vec<u8>,
+    results: Vec<i32>,
 }
 
 impl NvmeQueue {
     pub fn new(ns: Arc<Namespace>, file: Arc<File>, depth: u16) -> Self {
+        let d = depth as usize;
         NvmeQueue {
             ns,
             file,
-            ranges: vec![DsmRange::default(); depth as usize],
-            lens: vec![0; depth as usize],
+            ranges: vec![DsmRange::default(); d],
+            lens: vec![0; d],
+            pending: vec![0; d],
+            results: vec![0; d],
         }
     }
 
@@ -227,11 +248,14 @@ impl NvmeQueue {
             sys::UBLK_IO_OP_FLUSH => {
                 c = NvmeUringCmd { opcode: OP_FLUSH, nsid: self.ns.nsid, ..Default::default() }
             }
-            sys::UBLK_IO_OP_WRITE_ZEROES if self.ns.write_zeroes => {
+            sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_OP_DISCARD if self.ns.write_zeroes_max > 0 => {
                 c.opcode = OP_WRITE_ZEROES;
                 c.cdw12 = nlb.checked_sub(1).ok_or(-libc::EINVAL)?;
+                if req.op == sys::UBLK_IO_OP_DISCARD {
+                    c.cdw12 |= WZ_DEALLOCATE;
+                }
             }
-            sys::UBLK_IO_OP_DISCARD if self.ns.discard => {
+            sys::UBLK_IO_OP_DISCARD if self.ns.discard_max > 0 => {
                 self.ranges[tag as usize] = DsmRange { cattr: 0, nlb, slba };
                 c = NvmeUringCmd {
                     opcode: OP_DSM,
@@ -249,6 +273,11 @@ impl NvmeQueue {
     }
 
     /// Pushes the NVMe command for `tag`; Some(result) if it failed at once.
+    ///
+    /// Zero copy with data is a hard-linked chain of three: REGISTER_IO_BUF
+    /// puts the request's pages at slot `index` of this ring, the NVMe
+    /// command uses them as a fixed buffer, UNREGISTER_IO_BUF drops them.
+    /// The request is committed once all three CQEs are in.
     pub fn submit(
         &mut self,
         tag: u16,
@@ -260,36 +289,91 @@ impl NvmeQueue {
             Ok(c) => c,
             Err(e) => return Some(e),
         };
-        let mut payload = [0u8; 80];
-        // SAFETY: NvmeUringCmd is repr(C), 72 bytes of plain data.
-        unsafe { std::ptr::copy_nonoverlapping(&cmd as *const _ as *const u8, payload.as_mut_ptr(), 72) };
-        let mut op =
-            opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO).cmd(payload);
-        if let (Data::Fixed { index }, true) = (data, req.len > 0) {
-            op = op.buf_index(Some(index));
-        }
         self.lens[tag as usize] = match req.op {
             sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => req.len,
             _ => 0,
         };
-        let sqe = op.build().user_data(BACKEND_BIT | tag as u64);
-        // SAFETY: the command's data (tag buffer, kernel-registered request
-        // pages, or this queue's DSM range slot) stays valid until its CQE:
-        // the tag is not reused before we COMMIT it, which follows the CQE.
-        match unsafe { sq.push(&sqe) } {
-            Ok(()) => None,
-            Err(_) => Some(-libc::EBUSY),
+        self.results[tag as usize] = 0;
+        let chain = match data {
+            // Only READ and WRITE carry pages to register.
+            Data::Fixed { index, char_fd, qid } if self.lens[tag as usize] > 0 => Some((index, char_fd, qid)),
+            _ => None,
+        };
+        let mut nvme = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO)
+            .cmd(nvme_payload(&cmd));
+        if let Some((index, _, _)) = chain {
+            nvme = nvme.buf_index(Some(index));
         }
+        let nvme = nvme.build().user_data(BACKEND_BIT | KIND_NVME | tag as u64);
+        let sqes = match chain {
+            Some((index, fd, qid)) => {
+                let link = squeue::Flags::IO_HARDLINK;
+                vec_of3(
+                    buf_cmd(fd, sys::UBLK_U_IO_REGISTER_IO_BUF, qid, tag, index, KIND_REG).flags(link),
+                    nvme.flags(link),
+                    buf_cmd(fd, sys::UBLK_U_IO_UNREGISTER_IO_BUF, qid, tag, index, KIND_UNREG),
+                )
+            }
+            None => [Some(nvme), None, None],
+        };
+        let n = sqes.iter().flatten().count();
+        if sq.capacity() - sq.len() < n {
+            return Some(-libc::EBUSY);
+        }
+        self.pending[tag as usize] = n as u8;
+        for sqe in sqes.iter().flatten() {
+            // SAFETY: the command's data (tag buffer, kernel-registered request
+            // pages, or this queue's DSM range slot) stays valid until its CQE:
+            // the tag is not reused before we COMMIT it, after the last CQE.
+            unsafe { sq.push(sqe) }.expect("room checked above");
+        }
+        None
     }
 
-    /// The COMMIT result for a finished NVMe command.
-    pub fn complete(&mut self, tag: u16, res: i32) -> i32 {
-        match res {
-            0 => self.lens[tag as usize] as i32,
-            r if r > 0 => status_to_errno(r),
-            r => r,
+    /// Takes one CQE of `tag`'s chain; the COMMIT result once all are in.
+    pub fn complete(&mut self, user_data: u64, res: i32) -> Option<i32> {
+        let tag = user_data as u16 as usize;
+        let kind = user_data & KIND_MASK;
+        let r = &mut self.results[tag];
+        if kind == KIND_NVME {
+            *r = match res {
+                0 => self.lens[tag] as i32,
+                s if s > 0 => status_to_errno(s),
+                e => e,
+            };
+        } else if res < 0 && *r >= 0 {
+            // A failed register or unregister fails the request even if the
+            // NVMe command's own result looked fine.
+            *r = -libc::EIO;
         }
+        self.pending[tag] -= 1;
+        (self.pending[tag] == 0).then_some(*r)
     }
+}
+
+const KIND_MASK: u64 = 3 << 16;
+const KIND_NVME: u64 = 0;
+const KIND_REG: u64 = 1 << 16;
+const KIND_UNREG: u64 = 2 << 16;
+
+fn vec_of3(a: squeue::Entry128, b: squeue::Entry128, c: squeue::Entry128) -> [Option<squeue::Entry128>; 3] {
+    [Some(a), Some(b), Some(c)]
+}
+
+fn nvme_payload(cmd: &NvmeUringCmd) -> [u8; 80] {
+    let mut payload = [0u8; 80];
+    // SAFETY: NvmeUringCmd is repr(C), 72 bytes of plain data.
+    unsafe { std::ptr::copy_nonoverlapping(cmd as *const _ as *const u8, payload.as_mut_ptr(), 72) };
+    payload
+}
+
+/// REGISTER_IO_BUF / UNREGISTER_IO_BUF of `(qid, tag)` at buffer slot `index`.
+fn buf_cmd(fd: i32, op: u32, qid: u16, tag: u16, index: u16, kind: u64) -> squeue::Entry128 {
+    let c = sys::IoCmd { q_id: qid, tag, result: 0, addr: index as u64 };
+    let mut payload = [0u8; 80];
+    // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
+    unsafe { std::ptr::copy_nonoverlapping(&c as *const _ as *const u8, payload.as_mut_ptr(), 16) };
+    opcode::UringCmd80::new(types::Fd(fd), op).cmd(payload).build().user_data(BACKEND_BIT | kind | tag as u64)
 }
 
 #[cfg(test)]
@@ -320,8 +404,8 @@ mod tests {
             lba_shift: 9,
             size: 1 << 30,
             max_hw_bytes: 1 << 20,
-            discard: true,
-            write_zeroes: true,
+            discard_max: 1 << 30,
+            write_zeroes_max: 0,
         };
         NvmeQueue::new(Arc::new(ns), Arc::new(File::open("/dev/null").unwrap()), 4)
     }
@@ -330,7 +414,7 @@ mod tests {
     fn requests_become_nvme_commands() {
         let mut q = queue();
         let r = Request { op: sys::UBLK_IO_OP_READ, flags: 0, offset: 4096 * 3 + (1u64 << 33), len: 8192 };
-        let c = q.command(0, &r, &Data::Fixed { index: 0 }).unwrap();
+        let c = q.command(0, &r, &Data::Fixed { index: 0, char_fd: -1, qid: 0 }).unwrap();
         assert_eq!((c.opcode, c.nsid, c.addr, c.data_len, c.cdw12), (OP_READ, 1, 0, 8192, 15));
         assert_eq!(((c.cdw11 as u64) << 32) | c.cdw10 as u64, r.offset >> 9);
         let d = Request { op: sys::UBLK_IO_OP_DISCARD, flags: 0, offset: 1 << 20, len: 1 << 20 };
@@ -338,6 +422,11 @@ mod tests {
         assert_eq!((c.opcode, c.cdw11, c.data_len), (OP_DSM, DSM_DEALLOCATE, 16));
         assert_eq!((q.ranges[2].slba, q.ranges[2].nlb), (2048, 2048));
         let z = Request { op: sys::UBLK_IO_OP_WRITE_ZEROES, flags: 0, offset: 0, len: 4096 };
+        assert_eq!(q.command(1, &z, &Data::None).unwrap_err(), -libc::EOPNOTSUPP);
+        // With Write Zeroes, DISCARD becomes Write Zeroes with deallocate.
+        Arc::get_mut(&mut q.ns).unwrap().write_zeroes_max = 1 << 20;
         assert_eq!(q.command(1, &z, &Data::None).unwrap().cdw12, 7);
+        let c = q.command(2, &d, &Data::None).unwrap();
+        assert_eq!((c.opcode, c.cdw12), (OP_WRITE_ZEROES, 2047 | WZ_DEALLOCATE));
     }
 }
