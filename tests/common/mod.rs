@@ -1,0 +1,643 @@
+//! Helpers for tests that drive the built `ublk-bench` binary against the
+//! real ublk driver: a serializing harness that cleans up even on panic,
+//! commands with time limits, the device list, process checks and fio.
+//!
+//! These tests own the machine's ublk devices: the harness runs
+//! `ublk-bench del -a` and kills every `ublk-bench` process before and after
+//! each test. That is what the guest (`bench-scripts/test`) is for; on a
+//! bare-metal machine with the driver loaded, run them only where no other
+//! ublk device matters.
+
+#![allow(dead_code)] // each test crate uses a subset
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary cargo built. Run it through [`bin`].
+pub const BIN: &str = env!("CARGO_BIN_EXE_ublk-bench");
+/// Where [`bin`] keeps its copy: root-only, tmpfs on most machines.
+pub const BIN_COPY_DIR: &str = "/run/ublk-bench-tests";
+pub const CONTROL: &str = "/dev/ublk-control";
+/// The comm of every ublk-bench process (CLI, daemon and foreground server).
+pub const COMM: &str = "ublk-bench";
+pub const SKIP: &str = "skipped: /dev/ublk-control absent (run inside the guest: bench-scripts/test)";
+
+/// Longest a single command may take: `add` waits for START_DEV, which
+/// scans partitions and is slow under software emulation.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait for an exited process to be reaped, a node to vanish, ...
+pub const SETTLE: Duration = Duration::from_secs(10);
+
+/// Cargo runs tests in threads; these share the machine's devices.
+static SERIAL: Mutex<()> = Mutex::new(());
+/// Process groups of the fio runs in flight, killed by the cleanup.
+static FIO_GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+pub fn have_driver() -> bool {
+    Path::new(CONTROL).exists()
+}
+
+/// The binary to run: a byte-for-byte copy of [`BIN`] in [`BIN_COPY_DIR`]
+/// where the driver is present, else BIN itself. In the guest the build
+/// folder is a 9p share read again at every exec: running a 20 MB debug
+/// binary from there costs 2-3 s per command, from tmpfs about 0.5 s.
+pub fn bin() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if !have_driver() {
+            return PathBuf::from(BIN);
+        }
+        copy_bin().unwrap_or_else(|e| {
+            println!("running {BIN} in place: cannot copy it to {BIN_COPY_DIR}: {e}");
+            PathBuf::from(BIN)
+        })
+    })
+}
+
+/// Copies BIN to BIN_COPY_DIR/ublk-bench (same name, so the same comm),
+/// through a rename so that a server still running an older copy is fine.
+fn copy_bin() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Path::new(BIN_COPY_DIR);
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    let tmp = dir.join(format!(".ublk-bench.{}", std::process::id()));
+    fs::copy(BIN, &tmp)?;
+    let dst = dir.join("ublk-bench");
+    fs::rename(&tmp, &dst)?;
+    Ok(dst)
+}
+
+// ---------------------------------------------------------------- harness
+
+/// Held for the whole of a driver test. Creating it waits for the other
+/// tests and starts from a clean machine; dropping it checks that the test
+/// left no device, node, settings file or process behind (unless the test
+/// already failed), then removes whatever is left either way.
+pub struct Harness {
+    started: Instant,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// The harness, or None (after printing why) where there is no driver.
+pub fn harness() -> Option<Harness> {
+    if !have_driver() {
+        println!("{SKIP}");
+        return None;
+    }
+    let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let leftovers = leftovers();
+    if !leftovers.is_empty() {
+        println!("cleaning up before the test: {}", leftovers.join("; "));
+        force_cleanup();
+    }
+    Some(Harness { started: Instant::now(), _serial: serial })
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let check = !std::thread::panicking();
+        let left = if check { settled_leftovers() } else { Vec::new() };
+        force_cleanup();
+        println!("[{:6.2}s] test done", self.started.elapsed().as_secs_f64());
+        if !left.is_empty() {
+            panic!("the test left things behind:\n  {}", left.join("\n  "));
+        }
+    }
+}
+
+/// Everything a finished test must not leave: devices, their nodes and
+/// settings files, ublk-bench processes (zombies included).
+pub fn leftovers() -> Vec<String> {
+    let mut left = Vec::new();
+    let ids = ublk_nodes();
+    if !ids.is_empty() {
+        left.push(format!("device nodes {}", ids.join(" ")));
+    }
+    let files: Vec<String> = device_files().iter().map(|p| p.display().to_string()).collect();
+    if !files.is_empty() {
+        left.push(format!("device files {}", files.join(" ")));
+    }
+    for p in servers() {
+        let zombie = if p.state == 'Z' { " (ZOMBIE, parent has not reaped it)" } else { "" };
+        left.push(format!("process {} {} state {} ppid {}{zombie}", p.pid, p.comm, p.state, p.ppid));
+    }
+    left
+}
+
+/// Leftovers that are still there after SETTLE: an exiting server needs a
+/// moment to be reaped by init and for its nodes to go.
+pub fn settled_leftovers() -> Vec<String> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let left = leftovers();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        sleep_ms(50);
+    }
+}
+
+/// Kills our fio runs, deletes every device, kills every ublk-bench
+/// process (reaping the ones that are our children) and deletes again, in
+/// case a killed server had left its device behind.
+pub fn force_cleanup() {
+    for pgid in FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        // SAFETY: kill takes plain integers.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+    let del_all = || {
+        let _ = try_run(Command::new(bin()).args(["del", "-a"]), Duration::from_secs(30));
+    };
+    del_all();
+    let me = std::process::id() as i32;
+    for p in servers() {
+        // SAFETY: kill and waitpid take plain integers; we only wait for our own children.
+        unsafe {
+            libc::kill(p.pid, libc::SIGKILL);
+            if p.ppid == me {
+                libc::waitpid(p.pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+    if !ublk_nodes().is_empty() {
+        del_all();
+    }
+    for f in device_files() {
+        let _ = fs::remove_file(f);
+    }
+}
+
+/// Per-device files: in the run folder `ID.json` (settings), `ID.events`,
+/// `ID.stats`, ... (not server-wide ones such as `server.log`), and the
+/// default RAM stores `/dev/shm/ublk-bench-ID`.
+pub fn device_files() -> Vec<PathBuf> {
+    let is_id = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let in_dir = |dir: &Path, pick: &dyn Fn(&str) -> bool| -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| pick(&e.file_name().to_string_lossy()))
+            .map(|e| e.path())
+            .collect()
+    };
+    let mut files = in_dir(&run_dir(), &|n| n.split_once('.').is_some_and(|(id, _)| is_id(id)));
+    files.extend(in_dir(Path::new("/dev/shm"), &|n| n.strip_prefix("ublk-bench-").is_some_and(is_id)));
+    files.sort();
+    files
+}
+
+// ---------------------------------------------------------------- commands
+
+/// What a finished command left: its status and both streams as text.
+pub struct Out {
+    pub what: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub raw_stdout: Vec<u8>,
+}
+
+impl Out {
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Panics with everything known unless the command succeeded.
+    pub fn success(self) -> Self {
+        assert!(self.ok(), "{} failed:\n{}", self.what, self.describe());
+        self
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "  status: {}\n  stdout: {}\n  stderr: {}",
+            self.status,
+            self.stdout.trim_end().replace('\n', "\n          "),
+            self.stderr.trim_end().replace('\n', "\n          ")
+        )
+    }
+}
+
+/// A child whose stdout and stderr are collected by threads.
+pub struct Running {
+    pub what: String,
+    pub child: Child,
+    started: Instant,
+    readers: Option<[JoinHandle<Vec<u8>>; 2]>,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for the exit, or kills the child (and its process group if it
+    /// leads one) after `timeout`; None then.
+    pub fn wait(mut self, timeout: Duration) -> Option<Out> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("waitpid") {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                // SAFETY: kill takes plain integers; a group we do not lead does not exist.
+                unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            sleep_ms(10);
+        };
+        let [out, err] = self.readers.take().expect("waited once");
+        let raw_stdout = out.join().expect("stdout reader");
+        let stderr = String::from_utf8_lossy(&err.join().expect("stderr reader")).into_owned();
+        let stdout = String::from_utf8_lossy(&raw_stdout).into_owned();
+        println!("[{:6.2}s] {} -> {status}", self.started.elapsed().as_secs_f64(), self.what);
+        Some(Out { what: self.what, status, stdout, stderr, raw_stdout })
+    }
+
+    /// As `wait`, panicking on a timeout.
+    pub fn finish(self, timeout: Duration) -> Out {
+        let what = self.what.clone();
+        self.wait(timeout).unwrap_or_else(|| panic!("{what} did not finish within {timeout:?}; killed it"))
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let program = Path::new(cmd.get_program());
+    let mut s = match program.file_name() {
+        Some(name) if name == COMM => COMM.to_string(),
+        _ => program.to_string_lossy().into_owned(),
+    };
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+pub fn spawn(cmd: &mut Command) -> Running {
+    let what = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    Running { what, child, started: Instant::now(), readers: Some([out, err]) }
+}
+
+pub fn try_run(cmd: &mut Command, timeout: Duration) -> Option<Out> {
+    spawn(cmd).wait(timeout)
+}
+
+pub fn run(cmd: &mut Command) -> Out {
+    spawn(cmd).finish(CMD_TIMEOUT)
+}
+
+/// `ublk-bench ARGS`, whatever its status.
+pub fn ublk(args: &[&str]) -> Out {
+    run(Command::new(bin()).args(args))
+}
+
+/// A tool from util-linux or coreutils, also found where PATH lacks sbin.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+pub fn need_tool(name: &str) -> PathBuf {
+    tool(name).unwrap_or_else(|| panic!("{name} not found: apt-get install -y fio util-linux coreutils"))
+}
+
+// ---------------------------------------------------------------- devices
+
+/// A device made by `add`, as `list` shows it.
+#[derive(Debug, Clone)]
+pub struct Dev {
+    pub id: u32,
+    pub pid: i32,
+    pub json: Value,
+}
+
+impl Dev {
+    pub fn block(&self) -> PathBuf {
+        block_path(self.id)
+    }
+}
+
+pub fn block_path(id: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/ublkb{id}"))
+}
+
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("UBLK_BENCH_RUN_DIR").map(PathBuf::from).unwrap_or_else(|| "/run/ublk-bench".into())
+}
+
+pub fn settings_path(id: u32) -> PathBuf {
+    run_dir().join(format!("{id}.json"))
+}
+
+/// The id in a `dev id N:` dump line.
+pub fn parse_dev_id(dump: &str) -> Option<u32> {
+    let rest = &dump[dump.find("dev id ")? + "dev id ".len()..];
+    rest[..rest.find(':')?].trim().parse().ok()
+}
+
+/// `ublk-bench add ARGS`, which must succeed and print a LIVE device that
+/// `list --json` then shows, served by a live process, with its block device.
+pub fn add(args: &[&str]) -> Dev {
+    let mut full = vec!["add"];
+    full.extend_from_slice(args);
+    let out = ublk(&full).success();
+    let id = parse_dev_id(&out.stdout)
+        .unwrap_or_else(|| panic!("no `dev id N:` in the output of {}:\n{}", out.what, out.describe()));
+    assert!(
+        out.stdout.contains("state LIVE"),
+        "no `state LIVE` in the output of {}:\n{}",
+        out.what,
+        out.describe()
+    );
+    let json =
+        list_one(id).unwrap_or_else(|| panic!("device {id} made by {} is not in `list --json`", out.what));
+    assert_eq!(json["state"], "LIVE", "device {id}: {json}");
+    let pid = json["pid"].as_i64().unwrap_or_else(|| panic!("device {id} has no pid: {json}")) as i32;
+    assert!(alive(pid), "the server of device {id} (pid {pid}) is not running");
+    assert_eq!(comm(pid).as_deref(), Some(COMM), "pid {pid} of device {id} is not a ublk-bench process");
+    assert!(is_block_device(&block_path(id)), "{} is missing after add", block_path(id).display());
+    Dev { id, pid, json }
+}
+
+/// `list --json` as parsed JSON; it must succeed and give an array.
+pub fn list() -> Vec<Value> {
+    let out = ublk(&["list", "--json"]).success();
+    let v: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("`list --json` is not JSON ({e}):\n{}", out.describe()));
+    match v {
+        Value::Array(devs) => devs,
+        other => panic!("`list --json` is not an array: {other}"),
+    }
+}
+
+pub fn list_one(id: u32) -> Option<Value> {
+    list().into_iter().find(|d| d["dev_id"] == id)
+}
+
+pub fn list_ids() -> Vec<u64> {
+    list().iter().filter_map(|d| d["dev_id"].as_u64()).collect()
+}
+
+/// `del -n ID`, which must succeed.
+pub fn del(id: u32) {
+    ublk(&["del", "-n", &id.to_string()]).success();
+}
+
+/// After a delete: not listed, no block device, no server, no settings.
+pub fn assert_gone(dev: &Dev) {
+    let id = dev.id;
+    assert!(list_one(id).is_none(), "device {id} is still listed after its delete");
+    wait_until(&format!("{} to disappear", dev.block().display()), SETTLE, || !dev.block().exists());
+    wait_until(&format!("server pid {} of device {id} to exit and be reaped", dev.pid), SETTLE, || {
+        !Path::new(&format!("/proc/{}", dev.pid)).exists()
+    });
+    assert!(!settings_path(id).exists(), "{} is still there after the delete", settings_path(id).display());
+    if let Some(store) = dev.json["store"].as_str() {
+        assert!(!Path::new(store).exists(), "RAM store {store} of device {id} is still there");
+    }
+}
+
+/// The ublk device nodes present (ublkbN and ublkcN).
+pub fn ublk_nodes() -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir("/dev")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            ["ublkb", "ublkc"].iter().any(|p| {
+                n.strip_prefix(p).is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+pub fn is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+// ---------------------------------------------------------------- processes
+
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub pid: i32,
+    pub ppid: i32,
+    pub state: char,
+    pub comm: String,
+}
+
+/// Every process, from /proc/PID/stat.
+pub fn procs() -> Vec<Proc> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let mut rest = stat[close + 1..].split_whitespace();
+        let state = rest.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = rest.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        out.push(Proc { pid, ppid, state, comm: stat[open + 1..close].to_string() });
+    }
+    out
+}
+
+/// Every ublk-bench process, zombies included.
+pub fn servers() -> Vec<Proc> {
+    procs().into_iter().filter(|p| p.comm == COMM).collect()
+}
+
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+pub fn comm(pid: i32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
+}
+
+/// The threads of `pid` as (tid, comm).
+pub fn threads(pid: i32) -> Vec<(i32, String)> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let tid = e.file_name().to_str()?.parse().ok()?;
+            let comm = fs::read_to_string(e.path().join("comm")).ok()?;
+            Some((tid, comm.trim_end().to_string()))
+        })
+        .collect()
+}
+
+/// A `Name:\tvalue` line of /proc/PID/task/TID/status.
+pub fn task_status(pid: i32, tid: i32, key: &str) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    text.lines().find_map(|l| Some(l.strip_prefix(key)?.strip_prefix(':')?.trim().to_string()))
+}
+
+/// The CPUs this process may use.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill takes plain integers.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+}
+
+// ---------------------------------------------------------------- waiting
+
+pub fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// Polls `cond` until it holds or `timeout` passes; false then.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep_ms(20);
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    assert!(eventually(timeout, cond), "timed out after {timeout:?} waiting for {what}");
+}
+
+// ---------------------------------------------------------------- fio
+
+/// Runs fio on `dev` with `args` (plus JSON output) in its own process
+/// group, which the cleanup kills if the test dies; returns fio's JSON after
+/// checking its exit status and that no job saw an error.
+pub fn fio(dev: &Path, args: &[&str]) -> Value {
+    let mut cmd = Command::new(need_tool("fio"));
+    cmd.arg("--name=check").arg(format!("--filename={}", dev.display())).args(args);
+    run_fio(cmd)
+}
+
+/// As `fio`, with several jobs in one fio run (one start-up, which costs
+/// seconds under emulation): `global` applies to all, then each job is
+/// `(name, options)`. A job with `--stonewall` waits for the ones before it.
+/// `dev` is every job's file, or None when each job gives `--filename`.
+pub fn fio_jobs(dev: Option<&Path>, global: &[&str], jobs: &[(String, Vec<String>)]) -> Value {
+    let mut cmd = Command::new(need_tool("fio"));
+    cmd.args(dev.map(|d| format!("--filename={}", d.display()))).args(global);
+    for (name, opts) in jobs {
+        cmd.arg(format!("--name={name}")).args(opts);
+    }
+    run_fio(cmd)
+}
+
+fn run_fio(mut cmd: Command) -> Value {
+    cmd.arg("--output-format=json").process_group(0);
+    let running = spawn(&mut cmd);
+    let pgid = running.pid();
+    FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).push(pgid);
+    let out = running.finish(CMD_TIMEOUT);
+    FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).retain(|&g| g != pgid);
+    let out = out.success();
+    // fio may print notes before the JSON document.
+    let start = if out.stdout.starts_with('{') { 0 } else { out.stdout.find("\n{").map_or(0, |i| i + 1) };
+    let json: Value = serde_json::from_str(&out.stdout[start..])
+        .unwrap_or_else(|e| panic!("{} printed no JSON ({e}):\n{}", out.what, out.describe()));
+    let jobs = json["jobs"].as_array().unwrap_or_else(|| panic!("fio JSON without jobs:\n{json}"));
+    assert!(!jobs.is_empty(), "fio ran no job:\n{}", out.describe());
+    for job in jobs {
+        assert_eq!(
+            job["error"],
+            0,
+            "fio job {} reported error {}:\n{}",
+            job["jobname"],
+            job["error"],
+            out.describe()
+        );
+    }
+    json
+}
+
+/// Bytes one fio job moved in one direction ("read" or "write").
+pub fn fio_job_bytes(json: &Value, job: &str, dir: &str) -> u64 {
+    let jobs = json["jobs"].as_array().into_iter().flatten();
+    let j =
+        jobs.clone().find(|j| j["jobname"] == job).unwrap_or_else(|| panic!("no fio job {job} in {json}"));
+    j[dir]["io_bytes"].as_u64().unwrap_or(0)
+}
+
+/// Bytes fio moved in one direction ("read" or "write"), over all jobs.
+pub fn fio_bytes(json: &Value, dir: &str) -> u64 {
+    json["jobs"].as_array().into_iter().flatten().filter_map(|j| j[dir]["io_bytes"].as_u64()).sum()
+}
+
+// ---------------------------------------------------------------- data
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads `len` bytes at `offset` of a block device with O_DIRECT (dd), so
+/// the page cache cannot answer for the device.
+pub fn read_direct(dev: &Path, offset: u64, len: u64) -> Vec<u8> {
+    const BS: u64 = 64 << 10;
+    assert!(offset.is_multiple_of(BS) && len.is_multiple_of(BS), "read_direct wants 64 KiB multiples");
+    let out = run(Command::new(need_tool("dd")).args([
+        format!("if={}", dev.display()),
+        "iflag=direct".into(),
+        format!("bs={BS}"),
+        format!("skip={}", offset / BS),
+        format!("count={}", len / BS),
+        "status=none".into(),
+    ]))
+    .success();
+    assert_eq!(out.raw_stdout.len() as u64, len, "short read from {}", dev.display());
+    out.raw_stdout
+}

@@ -1,0 +1,380 @@
+//! Driver tests: the built `ublk-bench` binary against the real ublk driver,
+//! black-box, through its CLI, the block devices it makes, fio and /proc.
+//!
+//! They need /dev/ublk-control and root; without the driver each one prints
+//! why it is skipped and passes (except `no_driver_error_says_modprobe`,
+//! which only runs there). Run them in the guest with `bench-scripts/test`,
+//! or by hand: `bench-scripts/vm --auto -- target/debug/deps/driver-HASH
+//! --test-threads=1`.
+//!
+//! Every test holds the harness from `common`: tests run one at a time, and
+//! the harness deletes every ublk device and kills every ublk-bench process
+//! (and fio run) when the test ends, even on panic, after checking that the
+//! test itself left nothing behind.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------- add, list, del
+
+/// `add` BACKEND in each shape (1 and 2 queues, blocking and busy-poll),
+/// check what `list --json` says and that the device answers a read, then
+/// `del -n` it and check that it is gone with its server.
+fn add_list_del(backend: &str, size_mib: u64) {
+    let Some(_h) = harness() else { return };
+    let size = format!("{size_mib}M");
+    for queues in [1, 2] {
+        if queues > online_cpus() {
+            println!("skipped {queues} queues: only {} CPU(s)", online_cpus());
+            continue;
+        }
+        for poll in [false, true] {
+            let q = queues.to_string();
+            let mut args = vec![backend, "-q", &q, "-d", "64", "--size", &size];
+            if poll {
+                args.push("--poll");
+            }
+            let dev = add(&args);
+            let j = &dev.json;
+            let expect = json!({
+                "dev_id": dev.id, "state": "LIVE", "queues": queues, "depth": 64,
+                "backend": backend, "size": size_mib * MIB, "poll": poll,
+            });
+            for (key, want) in expect.as_object().expect("object") {
+                assert_eq!(&j[key], want, "`{key}` of `add {}` in list --json: {j}", args.join(" "));
+            }
+            if let Some(store) = j["store"].as_str() {
+                assert!(fs::metadata(store).is_ok(), "RAM store {store} is missing while LIVE");
+            }
+            assert_eq!(read_direct(&dev.block(), 0, 64 << 10).len(), 64 << 10);
+            del(dev.id);
+            assert_gone(&dev);
+        }
+    }
+}
+
+#[test]
+fn add_list_del_null() {
+    add_list_del("null", 1024);
+}
+
+#[test]
+fn add_list_del_ram() {
+    add_list_del("ram", 64);
+}
+
+/// `add --foreground` serves in the calling process; SIGTERM stops it,
+/// deletes the device and its settings, and the exit status is 0.
+#[test]
+fn foreground_sigterm_stops_and_deletes() {
+    let Some(_h) = harness() else { return };
+    let id = 7;
+    let server = spawn(Command::new(bin()).args(["add", "null", "--foreground", "-n", "7", "--size", "1G"]));
+    let live = eventually(CMD_TIMEOUT, || list_one(id).is_some_and(|d| d["state"] == "LIVE"));
+    if !live {
+        let out = server.wait(Duration::ZERO);
+        panic!(
+            "device {id} never went LIVE under add --foreground:\n{}",
+            out.map(|o| o.describe()).unwrap_or_default()
+        );
+    }
+    let dev = list_one(id).expect("listed");
+    assert_eq!(dev["pid"], server.pid(), "the foreground process is not the server: {dev}");
+    assert!(is_block_device(&block_path(id)), "/dev/ublkb{id} is missing");
+    assert!(settings_path(id).exists(), "{} is missing while LIVE", settings_path(id).display());
+
+    signal(server.pid(), libc::SIGTERM);
+    let out = server.finish(Duration::from_secs(30));
+    assert!(out.ok(), "add --foreground did not exit cleanly on SIGTERM:\n{}", out.describe());
+    assert_eq!(parse_dev_id(&out.stdout), Some(id), "no `dev id {id}:` printed:\n{}", out.describe());
+    assert!(out.stdout.contains("state LIVE"), "no `state LIVE` printed:\n{}", out.describe());
+    assert_eq!(list(), Vec::<Value>::new(), "devices left after SIGTERM");
+    assert!(!settings_path(id).exists(), "{} left after SIGTERM", settings_path(id).display());
+    wait_until(&format!("/dev/ublkb{id} to disappear"), SETTLE, || !block_path(id).exists());
+}
+
+/// The CPU list the kernel allows queue thread `ublk{ID}q{Q}`.
+fn queue_cpus(dev: &Dev, q: u32) -> String {
+    let name = format!("ublk{}q{q}", dev.id);
+    let tasks = threads(dev.pid);
+    let (tid, _) = tasks
+        .iter()
+        .find(|(_, c)| *c == name)
+        .unwrap_or_else(|| panic!("no thread {name} in server {}: threads {tasks:?}", dev.pid));
+    task_status(dev.pid, *tid, "Cpus_allowed_list").expect("Cpus_allowed_list")
+}
+
+/// `--cpus` pins queue q to the q-th CPU of the list (cycling).
+#[test]
+fn cpus_pin_queue_threads() {
+    let Some(_h) = harness() else { return };
+    if online_cpus() < 2 {
+        println!("skipped: pinning to CPU 1 needs 2 CPUs, have {}", online_cpus());
+        return;
+    }
+    let dev = add(&["null", "--cpus", "1"]);
+    assert_eq!(dev.json["cpus"], json!([1]), "{}", dev.json);
+    assert_eq!(queue_cpus(&dev, 0), "1", "queue 0 of `add null --cpus 1`");
+    del(dev.id);
+    assert_gone(&dev);
+
+    let dev = add(&["null", "-q", "2", "--cpus", "1,0"]);
+    assert_eq!(queue_cpus(&dev, 0), "1", "queue 0 of `add null -q 2 --cpus 1,0`");
+    assert_eq!(queue_cpus(&dev, 1), "0", "queue 1 of `add null -q 2 --cpus 1,0`");
+    del(dev.id);
+    assert_gone(&dev);
+}
+
+/// `del -a` with three devices of mixed kinds leaves an empty list.
+#[test]
+fn del_all_removes_mixed_devices() {
+    let Some(_h) = harness() else { return };
+    let q = online_cpus().min(2).to_string();
+    let devs = [
+        add(&["null", "-q", &q]),
+        add(&["ram", "--size", "32M", "--poll"]),
+        add(&["null", "-n", "9", "-d", "32"]),
+    ];
+    assert_eq!(list().len(), 3, "three devices expected: {:?}", list());
+    ublk(&["del", "-a"]).success();
+    let out = ublk(&["list", "--json"]).success();
+    let v: Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("list --json: {e}: {}", out.stdout));
+    assert_eq!(v, json!([]), "list --json after del -a");
+    devs.iter().for_each(assert_gone);
+}
+
+// ---------------------------------------------------------------- data
+
+/// fio's own verification on two ram devices at once, one with 1 queue and
+/// one with 2: every block written with a CRC, read back and checked, first
+/// in 4 KiB random writes, then (stonewalled) in mixed sizes up to 256 KiB.
+/// One fio run does it all: fio takes seconds just to start in the guest.
+#[test]
+fn fio_verify_ram_one_and_two_queues() {
+    let Some(_h) = harness() else { return };
+    let size = 32 * MIB;
+    let queues: &[usize] = if online_cpus() >= 2 { &[1, 2] } else { &[1] };
+    let devs: Vec<Dev> =
+        queues.iter().map(|q| add(&["ram", "-q", &q.to_string(), "--size", "32M"])).collect();
+    let global = [
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--iodepth=16",
+        "--rw=randwrite",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+    ];
+    let mut jobs: Vec<(String, Vec<String>)> = Vec::new();
+    for (phase, sizes) in [("rand4k", "--bs=4k"), ("mixed", "--bsrange=4k-256k")] {
+        for (i, (dev, q)) in devs.iter().zip(queues).enumerate() {
+            let mut opts = vec![format!("--filename={}", dev.block().display()), sizes.to_string()];
+            if phase == "mixed" && i == 0 {
+                opts.push("--stonewall".into());
+            }
+            jobs.push((format!("{phase}-{q}q"), opts));
+        }
+    }
+    let json = fio_jobs(None, &global, &jobs);
+    for ((job, _), dir) in jobs.iter().flat_map(|j| [(j, "write"), (j, "read")]) {
+        let bytes = fio_job_bytes(&json, job, dir);
+        assert_eq!(bytes, size, "fio job {job}: {dir} bytes do not cover the device (write, then verify)");
+    }
+    for dev in &devs {
+        del(dev.id);
+        assert_gone(dev);
+    }
+}
+
+/// DISCARD (`blkdiscard`) and WRITE_ZEROES (`blkdiscard -z`) on ram read
+/// back as zeros, and the bytes around each range keep their data.
+#[test]
+fn discard_and_write_zeroes_read_back_zeros() {
+    let Some(_h) = harness() else { return };
+    let blkdiscard = need_tool("blkdiscard");
+    let dev = add(&["ram", "--size", "16M"]);
+    let span = 8 * MIB;
+    let data = random_bytes(span as usize, 0x5eed);
+    let f = OpenOptions::new().write(true).open(dev.block()).expect("open the block device");
+    f.write_all_at(&data, 0).expect("write the pattern");
+    f.sync_all().expect("fsync the block device");
+    drop(f);
+    assert!(read_direct(&dev.block(), 0, span) == data, "the pattern did not read back before any discard");
+
+    // 4 KiB aligned, but not on MiB boundaries, so neighbours share pages.
+    let ranges = [("discard", MIB + (64 << 10), 512 << 10), ("write zeroes", 5 * MIB + 4096, 300 << 10)];
+    let mut expect = data;
+    for (what, off, len) in ranges {
+        let mut cmd = Command::new(&blkdiscard);
+        if what == "write zeroes" {
+            cmd.arg("-z");
+        }
+        run(cmd.args(["-o", &off.to_string(), "-l", &len.to_string()]).arg(dev.block())).success();
+        expect[off as usize..(off + len) as usize].fill(0);
+    }
+    let back = read_direct(&dev.block(), 0, span);
+    if let Some(at) = back.iter().zip(&expect).position(|(a, b)| a != b) {
+        let at = at as u64;
+        let place =
+            ranges.iter().find(|(_, off, len)| (*off..off + len).contains(&at)).map_or(
+                "outside the ranges: data around a range was changed".to_string(),
+                |(what, off, len)| format!("inside the {what} range {off}+{len}: not zero"),
+            );
+        panic!("byte {at} reads {:#04x}, expected {:#04x}, {place}", back[at as usize], expect[at as usize]);
+    }
+    del(dev.id);
+    assert_gone(&dev);
+}
+
+// ---------------------------------------------------------------- errors
+
+/// Runs `ublk-bench ARGS`, which must fail with a message holding every
+/// `hints` (case-insensitive) and no panic, and leave nothing behind.
+/// Returns what went wrong, if anything.
+fn check_rejected(args: &[&str], hints: &[&str]) -> Option<String> {
+    let out = ublk(args);
+    let cmd = format!("ublk-bench {}", args.join(" "));
+    let err = out.stderr.to_lowercase();
+    let problem = if out.ok() {
+        Some("exit status 0".to_string())
+    } else if err.contains("panicked") {
+        Some("it panicked".to_string())
+    } else {
+        hints
+            .iter()
+            .find(|h| !err.contains(&h.to_lowercase()))
+            .map(|h| format!("the message does not mention `{h}`"))
+    };
+    let left = settled_leftovers();
+    if !left.is_empty() {
+        force_cleanup();
+    }
+    let mut problems: Vec<String> = problem.into_iter().collect();
+    if !left.is_empty() {
+        problems.push(format!("left behind: {}", left.join("; ")));
+    }
+    (!problems.is_empty()).then(|| format!("`{cmd}`: {}\n{}", problems.join("; "), out.describe()))
+}
+
+fn assert_all_rejected(cases: &[(&[&str], &[&str])]) {
+    let failures: Vec<String> =
+        cases.iter().filter_map(|(args, hints)| check_rejected(args, hints)).collect();
+    assert!(
+        failures.is_empty(),
+        "{} bad input(s) not handled well:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// Each bad `add` gets a non-zero exit and a message that names the
+/// problem, and makes no device and no process.
+#[test]
+fn bad_input_is_rejected_and_leaves_nothing() {
+    let Some(_h) = harness() else { return };
+    let too_many = (online_cpus() + 1).to_string();
+    assert_all_rejected(&[
+        (&["add", "null", "--size", "0"], &["--size", "range"]),
+        (&["add", "null", "--size", "2P"], &["--size", "range"]),
+        // Below the 1 MiB minimum as well as not a multiple of 512.
+        (&["add", "null", "--size", "1000001"], &["--size"]),
+        (&["add", "null", "--size", "2000001"], &["multiple", "block size"]),
+        (&["add", "null", "--size", "12x"], &["12x", "unit"]),
+        (&["add", "null", "--size", "lots"], &["lots", "size"]),
+        (&["add", "null", "--size", "99999999999P"], &["too large"]),
+        (&["add", "null", "-d", "0"], &["-d", "range"]),
+        (&["add", "null", "-d", "5000"], &["-d", "range"]),
+        (&["add", "null", "-q", "0"], &["-q", "range"]),
+        (&["add", "null", "-q", &too_many], &["-q", "range"]),
+        (&["add", "foo"], &["foo", "null", "ram"]),
+        (&["add", "null", "--cpus", "99"], &["cpu", "99"]),
+        (&["add", "null", "--cpus", "x"], &["cpu"]),
+        (&["add", "null", "-n", "2000000"], &["-n", "range"]),
+        (&["add", "null", "-b", "3000"], &["block size"]),
+        (&["del", "-n", "3"], &["3", "list"]),
+    ]);
+}
+
+/// A device id that is taken is refused, and the device that has it is
+/// left alone, served by the same and only process.
+#[test]
+fn device_id_in_use_is_rejected() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["null", "-n", "5"]);
+    let out = ublk(&["add", "null", "-n", "5"]);
+    assert!(!out.ok(), "a second `add -n 5` succeeded:\n{}", out.describe());
+    let err = out.stderr.to_lowercase();
+    assert!(err.contains("in use") && err.contains('5'), "unhelpful message:\n{}", out.describe());
+    wait_until("the failed add's server to go", SETTLE, || servers().len() == 1);
+    assert_eq!(servers()[0].pid, dev.pid, "the only server left is not device 5's");
+    let now = list();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0]["dev_id"], 5);
+    assert_eq!(now[0]["pid"], dev.pid);
+    assert_eq!(now[0]["state"], "LIVE");
+    del(dev.id);
+    assert_gone(&dev);
+}
+
+/// Run as uid 65534, every command says it needs root.
+#[test]
+fn not_root_is_told_to_run_as_root() {
+    let Some(_h) = harness() else { return };
+    let Some(setpriv) = tool("setpriv") else {
+        println!("skipped: setpriv (util-linux) not found, cannot drop root");
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: not running as root, cannot switch to uid 65534");
+        return;
+    }
+    // The build folder may be out of reach of nobody (e.g. under /root).
+    let dir = tempfile::Builder::new().prefix("ublk-bench-nobody.").tempdir().expect("temp dir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = dir.path().join("ublk-bench");
+    fs::copy(common::bin(), &bin).expect("copy the binary");
+    let failures: Vec<String> = [&["list"][..], &["add", "null"], &["del", "-a"], &["features"]]
+        .iter()
+        .filter_map(|args| {
+            let out = run(Command::new(&setpriv)
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&bin)
+                .args(*args));
+            let fine = !out.ok() && out.stderr.contains("root") && !out.stderr.contains("panicked");
+            (!fine).then(|| format!("`ublk-bench {}` as uid 65534:\n{}", args.join(" "), out.describe()))
+        })
+        .collect();
+    assert!(failures.is_empty(), "not-root not explained:\n{}", failures.join("\n"));
+}
+
+/// Without the driver, commands fail and say how to load it. Runs only
+/// where /dev/ublk-control is absent (the host), the opposite of the rest.
+#[test]
+fn no_driver_error_says_modprobe() {
+    if have_driver() {
+        println!("skipped: /dev/ublk-control present; this test checks the error without the driver");
+        return;
+    }
+    for args in [&["list"][..], &["add", "null", "--size", "1G"], &["del", "-a"]] {
+        let out = ublk(args);
+        assert!(!out.ok(), "`ublk-bench {}` succeeded without the driver", args.join(" "));
+        assert!(
+            out.stderr.contains("modprobe ublk_drv"),
+            "`ublk-bench {}` without the driver does not say `modprobe ublk_drv`:\n{}",
+            args.join(" "),
+            out.describe()
+        );
+    }
+}
