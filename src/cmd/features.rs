@@ -1,21 +1,51 @@
-//! `features`: what the running kernel's ublk driver supports.
+//! `features`: what the running kernel's ublk driver supports, and which
+//! copy mode each backend gets from `--copy-mode auto`.
 
+use serde_json::json;
+
+use crate::config::{BackendKind, CopyMode};
 use crate::ctrl::Ctrl;
 use crate::error::Result;
+use crate::server::resolve_copy_mode;
 use crate::sys;
+
+const BACKENDS: [BackendKind; 3] = [BackendKind::Null, BackendKind::Ram, BackendKind::Nvme];
+const MODES: [CopyMode; 3] = [CopyMode::Copy, CopyMode::User, CopyMode::Zero];
+
+/// (backend, auto's pick, every mode this kernel allows for it)
+fn copy_modes(f: u64) -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+    BACKENDS
+        .iter()
+        .map(|&b| {
+            let auto = resolve_copy_mode(CopyMode::Auto, b, f).map_or("none", |m| m.name());
+            let ok =
+                MODES.iter().filter(|&&m| resolve_copy_mode(m, b, f).is_ok()).map(|m| m.name()).collect();
+            (b.name(), auto, ok)
+        })
+        .collect()
+}
 
 pub fn run(json: bool) -> Result<()> {
     let f = Ctrl::open()?.features()?;
     let names: Vec<&str> = sys::FEATURES.iter().filter(|(b, _, _)| f & b != 0).map(|(_, n, _)| *n).collect();
+    let modes = copy_modes(f);
     if json {
-        let v = serde_json::json!({ "raw": format!("{f:#x}"), "features": names });
+        let copy: serde_json::Map<String, serde_json::Value> = modes
+            .iter()
+            .map(|(b, auto, ok)| (b.to_string(), json!({ "auto": auto, "available": ok })))
+            .collect();
+        let v = json!({ "raw": format!("{f:#x}"), "features": names, "copy_modes": copy });
         println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
-    } else {
-        println!("ublk features {f:#x}");
-        for (bit, name, since) in sys::FEATURES {
-            let mark = if f & bit != 0 { "yes" } else { "no " };
-            println!("  {mark} {name:<24} (Linux {since})");
-        }
+        return Ok(());
+    }
+    println!("ublk features {f:#x}");
+    for (bit, name, since) in sys::FEATURES {
+        let mark = if f & bit != 0 { "yes" } else { "no " };
+        println!("  {mark} {name:<24} (Linux {since})");
+    }
+    println!("copy modes (auto picks the first):");
+    for (b, auto, ok) in modes {
+        println!("  {b:<5} auto={auto:<5} available: {}", ok.join(", "));
     }
     Ok(())
 }
