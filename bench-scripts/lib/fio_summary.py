@@ -51,6 +51,7 @@ def direction(stats):
     out = {
         "iops": round(stats.get("iops", 0.0), 1),
         "bw_mib_s": round(stats.get("bw_bytes", 0) / (1 << 20), 2),
+        "bw_mb_s": round(stats.get("bw_bytes", 0) / 1e6, 2),  # decimal MB/s
         "ios": stats.get("total_ios", 0),
         "clat_mean_us": _us(clat.get("mean")),
         "clat_max_us": _us(clat.get("max")),
@@ -80,6 +81,7 @@ def summarize(doc):
         if len(jobs) > 1:
             first["iops"] = round(sum(j[d].get("iops", 0.0) for j in jobs), 1)
             first["bw_mib_s"] = round(sum(j[d].get("bw_bytes", 0) for j in jobs) / (1 << 20), 2)
+            first["bw_mb_s"] = round(sum(j[d].get("bw_bytes", 0) for j in jobs) / 1e6, 2)
             first["ios"] = sum(j[d].get("total_ios", 0) for j in jobs)
         res[d] = first
     return res
