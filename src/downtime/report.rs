@@ -100,7 +100,7 @@ pub struct CycleReport {
 pub struct PhaseOffsets {
     pub method: String,
     pub pid: u32,
-    pub old_pid: i32,
+    pub old_pid: Option<i32>,
     pub began_us: Option<f64>,
     pub prepared_us: Option<f64>,
     pub crash_seen_us: Option<f64>,
@@ -161,7 +161,8 @@ pub struct Event {
     pub dev_id: u32,
     pub method: String,
     pub pid: u32,
-    pub old_pid: i32,
+    /// Known only to a standby, which watched the old server.
+    pub old_pid: Option<i32>,
     pub began_ns: u64,
     pub crash_seen_ns: Option<u64>,
     pub prepared_ns: u64,
@@ -469,5 +470,20 @@ garbage
     #[test]
     fn csv_is_ms_and_iops() {
         assert_eq!(csv(&[0, 3, 12]), "ms,iops\n0,0\n1,3000\n2,12000\n");
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::Event;
+
+    #[test]
+    fn events_parse_with_and_without_the_old_pid() {
+        let cold = r#"{"dev_id":1,"method":"supervise","pid":9,"old_pid":null,"began_ns":5,"crash_seen_ns":4,"start_recovery_ns":7}"#;
+        let hot = r#"{"dev_id":1,"method":"standby","pid":9,"old_pid":8,"began_ns":1,"crash_seen_ns":4,"first_served_ns":null}"#;
+        let cold: Event = serde_json::from_str(cold).unwrap();
+        let hot: Event = serde_json::from_str(hot).unwrap();
+        assert_eq!((cold.old_pid, cold.anchor_ns()), (None, Some(7)));
+        assert_eq!((hot.old_pid, hot.key_ns()), (Some(8), 4));
     }
 }
