@@ -16,6 +16,7 @@ use crate::{process, supervisor, sys};
 
 const QUIESCE_TIMEOUT_MS: u64 = 10_000;
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(dev_id: u32) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
@@ -39,15 +40,38 @@ pub fn run(dev_id: u32) -> Result<()> {
     let old_fd = process::pidfd(old);
     let t0 = now_ns();
     ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS).map_err(|e| Error::io("QUIESCE_DEV", e))?;
+    if let Some(fd) = &old_fd {
+        wait_drained(fd, old);
+    }
     if supervised {
         wait_new_server(&mut ctrl, dev_id, old)?;
     } else {
-        if let Some(fd) = &old_fd {
-            process::wait_pidfd(fd, Some(HANDOVER_TIMEOUT));
-        }
         spawn_recovering(dev_id, "restart", t0)?;
     }
     print_one(dev_id, false)
+}
+
+/// Waits for the old server to drain and exit. One that is still there after
+/// DRAIN_TIMEOUT (a tag it was serving during QUIESCE_DEV was parked again
+/// instead of aborted, which happens now and then) is killed: the device
+/// then recovers as from a crash, and with -i its in-flight I/O is reissued.
+fn wait_drained(fd: &std::os::fd::OwnedFd, old: i32) {
+    if !process::wait_pidfd(fd, Some(DRAIN_TIMEOUT)) {
+        crate::log!(
+            "restart: old server {old} did not exit within {DRAIN_TIMEOUT:?} of QUIESCE_DEV; killing it"
+        );
+        // SAFETY: plain syscall on a pidfd we own; it pins the pid.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                libc::SIGKILL,
+                0,
+                0,
+            )
+        };
+        process::wait_pidfd(fd, Some(HANDOVER_TIMEOUT));
+    }
 }
 
 /// Polls until the device is LIVE under a pid other than `old`.
