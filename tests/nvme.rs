@@ -1,0 +1,787 @@
+//! NVMe passthrough and copy-mode tests (issue 5): the built `ublk-bench`
+//! binary, black-box, against the real ublk driver and the guest's emulated
+//! NVMe namespace (`/dev/nvme0n1`, generic node `/dev/ng0n1`, recreated
+//! empty at every boot by bench-scripts/vm).
+//!
+//! What they prove:
+//! - fio's own CRC32C verification passes through `/dev/ublkbN` on `nvme` in
+//!   each copy mode (copy, zero, and auto, which must pick zero here), and
+//!   the same blocks then verify when read straight from `/dev/nvme0n1`
+//!   after the device is deleted: the data landed on the namespace;
+//! - a pattern written with O_DIRECT pwrite through ublk reads back byte for
+//!   byte from `/dev/nvme0n1`;
+//! - DISCARD and WRITE_ZEROES on `nvme` read back as zeros, through ublk and
+//!   on the namespace, with the data around them intact;
+//! - `ram` passes the same verify jobs with user copy and with copy;
+//! - kill -9 of an `nvme -r -i` server in fio's write phase, then `recover`,
+//!   loses nothing: fio sees no error and its verify pass succeeds;
+//! - bad `--dev` values and copy modes a backend cannot do are refused with
+//!   a message that names the problem, leaving nothing behind.
+//!
+//! They need /dev/ublk-control, /dev/ng0n1 and root; without them each test
+//! prints why it is skipped and passes. Run them in the guest:
+//! `UBLK_TEST_SUITES=nvme bench-scripts/test`, or by hand
+//! `bench-scripts/vm --auto -- target/debug/deps/nvme-HASH --test-threads=1`.
+//! Tests run one at a time under the `common` harness, which deletes every
+//! ublk device and kills every ublk-bench process when a test ends.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// The guest's NVMe namespace: generic char device and block device.
+const NG: &str = "/dev/ng0n1";
+const NVME_BLOCK: &str = "/dev/nvme0n1";
+const SKIP_NVME: &str = "skipped: /dev/ng0n1 absent (the guest's emulated NVMe: run inside bench-scripts/vm)";
+/// Region of the namespace the fio verify jobs cover.
+const FIO_SPAN: u64 = 64 * MIB;
+/// Region the hand-written pattern covers (after the fio region).
+const PATTERN_AT: u64 = 96 * MIB;
+const PATTERN_SPAN: u64 = 8 * MIB;
+/// A verifying fio run under emulation, recovery included.
+const FIO_TIMEOUT: Duration = Duration::from_secs(300);
+
+// ---------------------------------------------------------------- set-up
+
+/// The harness, or None (after printing why) without the driver or the
+/// emulated NVMe namespace.
+fn nvme_harness() -> Option<Harness> {
+    let h = harness()?;
+    let is_char = fs::metadata(NG).is_ok_and(|m| m.file_type().is_char_device());
+    if !is_char || !is_block_device(Path::new(NVME_BLOCK)) {
+        println!("{SKIP_NVME}");
+        return None;
+    }
+    Some(h)
+}
+
+/// On a failing test: the tail of the server log and of the kernel log.
+struct Diagnostics;
+
+impl Drop for Diagnostics {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let log = run_dir().join("server.log");
+        let text = fs::read_to_string(&log).unwrap_or_else(|e| format!("({e})"));
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!(
+            "---- last lines of {}:\n{}",
+            log.display(),
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        );
+        if let Some(out) = try_run(&mut Command::new("dmesg"), Duration::from_secs(10)) {
+            let lines: Vec<&str> = out.stdout.lines().collect();
+            eprintln!("---- dmesg tail:\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
+    }
+}
+
+/// A `/sys/block/NAME/queue/FILE` number.
+fn queue_attr(name: &str, file: &str) -> u64 {
+    let path = format!("/sys/block/{name}/queue/{file}");
+    let s = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    s.trim().parse().unwrap_or_else(|_| panic!("{path}: not a number: {s:?}"))
+}
+
+fn ublk_name(dev: &Dev) -> String {
+    format!("ublkb{}", dev.id)
+}
+
+/// `nvme` devices on the guest's namespace in copy mode `mode`, plus `extra`.
+fn add_nvme(dev: &str, mode: &str, extra: &[&str]) -> Dev {
+    let mut args = vec!["nvme", "--dev", dev, "--copy-mode", mode];
+    args.extend_from_slice(extra);
+    add(&args)
+}
+
+fn has_flag(dev: &Dev, flag: &str) -> bool {
+    dev.json["flags"].as_array().is_some_and(|f| f.iter().any(|v| v == flag))
+}
+
+// ---------------------------------------------------------------- O_DIRECT I/O
+
+/// A 4 KiB-aligned buffer of `len` bytes, as O_DIRECT wants.
+struct Aligned {
+    raw: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + 4096];
+        let at = raw.as_ptr().align_offset(4096);
+        Aligned { raw, at, len }
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.raw[self.at..self.at + self.len]
+    }
+
+    fn get_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.at..self.at + self.len]
+    }
+}
+
+fn open_direct(dev: &Path, write: bool) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", dev.display()))
+}
+
+/// Writes `data` at `offset` with O_DIRECT pwrites of the sizes in `sizes`
+/// (cycled), then fsync (a FLUSH). Returns the write sizes used.
+fn pwrite_direct(dev: &Path, offset: u64, data: &[u8], sizes: &[usize]) -> Vec<usize> {
+    let f = open_direct(dev, true);
+    let mut buf = Aligned::new(sizes.iter().copied().max().expect("sizes"));
+    let (mut done, mut used) = (0usize, vec![]);
+    for &size in sizes.iter().cycle() {
+        if done == data.len() {
+            break;
+        }
+        let n = size.min(data.len() - done);
+        buf.get_mut()[..n].copy_from_slice(&data[done..done + n]);
+        f.write_all_at(&buf.get()[..n], offset + done as u64).unwrap_or_else(|e| {
+            panic!("pwrite {n} bytes at {} of {}: {e}", offset + done as u64, dev.display())
+        });
+        used.push(n);
+        done += n;
+    }
+    f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", dev.display()));
+    used
+}
+
+/// Reads `len` bytes at `offset` with O_DIRECT preads of up to 1 MiB.
+fn pread_direct(dev: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let f = open_direct(dev, false);
+    let mut buf = Aligned::new(MIB as usize);
+    let mut out = Vec::with_capacity(len as usize);
+    while (out.len() as u64) < len {
+        let n = (len - out.len() as u64).min(MIB) as usize;
+        let at = offset + out.len() as u64;
+        f.read_exact_at(&mut buf.get_mut()[..n], at)
+            .unwrap_or_else(|e| panic!("pread {n} bytes at {at} of {}: {e}", dev.display()));
+        out.extend_from_slice(&buf.get()[..n]);
+    }
+    out
+}
+
+/// Panics at the first byte where `got` differs from `want`, with how many differ.
+fn assert_same(got: &[u8], want: &[u8], base: u64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let bad = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        let zeros = got.iter().zip(want).filter(|(a, b)| a != b && **a == 0).count();
+        panic!(
+            "{what}: byte at offset {} reads {:#04x}, expected {:#04x}; {bad} of {} bytes differ ({zeros} of them read 0)",
+            base + at as u64,
+            got[at],
+            want[at],
+            want.len()
+        );
+    }
+}
+
+/// Write sizes for the pattern: single sectors' worth of pages, odd sizes,
+/// exactly the largest request, and more than it (the kernel splits).
+const PATTERN_SIZES: &[usize] = &[4096, 12288, 131072, 69632, 1 << 20, 528384, 8192, 262144];
+
+// ---------------------------------------------------------------- fio
+
+/// fio's verify job: random writes of mixed sizes, each block with a
+/// CRC32C, read back and checked at the end; `seed` makes each run's data
+/// its own, so a block left from another run fails the check.
+fn verify_job(seed: u64, span: u64, bs: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--iodepth=16",
+        "--rw=randwrite",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--offset=0",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.push(format!("--size={span}"));
+    a.push(if bs.contains('-') { format!("--bsrange={bs}") } else { format!("--bs={bs}") });
+    a.push(format!("--randseed={seed}"));
+    a
+}
+
+/// The same job as a read-only check of what `verify_job` wrote.
+fn verify_only_job(seed: u64, span: u64, bs: &str) -> Vec<String> {
+    let mut a = verify_job(seed, span, bs);
+    a.push("--verify_only=1".into());
+    a
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// fio's JSON document (fio may print notes before it).
+fn fio_json(out: &Out) -> Result<Value, String> {
+    let start = if out.stdout.starts_with('{') { 0 } else { out.stdout.find("\n{").map_or(0, |i| i + 1) };
+    serde_json::from_str(&out.stdout[start..]).map_err(|e| format!("no JSON from fio ({e})"))
+}
+
+/// Ok(json) if fio exited 0 and no job saw an error, else what went wrong.
+fn fio_clean(out: &Out) -> Result<Value, String> {
+    let json = fio_json(out);
+    let mut problems = vec![];
+    if !out.ok() {
+        problems.push(format!("exit status {}", out.status));
+    }
+    if let Ok(json) = &json {
+        for j in json["jobs"].as_array().into_iter().flatten() {
+            if j["error"] != 0 {
+                problems.push(format!("job {} error {}", j["jobname"], j["error"]));
+            }
+            if j["total_err"].as_u64().unwrap_or(0) != 0 {
+                problems.push(format!("job {} total_err {}", j["jobname"], j["total_err"]));
+            }
+        }
+    }
+    match (json, problems.is_empty()) {
+        (Ok(json), true) => Ok(json),
+        (json, _) => {
+            if let Err(e) = json {
+                problems.push(e);
+            }
+            let d = out.describe();
+            let tail = &d[d.len().saturating_sub(4000)..];
+            Err(format!("{}: {}\n...{tail}", out.what, problems.join("; ")))
+        }
+    }
+}
+
+/// A fio run in the background, in its own process group, which is killed
+/// if the test ends before it does.
+struct BgFio {
+    run: Option<Running>,
+    pgid: i32,
+}
+
+impl BgFio {
+    fn start(dev: &Path, name: &str, args: &[String]) -> Self {
+        let mut cmd = Command::new(need_tool("fio"));
+        cmd.arg(format!("--name={name}"))
+            .arg(format!("--filename={}", dev.display()))
+            .args(args)
+            .arg("--output-format=json")
+            .process_group(0);
+        let run = spawn(&mut cmd);
+        BgFio { pgid: run.pid(), run: Some(run) }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.run.as_mut().expect("not finished").child.try_wait(), Ok(None))
+    }
+
+    fn finish(mut self, timeout: Duration) -> Out {
+        self.run.take().expect("finished once").finish(timeout)
+    }
+}
+
+impl Drop for BgFio {
+    fn drop(&mut self) {
+        if self.run.is_some() {
+            // SAFETY: kill takes plain integers; the group is the fio we started.
+            unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------- copy modes
+
+/// On `dev` (an `nvme` device on the guest's namespace): fio verify over
+/// the first FIO_SPAN, and a pattern written with O_DIRECT pwrite at
+/// PATTERN_AT that must read back through ublk. Then the device is deleted
+/// and both are read straight from /dev/nvme0n1: fio's verify-only pass
+/// and a byte compare of the pattern. `seed` must differ between callers,
+/// so that data left by an earlier test cannot pass for this one's.
+fn verify_and_check_namespace(dev: Dev, seed: u64) {
+    let mode = dev.json["copy_mode"].as_str().unwrap_or("?").to_string();
+    let block = dev.block();
+    let t = Instant::now();
+    let job = verify_job(seed, FIO_SPAN, "4k-128k");
+    let json = fio(&block, &as_strs(&job));
+    assert_eq!(fio_bytes(&json, "write"), FIO_SPAN, "{mode}: fio wrote less than its span");
+    assert_eq!(fio_bytes(&json, "read"), FIO_SPAN, "{mode}: fio verified less than its span");
+    println!("{mode}: fio verify of {} MiB through {} in {:?}", FIO_SPAN >> 20, block.display(), t.elapsed());
+
+    let pattern = random_bytes(PATTERN_SPAN as usize, seed);
+    let sizes = pwrite_direct(&block, PATTERN_AT, &pattern, PATTERN_SIZES);
+    let back = pread_direct(&block, PATTERN_AT, PATTERN_SPAN);
+    assert_same(
+        &back,
+        &pattern,
+        PATTERN_AT,
+        &format!("{mode}: pattern read back through {}", block.display()),
+    );
+    println!("{mode}: pattern of {} writes ({} MiB) read back through ublk", sizes.len(), PATTERN_SPAN >> 20);
+
+    del(dev.id);
+    assert_gone(&dev);
+
+    let nvme = Path::new(NVME_BLOCK);
+    let back = pread_direct(nvme, PATTERN_AT, PATTERN_SPAN);
+    assert_same(&back, &pattern, PATTERN_AT, &format!("{mode}: pattern read straight from {NVME_BLOCK}"));
+    let json = fio(nvme, &as_strs(&verify_only_job(seed, FIO_SPAN, "4k-128k")));
+    assert_eq!(fio_bytes(&json, "read"), FIO_SPAN, "{mode}: fio verify-only on {NVME_BLOCK} read less");
+    println!("{mode}: fio's blocks and the pattern verified on {NVME_BLOCK} itself");
+}
+
+/// `--copy-mode copy`: the tag buffers, one queue.
+#[test]
+fn nvme_copy_mode_copy_verifies_and_lands_on_the_namespace() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let dev = add_nvme(NG, "copy", &[]);
+    assert_eq!(dev.json["copy_mode"], "copy", "{}", dev.json);
+    assert_eq!(dev.json["backend"], "nvme", "{}", dev.json);
+    assert!(
+        !has_flag(&dev, "ZERO_COPY") && !has_flag(&dev, "USER_COPY"),
+        "copy mode with a zero/user copy flag: {}",
+        dev.json
+    );
+    verify_and_check_namespace(dev, 0xc0b1);
+}
+
+/// `--copy-mode zero`: REGISTER_IO_BUF chains, two queues where there are
+/// two CPUs.
+#[test]
+fn nvme_copy_mode_zero_verifies_and_lands_on_the_namespace() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let q = online_cpus().min(2).to_string();
+    let dev = add_nvme(NG, "zero", &["-q", &q]);
+    assert_eq!(dev.json["copy_mode"], "zero", "{}", dev.json);
+    assert!(has_flag(&dev, "ZERO_COPY"), "zero copy without UBLK_F_SUPPORT_ZERO_COPY: {}", dev.json);
+    assert_eq!(dev.json["queues"].to_string(), q, "{}", dev.json);
+    verify_and_check_namespace(dev, 0x2e50);
+}
+
+/// `--copy-mode auto` picks zero on this kernel (as `features` says it
+/// would), through `--dev /dev/nvme0n1`, mapped to the generic node. The
+/// device takes its size, block size and request limit from the namespace.
+#[test]
+fn nvme_copy_mode_auto_is_zero_with_the_namespace_geometry() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let out = ublk(&["features", "--json"]).success();
+    let features: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("`features --json` is not JSON ({e}):\n{}", out.describe()));
+    let names = features["features"].as_array().cloned().unwrap_or_default();
+    let kernel_zero = ["ZERO_COPY", "UPDATE_SIZE"].iter().all(|f| names.iter().any(|n| n == f));
+    let want = if kernel_zero { "zero" } else { "copy" };
+    assert_eq!(
+        features["copy_modes"]["nvme"]["auto"], want,
+        "`features --json` on a kernel with {names:?}: {features}"
+    );
+
+    let dev = add_nvme(NVME_BLOCK, "auto", &[]);
+    assert_eq!(dev.json["copy_mode"], want, "auto on a kernel with {names:?}: {}", dev.json);
+    assert!(kernel_zero, "this kernel ({names:?}) lacks zero copy: the guest kernel should have it");
+    assert!(has_flag(&dev, "ZERO_COPY"), "{}", dev.json);
+
+    // Geometry from the namespace.
+    let ns_bytes = fs::read_to_string("/sys/block/nvme0n1/size").expect("nvme0n1 size");
+    let ns_bytes = ns_bytes.trim().parse::<u64>().expect("a number") << 9;
+    let name = ublk_name(&dev);
+    assert_eq!(dev.json["size"], ns_bytes, "size of the device vs the namespace: {}", dev.json);
+    assert_eq!(queue_attr(&name, "logical_block_size"), queue_attr("nvme0n1", "logical_block_size"));
+    assert_eq!(dev.json["block_size"], queue_attr("nvme0n1", "logical_block_size"), "{}", dev.json);
+    let mdts_kb = queue_attr("nvme0n1", "max_hw_sectors_kb");
+    let ours_kb = queue_attr(&name, "max_hw_sectors_kb");
+    assert!(ours_kb <= mdts_kb, "{name} max_hw_sectors_kb {ours_kb} > the namespace's {mdts_kb}");
+    assert!(
+        dev.json["max_io_bytes"].as_u64().is_some_and(|b| b > 0 && b <= mdts_kb << 10),
+        "max_io_bytes vs the namespace's {mdts_kb} KiB: {}",
+        dev.json
+    );
+    let size_sectors = fs::read_to_string(format!("/sys/block/{name}/size")).expect("ublk size");
+    assert_eq!(size_sectors.trim().parse::<u64>().ok(), Some(ns_bytes >> 9), "/sys/block/{name}/size");
+    println!(
+        "auto -> {want}; {name}: {} bytes, lbs {}, max_hw_sectors_kb {ours_kb} (namespace {mdts_kb})",
+        ns_bytes,
+        queue_attr(&name, "logical_block_size")
+    );
+    verify_and_check_namespace(dev, 0xa070);
+}
+
+// ---------------------------------------------------------------- discard
+
+/// DISCARD (`blkdiscard`) and WRITE_ZEROES (`blkdiscard -z`) on `nvme`, in
+/// zero and in copy mode: the ranges read back as zeros and the bytes
+/// around them keep their data, through ublk and on /dev/nvme0n1 after the
+/// device is gone.
+#[test]
+fn nvme_discard_and_write_zeroes_read_back_zeros() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let blkdiscard = need_tool("blkdiscard");
+    let ns_discard = queue_attr("nvme0n1", "discard_max_bytes");
+    let ns_wz = queue_attr("nvme0n1", "write_zeroes_max_bytes");
+    assert!(
+        ns_discard > 0 || ns_wz > 0,
+        "{NVME_BLOCK} supports neither discard nor write zeroes: the test needs one (QEMU's nvme has both)"
+    );
+    let span = 8 * MIB;
+    for (mode, seed) in [("zero", 0xd15c_u64), ("copy", 0xd15d)] {
+        let dev = add_nvme(NG, mode, &[]);
+        let name = ublk_name(&dev);
+        let (discard, wz) =
+            (queue_attr(&name, "discard_max_bytes"), queue_attr(&name, "write_zeroes_max_bytes"));
+        println!(
+            "{mode}: {name} discard_max_bytes {discard} write_zeroes_max_bytes {wz} (namespace {ns_discard}, {ns_wz})"
+        );
+        assert!(discard > 0, "{mode}: {name} offers no DISCARD though the namespace can");
+        if ns_wz > 0 {
+            assert!(wz > 0, "{mode}: {name} offers no WRITE_ZEROES though the namespace has it");
+        }
+        let data = random_bytes(span as usize, seed);
+        pwrite_direct(&dev.block(), 0, &data, &[1 << 20]);
+        assert_same(
+            &pread_direct(&dev.block(), 0, span),
+            &data,
+            0,
+            &format!("{mode}: pattern before any discard"),
+        );
+
+        // 4 KiB aligned but not on MiB boundaries, from one page to more
+        // than the device's largest DISCARD or WRITE_ZEROES (split).
+        let mut ranges = vec![
+            ("discard", MIB + (64 << 10), 512 << 10),
+            ("discard", 6 * MIB + 8192, 4096),
+            ("discard", 4 * MIB + 8192, MIB + 12288),
+        ];
+        if wz > 0 {
+            ranges.push(("write zeroes", 3 * MIB + 4096, 300 << 10));
+            ranges.push(("write zeroes", 4 * MIB - 4096, 4096));
+            ranges.push(("write zeroes", 6 * MIB + (64 << 10), 700 << 10));
+        }
+        let mut expect = data;
+        for &(what, off, len) in &ranges {
+            let mut cmd = Command::new(&blkdiscard);
+            if what == "write zeroes" {
+                cmd.arg("-z");
+            }
+            run(cmd.args(["-o", &off.to_string(), "-l", &len.to_string()]).arg(dev.block())).success();
+            expect[off as usize..(off + len) as usize].fill(0);
+        }
+        let check = |back: &[u8], where_: &str| {
+            if let Some(at) = back.iter().zip(&expect).position(|(a, b)| a != b) {
+                let at = at as u64;
+                let place = ranges.iter().find(|(_, off, len)| (*off..off + len).contains(&at)).map_or(
+                    "outside the ranges: data around a range was changed".to_string(),
+                    |(what, off, len)| format!("inside the {what} range {off}+{len}: not zero"),
+                );
+                panic!(
+                    "{mode}, {where_}: byte {at} reads {:#04x}, expected {:#04x}, {place}",
+                    back[at as usize], expect[at as usize]
+                );
+            }
+        };
+        check(&pread_direct(&dev.block(), 0, span), &format!("through {}", dev.block().display()));
+        del(dev.id);
+        assert_gone(&dev);
+        check(&pread_direct(Path::new(NVME_BLOCK), 0, span), &format!("on {NVME_BLOCK}"));
+        println!("{mode}: {} ranges read back as zeros, their surroundings intact", ranges.len());
+    }
+}
+
+// ---------------------------------------------------------------- ram
+
+/// `ram` with `--copy-mode user` and with `--copy-mode copy` pass the same
+/// verify jobs as the driver tests: 4 KiB random writes, then (stonewalled)
+/// mixed sizes up to 256 KiB, each verified; both devices in one fio run.
+/// `auto` on ram picks user copy where the kernel has it.
+#[test]
+fn ram_user_and_copy_pass_fio_verify() {
+    let Some(_h) = harness() else { return };
+    let _d = Diagnostics;
+    let size = 32 * MIB;
+    let user = add(&["ram", "--size", "32M", "--copy-mode", "user"]);
+    assert_eq!(user.json["copy_mode"], "user", "{}", user.json);
+    assert!(has_flag(&user, "USER_COPY"), "user copy without UBLK_F_USER_COPY: {}", user.json);
+    let copy = add(&["ram", "--size", "32M", "--copy-mode", "copy"]);
+    assert_eq!(copy.json["copy_mode"], "copy", "{}", copy.json);
+    assert!(!has_flag(&copy, "USER_COPY") && !has_flag(&copy, "ZERO_COPY"), "{}", copy.json);
+    let auto = add(&["ram", "--size", "1M"]);
+    assert_eq!(auto.json["copy_mode"], "user", "auto on ram, a kernel with USER_COPY: {}", auto.json);
+    del(auto.id);
+    assert_gone(&auto);
+
+    let global = [
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--iodepth=16",
+        "--rw=randwrite",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+    ];
+    let mut jobs: Vec<(String, Vec<String>)> = Vec::new();
+    for (phase, sizes) in [("rand4k", "--bs=4k"), ("mixed", "--bsrange=4k-256k")] {
+        for (i, dev) in [&user, &copy].into_iter().enumerate() {
+            let mode = dev.json["copy_mode"].as_str().unwrap_or("?");
+            let mut opts = vec![format!("--filename={}", dev.block().display()), sizes.to_string()];
+            if phase == "mixed" && i == 0 {
+                opts.push("--stonewall".into());
+            }
+            jobs.push((format!("{phase}-{mode}"), opts));
+        }
+    }
+    let json = fio_jobs(None, &global, &jobs);
+    for ((job, _), dir) in jobs.iter().flat_map(|j| [(j, "write"), (j, "read")]) {
+        let bytes = fio_job_bytes(&json, job, dir);
+        assert_eq!(bytes, size, "fio job {job}: {dir} bytes do not cover the device (write, then verify)");
+    }
+    for dev in [&user, &copy] {
+        del(dev.id);
+        assert_gone(dev);
+    }
+}
+
+// ---------------------------------------------------------------- crash
+
+/// Requests in flight on a block device: (reads, writes).
+fn inflight(dev: &Dev) -> (u64, u64) {
+    let s = fs::read_to_string(format!("/sys/block/{}/inflight", ublk_name(dev))).unwrap_or_default();
+    let v: Vec<u64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    (v.first().copied().unwrap_or(0), v.get(1).copied().unwrap_or(0))
+}
+
+/// Write requests the block device has completed.
+fn writes_done(dev: &Dev) -> u64 {
+    let s = fs::read_to_string(format!("/sys/block/{}/stat", ublk_name(dev))).unwrap_or_default();
+    s.split_whitespace().nth(4).and_then(|x| x.parse().ok()).unwrap_or(0)
+}
+
+/// Waits until `pid` is gone or a zombie: the kernel has seen it die.
+fn wait_dead(pid: i32) {
+    wait_until(&format!("pid {pid} to die"), SETTLE, || {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next());
+        matches!(state, None | Some('Z'))
+    });
+}
+
+const CRASH_CYCLES: u64 = 3;
+
+/// How a killed server comes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    /// `ublk-bench recover -n ID`, called by the test.
+    Recover,
+    /// `add --supervise`: the supervisor restarts it.
+    Supervise,
+    /// `add --standby`: a hot standby takes over.
+    Standby,
+}
+
+/// `nvme -r -i` in copy mode `mode` under fio verify: each cycle starts a
+/// verifying fio pass over FIO_SPAN (its own seed), kill -9s the server
+/// while fio is in its write phase with writes in flight, and brings the
+/// device back by `method`; fio must finish with no error, its verify pass
+/// reading the whole span. After the last cycle the device is deleted and
+/// the last pass verifies on /dev/nvme0n1 itself.
+fn crash_recover_under_fio_verify(mode: &str, method: Method, seed0: u64) {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let t0 = Instant::now();
+    let mut extra = vec!["-r", "-i"];
+    match method {
+        Method::Recover => {}
+        Method::Supervise => extra.push("--supervise"),
+        Method::Standby => extra.push("--standby"),
+    }
+    let dev = add_nvme(NG, mode, &extra);
+    assert_eq!(dev.json["copy_mode"], mode, "{}", dev.json);
+    assert!(has_flag(&dev, "USER_RECOVERY_REISSUE"), "-r -i without REISSUE: {}", dev.json);
+    let (id, block) = (dev.id, dev.block());
+    let mut server = dev.pid;
+    let mut last = (0, "");
+    for cycle in 1..=CRASH_CYCLES {
+        let seed = seed0 + cycle;
+        let bs = if cycle % 2 == 0 { "4k-128k" } else { "4k" };
+        last = (seed, bs);
+        let before = writes_done(&dev);
+        let mut fio = BgFio::start(&block, "crash", &verify_job(seed, FIO_SPAN, bs));
+        // The write phase: writes in flight, no verify reads yet, and some
+        // writes already done so the kill lands mid-phase.
+        let mut seen = (0, 0, 0);
+        let caught = eventually(Duration::from_secs(120), || {
+            let (r, w) = inflight(&dev);
+            seen = (r, w, writes_done(&dev).saturating_sub(before));
+            (w > 0 && r == 0 && seen.2 >= 64) || !fio.running()
+        });
+        assert!(fio.running(), "cycle {cycle}: fio ended before the kill (missed its write phase)");
+        assert!(caught, "cycle {cycle}: no write phase with writes in flight within 120 s (last {seen:?})");
+        signal(server, libc::SIGKILL);
+        let k = Instant::now();
+        wait_dead(server);
+        if method == Method::Recover {
+            let out = ublk(&["recover", "-n", &id.to_string()]).success();
+            assert!(out.stdout.contains("state LIVE"), "cycle {cycle}: recover printed:\n{}", out.describe());
+        } else {
+            wait_until(
+                &format!(
+                    "cycle {cycle}: device {id} LIVE under a new server ({method:?}) after killing {server}"
+                ),
+                Duration::from_secs(60),
+                || {
+                    list_one(id).is_some_and(|d| {
+                        let pid = d["pid"].as_i64().unwrap_or(0) as i32;
+                        d["state"] == "LIVE" && pid > 0 && pid != server && alive(pid)
+                    })
+                },
+            );
+        }
+        let now = list_one(id).unwrap_or_else(|| panic!("cycle {cycle}: device {id} gone after recovery"));
+        let new = now["pid"].as_i64().unwrap_or(0) as i32;
+        assert!(new > 0 && new != server && alive(new), "cycle {cycle}: no new live server: {now}");
+        assert_eq!(now["state"], "LIVE", "cycle {cycle}: {now}");
+        assert_eq!(now["copy_mode"], mode, "cycle {cycle}: the recovered device changed copy mode: {now}");
+        let recovered_in = k.elapsed();
+        let out = fio.finish(FIO_TIMEOUT);
+        let json = fio_clean(&out).unwrap_or_else(|e| {
+            panic!("cycle {cycle}: fio across kill -9 of server {server} and recover ({mode}): {e}")
+        });
+        assert_eq!(fio_bytes(&json, "write"), FIO_SPAN, "cycle {cycle}: fio wrote less than its span");
+        assert_eq!(fio_bytes(&json, "read"), FIO_SPAN, "cycle {cycle}: fio verified less than its span");
+        println!(
+            "cycle {cycle} ({mode}, {method:?}, bs {bs}): killed server {server} with {} reads / {} writes in flight, \
+             {} writes done; recovered in {recovered_in:?} by {new}; fio verified {} MiB, no error",
+            seen.0,
+            seen.1,
+            seen.2,
+            FIO_SPAN >> 20
+        );
+        server = new;
+    }
+    del(id);
+    assert_gone(&Dev { id, pid: server, json: dev.json.clone() });
+    let (seed, bs) = last;
+    let json = fio(Path::new(NVME_BLOCK), &as_strs(&verify_only_job(seed, FIO_SPAN, bs)));
+    assert_eq!(fio_bytes(&json, "read"), FIO_SPAN, "verify-only on {NVME_BLOCK} read less than the span");
+    println!(
+        "{mode}: {CRASH_CYCLES} crash/recover cycles, last pass verified on {NVME_BLOCK}; {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn nvme_zero_crash_recover_under_fio_verify() {
+    crash_recover_under_fio_verify("zero", Method::Recover, 0x21_0000);
+}
+
+#[test]
+fn nvme_copy_crash_recover_under_fio_verify() {
+    crash_recover_under_fio_verify("copy", Method::Recover, 0xc0_0000);
+}
+
+#[test]
+fn nvme_zero_crash_supervise_under_fio_verify() {
+    crash_recover_under_fio_verify("zero", Method::Supervise, 0x25_0000);
+}
+
+#[test]
+fn nvme_zero_crash_standby_under_fio_verify() {
+    crash_recover_under_fio_verify("zero", Method::Standby, 0x55_0000);
+}
+
+// ---------------------------------------------------------------- errors
+
+/// Runs `ublk-bench ARGS`, which must fail with a message holding every
+/// `hints` (case-insensitive) and no panic, and leave nothing behind.
+fn check_rejected(args: &[&str], hints: &[&str]) -> Option<String> {
+    let out = ublk(args);
+    let cmd = format!("ublk-bench {}", args.join(" "));
+    let err = out.stderr.to_lowercase();
+    let problem = if out.ok() {
+        Some("exit status 0".to_string())
+    } else if err.contains("panicked") {
+        Some("it panicked".to_string())
+    } else {
+        hints
+            .iter()
+            .find(|h| !err.contains(&h.to_lowercase()))
+            .map(|h| format!("the message does not mention `{h}`"))
+    };
+    let left = settled_leftovers();
+    if !left.is_empty() {
+        force_cleanup();
+    }
+    let mut problems: Vec<String> = problem.into_iter().collect();
+    if !left.is_empty() {
+        problems.push(format!("left behind: {}", left.join("; ")));
+    }
+    if problems.is_empty() {
+        println!("`{cmd}` refused: {}", out.stderr.trim_end());
+    }
+    (!problems.is_empty()).then(|| format!("`{cmd}`: {}\n{}", problems.join("; "), out.describe()))
+}
+
+/// Bad `--dev` values and copy modes a backend cannot do: each `add` fails
+/// with a message naming the problem and makes no device and no process.
+#[test]
+fn bad_nvme_input_is_rejected_and_leaves_nothing() {
+    let Some(_h) = nvme_harness() else { return };
+    let dir = tempfile::Builder::new().prefix("ublk-bench-nvme.").tempdir().expect("temp dir");
+    // Names the code maps as namespaces, but not the char device it needs.
+    let block_link: PathBuf = dir.path().join("ng0n5");
+    std::os::unix::fs::symlink(NVME_BLOCK, &block_link).expect("symlink to the block device");
+    let regular: PathBuf = dir.path().join("ng0n6");
+    fs::write(&regular, b"not a device").expect("write a regular file");
+    let (block_link, regular) =
+        (block_link.to_string_lossy().into_owned(), regular.to_string_lossy().into_owned());
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["add", "nvme", "--dev", "/dev/sda"], vec!["/dev/sda", "nvme namespace"]),
+        (vec!["add", "nvme", "--dev", "/dev/null"], vec!["/dev/null", "nvme namespace"]),
+        (vec!["add", "nvme", "--dev", "/dev/nvme0"], vec!["/dev/nvme0", "nvme namespace"]),
+        (vec!["add", "nvme", "--dev", "/dev/nvme0n1p1"], vec!["/dev/nvme0n1p1", "nvme namespace"]),
+        (vec!["add", "nvme", "--dev", "/dev/ng9n1"], vec!["/dev/ng9n1", "no such file"]),
+        (vec!["add", "nvme", "--dev", "/dev/nvme9n1"], vec!["ng9n1", "no such file"]),
+        (vec!["add", "nvme", "--dev", &block_link], vec![&block_link, "not a character device"]),
+        (vec!["add", "nvme", "--dev", &regular], vec![&regular, "not a character device"]),
+        (vec!["add", "nvme"], vec!["--dev"]),
+        (vec!["add", "nvme", "--dev", NG, "--copy-mode", "user"], vec!["user copy", "--copy-mode zero"]),
+        (vec!["add", "nvme", "--dev", NG, "--size", "2G"], vec!["--size", "namespace"]),
+        (vec!["add", "ram", "--copy-mode", "zero"], vec!["zero copy", "--copy-mode user"]),
+        (vec!["add", "ram", "--dev", NG], vec!["--dev", "nvme"]),
+        (vec!["add", "null", "--dev", NG], vec!["--dev", "nvme"]),
+        (vec!["add", "nvme", "--dev", NG, "--copy-mode", "fast"], vec!["fast", "zero"]),
+    ];
+    let failures: Vec<String> =
+        cases.iter().filter_map(|(args, hints)| check_rejected(args, hints)).collect();
+    assert!(
+        failures.is_empty(),
+        "{} bad input(s) not handled well:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    // The namespace is still usable after all that.
+    let dev = add_nvme(NG, "auto", &[]);
+    del(dev.id);
+    assert_gone(&dev);
+}
