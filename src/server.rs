@@ -75,17 +75,21 @@ impl Server {
             let _ = ctrl.del(dev_id);
             return Err(Error::io("SET_PARAMS", e));
         }
-        Ok(Server {
+        Ok(Server::new(ctrl, cfg, info))
+    }
+
+    fn new(ctrl: Ctrl, cfg: DeviceConfig, info: DevInfo) -> Self {
+        Server {
             ctrl,
             cfg,
             info,
-            dev_id,
+            dev_id: info.dev_id,
             char_dev: None,
             threads: vec![],
             binds: vec![],
             ready: None,
             first_served: Arc::default(),
-        })
+        }
     }
 
     /// Takes over an existing device (recovery): no ADD_DEV, the kernel's
@@ -93,17 +97,7 @@ impl Server {
     pub fn adopt(dev_id: u32, cfg: DeviceConfig) -> Result<Self> {
         let mut ctrl = Ctrl::open()?;
         let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
-        Ok(Server {
-            ctrl,
-            cfg,
-            info,
-            dev_id,
-            char_dev: None,
-            threads: vec![],
-            binds: vec![],
-            ready: None,
-            first_served: Arc::default(),
-        })
+        Ok(Server::new(ctrl, cfg, info))
     }
 
     /// Starts every queue thread and returns once each has pinned itself and

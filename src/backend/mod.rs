@@ -118,16 +118,8 @@ pub fn done(len: u32) -> i32 {
 /// # Safety
 /// `[buf, buf+len)` must be readable memory for the whole call.
 pub unsafe fn pwrite_all(fd: RawFd, buf: *const u8, len: usize, pos: u64) -> i32 {
-    let mut off = 0usize;
-    while off < len {
-        // SAFETY: the caller guarantees [buf, buf+len) is readable for the call.
-        let n = unsafe { libc::pwrite(fd, buf.add(off).cast(), len - off, (pos + off as u64) as i64) };
-        if n <= 0 {
-            return neg_errno(n);
-        }
-        off += n as usize;
-    }
-    len as i32
+    // SAFETY: the caller guarantees [buf, buf+len) is readable for the call.
+    all(len, |off| unsafe { libc::pwrite(fd, buf.add(off).cast(), len - off, (pos + off as u64) as i64) })
 }
 
 /// `pread` all of `len` bytes from `fd` at `pos` into `buf`; -errno on failure.
@@ -135,10 +127,15 @@ pub unsafe fn pwrite_all(fd: RawFd, buf: *const u8, len: usize, pos: u64) -> i32
 /// # Safety
 /// `[buf, buf+len)` must be writable memory for the whole call.
 pub unsafe fn pread_all(fd: RawFd, buf: *mut u8, len: usize, pos: u64) -> i32 {
+    // SAFETY: the caller guarantees [buf, buf+len) is writable for the call.
+    all(len, |off| unsafe { libc::pread(fd, buf.add(off).cast(), len - off, (pos + off as u64) as i64) })
+}
+
+/// Repeats a partial transfer `step(done_so_far)` until `len` bytes moved.
+fn all(len: usize, mut step: impl FnMut(usize) -> isize) -> i32 {
     let mut off = 0usize;
     while off < len {
-        // SAFETY: the caller guarantees [buf, buf+len) is writable for the call.
-        let n = unsafe { libc::pread(fd, buf.add(off).cast(), len - off, (pos + off as u64) as i64) };
+        let n = step(off);
         if n <= 0 {
             return neg_errno(n);
         }
