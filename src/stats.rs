@@ -207,23 +207,27 @@ impl StatsFile {
     }
 
     /// Creates a zeroed file for `queues` queues (a new server starts afresh).
+    /// It is written under a temporary name and renamed into place: a live
+    /// server (while a standby prepares) keeps its own mapping of the old
+    /// file, which truncating in place would turn into SIGBUS.
     pub fn create(dev_id: u32, queues: usize) -> Result<Self> {
         let path = stats_path(dev_id);
+        let tmp = path.with_extension(format!("stats.{}", std::process::id()));
         let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+            .open(&tmp)
+            .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         f.set_len(Self::len(queues) as u64).map_err(|e| Error::io("size stats file", e))?;
         // SAFETY: the file is ours and sized above; other processes only read it.
-        let mut map =
-            unsafe { MmapOptions::new().map_mut(&f) }.map_err(|e| Error::io("mmap stats file", e))?;
+        let mut map = unsafe { MmapOptions::new().map_mut(&f) }.map_err(|e| Error::io("mmap stats file", e))?;
         // SAFETY: the map is at least a Header long and page aligned.
         let h = unsafe { &mut *(map.as_mut_ptr() as *mut Header) };
         h.queues = queues as u64;
         h.magic = MAGIC;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {}", path.display()), e))?;
         Ok(StatsFile { map, queues })
     }
 
