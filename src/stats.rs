@@ -222,7 +222,8 @@ impl StatsFile {
             .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         f.set_len(Self::len(queues) as u64).map_err(|e| Error::io("size stats file", e))?;
         // SAFETY: the file is ours and sized above; other processes only read it.
-        let mut map = unsafe { MmapOptions::new().map_mut(&f) }.map_err(|e| Error::io("mmap stats file", e))?;
+        let mut map =
+            unsafe { MmapOptions::new().map_mut(&f) }.map_err(|e| Error::io("mmap stats file", e))?;
         // SAFETY: the map is at least a Header long and page aligned.
         let h = unsafe { &mut *(map.as_mut_ptr() as *mut Header) };
         h.queues = queues as u64;
