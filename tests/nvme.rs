@@ -236,12 +236,6 @@ fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// fio's JSON document (fio may print notes before it).
-fn fio_json(out: &Out) -> Result<Value, String> {
-    let start = if out.stdout.starts_with('{') { 0 } else { out.stdout.find("\n{").map_or(0, |i| i + 1) };
-    serde_json::from_str(&out.stdout[start..]).map_err(|e| format!("no JSON from fio ({e})"))
-}
-
 /// Ok(json) if fio exited 0 and no job saw an error, else what went wrong.
 fn fio_clean(out: &Out) -> Result<Value, String> {
     let json = fio_json(out);

@@ -568,6 +568,12 @@ pub fn fio_jobs(dev: Option<&Path>, global: &[&str], jobs: &[(String, Vec<String
     run_fio(cmd)
 }
 
+/// fio's JSON document (fio may print notes before it).
+pub fn fio_json(out: &Out) -> Result<Value, String> {
+    let start = if out.stdout.starts_with('{') { 0 } else { out.stdout.find("\n{").map_or(0, |i| i + 1) };
+    serde_json::from_str(&out.stdout[start..]).map_err(|e| format!("no JSON from fio ({e})"))
+}
+
 fn run_fio(mut cmd: Command) -> Value {
     cmd.arg("--output-format=json").process_group(0);
     let running = spawn(&mut cmd);
@@ -576,10 +582,7 @@ fn run_fio(mut cmd: Command) -> Value {
     let out = running.finish(CMD_TIMEOUT);
     FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).retain(|&g| g != pgid);
     let out = out.success();
-    // fio may print notes before the JSON document.
-    let start = if out.stdout.starts_with('{') { 0 } else { out.stdout.find("\n{").map_or(0, |i| i + 1) };
-    let json: Value = serde_json::from_str(&out.stdout[start..])
-        .unwrap_or_else(|e| panic!("{} printed no JSON ({e}):\n{}", out.what, out.describe()));
+    let json = fio_json(&out).unwrap_or_else(|e| panic!("{}: {e}:\n{}", out.what, out.describe()));
     let jobs = json["jobs"].as_array().unwrap_or_else(|| panic!("fio JSON without jobs:\n{json}"));
     assert!(!jobs.is_empty(), "fio ran no job:\n{}", out.describe());
     for job in jobs {
