@@ -108,6 +108,10 @@ pub struct AddArgs {
     /// How data moves between the bio and the server.
     #[arg(long, value_enum, default_value_t = CopyMode::Auto)]
     pub copy_mode: CopyMode,
+    /// Zero copy: register each request's pages with REGISTER_IO_BUF commands
+    /// even where the kernel has UBLK_F_AUTO_BUF_REG (6.15 behaviour; for comparing).
+    #[arg(long)]
+    pub explicit_buf_reg: bool,
     /// Stay in the foreground; SIGTERM/SIGINT stop and delete the device.
     #[arg(long)]
     pub foreground: bool,

@@ -36,7 +36,7 @@ pub enum CopyMode {
     Copy,
     /// UBLK_F_USER_COPY: pread/pwrite on /dev/ublkcN.
     User,
-    /// UBLK_F_AUTO_BUF_REG: the request's pages go straight to the device.
+    /// Zero copy (AUTO_BUF_REG or SUPPORT_ZERO_COPY): the request's pages go straight to the device.
     Zero,
 }
 
@@ -96,6 +96,9 @@ pub struct DeviceConfig {
     pub block_size: u32,
     pub max_io_bytes: u32,
     pub copy_mode: CopyMode,
+    /// Zero copy through REGISTER_IO_BUF chains, not AUTO_BUF_REG.
+    #[serde(default)]
+    pub explicit_buf_reg: bool,
     pub recovery: Recovery,
 }
 
@@ -237,6 +240,7 @@ mod tests {
             block_size: 512,
             max_io_bytes: DEFAULT_MAX_IO_BYTES,
             copy_mode: CopyMode::Auto,
+            explicit_buf_reg: false,
             recovery: Recovery::None,
         }
     }

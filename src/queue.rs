@@ -42,6 +42,9 @@ pub struct QueueSetup {
     pub cpu: Option<usize>,
     pub poll: bool,
     pub copy: CopyMode,
+    /// UBLK_F_AUTO_BUF_REG (zero copy on 6.16+): every FETCH and COMMIT names
+    /// the buffer slot the kernel registers the tag's next request at.
+    pub auto_buf_reg: bool,
     pub max_io_bytes: u32,
     pub stats: Option<Arc<StatsFile>>,
     /// Set to the monotonic time of the first request this queue serves.
@@ -63,6 +66,7 @@ pub struct Queue<B> {
     char_fd: i32,
     descs: Option<Mmap>,
     bufs: Option<MmapMut>,
+    spin: Spin,
     served_any: bool,
     /// Each tag's request and the time its descriptor was read.
     inflight: Vec<(Request, u64)>,
@@ -84,11 +88,19 @@ impl<B: QueueBackend> Queue<B> {
             _ => None,
         };
         let entries = (setup.depth as u32 * 4).next_power_of_two();
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 2)
-            .setup_coop_taskrun()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
+        let spin = spin_mode(setup.poll);
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(entries * 2).setup_single_issuer();
+        match spin {
+            Spin::Off | Spin::Enter => {
+                builder.setup_coop_taskrun().setup_defer_taskrun();
+            }
+            Spin::Flag => {
+                builder.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            Spin::Ring => {}
+        }
+        let ring = builder
             .build(entries)
             .map_err(|e| Error::io(format!("io_uring setup for queue {}", setup.qid), e))?;
         if setup.copy == CopyMode::Zero {
@@ -105,6 +117,7 @@ impl<B: QueueBackend> Queue<B> {
             descs: None,
             bufs,
             ring,
+            spin,
             served_any: false,
             inflight,
         })
@@ -139,7 +152,11 @@ impl<B: QueueBackend> Queue<B> {
         let mut payload = [0u8; 80];
         // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
         unsafe { std::ptr::copy_nonoverlapping(&cmd as *const IoCmd as *const u8, payload.as_mut_ptr(), 16) };
-        opcode::UringCmd80::new(types::Fd(self.char_fd), op).cmd(payload).build().user_data(tag as u64)
+        let mut sqe = opcode::UringCmd80::new(types::Fd(self.char_fd), op).cmd(payload);
+        if self.setup.auto_buf_reg {
+            sqe = sqe.addr(Some(sys::auto_buf_reg(tag, 0)));
+        }
+        sqe.build().user_data(tag as u64)
     }
 
     fn buf_addr(&self, tag: u16) -> u64 {
@@ -187,14 +204,16 @@ impl<B: QueueBackend> Queue<B> {
     /// One `io_uring_enter`: sleeps for a completion, or in poll mode only
     /// runs task work (GETEVENTS with min_complete 0) and returns at once.
     fn wait(&mut self) -> Result<()> {
-        let res = if self.setup.poll {
-            let to_submit = self.ring.submission().len() as u32;
-            // SAFETY: no argument pointer is passed; the ring is ours.
-            unsafe {
-                self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
+        let to_submit = self.ring.submission().len() as u32;
+        let res = match self.spin {
+            Spin::Off => self.ring.submit_and_wait(1),
+            Spin::Enter => self.enter(to_submit, IORING_ENTER_GETEVENTS),
+            Spin::Flag if self.ring.submission().taskrun() => self.enter(to_submit, IORING_ENTER_GETEVENTS),
+            _ if to_submit > 0 => self.enter(to_submit, 0),
+            _ => {
+                std::hint::spin_loop();
+                Ok(0)
             }
-        } else {
-            self.ring.submit_and_wait(1)
         };
         if let (true, Some(stats)) = (self.setup.poll, &self.setup.stats) {
             stats.queue(self.setup.qid as usize).turn(!self.ring.completion().is_empty());
@@ -208,6 +227,11 @@ impl<B: QueueBackend> Queue<B> {
             }
             Err(e) => Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e)),
         }
+    }
+
+    fn enter(&self, to_submit: u32, flags: u32) -> std::io::Result<usize> {
+        // SAFETY: no argument pointer is passed; the ring is ours.
+        unsafe { self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, flags, None) }
     }
 
     fn handle(&mut self, tag: u16) -> Result<()> {
@@ -242,6 +266,7 @@ impl<B: QueueBackend> Queue<B> {
                 let off = tag as usize * len;
                 Data::Buf(&mut bufs[off..off + len])
             }
+            CopyMode::Zero if self.setup.auto_buf_reg => Data::Registered { index: tag },
             CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
             _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
         };
@@ -253,6 +278,26 @@ impl<B: QueueBackend> Queue<B> {
         // SAFETY: tag < depth, and the map holds depth descriptors; the kernel
         // writes it, so read it volatile.
         unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
+    }
+}
+
+/// How a queue thread waits. EXPERIMENT: picked by UBLK_BENCH_SPIN.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Spin {
+    Off,
+    Enter,
+    Flag,
+    Ring,
+}
+
+fn spin_mode(poll: bool) -> Spin {
+    if !poll {
+        return Spin::Off;
+    }
+    match std::env::var("UBLK_BENCH_SPIN").as_deref() {
+        Ok("flag") => Spin::Flag,
+        Ok("ring") => Spin::Ring,
+        _ => Spin::Enter,
     }
 }
 

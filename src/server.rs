@@ -61,7 +61,7 @@ impl Server {
             queue_depth: cfg.depth,
             max_io_buf_bytes: cfg.max_io_bytes,
             dev_id: cfg.dev_id.unwrap_or(sys::DEV_ID_ANY),
-            flags: copy_flags(cfg.copy_mode) | cfg.recovery.flags() | quiesce_flag(cfg.recovery, features),
+            flags: copy_flags(&cfg, features)? | cfg.recovery.flags() | quiesce_flag(cfg.recovery, features),
             ..Default::default()
         };
         ctrl.add(&mut info).map_err(|e| match e.raw_os_error() {
@@ -159,6 +159,7 @@ impl Server {
             cpu: Some(cpu),
             poll: self.cfg.poll,
             copy: self.cfg.copy_mode,
+            auto_buf_reg: self.info.flags & sys::UBLK_F_AUTO_BUF_REG != 0,
             max_io_bytes: self.info.max_io_buf_bytes,
             stats: Some(stats.clone()),
             first_served: self.first_served.clone(),
@@ -283,12 +284,22 @@ fn quiesce_flag(rec: Recovery, features: u64) -> u64 {
     if rec != Recovery::None { features & sys::UBLK_F_QUIESCE } else { 0 }
 }
 
-fn copy_flags(mode: CopyMode) -> u64 {
-    match mode {
+/// Zero copy prefers AUTO_BUF_REG (6.16+): the kernel registers each
+/// request's pages itself, which saves two commands per request.
+fn copy_flags(cfg: &DeviceConfig, features: u64) -> Result<u64> {
+    let auto = features & sys::UBLK_F_AUTO_BUF_REG != 0 && !cfg.explicit_buf_reg;
+    Ok(match cfg.copy_mode {
         CopyMode::User => sys::UBLK_F_USER_COPY,
+        CopyMode::Zero if auto => sys::UBLK_F_AUTO_BUF_REG,
         CopyMode::Zero => sys::UBLK_F_SUPPORT_ZERO_COPY,
+        m if cfg.explicit_buf_reg => {
+            return Err(Error::invalid(format!(
+                "--explicit-buf-reg applies to zero copy, but this device uses {} copy: drop it or add --copy-mode zero",
+                m.name()
+            )));
+        }
         _ => 0,
-    }
+    })
 }
 
 fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Result<Params> {

@@ -359,18 +359,42 @@ fn nvme_copy_mode_copy_verifies_and_lands_on_the_namespace() {
     verify_and_check_namespace(dev, 0xc0b1);
 }
 
-/// `--copy-mode zero`: REGISTER_IO_BUF chains, two queues where there are
-/// two CPUs.
+/// Whether the running kernel offers UBLK_F_AUTO_BUF_REG (6.16+).
+fn kernel_has_auto_buf_reg() -> bool {
+    let out = ublk(&["features", "--json"]).success();
+    let features: Value = serde_json::from_str(&out.stdout).expect("`features --json` is JSON");
+    features["features"].as_array().is_some_and(|f| f.iter().any(|n| n == "AUTO_BUF_REG"))
+}
+
+/// `--copy-mode zero`: AUTO_BUF_REG where the kernel has it (else
+/// REGISTER_IO_BUF chains), two queues where there are two CPUs.
 #[test]
 fn nvme_copy_mode_zero_verifies_and_lands_on_the_namespace() {
     let Some(_h) = nvme_harness() else { return };
     let _d = Diagnostics;
     let q = online_cpus().min(2).to_string();
+    let flag = if kernel_has_auto_buf_reg() { "AUTO_BUF_REG" } else { "ZERO_COPY" };
     let dev = add_nvme(NG, "zero", &["-q", &q]);
     assert_eq!(dev.json["copy_mode"], "zero", "{}", dev.json);
-    assert!(has_flag(&dev, "ZERO_COPY"), "zero copy without UBLK_F_SUPPORT_ZERO_COPY: {}", dev.json);
+    assert!(has_flag(&dev, flag), "zero copy without UBLK_F_{flag}: {}", dev.json);
     assert_eq!(dev.json["queues"].to_string(), q, "{}", dev.json);
     verify_and_check_namespace(dev, 0x2e50);
+}
+
+/// `--copy-mode zero --explicit-buf-reg`: REGISTER_IO_BUF → NVMe →
+/// UNREGISTER_IO_BUF chains (the 6.15 path) even where AUTO_BUF_REG exists.
+#[test]
+fn nvme_zero_copy_with_explicit_registration_verifies() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let dev = add_nvme(NG, "zero", &["--explicit-buf-reg"]);
+    assert!(
+        has_flag(&dev, "ZERO_COPY"),
+        "explicit registration without UBLK_F_SUPPORT_ZERO_COPY: {}",
+        dev.json
+    );
+    assert!(!has_flag(&dev, "AUTO_BUF_REG"), "explicit registration with AUTO_BUF_REG: {}", dev.json);
+    verify_and_check_namespace(dev, 0x2e51);
 }
 
 /// `--copy-mode auto` picks zero on this kernel (as `features` says it
@@ -394,7 +418,7 @@ fn nvme_copy_mode_auto_is_zero_with_the_namespace_geometry() {
     let dev = add_nvme(NVME_BLOCK, "auto", &[]);
     assert_eq!(dev.json["copy_mode"], want, "auto on a kernel with {names:?}: {}", dev.json);
     assert!(kernel_zero, "this kernel ({names:?}) lacks zero copy: the guest kernel should have it");
-    assert!(has_flag(&dev, "ZERO_COPY"), "{}", dev.json);
+    assert!(has_flag(&dev, "ZERO_COPY") || has_flag(&dev, "AUTO_BUF_REG"), "{}", dev.json);
 
     // Geometry from the namespace.
     let ns_bytes = fs::read_to_string("/sys/block/nvme0n1/size").expect("nvme0n1 size");
@@ -765,6 +789,10 @@ fn bad_nvme_input_is_rejected_and_leaves_nothing() {
         (vec!["add", "ram", "--dev", NG], vec!["--dev", "nvme"]),
         (vec!["add", "null", "--dev", NG], vec!["--dev", "nvme"]),
         (vec!["add", "nvme", "--dev", NG, "--copy-mode", "fast"], vec!["fast", "zero"]),
+        (
+            vec!["add", "nvme", "--dev", NG, "--copy-mode", "copy", "--explicit-buf-reg"],
+            vec!["--explicit-buf-reg", "--copy-mode zero"],
+        ),
     ];
     let failures: Vec<String> =
         cases.iter().filter_map(|(args, hints)| check_rejected(args, hints)).collect();

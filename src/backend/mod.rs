@@ -51,6 +51,9 @@ pub enum Data<'a> {
     /// Zero copy: the request's pages are registered in the queue ring's
     /// buffer table at this index.
     Fixed { index: u16, char_fd: RawFd, qid: u16 },
+    /// UBLK_F_AUTO_BUF_REG: the kernel registered the request's pages at this
+    /// index before handing us the request, and drops them at COMMIT.
+    Registered { index: u16 },
     /// No data reachable (null backend in user-copy mode never touches it).
     None,
 }

@@ -2,13 +2,13 @@
 //! passthrough (`IORING_OP_URING_CMD`, `NVME_URING_CMD_IO`) on the queue's
 //! own ring, to the namespace's generic char device `/dev/ngXnY`.
 //!
-//! Data: in zero-copy mode (UBLK_F_SUPPORT_ZERO_COPY) a hard-linked chain
-//! registers the request's own pages in the queue ring's buffer table at
-//! slot = tag, the NVMe command reads or writes them in place (fixed buffer,
-//! offset 0), and the slot is unregistered. (UBLK_F_AUTO_BUF_REG would save
-//! the two extra commands, but its buffers came back -EFAULT from every
-//! fixed-buffer import on Linux 7.3 here; see the issue notes.) In copy mode
-//! the command points at the tag's buffer. DISCARD sends a DSM
+//! Data: in zero-copy mode the NVMe command reads or writes the request's
+//! own pages in place, as fixed buffer `tag` of the queue ring (offset 0).
+//! With UBLK_F_AUTO_BUF_REG (6.16+) the kernel has registered them there
+//! before the request reaches us and drops them at COMMIT; otherwise
+//! (UBLK_F_SUPPORT_ZERO_COPY, 6.15) a hard-linked chain registers them,
+//! runs the command and unregisters them. In copy mode the command points
+//! at the tag's buffer. DISCARD sends a DSM
 //! deallocate whose one range lives in a per-tag slot made at queue start.
 //!
 //! Completion is asynchronous: `submit` pushes the command tagged with
@@ -241,7 +241,7 @@ impl NvmeQueue {
                 c.data_len = req.len;
                 c.addr = match data {
                     Data::Buf(b) => b.as_ptr() as u64,
-                    Data::Fixed { .. } => 0,
+                    Data::Fixed { .. } | Data::Registered { .. } => 0,
                     _ => return Err(-libc::EINVAL),
                 };
             }
@@ -299,9 +299,13 @@ impl NvmeQueue {
             Data::Fixed { index, char_fd, qid } if self.lens[tag as usize] > 0 => Some((index, char_fd, qid)),
             _ => None,
         };
+        let registered = match data {
+            Data::Registered { index } if self.lens[tag as usize] > 0 => Some(index),
+            _ => None,
+        };
         let mut nvme = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO)
             .cmd(nvme_payload(&cmd));
-        if let Some((index, _, _)) = chain {
+        if let Some(index) = chain.map(|c| c.0).or(registered) {
             nvme = nvme.buf_index(Some(index));
         }
         let nvme = nvme.build().user_data(BACKEND_BIT | KIND_NVME | tag as u64);

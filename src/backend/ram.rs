@@ -126,7 +126,7 @@ impl RamQueue {
             }
             // SAFETY: src..src+len is inside the map (checked by in_range).
             Data::UserCopy { fd, pos } => unsafe { pwrite_all(fd, src, req.len as usize, pos) },
-            Data::None | Data::Fixed { .. } => -libc::EINVAL,
+            Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
         }
     }
 
@@ -140,7 +140,7 @@ impl RamQueue {
             }
             // SAFETY: dst..dst+len is inside the map (checked by in_range).
             Data::UserCopy { fd, pos } => unsafe { pread_all(fd, dst, req.len as usize, pos) },
-            Data::None | Data::Fixed { .. } => -libc::EINVAL,
+            Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
         }
     }
 

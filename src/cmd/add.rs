@@ -69,6 +69,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         block_size: args.block_size,
         max_io_bytes: DEFAULT_MAX_IO_BYTES,
         copy_mode: args.copy_mode,
+        explicit_buf_reg: args.explicit_buf_reg,
         recovery: recovery_from(args)?,
     };
     match args.backend {

@@ -71,28 +71,23 @@ fn takeover(
     crash_seen_ns: Option<u64>,
     watch_pid: Option<i32>,
 ) -> Result<Takeover> {
+    // Opened before the slow preparation: a server that dies meanwhile is
+    // still seen, and one already reaped (no pid) means take over at once.
+    let watched = watch_pid.map(|pid| (pid, process::pidfd(pid)));
     let mut t = Takeover::prepare(dev_id, method)?;
-    let crash_seen = match watch_pid {
-        Some(pid) => {
+    let crash_seen = match watched {
+        Some((pid, fd)) => {
             t.phases.old_pid = Some(pid);
             die_with_parent();
-            wait_for_exit(pid)?;
+            if let Some(fd) = fd {
+                process::wait_pidfd(&fd, None);
+            }
             Some(now_ns())
         }
         None => crash_seen_ns,
     };
     t.run(crash_seen)?;
     Ok(t)
-}
-
-fn wait_for_exit(pid: i32) -> Result<()> {
-    match process::pidfd(pid) {
-        Some(fd) => {
-            process::wait_pidfd(&fd, None);
-            Ok(())
-        }
-        None => Err(Error::invalid(format!("standby: no process {pid} to watch"))),
-    }
 }
 
 /// A standby is useless without its supervisor: die with it.
