@@ -1261,6 +1261,29 @@ fn del_standby_device_ends_supervisor_and_standby() {
     assert_nothing_left(dev.id, dev.json["store"].as_str(), &[dev.pid, sup, sb[0]]);
 }
 
+/// SIGTERM to a supervised server is a graceful stop, not a crash: the
+/// server deletes its device, the supervisor leaves without recovering, and
+/// the standby goes with it.
+#[test]
+fn sigterm_to_supervised_server_is_a_stop_not_a_crash() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "--standby", "--size", "16M"]);
+    let sup = supervisor_pid(dev.id);
+    let mut sb = vec![];
+    wait_until("the standby process", Duration::from_secs(60), || {
+        sb = standby_of(dev.id, dev.pid);
+        sb.len() == 1
+    });
+    // SAFETY: plain kill(2) on a pid this test started.
+    assert_eq!(unsafe { libc::kill(dev.pid, libc::SIGTERM) }, 0, "SIGTERM to server {}", dev.pid);
+    for (what, pid) in [("server", dev.pid), ("supervisor", sup), ("standby", sb[0])] {
+        wait_until(&format!("the {what} {pid} to exit"), Duration::from_secs(30), || !alive(pid));
+    }
+    let events = fs::read_to_string(run_dir().join(format!("{}.events", dev.id))).unwrap_or_default();
+    assert!(events.is_empty(), "a recovery ran after SIGTERM: {events}");
+    assert_nothing_left(dev.id, dev.json["store"].as_str(), &[dev.pid, sup, sb[0]]);
+}
+
 // ---------------------------------------------------------------- recover errors
 
 /// `recover` on a LIVE device, on a device made without `-r`, on a missing

@@ -209,6 +209,7 @@ def main():
         "binary": cfg.get("binary"),
         "binary_sha256": cfg.get("binary_sha256"),
         "binary_version": env.get("binary_version") or None,
+        "scheduler": env.get("scheduler") or None,
         "emulation": emulation(env),
         "in_guest": env.get("in_guest") == "1",
         "cpu_model": env.get("cpu_model") or None,

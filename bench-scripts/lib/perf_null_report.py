@@ -96,6 +96,11 @@ def read_rows(path):
                    "iops": None, "p50_us": None, "p99_us": None, "ratio_to_null_blk": None}
             if error:
                 row["error"] = error
+            try:
+                with open(os.path.join(os.path.dirname(path), name + ".sched"), encoding="utf-8") as f:
+                    row["scheduler"] = f.read().strip() or None
+            except OSError:
+                row["scheduler"] = None
             if fio_json and status == "ok":
                 try:
                     s = fio_summary.summarize(fio_summary.load(fio_json))
