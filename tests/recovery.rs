@@ -1249,6 +1249,14 @@ fn del_supervised_device_ends_supervisor() {
 #[test]
 fn del_standby_device_ends_supervisor_and_standby() {
     let Some(_g) = guard() else { return };
+    let (dev, sup, standby) = add_standby_device();
+    del(dev.id);
+    assert_nothing_left(dev.id, dev.json["store"].as_str(), &[dev.pid, sup, standby]);
+}
+
+/// A 16M `ram --standby` device once its standby runs: (device, supervisor
+/// pid, standby pid).
+fn add_standby_device() -> (Dev, i32, i32) {
     let dev = add(&["ram", "--standby", "--size", "16M"]);
     let sup = supervisor_pid(dev.id);
     let mut sb = vec![];
@@ -1257,8 +1265,7 @@ fn del_standby_device_ends_supervisor_and_standby() {
         sb.len() == 1
     });
     assert_eq!(ppid(sb[0]), sup, "the standby is not the supervisor's child");
-    del(dev.id);
-    assert_nothing_left(dev.id, dev.json["store"].as_str(), &[dev.pid, sup, sb[0]]);
+    (dev, sup, sb[0])
 }
 
 /// SIGTERM to a supervised server is a graceful stop, not a crash: the
@@ -1267,21 +1274,15 @@ fn del_standby_device_ends_supervisor_and_standby() {
 #[test]
 fn sigterm_to_supervised_server_is_a_stop_not_a_crash() {
     let Some(_g) = guard() else { return };
-    let dev = add(&["ram", "--standby", "--size", "16M"]);
-    let sup = supervisor_pid(dev.id);
-    let mut sb = vec![];
-    wait_until("the standby process", Duration::from_secs(60), || {
-        sb = standby_of(dev.id, dev.pid);
-        sb.len() == 1
-    });
+    let (dev, sup, standby) = add_standby_device();
     // SAFETY: plain kill(2) on a pid this test started.
     assert_eq!(unsafe { libc::kill(dev.pid, libc::SIGTERM) }, 0, "SIGTERM to server {}", dev.pid);
-    for (what, pid) in [("server", dev.pid), ("supervisor", sup), ("standby", sb[0])] {
+    for (what, pid) in [("server", dev.pid), ("supervisor", sup), ("standby", standby)] {
         wait_until(&format!("the {what} {pid} to exit"), Duration::from_secs(30), || !alive(pid));
     }
     let events = fs::read_to_string(run_dir().join(format!("{}.events", dev.id))).unwrap_or_default();
     assert!(events.is_empty(), "a recovery ran after SIGTERM: {events}");
-    assert_nothing_left(dev.id, dev.json["store"].as_str(), &[dev.pid, sup, sb[0]]);
+    assert_nothing_left(dev.id, dev.json["store"].as_str(), &[dev.pid, sup, standby]);
 }
 
 // ---------------------------------------------------------------- recover errors
