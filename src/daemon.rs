@@ -2,7 +2,9 @@
 //! waits on a pipe until the child reports the device LIVE or fails.
 //!
 //! The child writes lines: `id N` right after ADD_DEV (so the parent can
-//! clean up if the child dies), then `ok N` or `err MESSAGE`. EOF without
+//! clean up if the child dies), `ready N` when a successor server has
+//! prepared everything it can before taking over, then `ok N` or
+//! `err MESSAGE`. EOF without
 //! `ok` means the child died; the parent then reaps it and deletes the
 //! half-made device, so a failed `add` leaves nothing behind.
 
@@ -39,6 +41,10 @@ impl Notifier {
 
     pub fn added(&mut self, dev_id: u32) {
         self.send(&format!("id {dev_id}"));
+    }
+
+    pub fn prepared(&mut self, dev_id: u32) {
+        self.send(&format!("ready {dev_id}"));
     }
 
     pub fn live(&mut self, dev_id: u32) {
@@ -94,13 +100,22 @@ impl Spawned {
 
     /// Waits for `ok N` (Ok(N)), `err MSG`, EOF or the deadline.
     pub fn wait_live(&mut self, timeout: Duration) -> Result<u32> {
+        self.wait_for("ok ", timeout)
+    }
+
+    /// Waits for `ready N` (a successor prepared) or for what ends `wait_live`.
+    pub fn wait_prepared(&mut self, timeout: Duration) -> Result<u32> {
+        self.wait_for("ready ", timeout)
+    }
+
+    fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Result<u32> {
         let deadline = Instant::now() + timeout;
-        let outcome = read_lines(&mut self.pipe, &mut self.text, deadline);
+        let outcome = read_lines(&mut self.pipe, &mut self.text, prefix, deadline);
         for line in self.text.lines() {
             if let Some(id) = line.strip_prefix("id ").and_then(|s| s.parse().ok()) {
                 self.dev_id = Some(id);
             }
-            if let Some(id) = line.strip_prefix("ok ").and_then(|s| s.parse().ok()) {
+            if let Some(id) = line.strip_prefix(prefix).and_then(|s| s.parse().ok()) {
                 return Ok(id);
             }
         }
@@ -145,11 +160,11 @@ pub fn serve_args(cfg: &DeviceConfig) -> Vec<String> {
     vec!["__serve".into(), "--config".into(), serde_json::to_string(cfg).expect("config serializes")]
 }
 
-/// Reads until EOF, a final `ok`/`err` line, or the deadline.
-fn read_lines(reader: &mut File, text: &mut String, deadline: Instant) -> Result<()> {
+/// Reads until EOF, a `prefix` or final `ok`/`err` line, or the deadline.
+fn read_lines(reader: &mut File, text: &mut String, prefix: &str, deadline: Instant) -> Result<()> {
     let mut buf = [0u8; 512];
     loop {
-        if text.lines().any(|l| l.starts_with("ok ") || l.starts_with("err ")) {
+        if text.lines().any(|l| l.starts_with(prefix) || l.starts_with("ok ") || l.starts_with("err ")) {
             return Ok(());
         }
         let left = deadline.saturating_duration_since(Instant::now());

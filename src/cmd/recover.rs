@@ -38,8 +38,9 @@ pub fn spawn_recovering(dev_id: u32, method: &str, crash_seen: u64) -> Result<u3
     s.wait_live(LIVE_TIMEOUT).inspect_err(|_| s.kill_and_reap())
 }
 
-/// The recovering server. With `watch_pid` it is a hot standby: it gets
-/// everything ready, then waits for that process to die before taking over.
+/// The recovering server. With `watch_pid` it is a successor (a hot standby,
+/// or `restart`'s new server): it gets everything ready, says `ready`, then
+/// waits for that process to die before taking over.
 pub fn serve(
     dev_id: u32,
     method: &str,
@@ -47,7 +48,7 @@ pub fn serve(
     watch_pid: Option<i32>,
     mut notify: Notifier,
 ) -> Result<()> {
-    let result = takeover(dev_id, method, crash_seen_ns, watch_pid);
+    let result = takeover(dev_id, method, crash_seen_ns, watch_pid, &mut notify);
     let mut t = match result {
         Ok(t) => t,
         Err(e) => {
@@ -70,6 +71,7 @@ fn takeover(
     method: &str,
     crash_seen_ns: Option<u64>,
     watch_pid: Option<i32>,
+    notify: &mut Notifier,
 ) -> Result<Takeover> {
     // Opened before the slow preparation: a server that dies meanwhile is
     // still seen, and one already reaped (no pid) means take over at once.
@@ -78,7 +80,8 @@ fn takeover(
     let crash_seen = match watched {
         Some((pid, fd)) => {
             t.phases.old_pid = Some(pid);
-            die_with_parent();
+            die_with_parent(libc::SIGKILL);
+            notify.prepared(dev_id);
             if let Some(fd) = fd {
                 process::wait_pidfd(&fd, None);
             }
@@ -87,11 +90,14 @@ fn takeover(
         None => crash_seen_ns,
     };
     t.run(crash_seen)?;
+    // The server it now is outlives whoever started it.
+    die_with_parent(0);
     Ok(t)
 }
 
-/// A standby is useless without its supervisor: die with it.
-fn die_with_parent() {
+/// A waiting successor is useless without whoever started it: SIGKILL makes
+/// it die with its parent, 0 ends that once it serves the device.
+fn die_with_parent(signal: i32) {
     // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal) };
 }

@@ -1,17 +1,19 @@
-//! `restart -n ID`: planned handover with QUIESCE_DEV (Linux 6.16+). The
-//! old server drains, commits and exits; a new one recovers the device.
-//! Clients see a short stall and no error. A supervised device's
-//! supervisor (or standby) brings up the new server itself.
+//! `restart -n ID`: planned handover with QUIESCE_DEV (Linux 6.16+). A new
+//! server is started and prepared first (settings, backend, queue threads
+//! and rings, as a hot standby); then QUIESCE_DEV makes the old server
+//! drain, commit and exit, and the new one takes over at once. Clients see
+//! a short stall and no error. A supervised device's supervisor (or its
+//! standby) brings up the new server itself.
 
 use std::time::{Duration, Instant};
 
 use crate::cmd::list::print_one;
-use crate::cmd::recover::spawn_recovering;
 use crate::ctrl::Ctrl;
+use crate::daemon::Spawned;
 use crate::error::{Error, Result};
 use crate::recovery::check_recoverable;
 use crate::server::no_device;
-use crate::stats::now_ns;
+use crate::supervisor::recover_args;
 use crate::{process, supervisor, sys};
 
 const QUIESCE_TIMEOUT_MS: u64 = 10_000;
@@ -38,17 +40,31 @@ pub fn run(dev_id: u32) -> Result<()> {
     let old = info.ublksrv_pid;
     let supervised = supervisor::pid_path(dev_id).exists();
     let old_fd = process::pidfd(old);
-    let t0 = now_ns();
-    ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS).map_err(|e| Error::io("QUIESCE_DEV", e))?;
+    let mut successor = match supervised {
+        true => None,
+        false => Some(prepared_successor(dev_id, old)?),
+    };
+    if let Err(e) = ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS) {
+        successor.iter_mut().for_each(Spawned::kill_and_reap);
+        return Err(Error::io("QUIESCE_DEV", e));
+    }
     if let Some(fd) = &old_fd {
         wait_drained(fd, old);
     }
-    if supervised {
-        wait_new_server(&mut ctrl, dev_id, old)?;
-    } else {
-        spawn_recovering(dev_id, "restart", t0)?;
+    match &mut successor {
+        Some(s) => {
+            s.wait_live(HANDOVER_TIMEOUT).inspect_err(|_| s.kill_and_reap())?;
+        }
+        None => wait_new_server(&mut ctrl, dev_id, old)?,
     }
     print_one(dev_id, false)
+}
+
+/// A new server, ready to take over the moment `old` exits.
+fn prepared_successor(dev_id: u32, old: i32) -> Result<Spawned> {
+    let mut s = Spawned::start(&recover_args(dev_id, "restart", None, Some(old)))?;
+    s.wait_prepared(HANDOVER_TIMEOUT).inspect_err(|_| s.kill_and_reap())?;
+    Ok(s)
 }
 
 /// Waits for the old server to drain and exit. One that is still there after
