@@ -5,7 +5,9 @@
 //! it and send COMMIT_AND_FETCH, which hands it back. A CQE of
 //! `UBLK_IO_RES_ABORT` ends the tag for good (device stopped, quiesced or
 //! being recovered by another server). The thread returns once every tag has
-//! ended.
+//! ended, or once, after the first ABORT, it holds no request and nothing
+//! has come for [`LINGER`]: QUIESCE_DEV does not abort a tag the server was
+//! serving at the time, so the FETCH its COMMIT re-posts may never end.
 //!
 //! Buffers: in copy mode each tag owns `max_io_bytes` of one anonymous map
 //! made at queue start; the kernel reads or writes it between dispatch and
@@ -19,6 +21,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
@@ -67,11 +70,15 @@ pub struct Queue<B> {
     descs: Option<Mmap>,
     bufs: Option<MmapMut>,
     served_any: bool,
+    /// Requests handed to us and not yet committed.
+    held: u32,
     /// Each tag's request and the time its descriptor was read.
     inflight: Vec<(Request, u64)>,
 }
 
 const IORING_ENTER_GETEVENTS: u32 = 1;
+/// How long a stopping queue waits for more aborts or late requests.
+const LINGER: Duration = Duration::from_millis(100);
 
 impl<B: QueueBackend> Queue<B> {
     /// Pins the calling thread, maps the descriptors and builds the ring.
@@ -113,6 +120,7 @@ impl<B: QueueBackend> Queue<B> {
             bufs,
             ring,
             served_any: false,
+            held: 0,
             inflight,
         })
     }
@@ -164,8 +172,15 @@ impl<B: QueueBackend> Queue<B> {
     pub fn run(mut self) -> Result<()> {
         let mut live = self.setup.depth as u32;
         let mut first_error: Option<i32> = None;
+        let mut stopping = false;
         while live > 0 {
-            self.wait()?;
+            if stopping {
+                if !self.wait_for(LINGER)? && self.held == 0 {
+                    break;
+                }
+            } else {
+                self.wait()?;
+            }
             let n = self.ring.completion().len();
             for _ in 0..n {
                 let Some(cqe) = self.ring.completion().next() else { break };
@@ -178,7 +193,10 @@ impl<B: QueueBackend> Queue<B> {
                 }
                 match cqe.result() {
                     sys::UBLK_IO_RES_OK => self.handle(tag)?,
-                    sys::UBLK_IO_RES_ABORT => live -= 1,
+                    sys::UBLK_IO_RES_ABORT => {
+                        live -= 1;
+                        stopping = true;
+                    }
                     err => {
                         live -= 1;
                         first_error.get_or_insert(err);
@@ -186,6 +204,8 @@ impl<B: QueueBackend> Queue<B> {
                 }
             }
         }
+        // Hand back the requests committed since the last enter.
+        let _ = self.ring.submit();
         match first_error {
             Some(e) => Err(Error::io(
                 format!("queue {} tag command", self.setup.qid),
@@ -221,7 +241,21 @@ impl<B: QueueBackend> Queue<B> {
         }
     }
 
+    /// Submits and waits up to `timeout` for a completion; false if none came.
+    fn wait_for(&mut self, timeout: Duration) -> Result<bool> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(!self.ring.completion().is_empty()),
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
+                Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
+            }
+            _ => Ok(true),
+        }
+    }
+
     fn handle(&mut self, tag: u16) -> Result<()> {
+        self.held += 1;
         if !self.served_any {
             self.served_any = true;
             self.setup.first_served.store(now_ns(), Ordering::Relaxed);
@@ -236,6 +270,7 @@ impl<B: QueueBackend> Queue<B> {
 
     /// Records the request's service time and queues its COMMIT_AND_FETCH.
     fn commit(&mut self, tag: u16, result: i32) -> Result<()> {
+        self.held -= 1;
         if let Some(stats) = &self.setup.stats {
             let (req, t0) = &self.inflight[tag as usize];
             stats.queue(self.setup.qid as usize).record(req, result, now_ns().saturating_sub(*t0));
