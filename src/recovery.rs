@@ -16,7 +16,7 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::DeviceBackend;
 use crate::ctrl::Ctrl;
@@ -31,8 +31,10 @@ pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long START_USER_RECOVERY is retried on -EBUSY.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The moments a takeover passes, in CLOCK_MONOTONIC nanoseconds.
-#[derive(Debug, Default, Clone, Serialize)]
+/// The moments a takeover passes, in CLOCK_MONOTONIC nanoseconds. One JSON
+/// line each in the events file; readers take missing fields as defaults.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Phases {
     pub dev_id: u32,
     pub method: String,

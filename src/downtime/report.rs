@@ -19,7 +19,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::gap::percentile;
 use crate::cli::RecoverMethod;
@@ -154,24 +154,8 @@ impl Summary {
     }
 }
 
-/// One line of `/run/ublk-bench/<id>.events` (see `recovery::Phases`).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct Event {
-    pub dev_id: u32,
-    pub method: String,
-    pub pid: u32,
-    /// Known only to a standby, which watched the old server.
-    pub old_pid: Option<i32>,
-    pub began_ns: u64,
-    pub crash_seen_ns: Option<u64>,
-    pub prepared_ns: u64,
-    pub quiesced_ns: u64,
-    pub start_recovery_ns: u64,
-    pub fetch_posted_ns: u64,
-    pub end_recovery_ns: u64,
-    pub first_served_ns: Option<u64>,
-}
+/// One line of `/run/ublk-bench/<id>.events`, as the takeover wrote it.
+pub type Event = crate::recovery::Phases;
 
 impl Event {
     /// The moment the takeover learnt of the outage; a standby's `began` is
