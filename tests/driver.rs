@@ -239,34 +239,6 @@ fn discard_and_write_zeroes_read_back_zeros() {
 
 // ---------------------------------------------------------------- errors
 
-/// Runs `ublk-bench ARGS`, which must fail with a message holding every
-/// `hints` (case-insensitive) and no panic, and leave nothing behind.
-/// Returns what went wrong, if anything.
-fn check_rejected(args: &[&str], hints: &[&str]) -> Option<String> {
-    let out = ublk(args);
-    let cmd = format!("ublk-bench {}", args.join(" "));
-    let err = out.stderr.to_lowercase();
-    let problem = if out.ok() {
-        Some("exit status 0".to_string())
-    } else if err.contains("panicked") {
-        Some("it panicked".to_string())
-    } else {
-        hints
-            .iter()
-            .find(|h| !err.contains(&h.to_lowercase()))
-            .map(|h| format!("the message does not mention `{h}`"))
-    };
-    let left = settled_leftovers();
-    if !left.is_empty() {
-        force_cleanup();
-    }
-    let mut problems: Vec<String> = problem.into_iter().collect();
-    if !left.is_empty() {
-        problems.push(format!("left behind: {}", left.join("; ")));
-    }
-    (!problems.is_empty()).then(|| format!("`{cmd}`: {}\n{}", problems.join("; "), out.describe()))
-}
-
 fn assert_all_rejected(cases: &[(&[&str], &[&str])]) {
     let failures: Vec<String> =
         cases.iter().filter_map(|(args, hints)| check_rejected(args, hints)).collect();

@@ -236,36 +236,6 @@ fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// Ok(json) if fio exited 0 and no job saw an error, else what went wrong.
-fn fio_clean(out: &Out) -> Result<Value, String> {
-    let json = fio_json(out);
-    let mut problems = vec![];
-    if !out.ok() {
-        problems.push(format!("exit status {}", out.status));
-    }
-    if let Ok(json) = &json {
-        for j in json["jobs"].as_array().into_iter().flatten() {
-            if j["error"] != 0 {
-                problems.push(format!("job {} error {}", j["jobname"], j["error"]));
-            }
-            if j["total_err"].as_u64().unwrap_or(0) != 0 {
-                problems.push(format!("job {} total_err {}", j["jobname"], j["total_err"]));
-            }
-        }
-    }
-    match (json, problems.is_empty()) {
-        (Ok(json), true) => Ok(json),
-        (json, _) => {
-            if let Err(e) = json {
-                problems.push(e);
-            }
-            let d = out.describe();
-            let tail = &d[d.len().saturating_sub(4000)..];
-            Err(format!("{}: {}\n...{tail}", out.what, problems.join("; ")))
-        }
-    }
-}
-
 /// A fio run in the background, in its own process group, which is killed
 /// if the test ends before it does.
 struct BgFio {
@@ -729,36 +699,6 @@ fn nvme_zero_crash_standby_under_fio_verify() {
 }
 
 // ---------------------------------------------------------------- errors
-
-/// Runs `ublk-bench ARGS`, which must fail with a message holding every
-/// `hints` (case-insensitive) and no panic, and leave nothing behind.
-fn check_rejected(args: &[&str], hints: &[&str]) -> Option<String> {
-    let out = ublk(args);
-    let cmd = format!("ublk-bench {}", args.join(" "));
-    let err = out.stderr.to_lowercase();
-    let problem = if out.ok() {
-        Some("exit status 0".to_string())
-    } else if err.contains("panicked") {
-        Some("it panicked".to_string())
-    } else {
-        hints
-            .iter()
-            .find(|h| !err.contains(&h.to_lowercase()))
-            .map(|h| format!("the message does not mention `{h}`"))
-    };
-    let left = settled_leftovers();
-    if !left.is_empty() {
-        force_cleanup();
-    }
-    let mut problems: Vec<String> = problem.into_iter().collect();
-    if !left.is_empty() {
-        problems.push(format!("left behind: {}", left.join("; ")));
-    }
-    if problems.is_empty() {
-        println!("`{cmd}` refused: {}", out.stderr.trim_end());
-    }
-    (!problems.is_empty()).then(|| format!("`{cmd}`: {}\n{}", problems.join("; "), out.describe()))
-}
 
 /// Bad `--dev` values and copy modes a backend cannot do: each `add` fails
 /// with a message naming the problem and makes no device and no process.

@@ -513,42 +513,6 @@ fn fio_bg(dev: &Path, name: &str, args: &[String]) -> Bg {
     )
 }
 
-/// Ok(json) if fio exited 0 and no job saw an error, else what went wrong.
-fn fio_clean(out: &Out) -> Result<Value, String> {
-    let json = fio_json(out);
-    let mut problems = vec![];
-    if !out.ok() {
-        problems.push(format!("exit status {}", out.status));
-    }
-    if let Ok(json) = &json {
-        for j in json["jobs"].as_array().into_iter().flatten() {
-            if j["error"] != 0 {
-                problems.push(format!("job {} error {}", j["jobname"], j["error"]));
-            }
-            if j["total_err"].as_u64().unwrap_or(0) != 0 {
-                problems.push(format!("job {} total_err {}", j["jobname"], j["total_err"]));
-            }
-        }
-    }
-    match (json, problems.is_empty()) {
-        (Ok(json), true) => Ok(json),
-        (json, _) => {
-            if let Err(e) = json {
-                problems.push(e);
-            }
-            Err(format!("{}: {}\n{}", out.what, problems.join("; "), tail(&out.describe(), 4000)))
-        }
-    }
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    let mut i = s.len().saturating_sub(n);
-    while !s.is_char_boundary(i) {
-        i += 1;
-    }
-    &s[i..]
-}
-
 fn job_sum(json: &Value, dir: &str, key: &str) -> u64 {
     json["jobs"].as_array().into_iter().flatten().filter_map(|j| j[dir][key].as_u64()).sum()
 }
