@@ -156,6 +156,15 @@ impl Namespace {
                 "{block} uses {lbs}-byte LBAs: only 512 to 4096 are supported (reformat the namespace)"
             )));
         }
+        // Passthrough commands carry no metadata buffer, so a format with
+        // per-LBA metadata would fail every I/O.
+        let meta = read_u64(&format!("/sys/block/{block}/metadata_bytes")).unwrap_or(0);
+        if meta > 0 {
+            return Err(Error::invalid(format!(
+                "{block} has {meta} bytes of metadata per LBA, which this backend cannot send: \
+                 reformat the namespace to an LBA format without metadata"
+            )));
+        }
         Ok(Namespace {
             char_dev,
             nsid,
