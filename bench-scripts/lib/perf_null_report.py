@@ -18,6 +18,7 @@ import sys
 sys.dont_write_bytecode = True  # the project folder is shared with the guest; keep it clean
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fio_summary  # noqa: E402
+import report_file  # noqa: E402
 
 REFERENCE = "null_blk"
 # The core performance bar: ublk `null` IOPS as a fraction of null_blk's,
@@ -197,12 +198,7 @@ def main():
     }
     if a.note:
         report["note"] = a.note
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, a.out)
+    report_file.write(a.out, report)
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
