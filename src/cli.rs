@@ -156,6 +156,10 @@ pub struct DowntimeArgs {
     /// Size of the device to create.
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     pub size: u64,
+    /// RAM store file of the device to create (default /dev/shm/ublk-bench-<id>). On a tmpfs
+    /// mounted with huge=within_size a killed server exits, and so hands over, sooner.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
     /// Queues of the device to create.
     #[arg(short = 'q', long = "queues", default_value_t = 1)]
     pub queues: u32,

@@ -240,6 +240,9 @@ impl Device {
         if a.poll {
             args.push("--poll".into());
         }
+        if let Some(store) = &a.store {
+            args.extend(["--store".into(), store.display().to_string()]);
+        }
         args.extend(recovery_flags(&a.recovery)?.iter().map(|s| s.to_string()));
         match a.method {
             RecoverMethod::Supervise => args.push("--supervise".into()),
@@ -624,6 +627,7 @@ fn build_report(
             device_flags: crate::cmd::list::flag_names(flags),
             backend: a.backend.name().into(),
             size: a.size,
+            store: a.store.as_ref().map(|p| p.display().to_string()),
             queues: a.queues,
             depth: a.depth,
             poll: a.poll,

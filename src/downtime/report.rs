@@ -51,6 +51,8 @@ pub struct RunConfig {
     pub device_flags: Vec<&'static str>,
     pub backend: String,
     pub size: u64,
+    /// The RAM store file, when not the default.
+    pub store: Option<String>,
     pub queues: u32,
     pub depth: u32,
     pub poll: bool,
@@ -369,6 +371,7 @@ mod tests {
                 device_flags: vec!["USER_RECOVERY"],
                 backend: "ram".into(),
                 size: 256 << 20,
+                store: None,
                 queues: 1,
                 depth: 128,
                 poll: false,
