@@ -155,10 +155,9 @@ fn del_all_removes_mixed_devices() {
 
 // ---------------------------------------------------------------- data
 
-/// fio's own verification on two ram devices at once, one with 1 queue and
-/// one with 2: every block written with a CRC, read back and checked, first
-/// in 4 KiB random writes, then (stonewalled) in mixed sizes up to 256 KiB.
-/// One fio run does it all: fio takes seconds just to start in the guest.
+/// fio's own CRC32C verification ([`fio_verify_devices`]: 4 KiB random
+/// writes, then mixed sizes up to 256 KiB) on two ram devices at once, one
+/// with 1 queue and one with 2.
 #[test]
 fn fio_verify_ram_one_and_two_queues() {
     let Some(_h) = harness() else { return };
@@ -166,31 +165,9 @@ fn fio_verify_ram_one_and_two_queues() {
     let queues: &[usize] = if online_cpus() >= 2 { &[1, 2] } else { &[1] };
     let devs: Vec<Dev> =
         queues.iter().map(|q| add(&["ram", "-q", &q.to_string(), "--size", "32M"])).collect();
-    let global = [
-        "--ioengine=io_uring",
-        "--direct=1",
-        "--iodepth=16",
-        "--rw=randwrite",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-    ];
-    let mut jobs: Vec<(String, Vec<String>)> = Vec::new();
-    for (phase, sizes) in [("rand4k", "--bs=4k"), ("mixed", "--bsrange=4k-256k")] {
-        for (i, (dev, q)) in devs.iter().zip(queues).enumerate() {
-            let mut opts = vec![format!("--filename={}", dev.block().display()), sizes.to_string()];
-            if phase == "mixed" && i == 0 {
-                opts.push("--stonewall".into());
-            }
-            jobs.push((format!("{phase}-{q}q"), opts));
-        }
-    }
-    let json = fio_jobs(None, &global, &jobs);
-    for ((job, _), dir) in jobs.iter().flat_map(|j| [(j, "write"), (j, "read")]) {
-        let bytes = fio_job_bytes(&json, job, dir);
-        assert_eq!(bytes, size, "fio job {job}: {dir} bytes do not cover the device (write, then verify)");
-    }
+    let labels: Vec<String> = queues.iter().map(|q| format!("{q}q")).collect();
+    let named: Vec<(&str, &Dev)> = labels.iter().map(String::as_str).zip(&devs).collect();
+    fio_verify_devices(&named, size);
     for dev in &devs {
         del(dev.id);
         assert_gone(dev);

@@ -14,7 +14,8 @@
 //!   on the namespace, with the data around them intact;
 //! - `ram` passes the same verify jobs with user copy and with copy;
 //! - kill -9 of an `nvme -r -i` server in fio's write phase, then `recover`,
-//!   loses nothing: fio sees no error and its verify pass succeeds;
+//!   `--supervise` or `--standby`, in zero and copy mode, loses nothing:
+//!   fio sees no error and its verify pass succeeds; so does `restart`;
 //! - bad `--dev` values and copy modes a backend cannot do are refused with
 //!   a message that names the problem, leaving nothing behind.
 //!
@@ -206,19 +207,8 @@ const PATTERN_SIZES: &[usize] = &[4096, 12288, 131072, 69632, 1 << 20, 528384, 8
 /// CRC32C, read back and checked at the end; `seed` makes each run's data
 /// its own, so a block left from another run fails the check.
 fn verify_job(seed: u64, span: u64, bs: &str) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--ioengine=io_uring",
-        "--direct=1",
-        "--iodepth=16",
-        "--rw=randwrite",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--offset=0",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut a: Vec<String> = FIO_CRC_VERIFY.map(String::from).to_vec();
+    a.push("--offset=0".into());
     a.push(format!("--size={span}"));
     a.push(if bs.contains('-') { format!("--bsrange={bs}") } else { format!("--bs={bs}") });
     a.push(format!("--randseed={seed}"));
@@ -518,32 +508,7 @@ fn ram_user_and_copy_pass_fio_verify() {
     del(auto.id);
     assert_gone(&auto);
 
-    let global = [
-        "--ioengine=io_uring",
-        "--direct=1",
-        "--iodepth=16",
-        "--rw=randwrite",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-    ];
-    let mut jobs: Vec<(String, Vec<String>)> = Vec::new();
-    for (phase, sizes) in [("rand4k", "--bs=4k"), ("mixed", "--bsrange=4k-256k")] {
-        for (i, dev) in [&user, &copy].into_iter().enumerate() {
-            let mode = dev.json["copy_mode"].as_str().unwrap_or("?");
-            let mut opts = vec![format!("--filename={}", dev.block().display()), sizes.to_string()];
-            if phase == "mixed" && i == 0 {
-                opts.push("--stonewall".into());
-            }
-            jobs.push((format!("{phase}-{mode}"), opts));
-        }
-    }
-    let json = fio_jobs(None, &global, &jobs);
-    for ((job, _), dir) in jobs.iter().flat_map(|j| [(j, "write"), (j, "read")]) {
-        let bytes = fio_job_bytes(&json, job, dir);
-        assert_eq!(bytes, size, "fio job {job}: {dir} bytes do not cover the device (write, then verify)");
-    }
+    fio_verify_devices(&[("user", &user), ("copy", &copy)], size);
     for dev in [&user, &copy] {
         del(dev.id);
         assert_gone(dev);
@@ -585,13 +550,16 @@ enum Method {
     Supervise,
     /// `add --standby`: a hot standby takes over.
     Standby,
+    /// No crash: `ublk-bench restart -n ID` hands the device over.
+    Restart,
 }
 
 /// `nvme -r -i` in copy mode `mode` under fio verify: each cycle starts a
 /// verifying fio pass over FIO_SPAN (its own seed), kill -9s the server
 /// while fio is in its write phase with writes in flight, and brings the
-/// device back by `method`; fio must finish with no error, its verify pass
-/// reading the whole span. After the last cycle the device is deleted and
+/// device back by `method` (or, for `Restart`, hands it over at that
+/// moment); fio must finish with no error, its verify pass reading the
+/// whole span. After the last cycle the device is deleted and
 /// the last pass verifies on /dev/nvme0n1 itself.
 fn crash_recover_under_fio_verify(mode: &str, method: Method, seed0: u64) {
     let Some(_h) = nvme_harness() else { return };
@@ -599,13 +567,18 @@ fn crash_recover_under_fio_verify(mode: &str, method: Method, seed0: u64) {
     let t0 = Instant::now();
     let mut extra = vec!["-r", "-i"];
     match method {
-        Method::Recover => {}
+        Method::Recover | Method::Restart => {}
         Method::Supervise => extra.push("--supervise"),
         Method::Standby => extra.push("--standby"),
     }
     let dev = add_nvme(NG, mode, &extra);
     assert_eq!(dev.json["copy_mode"], mode, "{}", dev.json);
     assert!(has_flag(&dev, "USER_RECOVERY_REISSUE"), "-r -i without REISSUE: {}", dev.json);
+    if method == Method::Restart && !has_flag(&dev, "QUIESCE") {
+        println!("skipped: the kernel has no UBLK_F_QUIESCE (6.16+) for restart: {}", dev.json);
+        del(dev.id);
+        return;
+    }
     let (id, block) = (dev.id, dev.block());
     let mut server = dev.pid;
     let mut last = (0, "");
@@ -625,9 +598,15 @@ fn crash_recover_under_fio_verify(mode: &str, method: Method, seed0: u64) {
         });
         assert!(fio.running(), "cycle {cycle}: fio ended before the kill (missed its write phase)");
         assert!(caught, "cycle {cycle}: no write phase with writes in flight within 120 s (last {seen:?})");
-        signal(server, libc::SIGKILL);
         let k = Instant::now();
-        wait_dead(server);
+        if method == Method::Restart {
+            let out = ublk(&["restart", "-n", &id.to_string()]).success();
+            assert!(out.stdout.contains("state LIVE"), "cycle {cycle}: restart printed:\n{}", out.describe());
+            wait_dead(server);
+        } else {
+            signal(server, libc::SIGKILL);
+            wait_dead(server);
+        }
         if method == Method::Recover {
             let out = ublk(&["recover", "-n", &id.to_string()]).success();
             assert!(out.stdout.contains("state LIVE"), "cycle {cycle}: recover printed:\n{}", out.describe());
@@ -653,12 +632,12 @@ fn crash_recover_under_fio_verify(mode: &str, method: Method, seed0: u64) {
         let recovered_in = k.elapsed();
         let out = fio.finish(FIO_TIMEOUT);
         let json = fio_clean(&out).unwrap_or_else(|e| {
-            panic!("cycle {cycle}: fio across kill -9 of server {server} and recover ({mode}): {e}")
+            panic!("cycle {cycle}: fio across {method:?} of server {server} ({mode}): {e}")
         });
         assert_eq!(fio_bytes(&json, "write"), FIO_SPAN, "cycle {cycle}: fio wrote less than its span");
         assert_eq!(fio_bytes(&json, "read"), FIO_SPAN, "cycle {cycle}: fio verified less than its span");
         println!(
-            "cycle {cycle} ({mode}, {method:?}, bs {bs}): killed server {server} with {} reads / {} writes in flight, \
+            "cycle {cycle} ({mode}, {method:?}, bs {bs}): replaced server {server} with {} reads / {} writes in flight, \
              {} writes done; recovered in {recovered_in:?} by {new}; fio verified {} MiB, no error",
             seen.0,
             seen.1,
@@ -673,7 +652,7 @@ fn crash_recover_under_fio_verify(mode: &str, method: Method, seed0: u64) {
     let json = fio(Path::new(NVME_BLOCK), &as_strs(&verify_only_job(seed, FIO_SPAN, bs)));
     assert_eq!(fio_bytes(&json, "read"), FIO_SPAN, "verify-only on {NVME_BLOCK} read less than the span");
     println!(
-        "{mode}: {CRASH_CYCLES} crash/recover cycles, last pass verified on {NVME_BLOCK}; {:?}",
+        "{mode}: {CRASH_CYCLES} {method:?} cycles, last pass verified on {NVME_BLOCK}; {:?}",
         t0.elapsed()
     );
 }
@@ -696,6 +675,18 @@ fn nvme_zero_crash_supervise_under_fio_verify() {
 #[test]
 fn nvme_zero_crash_standby_under_fio_verify() {
     crash_recover_under_fio_verify("zero", Method::Standby, 0x55_0000);
+}
+
+#[test]
+fn nvme_copy_crash_standby_under_fio_verify() {
+    crash_recover_under_fio_verify("copy", Method::Standby, 0x5c_0000);
+}
+
+/// The planned handover (QUIESCE_DEV) on nvme in zero copy, under the same
+/// verifying load: no error, nothing lost.
+#[test]
+fn nvme_zero_restart_under_fio_verify() {
+    crash_recover_under_fio_verify("zero", Method::Restart, 0x7e_0000);
 }
 
 // ---------------------------------------------------------------- errors

@@ -489,15 +489,7 @@ fn assert_reads_back(dev: &Path, offset: u64, want: &[u8], when: &str) {
 
 /// A dd reading `len` bytes at `offset` with O_DIRECT, in the background.
 fn dd_read_bg(dev: &Path, offset: u64, len: u64) -> Bg {
-    const BS: u64 = 64 << 10;
-    Bg::start(Command::new(need_tool("dd")).args([
-        format!("if={}", dev.display()),
-        "iflag=direct".into(),
-        format!("bs={BS}"),
-        format!("skip={}", offset / BS),
-        format!("count={}", len / BS),
-        "status=none".into(),
-    ]))
+    Bg::start(&mut dd_direct(dev, offset, len))
 }
 
 // ---------------------------------------------------------------- fio

@@ -13,12 +13,12 @@ Exit status: 0 when the report was written (whatever the rows say), 1 if not.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.dont_write_bytecode = True  # the project folder is shared with the guest; keep it clean
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fio_summary  # noqa: E402
+import guest_facts  # noqa: E402
 import report_file  # noqa: E402
 
 SCHEMA = 1
@@ -27,14 +27,6 @@ ROW_FIELDS = ("job", "target", "mode", "status", "device", "fio_json", "add_json
               "server_cpu_ticks", "wall_ms", "error")
 UBLK_KEYS = ("dev_id", "queues", "depth", "poll", "cpus", "copy_mode", "flags", "backend", "size",
              "block_size", "max_io_bytes")
-
-
-def cmd_out(args, cwd=None):
-    try:
-        r = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
 
 
 def read_kv(path):
@@ -58,19 +50,8 @@ def to_int(v):
 
 
 def emulation(env):
-    """Same classes as perf_null_report.emulation(), from what the guest saw:
-    tcg (QEMU software emulation), kvm (a QEMU/KVM guest), vm (some other
-    hypervisor), guest (run through bench-scripts/vm, kind unknown), none."""
-    model = env.get("cpu_model", "")
-    hypervisor = env.get("hypervisor") == "1"
-    in_guest = env.get("in_guest") == "1"
-    if "TCG" in model:
-        return "tcg"
-    if hypervisor and (in_guest or "QEMU" in model or "KVM" in model):
-        return "kvm"
-    if hypervisor:
-        return "vm"
-    return "guest" if in_guest else "none"
+    """guest_facts.emulation() from what the guest saw."""
+    return guest_facts.emulation(env.get("cpu_model", ""), env.get("hypervisor") == "1", env.get("in_guest") == "1")
 
 
 def load_ublk(path):
@@ -188,12 +169,10 @@ def main():
         r["iops_vs_null_blk"] = round(r["iops"] / ref, 3) if r["iops"] is not None and ref else None
 
     # The checkout at the start of the run (config.txt); now, if that is missing.
-    git_rev = cfg.get("git_rev") or cmd_out(["git", "rev-parse", "--short", "HEAD"], cwd=a.root) or "unknown"
+    git_rev, dirty = guest_facts.git_state(a.root)
+    git_rev = cfg.get("git_rev") or git_rev
     if "git_dirty" in cfg:
         dirty = cfg["git_dirty"] not in ("", "0")
-    else:
-        dirty = cmd_out(["git", "status", "--porcelain", "--untracked-files=no"], cwd=a.root)
-        dirty = None if dirty is None else bool(dirty)
     fio_version = env.get("fio_version") or next((r["fio_version"] for r in rows if r.get("fio_version")), None)
     for r in rows:
         r.pop("fio_version", None)

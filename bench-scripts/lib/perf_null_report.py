@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 
 sys.dont_write_bytecode = True  # the project folder is shared with the guest; keep it clean
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fio_summary  # noqa: E402
+import guest_facts  # noqa: E402
 import report_file  # noqa: E402
 
 REFERENCE = "null_blk"
@@ -26,17 +26,8 @@ REFERENCE = "null_blk"
 BAR = {"poll": ("ublk-null-poll", 0.40), "blocking": ("ublk-null-blocking", 0.30)}
 
 
-def cmd_out(args, cwd=None):
-    try:
-        r = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
 def emulation():
-    """tcg (QEMU software emulation), kvm (a QEMU/KVM guest), vm (some other
-    hypervisor), guest (run through bench-scripts/vm, kind unknown), none."""
+    """(kind as guest_facts.emulation() names it, CPU model, run through bench-scripts/vm)."""
     in_guest = os.environ.get("UBLK_BENCH_IN_GUEST") == "1"
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -47,17 +38,7 @@ def emulation():
     model = model.group(1).strip() if model else ""
     flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
     hypervisor = bool(flags and "hypervisor" in flags.group(1).split())
-    if "TCG" in model:
-        kind = "tcg"
-    elif hypervisor and (in_guest or "QEMU" in model or "KVM" in model):
-        kind = "kvm"
-    elif hypervisor:
-        kind = "vm"
-    elif in_guest:
-        kind = "guest"
-    else:
-        kind = "none"
-    return kind, model, in_guest
+    return guest_facts.emulation(model, hypervisor, in_guest), model, in_guest
 
 
 def host_info():
@@ -167,9 +148,8 @@ def main():
     bar["pass"] = all(bar[f"{k}_pass"] for k in BAR)
 
     kind, cpu_model, in_guest = emulation()
-    git_rev = cmd_out(["git", "rev-parse", "--short", "HEAD"], cwd=a.root) or "unknown"
-    dirty = cmd_out(["git", "status", "--porcelain", "--untracked-files=no"], cwd=a.root)
-    fio_version = cmd_out(["fio", "--version"]) or "unknown"
+    git_rev, dirty = guest_facts.git_state(a.root)
+    fio_version = guest_facts.cmd_out(["fio", "--version"]) or "unknown"
     try:
         vcpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -179,9 +159,9 @@ def main():
         "timestamp": a.timestamp,
         "kernel": os.uname().release,
         "git_rev": git_rev,
-        "git_dirty": None if dirty is None else bool(dirty),
+        "git_dirty": dirty,
         "binary": a.binary,
-        "binary_version": cmd_out([a.binary, "--version"]),
+        "binary_version": guest_facts.cmd_out([a.binary, "--version"]),
         "emulation": kind,
         "in_guest": in_guest,
         "cpu_model": cpu_model,
