@@ -530,18 +530,9 @@ fn writes_done(dev: &Dev) -> u64 {
     s.split_whitespace().nth(4).and_then(|x| x.parse().ok()).unwrap_or(0)
 }
 
-/// Waits until `pid` is gone or a zombie: the kernel has seen it die.
-fn wait_dead(pid: i32) {
-    wait_until(&format!("pid {pid} to die"), SETTLE, || {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next());
-        matches!(state, None | Some('Z'))
-    });
-}
-
 const CRASH_CYCLES: u64 = 3;
 
-/// How a killed server comes back.
+/// How the server is replaced: after a kill -9, or by a planned restart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Method {
     /// `ublk-bench recover -n ID`, called by the test.
@@ -602,11 +593,10 @@ fn crash_recover_under_fio_verify(mode: &str, method: Method, seed0: u64) {
         if method == Method::Restart {
             let out = ublk(&["restart", "-n", &id.to_string()]).success();
             assert!(out.stdout.contains("state LIVE"), "cycle {cycle}: restart printed:\n{}", out.describe());
-            wait_dead(server);
         } else {
             signal(server, libc::SIGKILL);
-            wait_dead(server);
         }
+        wait_dead(server);
         if method == Method::Recover {
             let out = ublk(&["recover", "-n", &id.to_string()]).success();
             assert!(out.stdout.contains("state LIVE"), "cycle {cycle}: recover printed:\n{}", out.describe());

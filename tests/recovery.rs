@@ -225,19 +225,9 @@ fn log_len() -> u64 {
     fs::metadata(run_dir().join("server.log")).map_or(0, |m| m.len())
 }
 
-/// Waits for `pid` to be gone: reaped, or a zombie nobody has reaped yet.
-fn wait_dead(pid: i32) {
-    wait_until(&format!("pid {pid} to die"), SETTLE, || !alive(pid) || proc_state(pid) == Some('Z'));
-}
-
 /// Running: exists and is not a zombie.
 fn running(pid: i32) -> bool {
     proc_state(pid).is_some_and(|s| s != 'Z' && s != 'X')
-}
-
-fn proc_state(pid: i32) -> Option<char> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// Requests in flight on the block device (reads + writes).
@@ -1231,8 +1221,7 @@ fn add_standby_device() -> (Dev, i32, i32) {
 fn sigterm_to_supervised_server_is_a_stop_not_a_crash() {
     let Some(_g) = guard() else { return };
     let (dev, sup, standby) = add_standby_device();
-    // SAFETY: plain kill(2) on a pid this test started.
-    assert_eq!(unsafe { libc::kill(dev.pid, libc::SIGTERM) }, 0, "SIGTERM to server {}", dev.pid);
+    signal(dev.pid, libc::SIGTERM);
     for (what, pid) in [("server", dev.pid), ("supervisor", sup), ("standby", standby)] {
         wait_until(&format!("the {what} {pid} to exit"), Duration::from_secs(30), || !alive(pid));
     }

@@ -40,10 +40,7 @@ pub fn run(dev_id: u32) -> Result<()> {
     let old = info.ublksrv_pid;
     let supervised = supervisor::pid_path(dev_id).exists();
     let old_fd = process::pidfd(old);
-    let mut successor = match supervised {
-        true => None,
-        false => Some(prepared_successor(dev_id, old)?),
-    };
+    let mut successor = if supervised { None } else { Some(prepared_successor(dev_id, old)?) };
     if let Err(e) = ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS) {
         successor.iter_mut().for_each(Spawned::kill_and_reap);
         return Err(Error::io("QUIESCE_DEV", e));

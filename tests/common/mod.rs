@@ -486,6 +486,18 @@ pub fn alive(pid: i32) -> bool {
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
+/// The state letter in `/proc/PID/stat` (R, S, Z, ...), None if gone.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Waits for `pid` to be gone: reaped, or a zombie nobody has reaped yet
+/// (the kernel has seen it die).
+pub fn wait_dead(pid: i32) {
+    wait_until(&format!("pid {pid} to die"), SETTLE, || !alive(pid) || proc_state(pid) == Some('Z'));
+}
+
 pub fn comm(pid: i32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
 }
