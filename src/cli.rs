@@ -96,9 +96,14 @@ pub struct AddArgs {
     /// Device size, e.g. 256M or 1G (default: null 250G, ram 256M).
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
-    /// RAM store file (default /dev/shm/ublk-bench-<id>).
+    /// RAM store file (ram only; default /dev/shm/ublk-bench-<id>). It must not exist: ublk-bench
+    /// creates it (mode 0600) and `del` removes it.
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Serve an existing --store file and keep its contents (a store from an earlier device); its size
+    /// must match --size (default: the file's size). `del` leaves it in place.
+    #[arg(long, requires = "store")]
+    pub reuse_store: bool,
     /// NVMe namespace for the nvme backend: /dev/ngXnY (or /dev/nvmeXnY).
     #[arg(long)]
     pub dev: Option<PathBuf>,
@@ -212,15 +217,29 @@ pub struct ServeArgs {
     pub crash_seen_ns: Option<u64>,
     #[arg(long)]
     pub watch_pid: Option<i32>,
+    /// Start time (clock ticks after boot) of --watch-pid's process, so a reused pid is not mistaken for it.
+    #[arg(long, requires = "watch_pid")]
+    pub watch_start: Option<u64>,
     #[arg(long)]
     pub notify_fd: i32,
 }
 
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
 pub struct DelArgs {
+    #[command(flatten)]
+    pub which: DelWhich,
+    /// Delete even a device that is open (mounted, or held by a process such as fio): its I/O fails.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct DelWhich {
+    /// The device to delete.
     #[arg(short = 'n', long = "number")]
     pub id: Option<u32>,
+    /// Every ublk device on the machine, one after the other.
     #[arg(short = 'a', long = "all")]
     pub all: bool,
 }
@@ -257,7 +276,8 @@ mod tests {
 
     #[test]
     fn del_and_list_parse() {
-        assert!(matches!(parse(&["del", "-a"]).unwrap().cmd, Command::Del(DelArgs { all: true, .. })));
+        let Command::Del(d) = parse(&["del", "-a", "--force"]).unwrap().cmd else { panic!("not del") };
+        assert!(d.which.all && d.force && d.which.id.is_none());
         assert!(matches!(parse(&["list", "--json"]).unwrap().cmd, Command::List { json: true, .. }));
     }
 }

@@ -83,8 +83,12 @@ pub struct DeviceConfig {
     pub dev_id: Option<u32>,
     pub backend: BackendKind,
     pub size: u64,
-    /// RAM store path; None for `null`.
+    /// RAM store path (absolute, canonical folder); None for other backends.
     pub store: Option<PathBuf>,
+    /// ublk-bench created the store file, so `del` and failed starts may
+    /// remove it; false for a store the user brought with `--reuse-store`.
+    #[serde(default)]
+    pub store_created: bool,
     /// NVMe namespace (`/dev/ngXnY`) for `nvme`.
     #[serde(default)]
     pub nvme_dev: Option<PathBuf>,
@@ -232,6 +236,7 @@ mod tests {
             backend: BackendKind::Ram,
             size: 64 << 20,
             store: None,
+            store_created: false,
             nvme_dev: None,
             queues: 1,
             depth: 64,

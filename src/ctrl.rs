@@ -113,6 +113,11 @@ impl Ctrl {
         self.dev_cmd::<u8>(sys::UBLK_U_CMD_STOP_DEV, dev_id, None, 0).map(|_| ())
     }
 
+    /// TRY_STOP_DEV (7.0): STOP_DEV unless the block device is open (-EBUSY).
+    pub fn try_stop(&mut self, dev_id: u32) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_TRY_STOP_DEV, dev_id, None, 0).map(|_| ())
+    }
+
     /// DEL_DEV waits until every reference to `/dev/ublkcN` is gone, so the
     /// caller must not hold one.
     pub fn del(&mut self, dev_id: u32) -> io::Result<()> {

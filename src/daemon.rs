@@ -8,15 +8,16 @@
 //! `ok` means the child died; the parent then reaps it and deletes the
 //! half-made device, so a failed `add` leaves nothing behind.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
-use crate::{log, settings};
+use crate::settings;
 
 /// The child's end of the pipe. Dropping it closes the pipe.
 pub struct Notifier(Option<File>);
@@ -26,11 +27,17 @@ impl Notifier {
         Notifier(None)
     }
 
+    /// Takes the write end of the parent's pipe, passed as `fd`, and marks
+    /// it close-on-exec so that no server or standby we start inherits it:
+    /// the parent must see EOF the moment this process dies.
+    ///
     /// # Safety
     /// `fd` must be an open file descriptor this process owns and no one else closes.
     pub unsafe fn from_fd(fd: i32) -> Self {
         // SAFETY: the caller hands over ownership of fd.
-        Notifier(Some(unsafe { File::from_raw_fd(fd) }))
+        let file = unsafe { File::from_raw_fd(fd) };
+        set_cloexec(file.as_raw_fd(), true);
+        Notifier(Some(file))
     }
 
     pub fn send(&mut self, line: &str) {
@@ -63,15 +70,16 @@ pub fn log_path() -> std::path::PathBuf {
     settings::run_dir().join("server.log")
 }
 
-/// Starts `ublk-bench __serve` detached and returns the device id once LIVE.
-/// If it fails, the child is reaped and any half-made device deleted.
+/// Starts `ublk-bench __serve` (or `__supervise`) detached and returns the
+/// device id once LIVE. If it fails, the child is reaped and any half-made
+/// device deleted with the processes serving it.
 pub fn spawn_server(args: &[String], timeout: Duration) -> Result<u32> {
     let mut s = Spawned::start(args)?;
     let res = s.wait_live(timeout);
     if res.is_err() {
         s.kill_and_reap();
         if let Some(id) = s.dev_id {
-            cleanup_half_made(id);
+            crate::teardown::delete_half_made(id);
         }
     }
     res
@@ -98,6 +106,11 @@ impl Spawned {
         self.child.id() as i32
     }
 
+    /// Waits for `id N` (the device exists) or for what ends `wait_live`.
+    pub fn wait_added(&mut self, timeout: Duration) -> Result<u32> {
+        self.wait_for("id ", timeout)
+    }
+
     /// Waits for `ok N` (Ok(N)), `err MSG`, EOF or the deadline.
     pub fn wait_live(&mut self, timeout: Duration) -> Result<u32> {
         self.wait_for("ok ", timeout)
@@ -109,8 +122,7 @@ impl Spawned {
     }
 
     fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Result<u32> {
-        let deadline = Instant::now() + timeout;
-        let outcome = read_lines(&mut self.pipe, &mut self.text, prefix, deadline);
+        let outcome = read_lines(&mut self.pipe, &mut self.text, prefix, timeout);
         for line in self.text.lines() {
             if let Some(id) = line.strip_prefix("id ").and_then(|s| s.parse().ok()) {
                 self.dev_id = Some(id);
@@ -123,11 +135,25 @@ impl Spawned {
         Err(match (err, outcome) {
             (Some(msg), _) => Error::Relayed(msg),
             (None, Err(e)) => e,
-            (None, Ok(())) => Error::invalid(format!(
-                "the server exited before the device went LIVE: see {}",
+            (None, Ok(())) => Error::Refused(format!(
+                "the server process {} ended ({}) before the device went LIVE: see {}",
+                self.pid(),
+                self.exit_status(),
                 log_path().display()
             )),
         })
+    }
+
+    /// How the child ended, once its pipe said EOF (it is exiting).
+    fn exit_status(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        "it closed its pipe".into()
     }
 
     pub fn kill_and_reap(&mut self) {
@@ -137,22 +163,26 @@ impl Spawned {
 }
 
 fn spawn_child(args: &[String], write_end: &OwnedFd) -> Result<Child> {
-    std::fs::create_dir_all(settings::run_dir()).map_err(|e| Error::io("create run folder", e))?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path())
-        .map_err(|e| Error::io("open server log", e))?;
+    settings::ensure_run_dir()?;
+    let log = settings::open_append(&log_path()).map_err(|e| Error::io("open server log", e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(write_end);
-    Command::new(exe)
-        .args(args)
+    let fd = write_end.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
         .args(["--notify-fd", &fd.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| Error::io("dup log", e))?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| Error::io("start the server process", e))
+        .stderr(log);
+    // SAFETY: runs in the forked child before exec and only calls fcntl,
+    // which is async-signal-safe: the write end is passed on to this child
+    // alone (every other process we start gets it closed at exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            set_cloexec(fd, false);
+            Ok(())
+        })
+    };
+    cmd.spawn().map_err(|e| Error::io("start the server process", e))
 }
 
 /// The arguments that start a server for a new device.
@@ -160,18 +190,19 @@ pub fn serve_args(cfg: &DeviceConfig) -> Vec<String> {
     vec!["__serve".into(), "--config".into(), serde_json::to_string(cfg).expect("config serializes")]
 }
 
-/// Reads until EOF, a `prefix` or final `ok`/`err` line, or the deadline.
-fn read_lines(reader: &mut File, text: &mut String, prefix: &str, deadline: Instant) -> Result<()> {
+/// Reads until EOF, a `prefix` or final `ok`/`err` line, or `timeout`.
+fn read_lines(reader: &mut File, text: &mut String, prefix: &str, timeout: Duration) -> Result<()> {
     let mut buf = [0u8; 512];
+    let began = Instant::now();
     loop {
         if text.lines().any(|l| l.starts_with(prefix) || l.starts_with("ok ") || l.starts_with("err ")) {
             return Ok(());
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = timeout.saturating_sub(began.elapsed());
         if left.is_zero() || !readable(reader, left) {
-            return Err(Error::invalid(format!(
-                "the server did not report LIVE within {}s: see {}",
-                (deadline - Instant::now().min(deadline)).as_secs(),
+            return Err(Error::Refused(format!(
+                "the server did not report within {:.1}s: see {}",
+                began.elapsed().as_secs_f64(),
                 log_path().display()
             )));
         }
@@ -190,31 +221,22 @@ fn readable(f: &File, timeout: Duration) -> bool {
     unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) > 0 }
 }
 
-/// Deletes a device whose server died during start; the server is gone, so
-/// DEL_DEV cannot wait on its references.
-fn cleanup_half_made(dev_id: u32) {
-    let cfg = settings::load(dev_id).ok();
-    if let Ok(mut ctrl) = crate::ctrl::Ctrl::open().inspect_err(|e| log!("cleanup of device {dev_id}: {e}")) {
-        let _ = ctrl.del(dev_id);
-    }
-    settings::remove(dev_id);
-    if let Some(store) = cfg.and_then(|c| c.store) {
-        let _ = std::fs::remove_file(store);
-    }
-}
-
-/// A pipe whose read end is close-on-exec and whose write end is inherited.
+/// A pipe, both ends close-on-exec; `spawn_child` hands the write end to
+/// one child only.
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0i32; 2];
     // SAFETY: fds is a valid two-int array.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(Error::io("pipe", std::io::Error::last_os_error()));
     }
     // SAFETY: both fds were just created and are owned here.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fcntl on an fd we own.
-    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&r), libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok((r, w))
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn set_cloexec(fd: i32, on: bool) {
+    let flags = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: fcntl on a descriptor the caller owns; no memory is passed.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, flags) };
 }
 
 /// Detaches the server from the caller's session and terminal.

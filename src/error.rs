@@ -18,6 +18,9 @@ pub enum Error {
     NoDevice(u32),
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// An operation refused or failed, in words that say what to do.
+    #[error("{0}")]
+    Refused(String),
     /// A message already worded for the user, passed on from another process.
     #[error("{0}")]
     Relayed(String),

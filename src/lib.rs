@@ -24,3 +24,4 @@ pub mod settings;
 pub mod stats;
 pub mod supervisor;
 pub mod sys;
+pub mod teardown;

@@ -7,6 +7,7 @@ use ublk_bench::cmd;
 use ublk_bench::config::DeviceConfig;
 use ublk_bench::daemon::{self, Notifier};
 use ublk_bench::error::{Error, Result};
+use ublk_bench::process::ProcId;
 use ublk_bench::{downtime, supervisor};
 
 fn main() {
@@ -22,7 +23,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Features { json } => cmd::features::run(json),
         Command::Add(args) => cmd::add::run(&args),
         Command::List { id, json } => cmd::list::run(id, json),
-        Command::Del(d) => cmd::del::run(d.id, d.all),
+        Command::Del(d) => cmd::del::run(d.which.id, d.which.all, d.force),
         Command::Recover { id } => cmd::recover::run(id),
         Command::Restart { id } => cmd::restart::run(id),
         Command::Stats { id, json } => cmd::stats::run(id, json),
@@ -42,7 +43,10 @@ fn serve_daemon(a: ServeArgs) -> Result<()> {
     // SAFETY: the parent passed us the write end of its pipe as this fd.
     let notify = unsafe { Notifier::from_fd(a.notify_fd) };
     match (a.recover, a.config) {
-        (Some(id), _) => cmd::recover::serve(id, &a.method, a.crash_seen_ns, a.watch_pid, notify),
+        (Some(id), _) => {
+            let watch = a.watch_pid.zip(a.watch_start).map(|(pid, start)| ProcId { pid, start });
+            cmd::recover::serve(id, &a.method, a.crash_seen_ns, watch, notify)
+        }
         (None, Some(c)) => cmd::add::serve(parse_config(&c)?, notify, None),
         (None, None) => Err(Error::invalid("__serve needs --config or --recover")),
     }

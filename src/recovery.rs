@@ -11,8 +11,6 @@
 //! it right after. Each takeover appends its phase timestamps (monotonic ns)
 //! as one JSON line to `/run/ublk-bench/<id>.events`.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -128,7 +126,9 @@ pub fn wait_recoverable(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Resu
                     "device {dev_id} is DEAD (stopped): delete it with `ublk-bench del -n {dev_id}`"
                 )));
             }
-            _ if process::alive(info.ublksrv_pid) && info.ublksrv_pid != std::process::id() as i32 => {
+            _ if info.ublksrv_pid != std::process::id() as i32
+                && process::server_of(dev_id, info.ublksrv_pid).is_some() =>
+            {
                 return Err(Error::invalid(format!(
                     "device {dev_id} is LIVE, served by pid {}: nothing to recover (use `ublk-bench restart -n {dev_id}` for a planned handover)",
                     info.ublksrv_pid
@@ -175,8 +175,12 @@ pub fn events_path(dev_id: u32) -> std::path::PathBuf {
     settings::run_dir().join(format!("{dev_id}.events"))
 }
 
-fn append_event(p: &Phases) -> std::io::Result<()> {
-    let mut f = OpenOptions::new().create(true).append(true).open(events_path(p.dev_id))?;
-    let line = serde_json::to_string(p).expect("phases serialize");
-    f.write_all(format!("{line}\n").as_bytes())
+/// Rewrites the events file with one more line (temporary file, then
+/// rename, like every run file): a reader never sees half a line.
+fn append_event(p: &Phases) -> Result<()> {
+    let path = events_path(p.dev_id);
+    let mut text = std::fs::read(&path).unwrap_or_default();
+    text.extend(serde_json::to_string(p).expect("phases serialize").bytes());
+    text.push(b'\n');
+    settings::write_atomic(&path, &text)
 }

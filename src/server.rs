@@ -203,7 +203,10 @@ impl Server {
         // DEL_DEV waits for every reference to /dev/ublkcN: close ours first.
         self.char_dev = None;
         if delete {
-            delete_device(&mut self.ctrl, self.dev_id, Some(&self.cfg));
+            self.ctrl
+                .del(self.dev_id)
+                .map_err(|e| Error::io(format!("DEL_DEV of device {}", self.dev_id), e))?;
+            settings::remove_all(self.dev_id, Some(&self.cfg));
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -213,19 +216,7 @@ impl Server {
     pub fn abandon(mut self) {
         let _ = self.ctrl.stop(self.dev_id);
         let _ = self.ctrl.del_async(self.dev_id);
-        settings::remove(self.dev_id);
-        if let Some(store) = &self.cfg.store {
-            let _ = std::fs::remove_file(store);
-        }
-    }
-}
-
-/// Deletes a device and its files; the caller holds no `/dev/ublkcN` reference.
-pub fn delete_device(ctrl: &mut Ctrl, dev_id: u32, cfg: Option<&DeviceConfig>) {
-    let _ = ctrl.del(dev_id);
-    settings::remove(dev_id);
-    if let Some(store) = cfg.and_then(|c| c.store.as_ref()) {
-        let _ = std::fs::remove_file(store);
+        settings::remove_all(self.dev_id, Some(&self.cfg));
     }
 }
 

@@ -21,17 +21,14 @@ use crate::config::DeviceConfig;
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier, Spawned};
 use crate::error::{Error, Result};
+use crate::process::{self, ProcId};
 use crate::stats::now_ns;
-use crate::{log, process, settings, sys};
+use crate::{log, settings, sys};
 
 /// Give up after this many crashes within [`CRASH_WINDOW`].
 pub const MAX_CRASHES: usize = 50;
 pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
 const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
-
-pub fn pid_path(dev_id: u32) -> std::path::PathBuf {
-    settings::run_dir().join(format!("{dev_id}.supervisor"))
-}
 
 struct Supervisor {
     dev_id: u32,
@@ -46,28 +43,27 @@ struct Supervisor {
 pub fn run(cfg: &DeviceConfig, use_standby: bool, mut notify: Notifier) -> Result<()> {
     let signals = signalfd()?;
     let mut server = Spawned::start(&daemon::serve_args(cfg))?;
+    // `add` learns the id at once, so it can clean up if we die.
+    if let Ok(id) = server.wait_added(LIVE_TIMEOUT) {
+        notify.added(id);
+    }
     let dev_id = match server.wait_live(LIVE_TIMEOUT) {
         Ok(id) => id,
         Err(e) => {
-            if let Some(id) = server.dev_id {
-                notify.added(id);
-            }
             notify.failed(&e);
             server.kill_and_reap();
             return Err(e);
         }
     };
-    std::fs::write(pid_path(dev_id), std::process::id().to_string())
-        .map_err(|e| Error::io("write supervisor pid file", e))?;
+    settings::save_supervisor(dev_id)?;
     let mut sup =
         Supervisor { dev_id, server, standby: None, use_standby, crashes: VecDeque::new(), signals };
     sup.refresh_standby();
-    notify.added(dev_id);
     notify.live(dev_id);
     log!("supervisor of device {dev_id}: watching server pid {}", sup.server.pid());
     let res = sup.watch();
     sup.end_standby();
-    let _ = std::fs::remove_file(pid_path(dev_id));
+    let _ = std::fs::remove_file(settings::supervisor_path(dev_id));
     res
 }
 
@@ -104,7 +100,9 @@ impl Supervisor {
 
     /// Blocks until the server exits (true) or SIGTERM/SIGINT arrives (false).
     fn wait_server_exit(&self) -> Result<bool> {
-        let pidfd = process::pidfd(self.server.pid()).ok_or_else(|| Error::invalid("server pid vanished"))?;
+        // Our own child: its pid cannot be reused before we reap it.
+        let pidfd =
+            process::child_pidfd(self.server.pid()).ok_or_else(|| Error::invalid("server pid vanished"))?;
         let mut fds = [
             libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.signals.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -164,7 +162,8 @@ impl Supervisor {
         if !self.use_standby {
             return;
         }
-        let args = recover_args(self.dev_id, "standby", None, Some(self.server.pid()));
+        let Some(server) = ProcId::of(self.server.pid()) else { return };
+        let args = recover_args(self.dev_id, "standby", None, Some(server));
         match Spawned::start(&args) {
             Ok(s) => self.standby = Some(s),
             Err(e) => log!("supervisor of device {}: no standby: {e}", self.dev_id),
@@ -178,20 +177,21 @@ impl Supervisor {
     }
 }
 
-/// Arguments for a recovering server: cold (`crash_seen`) or standby (`watch_pid`).
+/// Arguments for a recovering server: cold (`crash_seen`) or a successor
+/// that takes over once `watch` exits.
 pub fn recover_args(
     dev_id: u32,
     method: &str,
     crash_seen: Option<u64>,
-    watch_pid: Option<i32>,
+    watch: Option<ProcId>,
 ) -> Vec<String> {
     let mut a =
         vec!["__serve".into(), "--recover".into(), dev_id.to_string(), "--method".into(), method.into()];
     if let Some(t) = crash_seen {
         a.extend(["--crash-seen-ns".into(), t.to_string()]);
     }
-    if let Some(p) = watch_pid {
-        a.extend(["--watch-pid".into(), p.to_string()]);
+    if let Some(p) = watch {
+        a.extend(["--watch-pid".into(), p.pid.to_string(), "--watch-start".into(), p.start.to_string()]);
     }
     a
 }
@@ -213,18 +213,4 @@ fn signalfd() -> Result<OwnedFd> {
     }
     // SAFETY: fd is a fresh descriptor owned here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Asks a device's supervisor to leave and waits for it (used by `del`).
-pub fn stop(dev_id: u32) {
-    let Ok(text) = std::fs::read_to_string(pid_path(dev_id)) else { return };
-    let Ok(pid) = text.trim().parse::<i32>() else { return };
-    if let Some(fd) = process::pidfd(pid) {
-        // SAFETY: plain syscall on a pidfd we own.
-        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGTERM, 0, 0) };
-        if !process::wait_pidfd(&fd, Some(Duration::from_secs(10))) {
-            process::reap_or_kill(pid, Duration::ZERO);
-        }
-    }
-    let _ = std::fs::remove_file(pid_path(dev_id));
 }

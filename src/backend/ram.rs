@@ -27,35 +27,42 @@ pub struct RamStore {
 }
 
 impl RamStore {
-    /// Creates a fresh zeroed store of `size` bytes at `path` (mode 0600).
+    /// Creates a fresh zeroed store of `size` bytes at `path`, mode 0600.
+    /// The path must not exist (O_EXCL, and O_NOFOLLOW for a dangling
+    /// link): ublk-bench never truncates a file it did not make.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(path)
-            .map_err(|e| Error::io(format!("create RAM store {}", path.display()), e))?;
-        file.set_len(size)
-            .map_err(|e| Error::io(format!("size RAM store {} to {size} bytes", path.display()), e))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Error::invalid(format!(
+                    "RAM store {} already exists: pick another --store, remove it, or add --reuse-store to serve its contents",
+                    path.display()
+                )),
+                _ => Error::io(format!("create RAM store {}", path.display()), e),
+            })?;
+        if let Err(e) = file.set_len(size) {
+            let _ = std::fs::remove_file(path);
+            return Err(Error::io(format!("size RAM store {} to {size} bytes", path.display()), e));
+        }
         Self::map(file, path, size)
     }
 
-    /// Opens an existing store, as a recovering server does; its size must match.
+    /// Opens an existing store, as a recovering server or `--reuse-store`
+    /// does; it must be a regular file (not a link) of exactly `size` bytes.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io(format!("open RAM store {} (was it removed?)", path.display()), e))?;
-        let have = file.metadata().map_err(|e| Error::io("stat RAM store", e))?.len();
-        if have != size {
-            return Err(Error::invalid(format!(
-                "RAM store {} holds {have} bytes but the device has {size}",
-                path.display()
-            )));
-        }
+        let meta = file.metadata().map_err(|e| Error::io("stat RAM store", e))?;
+        check_existing(path, &meta, Some(size))?;
         Self::map(file, path, size)
     }
 
@@ -102,6 +109,55 @@ impl RamStore {
 
     fn in_range(&self, req: &Request) -> bool {
         req.offset.checked_add(req.len as u64).is_some_and(|end| end <= self.size)
+    }
+}
+
+/// Checks a store the user named with `--reuse-store`: a regular file
+/// whose size is `size` (when given). Returns its size.
+pub fn check_existing(path: &Path, meta: &std::fs::Metadata, size: Option<u64>) -> Result<u64> {
+    if !meta.file_type().is_file() {
+        return Err(Error::invalid(format!(
+            "RAM store {} is not a regular file: give a file path for --store",
+            path.display()
+        )));
+    }
+    match size {
+        Some(want) if want != meta.len() => Err(Error::invalid(format!(
+            "RAM store {} holds {} bytes but the device has {want}: give --size {} or another store",
+            path.display(),
+            meta.len(),
+            meta.len()
+        ))),
+        _ => Ok(meta.len()),
+    }
+}
+
+/// Makes a `--store` path absolute with a canonical folder (so `recover`
+/// and `del` from anywhere find the same file) and checks it before any
+/// device exists: a new store must not exist yet; a reused one must be a
+/// regular file of the right size. Returns the path and, when reused, the
+/// store's size.
+pub fn resolve_store(path: &Path, reuse: bool, size: Option<u64>) -> Result<(PathBuf, Option<u64>)> {
+    let name = path.file_name().filter(|n| *n != "." && *n != "..").ok_or_else(|| {
+        Error::invalid(format!("--store {} names no file: give a file path", path.display()))
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = dir.canonicalize().map_err(|e| {
+        Error::io(format!("--store {}: its folder {} must exist", path.display(), dir.display()), e)
+    })?;
+    let full = dir.join(name);
+    match (std::fs::symlink_metadata(&full), reuse) {
+        (Ok(meta), true) => Ok((full.clone(), Some(check_existing(&full, &meta, size)?))),
+        (Ok(_), false) => Err(Error::invalid(format!(
+            "--store {} already exists: ublk-bench only creates new stores; pick another path, or add \
+             --reuse-store to serve its contents",
+            full.display()
+        ))),
+        (Err(e), true) => Err(Error::io(format!("--reuse-store: cannot use {}", full.display()), e)),
+        (Err(_), false) => Ok((full, None)),
     }
 }
 

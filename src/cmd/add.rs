@@ -56,11 +56,13 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         BackendKind::Ram => 256 << 20,
         BackendKind::Nvme => 0,
     };
+    let (store, store_size) = store_from(args)?;
     let cfg = DeviceConfig {
         dev_id,
         backend: args.backend,
-        size: args.size.unwrap_or(default_size),
-        store: args.store.clone(),
+        size: args.size.or(store_size).unwrap_or(default_size),
+        store,
+        store_created: !args.reuse_store,
         nvme_dev: None,
         queues: narrow(args.queues, "queues", "-q")?,
         depth: narrow(args.depth, "depth", "-d")?,
@@ -91,6 +93,20 @@ fn nvme_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
     cfg.max_io_bytes = cfg.max_io_bytes.min(ns.max_hw_bytes);
     cfg.nvme_dev = Some(ns.char_dev);
     Ok(cfg)
+}
+
+/// `--store` belongs to `ram`; its path is checked and made absolute here,
+/// before anything is created.
+fn store_from(args: &AddArgs) -> Result<(Option<PathBuf>, Option<u64>)> {
+    let Some(path) = &args.store else { return Ok((None, None)) };
+    if args.backend != BackendKind::Ram {
+        return Err(Error::invalid(format!(
+            "--store is an option of the ram backend, not {}: drop it",
+            args.backend.name()
+        )));
+    }
+    let (path, size) = crate::backend::ram::resolve_store(path, args.reuse_store, args.size)?;
+    Ok((Some(path), size))
 }
 
 fn recovery_from(args: &AddArgs) -> Result<Recovery> {
@@ -160,7 +176,7 @@ fn check_store_space(cfg: &DeviceConfig) -> Result<()> {
 
 /// The server itself: create, attach, start, serve until stopped.
 /// `foreground_json` is Some when the dump is printed by this process.
-pub fn serve(mut cfg: DeviceConfig, mut notify: Notifier, foreground_json: Option<bool>) -> Result<()> {
+pub fn serve(cfg: DeviceConfig, mut notify: Notifier, foreground_json: Option<bool>) -> Result<()> {
     let mut server = match Server::create(&cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -172,9 +188,8 @@ pub fn serve(mut cfg: DeviceConfig, mut notify: Notifier, foreground_json: Optio
     if server.cfg.backend == BackendKind::Ram && server.cfg.store.is_none() {
         server.cfg.store = Some(format!("/dev/shm/ublk-bench-{}", server.dev_id).into());
     }
-    cfg.clone_from(&server.cfg);
-    let started = DeviceBackend::create(&cfg).and_then(|backend| {
-        settings::save(server.dev_id, &cfg)?;
+    let started = make_backend(&mut server.cfg).and_then(|backend| {
+        settings::save(server.dev_id, &server.cfg)?;
         server.prepare(&backend)?;
         server.attach()?;
         server.start()?;
@@ -188,6 +203,7 @@ pub fn serve(mut cfg: DeviceConfig, mut notify: Notifier, foreground_json: Optio
             return Err(e);
         }
     };
+    let cfg = &server.cfg;
     log!("device {} LIVE, {} queue(s), backend {}", server.dev_id, cfg.queues, cfg.backend.name());
     notify.live(server.dev_id);
     if let Some(json) = foreground_json {
@@ -196,6 +212,16 @@ pub fn serve(mut cfg: DeviceConfig, mut notify: Notifier, foreground_json: Optio
     let stop = server.wait();
     log!("device {}: {:?}", server.dev_id, stop);
     server.shutdown(stop == Stop::Signal)
+}
+
+/// A new store is created (and only then marked ours, so a failed start
+/// never removes a file that was there before); a reused one is opened.
+fn make_backend(cfg: &mut DeviceConfig) -> Result<DeviceBackend> {
+    let create = cfg.store_created;
+    cfg.store_created = false;
+    let backend = if create { DeviceBackend::create(cfg)? } else { DeviceBackend::open(cfg)? };
+    cfg.store_created = create;
+    Ok(backend)
 }
 
 #[cfg(test)]
@@ -223,6 +249,41 @@ mod tests {
         assert_eq!(config_from(&args(&["ram", "-e"])).unwrap().recovery, Recovery::FailIo);
         assert_eq!(config_from(&args(&["ram", "--supervise"])).unwrap().recovery, Recovery::Plain);
         assert_eq!(config_from(&args(&["null"])).unwrap().recovery, Recovery::None);
+    }
+
+    #[test]
+    fn store_is_a_ram_option_and_must_be_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = config_from(&args(&["null", "--store", "/etc/passwd"])).unwrap_err().to_string();
+        assert!(err.contains("ram backend"), "{err}");
+        let existing = dir.path().join("old");
+        std::fs::write(&existing, vec![0u8; 1 << 20]).unwrap();
+        let p = existing.to_str().unwrap();
+        let err = config_from(&args(&["ram", "--store", p])).unwrap_err().to_string();
+        assert!(err.contains("already exists") && err.contains("--reuse-store"), "{err}");
+        let cfg = config_from(&args(&["ram", "--store", p, "--reuse-store"])).unwrap();
+        assert_eq!((cfg.size, cfg.store_created), (1 << 20, false), "size taken from the store");
+        let err = config_from(&args(&["ram", "--store", p, "--reuse-store", "--size", "2M"])).unwrap_err();
+        assert!(err.to_string().contains("holds 1048576 bytes"), "{err}");
+        let new = dir.path().join("sub/../new");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let cfg = config_from(&args(&["ram", "--store", new.to_str().unwrap()])).unwrap();
+        let want = dir.path().canonicalize().unwrap().join("new");
+        assert_eq!((cfg.store, cfg.store_created), (Some(want), true));
+        let missing = dir.path().join("nowhere/store");
+        assert!(config_from(&args(&["ram", "--store", missing.to_str().unwrap()])).is_err());
+    }
+
+    #[test]
+    fn a_relative_store_becomes_absolute() {
+        let cfg =
+            config_from(&args(&["ram", "--store", "ublk-bench-test-store-that-does-not-exist"])).unwrap();
+        let store = cfg.store.unwrap();
+        assert!(store.is_absolute(), "{}", store.display());
+        assert_eq!(
+            store,
+            std::env::current_dir().unwrap().canonicalize().unwrap().join(store.file_name().unwrap())
+        );
     }
 
     #[test]

@@ -1,41 +1,62 @@
-//! `del`: delete one device or all. DEL_DEV stops the device, which aborts
-//! the server's parked commands; the server then exits on its own and
-//! DEL_DEV returns once its references are gone. We then make sure the
-//! process is really gone and remove the device's files.
+//! `del`: delete one device or all of them, each with its processes and
+//! files (see `teardown`). A device that is open is refused unless
+//! `--force`; `-a` applies that rule to each device and reports each.
+//!
+//! Ctrl-C (or SIGTERM) while the kernel waits in DEL_DEV for the last user
+//! of `/dev/ublkcN` interrupts that wait: `del` then says so and exits
+//! non-zero with the device's settings and store kept, instead of dying.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
-use crate::server::delete_device;
-use crate::{process, settings, supervisor};
+use crate::teardown;
 
-pub fn run(id: Option<u32>, all: bool) -> Result<()> {
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn run(id: Option<u32>, all: bool, force: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
-    if all {
-        let mut first_err = None;
-        for id in ctrl::device_ids() {
-            if let Err(e) = del_one(&mut ctrl, id) {
-                eprintln!("ublk-bench: del {id}: {e}");
-                first_err.get_or_insert(e);
-            }
-        }
-        return first_err.map_or(Ok(()), Err);
-    }
-    del_one(&mut ctrl, id.expect("clap requires -n or -a"))
+    catch_interrupts();
+    let Some(id) = id.filter(|_| !all) else { return del_all(&mut ctrl, force) };
+    teardown::delete(&mut ctrl, id, force)
 }
 
-pub fn del_one(ctrl: &mut Ctrl, dev_id: u32) -> Result<()> {
-    let info = ctrl.info(dev_id).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev_id),
-        _ => Error::io(format!("GET_DEV_INFO of device {dev_id}"), e),
-    })?;
-    let cfg = settings::load(dev_id).ok();
-    // The supervisor goes first, so it does not recover what we delete.
-    supervisor::stop(dev_id);
-    delete_device(ctrl, dev_id, cfg.as_ref());
-    if info.ublksrv_pid > 0 {
-        process::reap_or_kill(info.ublksrv_pid, Duration::from_secs(10));
+fn del_all(ctrl: &mut Ctrl, force: bool) -> Result<()> {
+    let mut failed = 0;
+    for id in ctrl::device_ids() {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            eprintln!("ublk-bench: del -a interrupted before device {id}");
+            failed += 1;
+            break;
+        }
+        match teardown::delete(ctrl, id, force) {
+            Ok(()) => eprintln!("ublk-bench: deleted device {id}"),
+            Err(e) => {
+                eprintln!("ublk-bench: device {id} not deleted: {e}");
+                failed += 1;
+            }
+        }
     }
-    Ok(())
+    match failed {
+        0 => Ok(()),
+        n => Err(Error::Refused(format!("{n} device(s) not deleted (see above)"))),
+    }
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// A handler without SA_RESTART, so a signal ends the kernel's wait in
+/// DEL_DEV with -EINTR and we can report it.
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sigaction is plain data; the handler only stores to an
+        // atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
 }

@@ -7,11 +7,12 @@ use crate::cmd::list::print_one;
 use crate::ctrl::Ctrl;
 use crate::daemon::{Notifier, Spawned};
 use crate::error::{Error, Result};
+use crate::process::{self, ProcId};
 use crate::recovery::{Takeover, check_recoverable};
 use crate::server::{Stop, no_device};
 use crate::stats::now_ns;
 use crate::supervisor::recover_args;
-use crate::{log, process, settings, sys};
+use crate::{log, settings, sys};
 
 const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -21,7 +22,7 @@ pub fn run(dev_id: u32) -> Result<()> {
     let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
     check_recoverable(&info)?;
     settings::load(dev_id)?;
-    if info.state == sys::UBLK_S_DEV_LIVE && process::alive(info.ublksrv_pid) {
+    if info.state == sys::UBLK_S_DEV_LIVE && process::server_of(dev_id, info.ublksrv_pid).is_some() {
         return Err(Error::invalid(format!(
             "device {dev_id} is LIVE, served by pid {}: nothing to recover",
             info.ublksrv_pid
@@ -38,17 +39,17 @@ pub fn spawn_recovering(dev_id: u32, method: &str, crash_seen: u64) -> Result<u3
     s.wait_live(LIVE_TIMEOUT).inspect_err(|_| s.kill_and_reap())
 }
 
-/// The recovering server. With `watch_pid` it is a successor (a hot standby,
+/// The recovering server. With `watch` it is a successor (a hot standby,
 /// or `restart`'s new server): it gets everything ready, says `ready`, then
 /// waits for that process to die before taking over.
 pub fn serve(
     dev_id: u32,
     method: &str,
     crash_seen_ns: Option<u64>,
-    watch_pid: Option<i32>,
+    watch: Option<ProcId>,
     mut notify: Notifier,
 ) -> Result<()> {
-    let result = takeover(dev_id, method, crash_seen_ns, watch_pid, &mut notify);
+    let result = takeover(dev_id, method, crash_seen_ns, watch, &mut notify);
     let mut t = match result {
         Ok(t) => t,
         Err(e) => {
@@ -70,12 +71,13 @@ fn takeover(
     dev_id: u32,
     method: &str,
     crash_seen_ns: Option<u64>,
-    watch_pid: Option<i32>,
+    watch: Option<ProcId>,
     notify: &mut Notifier,
 ) -> Result<Takeover> {
     // Opened before the slow preparation: a server that dies meanwhile is
-    // still seen, and one already reaped (no pid) means take over at once.
-    let watched = watch_pid.map(|pid| (pid, process::pidfd(pid)));
+    // still seen, and one already gone (or its pid now another process's)
+    // means take over at once.
+    let watched = watch.map(|id| (id.pid, id.open()));
     let mut t = Takeover::prepare(dev_id, method)?;
     let crash_seen = match watched {
         Some((pid, fd)) => {

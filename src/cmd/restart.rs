@@ -11,10 +11,11 @@ use crate::cmd::list::print_one;
 use crate::ctrl::Ctrl;
 use crate::daemon::Spawned;
 use crate::error::{Error, Result};
+use crate::process::{self, ProcId};
 use crate::recovery::check_recoverable;
 use crate::server::no_device;
 use crate::supervisor::recover_args;
-use crate::{process, supervisor, sys};
+use crate::{sys, teardown};
 
 const QUIESCE_TIMEOUT_MS: u64 = 10_000;
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,14 +39,17 @@ pub fn run(dev_id: u32) -> Result<()> {
         )));
     }
     let old = info.ublksrv_pid;
-    let supervised = supervisor::pid_path(dev_id).exists();
-    let old_fd = process::pidfd(old);
-    let mut successor = if supervised { None } else { Some(prepared_successor(dev_id, old)?) };
+    let supervised = teardown::supervisor(dev_id).is_some();
+    let old_server = process::server_of(dev_id, old);
+    let mut successor = match (&old_server, supervised) {
+        (Some((id, _)), false) => Some(prepared_successor(dev_id, *id)?),
+        _ => None,
+    };
     if let Err(e) = ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS) {
         successor.iter_mut().for_each(Spawned::kill_and_reap);
         return Err(Error::io("QUIESCE_DEV", e));
     }
-    if let Some(fd) = &old_fd {
+    if let Some((_, fd)) = &old_server {
         wait_drained(fd, old);
     }
     match &mut successor {
@@ -58,7 +62,7 @@ pub fn run(dev_id: u32) -> Result<()> {
 }
 
 /// A new server, ready to take over the moment `old` exits.
-fn prepared_successor(dev_id: u32, old: i32) -> Result<Spawned> {
+fn prepared_successor(dev_id: u32, old: ProcId) -> Result<Spawned> {
     let mut s = Spawned::start(&recover_args(dev_id, "restart", None, Some(old)))?;
     s.wait_prepared(HANDOVER_TIMEOUT).inspect_err(|_| s.kill_and_reap())?;
     Ok(s)
@@ -73,16 +77,7 @@ fn wait_drained(fd: &std::os::fd::OwnedFd, old: i32) {
         crate::log!(
             "restart: old server {old} did not exit within {DRAIN_TIMEOUT:?} of QUIESCE_DEV; killing it"
         );
-        // SAFETY: plain syscall on a pidfd we own; it pins the pid.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                std::os::fd::AsRawFd::as_raw_fd(fd),
-                libc::SIGKILL,
-                0,
-                0,
-            )
-        };
+        process::signal(fd, libc::SIGKILL);
         process::wait_pidfd(fd, Some(HANDOVER_TIMEOUT));
     }
 }
@@ -92,7 +87,10 @@ fn wait_new_server(ctrl: &mut Ctrl, dev_id: u32, old: i32) -> Result<()> {
     let deadline = Instant::now() + HANDOVER_TIMEOUT;
     while Instant::now() < deadline {
         let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
-        if info.state == sys::UBLK_S_DEV_LIVE && info.ublksrv_pid != old && process::alive(info.ublksrv_pid) {
+        if info.state == sys::UBLK_S_DEV_LIVE
+            && info.ublksrv_pid != old
+            && process::server_of(dev_id, info.ublksrv_pid).is_some()
+        {
             return Ok(());
         }
         std::thread::sleep(Duration::from_micros(500));

@@ -21,7 +21,6 @@ pub mod plot;
 pub mod report;
 
 use std::io::Write as _;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,7 +33,7 @@ use crate::cli::{DowntimeArgs, RecoverMethod};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::stats::now_ns;
-use crate::{process, recovery, supervisor, sys};
+use crate::{process, recovery, sys, teardown};
 
 use client::{JobConfig, JobResult, Shared};
 use report::{CycleReport, Report, RunConfig, Summary};
@@ -199,7 +198,7 @@ impl Device {
                 sys::state_name(info.state)
             )));
         }
-        let supervised = supervisor::pid_path(dev.id).exists();
+        let supervised = teardown::supervisor(dev.id).is_some();
         match a.method {
             RecoverMethod::Supervise | RecoverMethod::Standby if !supervised => {
                 return Err(Error::invalid(format!(
@@ -451,14 +450,12 @@ impl Run<'_> {
             run_self(&self.exe, &["restart".into(), "-n".into(), id])?;
             return Ok(k);
         }
-        let fd = process::pidfd(old).ok_or_else(|| {
+        let (_, fd) = process::server_of(self.dev_id, old).ok_or_else(|| {
             Error::invalid(format!("server pid {old} of device {} is not running", self.dev_id))
         })?;
         let k = now_ns();
         self.shared.publish_kill(i, k);
-        // SAFETY: plain syscall on a pidfd we own; the pidfd pins the process.
-        let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, 0, 0) };
-        if r != 0 {
+        if !process::signal(&fd, libc::SIGKILL) {
             return Err(Error::io(format!("SIGKILL pid {old}"), std::io::Error::last_os_error()));
         }
         if self.a.method == RecoverMethod::Recover {
@@ -477,11 +474,15 @@ impl Run<'_> {
         loop {
             let info = ctrl.info(self.dev_id).map_err(|e| Error::io("GET_DEV_INFO", e))?;
             let pid = info.ublksrv_pid;
-            if info.state == sys::UBLK_S_DEV_LIVE && pid > 0 && pid != old && process::alive(pid) {
+            if info.state == sys::UBLK_S_DEV_LIVE
+                && pid > 0
+                && pid != old
+                && process::server_of(self.dev_id, pid).is_some()
+            {
                 return Ok((now_ns(), pid));
             }
             check_interrupt()?;
-            if supervised && !supervisor::pid_path(self.dev_id).exists() {
+            if supervised && teardown::supervisor(self.dev_id).is_none() {
                 return Err(Error::invalid(format!(
                     "the supervisor of device {} is gone (it gives up after too many crashes): see {}",
                     self.dev_id,

@@ -1,0 +1,150 @@
+//! Deleting a device with everything ublk-bench made for it: its
+//! supervisor (which takes its standby along), the device itself, its run
+//! files and its store, and its server process. Used by `del` and by `add`
+//! when a start fails half-way.
+//!
+//! Every process is identified before it is signalled (see `process`): the
+//! supervisor by the start time its record holds, the server by holding
+//! `/dev/ublkcN` open. A stale record never leads to a stranger.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use crate::ctrl::{self, Ctrl};
+use crate::error::{Error, Result};
+use crate::process::{self, ProcId};
+use crate::server::no_device;
+use crate::settings;
+use crate::sys::{self, DevInfo};
+
+/// How long a supervisor or server gets to exit before SIGKILL.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The running supervisor of `dev_id`, checked against its record.
+pub fn supervisor(dev_id: u32) -> Option<(ProcId, OwnedFd)> {
+    let id = settings::load_supervisor(dev_id)?;
+    id.open().map(|fd| (id, fd))
+}
+
+/// Asks the supervisor of `dev_id` to leave (it ends its standby first) and
+/// waits for it; a stale record is only removed.
+pub fn stop_supervisor(dev_id: u32) {
+    if let Some((_, fd)) = supervisor(dev_id) {
+        process::signal(&fd, libc::SIGTERM);
+        process::reap_or_kill(&fd, EXIT_TIMEOUT);
+    }
+    let _ = std::fs::remove_file(settings::supervisor_path(dev_id));
+}
+
+/// Deletes device `dev_id`. Without `force`, a device that is open (mounted,
+/// or held by a process) is refused before anything changes. Returns once
+/// the device, its files and its processes are gone; if DEL_DEV fails, the
+/// settings and the store stay for another try.
+pub fn delete(ctrl: &mut Ctrl, dev_id: u32, force: bool) -> Result<()> {
+    let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
+    let cfg = settings::load(dev_id).ok();
+    let server = process::server_of(dev_id, info.ublksrv_pid);
+    if !force {
+        stop_if_unused(ctrl, &info)?;
+    }
+    // The supervisor goes before DEL_DEV, so it does not recover what we delete.
+    stop_supervisor(dev_id);
+    ctrl.del(dev_id).map_err(|e| del_failed(dev_id, e))?;
+    settings::remove_all(dev_id, cfg.as_ref());
+    if let Some((_, fd)) = server {
+        process::reap_or_kill(&fd, EXIT_TIMEOUT);
+    }
+    Ok(())
+}
+
+/// Deletes a device whose start failed: its server (a ublk-bench process
+/// holding `/dev/ublkcN`, perhaps started by a supervisor that died) is
+/// killed first, since a half-made server may never answer DEL_DEV.
+pub fn delete_half_made(dev_id: u32) {
+    for pid in process::openers(&ctrl::char_path(dev_id)) {
+        if let Some((_, fd)) = process::server_of(dev_id, pid) {
+            process::signal(&fd, libc::SIGKILL);
+            process::wait_pidfd(&fd, Some(EXIT_TIMEOUT));
+        }
+    }
+    let mut ctrl = match Ctrl::open() {
+        Ok(c) => c,
+        Err(e) => return crate::log!("cleanup of device {dev_id}: {e}"),
+    };
+    if let Err(e) = delete(&mut ctrl, dev_id, true) {
+        crate::log!("cleanup of device {dev_id}: {e}");
+    }
+}
+
+fn del_failed(dev_id: u32, e: std::io::Error) -> Error {
+    let why = match e.raw_os_error() {
+        Some(libc::EINTR) => {
+            "interrupted while the kernel waited for the last user of /dev/ublkc to let go".into()
+        }
+        _ => e.to_string(),
+    };
+    Error::Refused(format!(
+        "DEL_DEV of device {dev_id} failed ({why}): its settings and store are kept; \
+         run `ublk-bench del -n {dev_id}` again"
+    ))
+}
+
+/// Stops the device only if nothing has `/dev/ublkbN` open: with the
+/// kernel's TRY_STOP_DEV (7.0, UBLK_F_SAFE_STOP_DEV), which checks and
+/// stops in one step, else by looking for openers ourselves.
+fn stop_if_unused(ctrl: &mut Ctrl, info: &DevInfo) -> Result<()> {
+    let dev_id = info.dev_id;
+    let safe_stop = info.flags & sys::UBLK_F_SAFE_STOP_DEV != 0 && std::env::var_os(NO_SAFE_STOP).is_none();
+    if !safe_stop {
+        let users = openers(dev_id);
+        return match users.is_empty() {
+            true => Ok(()),
+            false => Err(in_use(dev_id, &users, "checked /proc and sysfs: this kernel has no TRY_STOP_DEV")),
+        };
+    }
+    match ctrl.try_stop(dev_id) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(in_use(dev_id, &openers(dev_id), "the kernel's TRY_STOP_DEV refused"))
+        }
+        // ENODEV: the disk is not there (never started, or already stopped).
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+        Err(e) => Err(Error::io(format!("TRY_STOP_DEV of device {dev_id}"), e)),
+    }
+}
+
+/// Test hook: behave as on a kernel without TRY_STOP_DEV.
+pub const NO_SAFE_STOP: &str = "UBLK_BENCH_NO_SAFE_STOP";
+
+fn in_use(dev_id: u32, users: &[String], how: &str) -> Error {
+    let who = if users.is_empty() { "open".to_string() } else { users.join(", ") };
+    Error::Refused(format!(
+        "device {dev_id} is in use ({who}; {how}): unmount or close it first, or delete it anyway \
+         with `ublk-bench del -n {dev_id} --force` (its open files then see I/O errors)"
+    ))
+}
+
+/// Who has `/dev/ublkbN` open: processes, mounts and stacked devices.
+pub fn openers(dev_id: u32) -> Vec<String> {
+    let block = ctrl::block_path(dev_id);
+    let mut users: Vec<String> =
+        process::openers(&block).into_iter().map(|p| format!("pid {p} {}", process::comm(p))).collect();
+    let name = format!("ublkb{dev_id}");
+    if let Ok(devno) = std::fs::read_to_string(format!("/sys/block/{name}/dev")) {
+        users.extend(mount_points(devno.trim()).into_iter().map(|m| format!("mounted at {m}")));
+    }
+    let holders = std::fs::read_dir(format!("/sys/block/{name}/holders")).into_iter().flatten().flatten();
+    users.extend(holders.map(|h| format!("held by {}", h.file_name().to_string_lossy())));
+    users
+}
+
+/// Mount points of the block device `major:minor`, from mountinfo.
+fn mount_points(devno: &str) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&devno)).then(|| f.get(4).unwrap_or(&"?").to_string())
+        })
+        .collect()
+}
