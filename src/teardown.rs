@@ -41,8 +41,12 @@ pub fn stop_supervisor(dev_id: u32) {
 /// the device, its files and its processes are gone; if DEL_DEV fails, the
 /// settings and the store stay for another try.
 pub fn delete(ctrl: &mut Ctrl, dev_id: u32, force: bool) -> Result<()> {
-    let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
     let cfg = settings::load(dev_id).ok();
+    let info = match ctrl.info(dev_id).map_err(|e| no_device(dev_id, e)) {
+        Ok(info) => info,
+        Err(Error::NoDevice(_)) if cfg.is_some() => return forget(dev_id, cfg.as_ref()),
+        Err(e) => return Err(e),
+    };
     let server = process::server_of(dev_id, info.ublksrv_pid);
     if !force {
         stop_if_unused(ctrl, &info)?;
@@ -74,6 +78,15 @@ pub fn delete_half_made(dev_id: u32) {
     if let Err(e) = delete(&mut ctrl, dev_id, true) {
         crate::log!("cleanup of device {dev_id}: {e}");
     }
+}
+
+/// A device the kernel finished deleting after an interrupted DEL_DEV:
+/// only our files are left.
+fn forget(dev_id: u32, cfg: Option<&crate::config::DeviceConfig>) -> Result<()> {
+    stop_supervisor(dev_id);
+    settings::remove_all(dev_id, cfg);
+    eprintln!("ublk-bench: device {dev_id} no longer exists; removed the files ublk-bench kept for it");
+    Ok(())
 }
 
 fn del_failed(dev_id: u32, e: std::io::Error) -> Error {

@@ -403,12 +403,6 @@ fn holds_char_dev(pid: i32, id: u32) -> bool {
         .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == node))
 }
 
-fn supervisor_pid(id: u32) -> i32 {
-    let p = run_dir().join(format!("{id}.supervisor"));
-    let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    text.trim().parse().unwrap_or_else(|e| panic!("{}: {e}: {text:?}", p.display()))
-}
-
 // ---------------------------------------------------------------- data
 
 /// Writes `data` at `offset` with `dd oflag=direct`; returns once dd has

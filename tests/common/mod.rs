@@ -767,3 +767,13 @@ pub fn check_rejected(args: &[&str], hints: &[&str]) -> Option<String> {
     }
     (!problems.is_empty()).then(|| format!("`{cmd}`: {}\n{}", problems.join("; "), out.describe()))
 }
+
+// ---------------------------------------------------------------- run files
+
+/// The supervisor pid recorded in `<id>.supervisor` (`{"pid": P, "start": T}`).
+pub fn supervisor_pid(id: u32) -> i32 {
+    let p = run_dir().join(format!("{id}.supervisor"));
+    let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text:?}", p.display()));
+    v["pid"].as_i64().unwrap_or_else(|| panic!("{}: no pid: {text:?}", p.display())) as i32
+}

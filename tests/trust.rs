@@ -1,0 +1,287 @@
+//! Trust tests: ublk-bench touches only what it made, signals only its own
+//! processes, refuses to delete a device in use unless forced, keeps a
+//! device's files when DEL_DEV fails, and `del` returns only once the
+//! device's processes are gone. They need the driver (run in the guest by
+//! `bench-scripts/test`); each holds the harness from `common`.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A folder for one test's files, removed at the end (outside /tmp, which
+/// the guest hides behind a tmpfs of its own: that is fine, but /run is root's).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let p = PathBuf::from(format!("/run/ublk-bench-trust-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).expect("scratch folder");
+        Scratch(p)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path("mnt")).status();
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ok_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The error of a refused command: non-zero exit and each of `hints` in stderr.
+fn refused(args: &[&str], hints: &[&str]) -> Out {
+    let out = ublk(args);
+    assert!(!out.ok(), "`ublk-bench {}` succeeded but must be refused:\n{}", args.join(" "), out.describe());
+    for h in hints {
+        assert!(
+            out.stderr.contains(h),
+            "`ublk-bench {}`: no `{h}` in the error:\n{}",
+            args.join(" "),
+            out.describe()
+        );
+    }
+    out
+}
+
+// ---------------------------------------------------------------- stores
+
+/// `--store` on another backend, on an existing file, or in a missing folder
+/// is refused before any device exists, and the file is left as it was.
+#[test]
+fn store_rules_protect_files_we_did_not_make() {
+    let Some(_h) = harness() else { return };
+    let dir = Scratch::new("store-rules");
+    let precious = dir.path("precious");
+    fs::write(&precious, b"not yours").unwrap();
+    let p = ok_str(&precious);
+    refused(&["add", "null", "--store", p], &["ram backend"]);
+    refused(&["add", "ram", "--size", "16M", "--store", p], &["already exists", "--reuse-store"]);
+    refused(&["add", "ram", "--store", ok_str(&dir.path("nowhere/store"))], &["must exist"]);
+    let link = dir.path("link");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    refused(
+        &["add", "ram", "--size", "16M", "--store", ok_str(&link), "--reuse-store"],
+        &["not a regular file"],
+    );
+    assert_eq!(fs::read(&precious).unwrap(), b"not yours", "a refused add touched the file");
+    assert!(list_ids().is_empty(), "a refused add left a device: {:?}", list_ids());
+}
+
+/// A relative `--store` is made absolute at add, so `del` from another
+/// folder removes the file ublk-bench created; the file is mode 0600.
+#[test]
+fn relative_store_is_found_from_anywhere_and_removed() {
+    let Some(_h) = harness() else { return };
+    let dir = Scratch::new("relative");
+    let out =
+        run(Command::new(bin()).current_dir(&dir.0).args(["add", "ram", "--size", "16M", "--store", "s1"]));
+    let id = parse_dev_id(&out.success().stdout).expect("dev id");
+    let json = list_one(id).expect("listed");
+    let want = dir.0.canonicalize().unwrap().join("s1");
+    assert_eq!(json["store"].as_str(), Some(ok_str(&want)), "store not absolute: {json}");
+    let mode = fs::metadata(&want).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "store {} has mode {mode:o}", want.display());
+    run(Command::new(bin()).current_dir("/").args(["del", "-n", &id.to_string()])).success();
+    assert!(!want.exists(), "del left the store {} it created", want.display());
+}
+
+/// `--reuse-store` serves an existing store with its contents, checks its
+/// size, and `del` keeps the file.
+#[test]
+fn reused_store_keeps_its_data_and_survives_del() {
+    let Some(_h) = harness() else { return };
+    let dir = Scratch::new("reuse");
+    let store = dir.path("store");
+    let data = random_bytes(1 << 20, 7);
+    let mut bytes = vec![0u8; 16 << 20];
+    bytes[4 << 20..5 << 20].copy_from_slice(&data);
+    fs::write(&store, &bytes).unwrap();
+    let s = ok_str(&store);
+    refused(&["add", "ram", "--store", s, "--reuse-store", "--size", "32M"], &["holds 16777216 bytes"]);
+    let dev = add(&["ram", "--store", s, "--reuse-store"]);
+    assert_eq!(dev.json["size"], 16 << 20, "size not taken from the store: {}", dev.json);
+    assert_eq!(read_direct(&dev.block(), 4 << 20, 1 << 20), data, "the reused store's data is not served");
+    del(dev.id);
+    assert_eq!(fs::read(&store).unwrap().len(), 16 << 20, "del removed or cut a store it did not create");
+}
+
+// ---------------------------------------------------------------- run files and pids
+
+/// Every run file of a supervised device with a standby (settings,
+/// supervisor record, stats, events, log) is mode 0600 in a 0700 folder.
+#[test]
+fn run_files_are_private() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["ram", "--standby", "--size", "16M"]);
+    let dir = run_dir();
+    let t = Instant::now();
+    wait_until("the supervisor record", SETTLE, || run_dir().join(format!("{}.supervisor", dev.id)).exists());
+    let mut seen = vec![];
+    for e in fs::read_dir(&dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        if m.is_file() {
+            assert_eq!(m.mode() & 0o077, 0, "{} is mode {:o}", e.path().display(), m.mode() & 0o777);
+            seen.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o077, 0, "{} is open to others", dir.display());
+    for want in [format!("{}.json", dev.id), format!("{}.supervisor", dev.id), "server.log".into()] {
+        assert!(seen.contains(&want), "no {want} in {}: {seen:?} ({:?})", dir.display(), t.elapsed());
+    }
+    del(dev.id);
+}
+
+/// A stale supervisor record (the supervisor was SIGKILLed and its pid now
+/// names another process) makes neither `del` nor `restart` signal that
+/// process or treat the device as supervised.
+#[test]
+fn stale_supervisor_record_never_signals_a_stranger() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["ram", "-r", "-i", "--supervise", "--size", "16M"]);
+    let sup = supervisor_pid(dev.id);
+    signal(sup, libc::SIGKILL);
+    wait_dead(sup);
+    let mut stranger = Command::new("sleep").arg("300").spawn().expect("sleep");
+    let pid = stranger.id() as i32;
+    // The record now names the stranger's pid with another start time, as
+    // after pid reuse.
+    let record = run_dir().join(format!("{}.supervisor", dev.id));
+    fs::write(&record, format!("{{\"pid\":{pid},\"start\":1}}")).unwrap();
+    let id = dev.id.to_string();
+    ublk(&["restart", "-n", &id]).success();
+    assert!(stranger.try_wait().unwrap().is_none(), "restart signalled pid {pid}, a stranger");
+    del(dev.id);
+    assert!(stranger.try_wait().unwrap().is_none(), "del signalled pid {pid}, a stranger");
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(!record.exists(), "del left the stale record {}", record.display());
+}
+
+// ---------------------------------------------------------------- delete
+
+/// `del` of an open device (held by a process, then mounted) is refused
+/// with a message naming `--force`, and the device stays LIVE; `del -a`
+/// refuses it too but deletes an unused device; `--force` deletes it. The
+/// same refusal holds where the kernel lacks TRY_STOP_DEV (forced here).
+#[test]
+fn del_refuses_an_open_device_unless_forced() {
+    let Some(_h) = harness() else { return };
+    let scratch = Scratch::new("del-open");
+    let busy = add(&["ram", "--size", "32M"]);
+    let idle = add(&["null", "--size", "1G"]);
+    let id = busy.id.to_string();
+    let mut holder = Command::new("sleep")
+        .arg("300")
+        .stdin(OpenOptions::new().read(true).open(busy.block()).unwrap())
+        .spawn()
+        .unwrap();
+    let holder_pid = holder.id().to_string();
+    let err = refused(&["del", "-n", &id], &["in use", "--force", &holder_pid]);
+    assert!(err.stderr.contains("TRY_STOP_DEV"), "{}", err.describe());
+    let out =
+        Command::new(bin()).args(["del", "-n", &id]).env("UBLK_BENCH_NO_SAFE_STOP", "1").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no TRY_STOP_DEV"), "fallback check: {stderr}");
+    assert_eq!(list_one(busy.id).expect("still there")["state"], "LIVE");
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    let mkfs = need_tool("mkfs.ext4");
+    run(Command::new(mkfs).args(["-q", "-F", ok_str(&busy.block())])).success();
+    let mnt = scratch.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    run(Command::new("mount").args([ok_str(&busy.block()), ok_str(&mnt)])).success();
+    refused(&["del", "-n", &id], &["mounted at", "--force"]);
+    let out = refused(&["del", "-a"], &["not deleted"]);
+    assert!(out.stderr.contains(&format!("deleted device {}", idle.id)), "{}", out.describe());
+    assert_eq!(list_ids(), vec![busy.id as u64], "del -a must delete only the unused device");
+    run(Command::new("umount").arg(&mnt)).success();
+    let t = Instant::now();
+    ublk(&["del", "-n", &id, "--force"]).success();
+    println!("del --force took {:?}", t.elapsed());
+    assert!(list_ids().is_empty());
+}
+
+/// `del --force` of a mounted device deletes it: today's behaviour, kept.
+#[test]
+fn del_force_deletes_a_mounted_device() {
+    let Some(_h) = harness() else { return };
+    let scratch = Scratch::new("del-force");
+    let dev = add(&["ram", "--size", "32M"]);
+    run(Command::new(need_tool("mkfs.ext4")).args(["-q", "-F", ok_str(&dev.block())])).success();
+    let mnt = scratch.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    run(Command::new("mount").args([ok_str(&dev.block()), ok_str(&mnt)])).success();
+    ublk(&["del", "-n", &dev.id.to_string(), "--force"]).success();
+    let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    assert!(list_ids().is_empty(), "device {} not deleted by --force", dev.id);
+}
+
+/// `del -a` returns only once every server, supervisor and standby has
+/// exited: nothing runs the moment it returns.
+#[test]
+fn del_all_leaves_no_process() {
+    let Some(_h) = harness() else { return };
+    add(&["null", "--size", "1G"]);
+    add(&["ram", "--supervise", "--size", "16M"]);
+    let sb = add(&["ram", "--standby", "--size", "16M"]);
+    wait_until("the standby", Duration::from_secs(60), || servers().len() >= 6);
+    let before: Vec<i32> = servers().iter().map(|p| p.pid).collect();
+    assert!(before.len() >= 6, "expected 3 servers, 2 supervisors, 1 standby: {before:?}");
+    ublk(&["del", "-a"]).success();
+    let running: Vec<String> = servers()
+        .iter()
+        .filter(|p| p.state != 'Z')
+        .map(|p| format!("{} {} ({})", p.pid, p.comm, p.state))
+        .collect();
+    assert!(running.is_empty(), "del -a returned with processes running: {running:?}");
+    assert!(!run_dir().join(format!("{}.json", sb.id)).exists());
+}
+
+/// DEL_DEV that does not finish (a process still holds `/dev/ublkcN`) and
+/// is interrupted: `del` exits non-zero, says so, and keeps the settings
+/// and the store; once the holder lets go, `del` again cleans up.
+#[test]
+fn interrupted_del_keeps_settings_and_store() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["ram", "-r", "--size", "16M"]);
+    let store = PathBuf::from(dev.json["store"].as_str().expect("store"));
+    signal(dev.pid, libc::SIGKILL);
+    wait_dead(dev.pid);
+    let char_dev = format!("/dev/ublkc{}", dev.id);
+    let mut held = None;
+    wait_until("to open the dead server's /dev/ublkcN", SETTLE, || {
+        held = OpenOptions::new().read(true).write(true).open(&char_dev).ok();
+        held.is_some()
+    });
+    let id = dev.id.to_string();
+    let mut del = spawn(Command::new(bin()).args(["del", "-n", &id]));
+    sleep_ms(1500);
+    assert!(del.child.try_wait().unwrap().is_none(), "del returned while /dev/ublkc{id} was held");
+    signal(del.pid(), libc::SIGINT);
+    let out = del.finish(Duration::from_secs(30));
+    assert!(!out.ok(), "an interrupted del must fail:\n{}", out.describe());
+    assert!(out.stderr.contains("kept"), "{}", out.describe());
+    assert!(settings_path(dev.id).exists(), "settings removed although DEL_DEV failed");
+    assert!(store.exists(), "store removed although DEL_DEV failed");
+    drop(held);
+    wait_until("the interrupted delete to finish in the kernel", SETTLE, || {
+        let out = ublk(&["del", "-n", &id]);
+        out.ok()
+    });
+    assert!(!settings_path(dev.id).exists() && !store.exists(), "files left after the second del");
+}
