@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::mem::size_of;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
@@ -20,7 +21,11 @@ pub const CONTROL_PATH: &str = "/dev/ublk-control";
 pub struct Ctrl {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     fd: File,
+    cancel_on: Option<&'static AtomicBool>,
 }
+
+/// user_data of a cancel request; commands use their opcode.
+const CANCEL_TAG: u64 = u64::MAX;
 
 impl Ctrl {
     /// Opens `/dev/ublk-control`, with errors a person can act on.
@@ -34,7 +39,7 @@ impl Ctrl {
         })?;
         let ring =
             IoUring::builder().build(4).map_err(|e| Error::io("io_uring setup for the control ring", e))?;
-        Ok(Ctrl { ring, fd })
+        Ok(Ctrl { ring, fd, cancel_on: None })
     }
 
     /// Submits one control command and returns its CQE result (>= 0) or the errno.
@@ -56,17 +61,39 @@ impl Ctrl {
         // keeps it alive until this function returns, and we return only after
         // the command's completion has been reaped.
         unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("control ring full"))?;
+        let mut cancelled = false;
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                    if !cancelled && self.cancel_on.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                        cancelled = self.cancel(op as u64);
+                    }
+                }
                 Err(e) => return Err(e),
             }
-            if let Some(cqe) = self.ring.completion().next() {
+            while let Some(cqe) = self.ring.completion().next() {
                 let res = cqe.result();
-                return if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res) };
+                if cqe.user_data() == op as u64 {
+                    return if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res) };
+                }
             }
         }
+    }
+
+    /// Control commands that may sleep (DEL_DEV waits for the last user of
+    /// `/dev/ublkcN`) run in an io_uring worker, which a signal to this
+    /// process does not reach. Once `flag` is set (by a signal handler), a
+    /// wait interrupted by a signal cancels the command instead: io_uring
+    /// then interrupts the worker, and the command ends with -EINTR.
+    pub fn cancel_when(&mut self, flag: &'static AtomicBool) {
+        self.cancel_on = Some(flag);
+    }
+
+    fn cancel(&mut self, user_data: u64) -> bool {
+        let sqe = opcode::AsyncCancel::new(user_data).build().user_data(CANCEL_TAG);
+        // SAFETY: a cancel request carries no buffer.
+        unsafe { self.ring.submission().push(&sqe.into()) }.is_ok()
     }
 
     fn dev_cmd<T>(&mut self, op: u32, dev_id: u32, buf: Option<&mut T>, data: u64) -> io::Result<i32> {

@@ -75,8 +75,10 @@ pub fn delete_half_made(dev_id: u32) {
         Ok(c) => c,
         Err(e) => return crate::log!("cleanup of device {dev_id}: {e}"),
     };
-    if let Err(e) = delete(&mut ctrl, dev_id, true) {
-        crate::log!("cleanup of device {dev_id}: {e}");
+    match delete(&mut ctrl, dev_id, true) {
+        // The failed server may have deleted it already (DEL_DEV_ASYNC).
+        Ok(()) | Err(Error::NoDevice(_)) => {}
+        Err(e) => crate::log!("cleanup of device {dev_id}: {e}"),
     }
 }
 
@@ -91,8 +93,8 @@ fn forget(dev_id: u32, cfg: Option<&crate::config::DeviceConfig>) -> Result<()> 
 
 fn del_failed(dev_id: u32, e: std::io::Error) -> Error {
     let why = match e.raw_os_error() {
-        Some(libc::EINTR) => {
-            "interrupted while the kernel waited for the last user of /dev/ublkc to let go".into()
+        Some(libc::EINTR) | Some(libc::ECANCELED) => {
+            format!("interrupted while the kernel waited for the last user of /dev/ublkc{dev_id} to let go")
         }
         _ => e.to_string(),
     };

@@ -3,7 +3,7 @@
 //! `--force`; `-a` applies that rule to each device and reports each.
 //!
 //! Ctrl-C (or SIGTERM) while the kernel waits in DEL_DEV for the last user
-//! of `/dev/ublkcN` interrupts that wait: `del` then says so and exits
+//! of `/dev/ublkcN` cancels that wait (see `Ctrl::cancel_when`): `del` then says so and exits
 //! non-zero with the device's settings and store kept, instead of dying.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 pub fn run(id: Option<u32>, all: bool, force: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     catch_interrupts();
+    ctrl.cancel_when(&INTERRUPTED);
     let Some(id) = id.filter(|_| !all) else { return del_all(&mut ctrl, force) };
     teardown::delete(&mut ctrl, id, force)
 }
