@@ -63,20 +63,20 @@ impl Ctrl {
         unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("control ring full"))?;
         let mut cancelled = false;
         loop {
+            // A signal ends the wait with EINTR, or with the count submitted
+            // when this call also submitted something.
             match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
-                    if !cancelled && self.cancel_on.is_some_and(|f| f.load(Ordering::Relaxed)) {
-                        cancelled = self.cancel(op as u64);
-                    }
-                }
-                Err(e) => return Err(e),
+                Err(e) if e.raw_os_error() != Some(libc::EINTR) => return Err(e),
+                _ => {}
             }
             while let Some(cqe) = self.ring.completion().next() {
                 let res = cqe.result();
                 if cqe.user_data() == op as u64 {
                     return if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res) };
                 }
+            }
+            if !cancelled && self.cancel_on.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                cancelled = self.cancel(op as u64);
             }
         }
     }
