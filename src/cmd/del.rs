@@ -14,7 +14,7 @@ pub fn run(id: Option<u32>, all: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     if all {
         let mut first_err = None;
-        for id in ctrl::device_ids() {
+        for id in ctrl::device_ids(&mut ctrl)? {
             if let Err(e) = del_one(&mut ctrl, id) {
                 eprintln!("ublk-bench: del {id}: {e}");
                 first_err.get_or_insert(e);
