@@ -154,9 +154,14 @@ pub enum RecoverMethod {
 
 #[derive(Debug, Clone, Args)]
 pub struct DowntimeArgs {
-    /// Use this existing device instead of creating one.
+    /// Create the device with this id (refused if it exists); with --reuse,
+    /// measure this existing device instead.
     #[arg(short = 'n', long = "number")]
     pub id: Option<u32>,
+    /// Measure the existing device given with -n (it must be LIVE and recoverable)
+    /// instead of creating one; it is left in place afterwards.
+    #[arg(long, requires = "id")]
+    pub reuse: bool,
     /// Backend of the device to create.
     #[arg(long, value_enum, default_value_t = BackendKind::Ram)]
     pub backend: BackendKind,
