@@ -25,6 +25,7 @@ pub struct Cli {
 pub enum Command {
     /// Show the UBLK_F_* features of the running kernel.
     Features {
+        /// Print the flags and copy modes as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -32,8 +33,10 @@ pub enum Command {
     Add(AddArgs),
     /// List devices.
     List {
+        /// Only this device id (default: every device).
         #[arg(short = 'n', long = "number")]
         id: Option<u32>,
+        /// Print a JSON array instead of the ublksrv-style dump.
         #[arg(long)]
         json: bool,
     },
@@ -41,18 +44,22 @@ pub enum Command {
     Del(DelArgs),
     /// Serve a device again after its server died (needs -r at add time).
     Recover {
+        /// Id of the device whose server died (QUIESCED or FAIL_IO).
         #[arg(short = 'n', long = "number")]
         id: u32,
     },
     /// Planned handover: the server drains and exits, a new one takes over (6.16+).
     Restart {
+        /// Id of the LIVE device to hand over to a new server.
         #[arg(short = 'n', long = "number")]
         id: u32,
     },
     /// Per-queue and merged server-side statistics of a device.
     Stats {
+        /// Id of the device to report on.
         #[arg(short = 'n', long = "number")]
         id: u32,
+        /// Print per-queue and merged figures as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -152,9 +159,14 @@ pub enum RecoverMethod {
 
 #[derive(Debug, Clone, Args)]
 pub struct DowntimeArgs {
-    /// Use this existing device instead of creating one.
+    /// Create the device with this id (refused if it exists); with --reuse,
+    /// measure this existing device instead.
     #[arg(short = 'n', long = "number")]
     pub id: Option<u32>,
+    /// Measure the existing device given with -n (it must be LIVE and recoverable)
+    /// instead of creating one; it is left in place afterwards.
+    #[arg(long, requires = "id")]
+    pub reuse: bool,
     /// Backend of the device to create.
     #[arg(long, value_enum, default_value_t = BackendKind::Ram)]
     pub backend: BackendKind,
@@ -272,6 +284,23 @@ mod tests {
         assert!(parse(&["add", "null", "--cpus", "a"]).is_err());
         assert!(parse(&["del"]).is_err());
         assert!(parse(&["del", "-n", "1", "-a"]).is_err());
+    }
+
+    /// `--help` of every visible subcommand explains each of its options.
+    #[test]
+    fn every_visible_argument_has_help() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "arguments without help text: {missing:?}");
+        assert!(cli.get_subcommands().filter(|s| !s.is_hide_set()).count() >= 8, "subcommands went missing");
     }
 
     #[test]

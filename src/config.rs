@@ -109,6 +109,63 @@ pub struct DeviceConfig {
 pub const MIN_SIZE: u64 = 1 << 20;
 pub const MAX_SIZE: u64 = 1 << 50;
 pub const DEFAULT_MAX_IO_BYTES: u32 = 512 << 10;
+/// CPU ids a list may name: the kernel's largest CONFIG_NR_CPUS (MAXSMP) is
+/// 8192, so no machine has a CPU 8192 or above; the cap also keeps a typo
+/// such as `0-99999999999` from sizing a huge list.
+pub const MAX_CPUS: usize = 8192;
+
+/// Queue count: 1 to the online CPUs (ADD_DEV would clamp it to nr_cpu_ids
+/// anyway). One message for every out-of-range value, 0 and 70000 alike.
+pub fn check_queues(queues: u32) -> Result<u16> {
+    let ncpu = online_cpus().len();
+    match u16::try_from(queues) {
+        Ok(q) if q >= 1 && q as usize <= ncpu => Ok(q),
+        _ => Err(Error::invalid(format!(
+            "{queues} queues is out of range: give -q between 1 and {ncpu} (the online CPUs)"
+        ))),
+    }
+}
+
+/// Queue depth: 1 to UBLK_MAX_QUEUE_DEPTH, one message for every bad value.
+pub fn check_depth(depth: u32) -> Result<u16> {
+    if depth == 0 || depth > sys::UBLK_MAX_QUEUE_DEPTH {
+        return Err(Error::invalid(format!(
+            "depth {depth} is out of range: give -d between 1 and {}",
+            sys::UBLK_MAX_QUEUE_DEPTH
+        )));
+    }
+    Ok(depth as u16)
+}
+
+/// The copy-mode rules that need no kernel: what a backend can use, and
+/// `--explicit-buf-reg` only with zero copy. `auto` for nvme may still end
+/// up as copy on an old kernel; the server checks that against the features.
+pub fn check_copy_mode(mode: CopyMode, backend: BackendKind, explicit_buf_reg: bool) -> Result<()> {
+    match (mode, backend) {
+        (CopyMode::Zero, BackendKind::Ram) => {
+            return Err(Error::invalid(
+                "zero copy cannot reach a RAM store (the server never sees the pages): use --copy-mode user",
+            ));
+        }
+        (CopyMode::User, BackendKind::Nvme) => {
+            return Err(Error::invalid(
+                "user copy would add a bounce copy for nvme: use --copy-mode zero or copy",
+            ));
+        }
+        _ => {}
+    }
+    // auto picks user or copy for null and ram, never zero.
+    let never_zero = matches!(mode, CopyMode::Copy | CopyMode::User)
+        || (mode == CopyMode::Auto && backend != BackendKind::Nvme);
+    if explicit_buf_reg && never_zero {
+        return Err(Error::invalid(format!(
+            "--explicit-buf-reg applies to zero copy, but {} copy for {} is not zero copy: drop it or add --copy-mode zero",
+            mode.name(),
+            backend.name()
+        )));
+    }
+    Ok(())
+}
 
 impl DeviceConfig {
     /// Checks everything that can be checked without the driver.
@@ -133,20 +190,9 @@ impl DeviceConfig {
                 self.size / self.block_size as u64 * self.block_size as u64
             )));
         }
-        if self.depth == 0 || self.depth as u32 > sys::UBLK_MAX_QUEUE_DEPTH {
-            return Err(Error::invalid(format!(
-                "depth {} is out of range: give -d between 1 and {}",
-                self.depth,
-                sys::UBLK_MAX_QUEUE_DEPTH
-            )));
-        }
-        let ncpu = online_cpus().len();
-        if self.queues == 0 || self.queues as usize > ncpu {
-            return Err(Error::invalid(format!(
-                "{} queues is out of range: give -q between 1 and {ncpu} (the online CPUs)",
-                self.queues
-            )));
-        }
+        check_depth(self.depth as u32)?;
+        check_queues(self.queues as u32)?;
+        check_copy_mode(self.copy_mode, self.backend, self.explicit_buf_reg)?;
         self.validate_cpus()
     }
 
@@ -189,8 +235,12 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
             (&s[..i], mult)
         }
     };
+    let too_large = || format!("size '{s}' is too large: the most is 1P (a ublk device may not exceed it)");
+    if !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()) && num.parse::<u64>().is_err() {
+        return Err(too_large());
+    }
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size: write e.g. 4096, 64M or 1G"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(mult).ok_or_else(too_large)
 }
 
 /// Parses `0,1`, `2-5` and mixes of both.
@@ -200,19 +250,34 @@ pub fn parse_cpus(s: &str) -> std::result::Result<Vec<usize>, String> {
         let bad = || format!("'{part}' is not a CPU or range: write e.g. 0,1 or 2-3");
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                let (a, b) = (cpu_id(a, &bad)?, cpu_id(b, &bad)?);
                 if a > b {
                     return Err(bad());
                 }
                 out.extend(a..=b);
             }
-            None => out.push(part.parse().map_err(|_| bad())?),
+            None => out.push(cpu_id(part, &bad)?),
+        }
+        if out.len() > MAX_CPUS {
+            return Err(format!("the CPU list '{s}' names more than {MAX_CPUS} CPUs: give each CPU once"));
         }
     }
     if out.is_empty() {
         return Err("the CPU list is empty: write e.g. 0,1".into());
     }
     Ok(out)
+}
+
+/// One CPU id of a list, below MAX_CPUS.
+fn cpu_id(s: &str, bad: &dyn Fn() -> String) -> std::result::Result<usize, String> {
+    let all_digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match s.parse::<usize>() {
+        Ok(c) if c < MAX_CPUS => Ok(c),
+        _ if all_digits => {
+            Err(format!("CPU {s} does not exist: CPU ids run from 0 to at most {} (see nproc)", MAX_CPUS - 1))
+        }
+        _ => Err(bad()),
+    }
 }
 
 /// CPUs this process may run on.
@@ -284,6 +349,65 @@ mod tests {
         for cfg in bad {
             assert!(matches!(cfg.validate(), Err(Error::Invalid(_))), "{cfg:?}");
         }
+    }
+
+    #[test]
+    fn huge_sizes_are_too_large_not_garbage() {
+        for s in ["99999999999999999999", "99999999999P", "20000000T"] {
+            let err = parse_size(s).unwrap_err();
+            assert!(err.contains("too large"), "{s}: {err}");
+        }
+    }
+
+    #[test]
+    fn cpu_ids_are_capped_without_building_the_list() {
+        for s in ["0-99999999999", "8192", "0-99999999999999999999999", "1,9000"] {
+            let err = parse_cpus(s).unwrap_err();
+            assert!(err.contains("does not exist") && err.contains("8191"), "{s}: {err}");
+        }
+        assert_eq!(parse_cpus("8191"), Ok(vec![8191]));
+        assert!(parse_cpus("0-8191,0-8191").unwrap_err().contains("more than"));
+    }
+
+    #[test]
+    fn every_bad_queue_count_gets_one_message() {
+        let ncpu = online_cpus().len() as u32;
+        let msgs: Vec<String> = [0, ncpu + 1, 4096, 70000, u32::MAX]
+            .iter()
+            .map(|&q| check_queues(q).unwrap_err().to_string())
+            .collect();
+        for (m, q) in msgs.iter().zip([0, ncpu + 1, 4096, 70000, u32::MAX]) {
+            let want = format!("{q} queues is out of range: give -q between 1 and {ncpu} (the online CPUs)");
+            assert!(m.ends_with(&want), "{m}");
+        }
+        assert_eq!(check_queues(ncpu).unwrap(), ncpu as u16);
+        for d in [0, 4097, 70000] {
+            assert!(check_depth(d).unwrap_err().to_string().contains("give -d between 1 and 4096"), "{d}");
+        }
+    }
+
+    #[test]
+    fn copy_modes_a_backend_cannot_do_are_refused() {
+        use BackendKind::*;
+        use CopyMode::*;
+        let refused = [
+            (Zero, Ram, false, "zero copy cannot reach a RAM store"),
+            (User, Nvme, false, "user copy would add a bounce copy"),
+            (Copy, Nvme, true, "--explicit-buf-reg applies to zero copy"),
+            (User, Ram, true, "--explicit-buf-reg applies to zero copy"),
+            (Auto, Null, true, "--explicit-buf-reg applies to zero copy"),
+        ];
+        for (mode, backend, ebr, want) in refused {
+            let err = check_copy_mode(mode, backend, ebr).unwrap_err().to_string();
+            assert!(err.contains(want), "{mode:?} {backend:?} {ebr}: {err}");
+        }
+        for (mode, backend, ebr) in
+            [(Zero, Nvme, true), (Auto, Nvme, true), (Zero, Null, true), (User, Ram, false)]
+        {
+            assert!(check_copy_mode(mode, backend, ebr).is_ok(), "{mode:?} {backend:?} {ebr}");
+        }
+        let cfg = DeviceConfig { copy_mode: Zero, ..sample() };
+        assert!(matches!(cfg.validate(), Err(Error::Invalid(_))));
     }
 
     #[test]

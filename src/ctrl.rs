@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::mem::size_of;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -182,16 +183,55 @@ impl Ctrl {
     }
 }
 
-/// Ids of every ublk device present, from `/dev/ublkcN` nodes and sysfs.
-pub fn device_ids() -> Vec<u32> {
-    let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
-        .collect();
+/// Where the driver lists its devices: one `ublkcN` entry per device.
+pub const SYSFS_CLASS: &str = "/sys/class/ublk-char";
+/// Ids probed with GET_DEV_INFO when sysfs is unreadable: the kernel hands
+/// out the lowest free id, so devices without `-n` sit at the bottom.
+pub const PROBE_IDS: u32 = 1024;
+
+/// Ids of every ublk device, sorted. From sysfs; where that is unreadable
+/// (not mounted, a container), from the `/dev/ublkcN` nodes and ids
+/// 0..PROBE_IDS, each confirmed by GET_DEV_INFO.
+pub fn device_ids(ctrl: &mut Ctrl) -> Result<Vec<u32>> {
+    enumerate(Path::new(SYSFS_CLASS), Path::new("/dev"), |id| ctrl.info(id).is_ok())
+}
+
+/// [`device_ids`] with the folders and the probe as parameters.
+pub fn enumerate(sysfs: &Path, dev: &Path, mut exists: impl FnMut(u32) -> bool) -> Result<Vec<u32>> {
+    match ids_in(sysfs) {
+        Ok(ids) => return Ok(ids),
+        Err(e) => eprintln!(
+            "ublk-bench: cannot read {} ({e}): probing /dev/ublkc* and ids 0-{} instead",
+            sysfs.display(),
+            PROBE_IDS - 1
+        ),
+    }
+    let nodes = ids_in(dev).map_err(|e| {
+        Error::io(
+            format!(
+                "enumerate devices: neither {} nor {} is readable (mount sysfs)",
+                sysfs.display(),
+                dev.display()
+            ),
+            e,
+        )
+    })?;
+    let mut ids: Vec<u32> = nodes.into_iter().chain(0..PROBE_IDS).filter(|&id| exists(id)).collect();
     ids.sort_unstable();
-    ids
+    ids.dedup();
+    Ok(ids)
+}
+
+/// The N of every `ublkcN` entry in `dir`, sorted.
+fn ids_in(dir: &Path) -> io::Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        if let Some(id) = entry?.file_name().to_str().and_then(|n| n.strip_prefix("ublkc")?.parse().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 pub fn char_path(dev_id: u32) -> String {
@@ -200,4 +240,44 @@ pub fn char_path(dev_id: u32) -> String {
 
 pub fn block_path(dev_id: u32) -> String {
     format!("/dev/ublkb{dev_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_entries_give_the_ids() {
+        let sys = tempfile::tempdir().unwrap();
+        for name in ["ublkc7", "ublkc2", "ublkc10", "other", "ublkcx"] {
+            std::fs::create_dir(sys.path().join(name)).unwrap();
+        }
+        let ids =
+            enumerate(sys.path(), Path::new("/nonexistent"), |_| panic!("no probe with sysfs")).unwrap();
+        assert_eq!(ids, vec![2, 7, 10]);
+    }
+
+    #[test]
+    fn without_sysfs_nodes_and_low_ids_are_probed() {
+        let dev = tempfile::tempdir().unwrap();
+        for name in ["ublkc3", "ublkc5000", "ublkc9999", "ublkb3", "null"] {
+            std::fs::write(dev.path().join(name), b"").unwrap();
+        }
+        let live = [3, 5, 5000];
+        let mut probed = Vec::new();
+        let ids = enumerate(Path::new("/nonexistent/ublk-char"), dev.path(), |id| {
+            probed.push(id);
+            live.contains(&id)
+        })
+        .unwrap();
+        // 9999 has a stale node but no device; 5 has a device but no node.
+        assert_eq!(ids, vec![3, 5, 5000]);
+        assert!(probed.contains(&9999) && probed.contains(&(PROBE_IDS - 1)), "probed {} ids", probed.len());
+    }
+
+    #[test]
+    fn nothing_readable_is_an_error() {
+        let err = enumerate(Path::new("/nonexistent/a"), Path::new("/nonexistent/b"), |_| true).unwrap_err();
+        assert!(err.to_string().contains("mount sysfs"), "{err}");
+    }
 }

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::{DeviceBackend, QueueChannels};
-use crate::config::{BackendKind, CopyMode, DeviceConfig, Recovery};
+use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::queue::QueueSetup;
@@ -221,7 +221,8 @@ impl Server {
 }
 
 /// Picks the copy mode: `auto` takes the best the kernel offers for the
-/// backend; an explicit mode the kernel or backend cannot do is refused.
+/// backend; an explicit mode the kernel cannot do is refused. What the
+/// backend cannot do is refused earlier, by `config::check_copy_mode`.
 pub fn resolve_copy_mode(mode: CopyMode, backend: BackendKind, features: u64) -> Result<CopyMode> {
     let has = |f: u64| features & f != 0;
     let mode = match (mode, backend) {
@@ -231,28 +232,22 @@ pub fn resolve_copy_mode(mode: CopyMode, backend: BackendKind, features: u64) ->
         (CopyMode::Auto, _) => CopyMode::Copy,
         (m, _) => m,
     };
-    match (mode, backend) {
-        (CopyMode::Zero, BackendKind::Ram) => Err(Error::invalid(
-            "zero copy cannot reach a RAM store (the server never sees the pages): use --copy-mode user",
-        )),
-        (CopyMode::User, BackendKind::Nvme) => {
-            Err(Error::invalid("user copy would add a bounce copy for nvme: use --copy-mode zero or copy"))
-        }
-        (CopyMode::User, _) if !has(sys::UBLK_F_USER_COPY) => Err(Error::Unsupported {
+    config::check_copy_mode(mode, backend, false)?;
+    match mode {
+        CopyMode::User if !has(sys::UBLK_F_USER_COPY) => Err(Error::Unsupported {
             feature: "UBLK_F_USER_COPY",
             version: "6.5",
             hint: "use --copy-mode copy",
         }),
-        // REGISTER_IO_BUF came in 6.15, with UPDATE_SIZE: older kernels may
-        // list ZERO_COPY without a working command behind it.
-        (CopyMode::Zero, _) if !has(sys::UBLK_F_SUPPORT_ZERO_COPY) || !has(sys::UBLK_F_UPDATE_SIZE) => {
-            Err(Error::Unsupported {
-                feature: "UBLK_F_SUPPORT_ZERO_COPY with REGISTER_IO_BUF",
-                version: "6.15",
-                hint: "use --copy-mode copy",
-            })
-        }
-        (m, _) => Ok(m),
+        // Before 6.15 GET_FEATURES masked SUPPORT_ZERO_COPY out (and ADD_DEV
+        // cleared it); 6.15 added REGISTER_IO_BUF and began to report it. So
+        // the bit in GET_FEATURES alone means a working zero copy.
+        CopyMode::Zero if !has(sys::UBLK_F_SUPPORT_ZERO_COPY) => Err(Error::Unsupported {
+            feature: "UBLK_F_SUPPORT_ZERO_COPY with REGISTER_IO_BUF",
+            version: "6.15",
+            hint: "use --copy-mode copy",
+        }),
+        m => Ok(m),
     }
 }
 
@@ -383,5 +378,33 @@ pub fn no_device(dev_id: u32, e: std::io::Error) -> Error {
     match e.raw_os_error() {
         Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev_id),
         _ => Error::io(format!("GET_DEV_INFO of device {dev_id}"), e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bits 0-9 as GET_FEATURES reports them on 6.15 (ZERO_COPY, no UPDATE_SIZE).
+    const LINUX_6_15: u64 = (1 << 10) - 1;
+    /// 6.14 masks ZERO_COPY out of GET_FEATURES.
+    const LINUX_6_14: u64 = LINUX_6_15 & !sys::UBLK_F_SUPPORT_ZERO_COPY;
+
+    #[test]
+    fn zero_copy_is_allowed_on_6_15_and_refused_before() {
+        assert_eq!(resolve_copy_mode(CopyMode::Zero, BackendKind::Nvme, LINUX_6_15).unwrap(), CopyMode::Zero);
+        assert_eq!(resolve_copy_mode(CopyMode::Auto, BackendKind::Nvme, LINUX_6_15).unwrap(), CopyMode::Zero);
+        assert!(matches!(
+            resolve_copy_mode(CopyMode::Zero, BackendKind::Nvme, LINUX_6_14),
+            Err(Error::Unsupported { version: "6.15", .. })
+        ));
+        assert_eq!(resolve_copy_mode(CopyMode::Auto, BackendKind::Nvme, LINUX_6_14).unwrap(), CopyMode::Copy);
+    }
+
+    #[test]
+    fn backend_rules_hold_whatever_the_kernel() {
+        assert!(resolve_copy_mode(CopyMode::Zero, BackendKind::Ram, u64::MAX).is_err());
+        assert!(resolve_copy_mode(CopyMode::User, BackendKind::Nvme, u64::MAX).is_err());
+        assert_eq!(resolve_copy_mode(CopyMode::Auto, BackendKind::Ram, LINUX_6_15).unwrap(), CopyMode::User);
     }
 }

@@ -71,19 +71,25 @@ pub const UBLK_F_SAFE_STOP_DEV: u64 = 1 << 17;
 pub const UBLK_F_NO_AUTO_PART_SCAN: u64 = 1 << 18;
 pub const UBLK_F_SHMEM_ZC: u64 = 1 << 19;
 
-/// Every flag with its name and the first mainline kernel that has it.
+/// Every flag with its name and the first mainline kernel that reports it
+/// in GET_FEATURES (or, before GET_FEATURES, accepts it in ADD_DEV).
+/// Checked against the patches and the merge window they landed in:
+/// ZERO_COPY is defined since 6.0, but GET_FEATURES masked it out and
+/// ADD_DEV cleared it until the 6.15 REGISTER_IO_BUF series; UNPRIVILEGED_DEV
+/// was merged for 6.2 (posted Nov 2022); UPDATE_SIZE for 6.16 (posted Apr
+/// 2025, after 6.15-rc1).
 pub const FEATURES: &[(u64, &str, &str)] = &[
     (UBLK_F_SUPPORT_ZERO_COPY, "ZERO_COPY", "6.15"),
     (UBLK_F_URING_CMD_COMP_IN_TASK, "COMP_IN_TASK", "6.0"),
     (UBLK_F_NEED_GET_DATA, "NEED_GET_DATA", "6.0"),
     (UBLK_F_USER_RECOVERY, "USER_RECOVERY", "6.1"),
     (UBLK_F_USER_RECOVERY_REISSUE, "USER_RECOVERY_REISSUE", "6.1"),
-    (UBLK_F_UNPRIVILEGED_DEV, "UNPRIVILEGED_DEV", "6.3"),
+    (UBLK_F_UNPRIVILEGED_DEV, "UNPRIVILEGED_DEV", "6.2"),
     (UBLK_F_CMD_IOCTL_ENCODE, "CMD_IOCTL_ENCODE", "6.4"),
     (UBLK_F_USER_COPY, "USER_COPY", "6.5"),
     (UBLK_F_ZONED, "ZONED", "6.6"),
     (UBLK_F_USER_RECOVERY_FAIL_IO, "USER_RECOVERY_FAIL_IO", "6.13"),
-    (UBLK_F_UPDATE_SIZE, "UPDATE_SIZE", "6.15"),
+    (UBLK_F_UPDATE_SIZE, "UPDATE_SIZE", "6.16"),
     (UBLK_F_AUTO_BUF_REG, "AUTO_BUF_REG", "6.16"),
     (UBLK_F_QUIESCE, "QUIESCE", "6.16"),
     (UBLK_F_PER_IO_DAEMON, "PER_IO_DAEMON", "6.16"),

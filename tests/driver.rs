@@ -327,3 +327,133 @@ fn no_driver_error_says_modprobe() {
         );
     }
 }
+
+/// Static checks come before the root, driver and device checks: on the
+/// host (no driver) and in the guest alike, each bad input gets its own
+/// message, never `modprobe ublk_drv`, never a panic, and in the guest the
+/// harness then checks that no device or process was left.
+#[test]
+fn static_errors_come_before_driver_checks() {
+    // Only with the driver: the harness kills every ublk-bench process, which
+    // on a shared host would include other people's.
+    let _h = have_driver().then(harness).flatten();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["add", "null", "--supervise", "--foreground"], &["drop --foreground"]),
+        (&["add", "ram", "--standby", "--foreground"], &["drop --foreground"]),
+        (&["add", "ram", "--copy-mode", "zero"], &["zero copy", "--copy-mode user"]),
+        (&["add", "nvme", "--dev", "/dev/null", "--copy-mode", "user"], &["user copy", "--copy-mode zero"]),
+        (&["add", "null", "--explicit-buf-reg"], &["--explicit-buf-reg", "zero copy"]),
+        (&["add", "ram", "--copy-mode", "user", "--explicit-buf-reg"], &["--explicit-buf-reg", "zero copy"]),
+        (&["add", "null", "--cpus", "0-99999999999"], &["cpu 99999999999", "does not exist"]),
+        (&["add", "null", "--cpus", "99"], &["cpu 99"]),
+        (&["add", "null", "--size", "99999999999999999999"], &["too large"]),
+        (&["add", "null", "--size", "2000001"], &["multiple", "block size"]),
+        (&["add", "null", "-q", "0"], &["-q", "range"]),
+        (&["add", "null", "-q", "4096"], &["-q", "range"]),
+        (&["add", "null", "-q", "70000"], &["-q", "range"]),
+        (&["add", "null", "-d", "70000"], &["-d", "range"]),
+        (&["add", "null", "-n", "2000000"], &["-n", "range"]),
+        (&["add", "null", "-b", "3000"], &["block size"]),
+        (&["downtime", "--cycles", "4000000000"], &["--cycles", "range"]),
+        (&["downtime", "--interval", "0"], &["--interval", "range"]),
+        (&["downtime", "--jobs", "256", "--iodepth", "4096", "--bs", "1M"], &["client would need", "--jobs"]),
+        (&["downtime", "--rwmix", "101"], &["--rwmix"]),
+        (&["downtime", "--bs", "1000"], &["--bs"]),
+        (&["downtime", "--jobs", "0"], &["--jobs"]),
+        (&["downtime", "-q", "70000"], &["-q", "range"]),
+        (&["downtime", "--backend", "nvme"], &["nvme", "--reuse"]),
+        (&["downtime", "--reuse"], &["--number"]),
+    ];
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(args, hints)| {
+            let out = ublk(args);
+            let err = out.stderr.to_lowercase();
+            let problem = if out.ok() {
+                Some("exit status 0".to_string())
+            } else if err.contains("panicked") {
+                Some("it panicked".to_string())
+            } else if err.contains("modprobe") || err.contains("must run as root") {
+                Some("a machine check came before the static one".to_string())
+            } else {
+                hints.iter().find(|h| !err.contains(&h.to_lowercase())).map(|h| format!("no `{h}` in it"))
+            };
+            problem.map(|p| format!("`ublk-bench {}`: {p}\n{}", args.join(" "), out.describe()))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} static error(s) not handled well:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+
+    // One limit and one message for -q, whatever the value.
+    let q = |n: &str| ublk(&["add", "null", "-q", n]).stderr.replace(n, "N");
+    assert_eq!(q("4096"), q("70000"), "-q 4096 and -q 70000 get different messages");
+}
+
+/// `downtime -n ID` creates device ID and refuses one that exists (that
+/// takes `--reuse`), and an `--out` that cannot be written is refused
+/// before any device is made. Neither touches the existing device.
+#[test]
+fn downtime_refuses_an_existing_id_and_an_unwritable_out() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["null", "-n", "4", "-r"]);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let file = tmp.path().join("file");
+    fs::write(&file, b"not a folder").expect("write");
+    let bad_out = file.join("out");
+    let bad_out = bad_out.to_str().expect("utf-8");
+    // Not check_rejected: device 4 is meant to stay, and it would count as left over.
+    let cases: [(&[&str], &[&str]); 3] = [
+        (&["downtime", "-n", "4", "--cycles", "1"], &["device 4", "exists", "--reuse"]),
+        (&["downtime", "--cycles", "1", "--out", bad_out], &["--out", "file/out"]),
+        (&["downtime", "--reuse", "-n", "4", "--cycles", "1", "--out", bad_out], &["--out"]),
+    ];
+    for (args, hints) in cases {
+        let out = ublk(args);
+        let fine =
+            !out.ok() && !out.stderr.contains("panicked") && hints.iter().all(|h| out.stderr.contains(h));
+        assert!(fine, "`ublk-bench {}` not refused as expected:\n{}", args.join(" "), out.describe());
+    }
+    let now = list();
+    assert_eq!(now.len(), 1, "devices after the refused runs: {now:?}");
+    assert_eq!(
+        (now[0]["dev_id"].as_u64(), now[0]["pid"].as_i64()),
+        (Some(4), Some(dev.pid as i64)),
+        "{now:?}"
+    );
+    assert_eq!(now[0]["state"], "LIVE");
+    assert_eq!(fs::read(&file).expect("read"), b"not a folder", "the file under --out was changed");
+    del(dev.id);
+    assert_gone(&dev);
+}
+
+/// `list` and `del -a` with no device: an empty list and exit 0, and on an
+/// unreadable sysfs the fallback still finds the device (checked through a
+/// private mount namespace with an empty tmpfs over /sys).
+#[test]
+fn list_and_del_all_without_sysfs_fall_back_to_probing() {
+    let Some(_h) = harness() else { return };
+    let Some(unshare) = tool("unshare") else {
+        println!("skipped: unshare (util-linux) not found");
+        return;
+    };
+    let dev = add(&["null", "-n", "6"]);
+    let hidden = |args: &str| {
+        let script = format!("mount -t tmpfs none /sys && exec {} {args}", bin().display());
+        run(Command::new(&unshare).args(["-m", "--propagation", "private", "sh", "-c", &script]))
+    };
+    let out = hidden("list --json");
+    assert!(out.ok(), "list without sysfs:\n{}", out.describe());
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
+    assert_eq!(v.as_array().map(|a| a.len()), Some(1), "list without sysfs: {v}");
+    assert_eq!(v[0]["dev_id"], 6, "{v}");
+    assert!(out.stderr.contains("probing"), "no note that sysfs was unreadable:\n{}", out.describe());
+    let out = hidden("del -a");
+    assert!(out.ok(), "del -a without sysfs:\n{}", out.describe());
+    assert_gone(&dev);
+    let out = ublk(&["list", "--json"]).success();
+    assert_eq!(out.stdout.trim(), "[]", "list with no device");
+}

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crate::backend::DeviceBackend;
 use crate::cli::AddArgs;
-use crate::config::{BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery};
+use crate::config::{
+    BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode, check_depth, check_queues,
+};
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier};
 use crate::error::{Error, Result};
@@ -17,15 +19,14 @@ use crate::{log, settings};
 /// is slow under software emulation.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Every check that needs no driver (`config_from`, `validate`) runs before
+/// `preflight`, so bad input gets its own message on any machine.
 pub fn run(args: &AddArgs) -> Result<()> {
     let cfg = config_from(args)?;
     cfg.validate()?;
     preflight(&cfg)?;
     let supervised = args.supervise || args.standby;
     if args.foreground {
-        if supervised {
-            return Err(Error::invalid("--supervise/--standby run in the background: drop --foreground"));
-        }
         return serve(cfg, Notifier::none(), Some(args.json));
     }
     let dev_id = if supervised {
@@ -42,6 +43,9 @@ pub fn run(args: &AddArgs) -> Result<()> {
 }
 
 pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
+    if args.foreground && (args.supervise || args.standby) {
+        return Err(Error::invalid("--supervise/--standby run in the background: drop --foreground"));
+    }
     let dev_id = match args.id {
         None | Some(-1) => None,
         Some(id) if (0..1 << 20).contains(&id) => Some(id as u32),
@@ -64,8 +68,8 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         store,
         store_created: !args.reuse_store,
         nvme_dev: None,
-        queues: narrow(args.queues, "queues", "-q")?,
-        depth: narrow(args.depth, "depth", "-d")?,
+        queues: check_queues(args.queues)?,
+        depth: check_depth(args.depth)?,
         cpus: args.cpus.clone().unwrap_or_default(),
         poll: args.poll,
         block_size: args.block_size,
@@ -74,6 +78,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         explicit_buf_reg: args.explicit_buf_reg,
         recovery: recovery_from(args)?,
     };
+    check_copy_mode(args.copy_mode, args.backend, args.explicit_buf_reg)?;
     match args.backend {
         BackendKind::Nvme => nvme_config(cfg, args),
         _ if args.dev.is_some() => Err(Error::invalid("--dev is for the nvme backend only")),
@@ -122,11 +127,6 @@ fn recovery_from(args: &AddArgs) -> Result<Recovery> {
         _ if args.recovery || args.supervise || args.standby => Recovery::Plain,
         _ => Recovery::None,
     })
-}
-
-fn narrow(v: u32, what: &str, flag: &str) -> Result<u16> {
-    u16::try_from(v)
-        .map_err(|_| Error::invalid(format!("{what} {v} is out of range: give {flag} between 1 and 4096")))
 }
 
 /// Checks that need the machine, before anything is created.
@@ -292,5 +292,27 @@ mod tests {
         assert!(config_from(&args(&["null", "-n", "2000000"])).is_err());
         assert!(config_from(&args(&["ram", "--dev", "/dev/ng0n1"])).is_err());
         assert!(config_from(&args(&["null", "-q", "70000"])).is_err());
+    }
+
+    #[test]
+    fn static_conflicts_are_refused_before_any_machine_check() {
+        let cases: [(&[&str], &str); 5] = [
+            (&["null", "--supervise", "--foreground"], "drop --foreground"),
+            (&["ram", "--standby", "--foreground"], "drop --foreground"),
+            (&["ram", "--copy-mode", "zero"], "zero copy cannot reach a RAM store"),
+            (&["null", "--explicit-buf-reg"], "--explicit-buf-reg applies to zero copy"),
+            (&["nvme", "--dev", "/nonexistent", "--copy-mode", "user"], "user copy would add a bounce copy"),
+        ];
+        for (argv, want) in cases {
+            let err = config_from(&args(argv)).unwrap_err().to_string();
+            assert!(err.contains(want), "add {}: {err}", argv.join(" "));
+        }
+    }
+
+    #[test]
+    fn out_of_range_queue_counts_share_one_message() {
+        let msg = |q: &str| config_from(&args(&["null", "-q", q])).unwrap_err().to_string();
+        let (a, b) = (msg("4096"), msg("70000"));
+        assert_eq!(a.replace("4096", "N"), b.replace("70000", "N"));
     }
 }

@@ -24,7 +24,7 @@ pub fn run(id: Option<u32>, all: bool, force: bool) -> Result<()> {
 
 fn del_all(ctrl: &mut Ctrl, force: bool) -> Result<()> {
     let mut failed = 0;
-    for id in ctrl::device_ids() {
+    for id in ctrl::device_ids(ctrl)? {
         if INTERRUPTED.load(Ordering::Relaxed) {
             eprintln!("ublk-bench: del -a interrupted before device {id}");
             failed += 1;

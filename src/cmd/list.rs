@@ -97,11 +97,24 @@ pub fn print_one(dev_id: u32, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Every device; one deleted between enumeration and GET_DEV_INFO is skipped.
+fn all_views(ctrl: &mut Ctrl) -> Result<Vec<DeviceView>> {
+    let mut views = Vec::new();
+    for id in ctrl::device_ids(ctrl)? {
+        match view(ctrl, id) {
+            Ok(v) => views.push(v),
+            Err(Error::NoDevice(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(views)
+}
+
 pub fn run(id: Option<u32>, json: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     let views = match id {
         Some(id) => vec![view(&mut ctrl, id)?],
-        None => ctrl::device_ids().into_iter().filter_map(|id| view(&mut ctrl, id).ok()).collect(),
+        None => all_views(&mut ctrl)?,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&views).expect("serializes"));

@@ -1,7 +1,8 @@
 //! `downtime`: the recovery-downtime run.
 //!
 //! 1. Make a device (`add ram -r -i`, plus `--supervise`/`--standby` for
-//!    those methods) or take the one given with `-n`. A guard deletes what
+//!    those methods; with `-n ID` that id) or take the one given with
+//!    `--reuse -n ID`. A guard deletes what
 //!    the run made, on success, error and Ctrl-C alike.
 //! 2. Drive `/dev/ublkbN` with the run's own io_uring client ([`client`]).
 //! 3. `--cycles` times, `--interval` after the device was last seen LIVE:
@@ -30,6 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cli::{DowntimeArgs, RecoverMethod};
+use crate::config::{self, BackendKind};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::stats::now_ns;
@@ -125,11 +127,21 @@ fn recovery_flags(name: &str) -> Result<&'static [&'static str]> {
     })
 }
 
+/// Most crash cycles a run takes: the per-cycle records are sized by it.
+const MAX_CYCLES: u32 = 10_000;
+/// Most memory the client may allocate: I/O buffers plus per-ms buckets.
+const MAX_CLIENT_BYTES: u64 = 1 << 30;
+
+/// Every check that needs no driver, so that bad input is refused before
+/// a device exists (nothing here may leave one behind).
 fn validate(a: &DowntimeArgs) -> Result<Duration> {
     let interval = parse_duration(&a.interval)?;
     recovery_flags(&a.recovery)?;
-    if a.cycles == 0 {
-        return Err(Error::invalid("--cycles must be at least 1"));
+    if a.cycles == 0 || a.cycles > MAX_CYCLES {
+        return Err(Error::invalid(format!(
+            "--cycles {} is out of range: give 1..{MAX_CYCLES} (split longer runs)",
+            a.cycles
+        )));
     }
     if a.rwmix > 100 {
         return Err(Error::invalid(format!(
@@ -146,7 +158,67 @@ fn validate(a: &DowntimeArgs) -> Result<Duration> {
     if a.jobs == 0 || a.jobs > 256 {
         return Err(Error::invalid(format!("--jobs {} is out of range: give 1..256", a.jobs)));
     }
+    check_client_memory(a, interval)?;
+    if !a.reuse {
+        validate_new_device(a)?;
+    }
     Ok(interval)
+}
+
+/// The settings of the device the run creates, checked as `add` would.
+fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
+    if a.backend == BackendKind::Nvme {
+        return Err(Error::invalid(
+            "downtime cannot create an nvme device (it needs --dev): make one with \
+             `ublk-bench add nvme --dev ... -r -i` and pass --reuse -n ID",
+        ));
+    }
+    if let Some(id) = a.id.filter(|&id| id >= 1 << 20) {
+        return Err(Error::invalid(format!("device id {id} is out of range: give -n between 0 and 1048575")));
+    }
+    config::check_queues(a.queues)?;
+    config::check_depth(a.depth)?;
+    if a.size < config::MIN_SIZE || a.size > config::MAX_SIZE || !a.size.is_multiple_of(512) {
+        return Err(Error::invalid(format!(
+            "--size {} is out of range: give a multiple of 512 between 1M and 1P",
+            a.size
+        )));
+    }
+    Ok(())
+}
+
+/// Per-ms buckets each client job keeps: the run's expected length plus
+/// slack for slow recoveries, at most an hour.
+fn bucket_ms(cycles: u32, interval: Duration) -> usize {
+    let cycles = cycles as usize;
+    let interval_ms = interval.as_millis().min(MAX_BUCKETS as u128) as usize;
+    (60_000 + (cycles + 2) * interval_ms + cycles * 30_000).min(MAX_BUCKETS)
+}
+
+/// Refuses a client that would allocate more than MAX_CLIENT_BYTES.
+fn check_client_memory(a: &DowntimeArgs, interval: Duration) -> Result<()> {
+    let per_job = a.iodepth as u64 * a.bs + 8 * bucket_ms(a.cycles, interval) as u64;
+    let total = a.jobs as u64 * per_job;
+    if total > MAX_CLIENT_BYTES {
+        return Err(Error::invalid(format!(
+            "the client would need {} MiB (--jobs x (--iodepth x --bs + 8 bytes per ms of run)), more than {} MiB: \
+             lower --jobs, --iodepth or --bs",
+            total >> 20,
+            MAX_CLIENT_BYTES >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Makes `dir` and checks that a file can be written in it, before any
+/// device exists; the probe file is removed again.
+fn check_out(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create --out {}", dir.display()), e))?;
+    let probe = dir.join(format!(".ublk-bench-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe).map_err(|e| {
+        Error::io(format!("--out {} is not writable (probe {})", dir.display(), probe.display()), e)
+    })?;
+    std::fs::remove_file(&probe).map_err(|e| Error::io(format!("remove probe {}", probe.display()), e))
 }
 
 /// Runs this binary with `args` in its own process group; Ok(stdout) on success.
@@ -182,8 +254,13 @@ struct Device {
 impl Device {
     fn acquire(a: &DowntimeArgs, exe: &Path, ctrl: &mut Ctrl) -> Result<Device> {
         let mut dev = match a.id {
-            Some(id) => Device { id, created: false, exe: exe.into(), flags: 0 },
-            None => Device::create(a, exe)?,
+            Some(id) if a.reuse => Device { id, created: false, exe: exe.into(), flags: 0 },
+            Some(id) if ctrl.info(id).is_ok() => {
+                return Err(Error::invalid(format!(
+                    "device {id} already exists: pass --reuse to measure it, or pick another -n"
+                )));
+            }
+            _ => Device::create(a, exe)?,
         };
         let info = ctrl.info(dev.id).map_err(|e| match e.raw_os_error() {
             Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev.id),
@@ -236,6 +313,9 @@ impl Device {
             a.depth.to_string(),
             "--json".into(),
         ];
+        if let Some(id) = a.id {
+            args.extend(["-n".into(), id.to_string()]);
+        }
         if a.poll {
             args.push("--poll".into());
         }
@@ -299,7 +379,7 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
     install_signals();
     let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
     let mut ctrl = Ctrl::open()?;
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(format!("create {}", a.out.display()), e))?;
+    check_out(&a.out)?;
     let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let stamp = report::utc_stamp(unix);
 
@@ -319,7 +399,7 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
     );
 
     let cycles = a.cycles as usize;
-    let max_ms = (60_000 + (cycles + 2) * interval.as_millis() as usize + cycles * 30_000).min(MAX_BUCKETS);
+    let max_ms = bucket_ms(a.cycles, interval);
     let shared = Arc::new(Shared::new(cycles, a.jobs as usize));
     let t0 = now_ns();
     let mut run =
@@ -624,7 +704,7 @@ fn build_report(
             method: a.method,
             recovery: a.recovery.clone(),
             dev_id: run.dev_id,
-            device_created: a.id.is_none(),
+            device_created: !a.reuse,
             device_flags: crate::cmd::list::flag_names(flags),
             backend: a.backend.name().into(),
             size: a.size,
@@ -726,6 +806,64 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("2h").is_err());
         assert!(parse_duration("fast").is_err());
+    }
+
+    fn args(extra: &[&str]) -> std::result::Result<DowntimeArgs, clap::Error> {
+        use clap::Parser;
+        let argv = ["ublk-bench", "downtime"].iter().chain(extra).copied();
+        match crate::cli::Cli::try_parse_from(argv)?.cmd {
+            crate::cli::Command::Downtime(a) => Ok(a),
+            _ => unreachable!(),
+        }
+    }
+
+    fn refused(extra: &[&str]) -> String {
+        let a = args(extra).unwrap_or_else(|e| panic!("downtime {extra:?} does not parse: {e}"));
+        validate(&a).map(|_| ()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_argument_is_bounded_before_any_device() {
+        assert!(validate(&args(&[]).unwrap()).is_ok());
+        let cases: [(&[&str], &str); 12] = [
+            (&["--cycles", "4000000000"], "--cycles 4000000000 is out of range"),
+            (&["--cycles", "0"], "--cycles 0 is out of range"),
+            (&["--interval", "0s"], "--interval"),
+            (&["--interval", "soon"], "not a duration"),
+            (&["--jobs", "0"], "--jobs 0"),
+            (&["--iodepth", "5000"], "--iodepth 5000"),
+            (&["--bs", "1000"], "--bs 1000"),
+            (&["--rwmix", "101"], "--rwmix 101"),
+            (&["--jobs", "256", "--iodepth", "4096", "--bs", "1M"], "the client would need"),
+            (&["-q", "70000"], "queues is out of range"),
+            (&["--size", "1000"], "--size 1000 is out of range"),
+            (&["--backend", "nvme"], "cannot create an nvme device"),
+        ];
+        for (extra, want) in cases {
+            let err = refused(extra);
+            assert!(err.contains(want), "downtime {extra:?}: {err}");
+        }
+        assert!(refused(&["-n", "2000000"]).contains("-n between 0 and 1048575"));
+    }
+
+    #[test]
+    fn reuse_needs_an_id_and_skips_the_creation_checks() {
+        assert!(args(&["--reuse"]).is_err(), "--reuse without -n parsed");
+        let a = args(&["--reuse", "-n", "3", "--backend", "nvme"]).unwrap();
+        assert!(a.reuse && a.id == Some(3));
+        assert!(validate(&a).is_ok());
+    }
+
+    #[test]
+    fn out_is_created_and_probed_without_leaving_the_probe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("a/b");
+        check_out(&out).unwrap();
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "probe left behind");
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = check_out(&file.join("sub")).unwrap_err().to_string();
+        assert!(err.contains("--out"), "{err}");
     }
 
     #[test]
