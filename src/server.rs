@@ -304,14 +304,7 @@ fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Result<Params> {
     p.discard.max_discard_segments = 1;
     if let (BackendKind::Nvme, Some(dev)) = (cfg.backend, &cfg.nvme_dev) {
         let (ns, _) = crate::backend::nvme::Namespace::probe(dev)?;
-        // PRP lists need page-aligned segments; without this the NVMe driver bounces.
-        p.basic.virt_boundary_mask = 4095;
-        p.basic.physical_bs_shift = p.basic.physical_bs_shift.max(ns.lba_shift as u8);
-        p.discard.max_discard_sectors = (ns.discard_max_bytes() >> 9).min(u32::MAX as u64) as u32;
-        p.discard.max_write_zeroes_sectors = (ns.write_zeroes_max >> 9).min(u32::MAX as u64) as u32;
-        if ns.discard_max_bytes() == 0 {
-            p.types &= !sys::UBLK_PARAM_TYPE_DISCARD;
-        }
+        ns.apply_params(&mut p);
     }
     Ok(p)
 }

@@ -109,6 +109,10 @@ pub const UBLK_IO_OP_WRITE_SAME: u8 = 4;
 pub const UBLK_IO_OP_WRITE_ZEROES: u8 = 5;
 
 pub const UBLK_ATTR_VOLATILE_CACHE: u32 = 1 << 2;
+/// Honoured only together with UBLK_ATTR_VOLATILE_CACHE.
+pub const UBLK_ATTR_FUA: u32 = 1 << 3;
+/// A descriptor's FUA flag, tested against the raw `op_flags`.
+pub const UBLK_IO_F_FUA: u32 = 1 << 13;
 pub const UBLK_PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const UBLK_PARAM_TYPE_DISCARD: u32 = 1 << 1;
 

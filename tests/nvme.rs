@@ -16,6 +16,12 @@
 //! - kill -9 of an `nvme -r -i` server in fio's write phase, then `recover`,
 //!   `--supervise` or `--standby`, in zero and copy mode, loses nothing:
 //!   fio sees no error and its verify pass succeeds; so does `restart`;
+//! - the ublk device's `write_cache` and `fua` match the namespace's (`ram`
+//!   shows no volatile cache); fsync through ublk reaches the namespace as
+//!   NVMe Flush and RWF_DSYNC writes as NVMe Writes with FUA, as the NVMe
+//!   driver's `nvme_setup_cmd` trace events show (passthrough commands do not
+//!   show in `/sys/block/nvme0n1/stat`);
+//! - `--dev` given as a chain of symlinks to /dev/nvme0n1 works;
 //! - bad `--dev` values and copy modes a backend cannot do are refused with
 //!   a message that names the problem, leaving nothing behind.
 //!
@@ -679,6 +685,233 @@ fn nvme_zero_restart_under_fio_verify() {
     crash_recover_under_fio_verify("zero", Method::Restart, 0x7e_0000);
 }
 
+// ---------------------------------------------------------------- durability
+
+/// A `/sys/block/NAME/queue/FILE` as trimmed text.
+fn queue_text(name: &str, file: &str) -> String {
+    let path = format!("/sys/block/{name}/queue/{file}");
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}")).trim().to_string()
+}
+
+/// Field `i` (0-based) of `/sys/block/NAME/stat` (Documentation/block/stat.rst).
+fn block_stat(name: &str, i: usize) -> u64 {
+    let path = format!("/sys/block/{name}/stat");
+    let s = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    s.split_whitespace()
+        .nth(i)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{path} has no field {i}: {s:?}"))
+}
+
+/// `flush I/Os` in a block device's stat file.
+const STAT_FLUSH_IOS: usize = 15;
+
+/// The ublk device shows the namespace's cache mode and FUA support, and a
+/// `ram` device shows no volatile cache (its store is the medium).
+#[test]
+fn nvme_cache_and_fua_attributes_match_the_namespace() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let ns = (queue_text("nvme0n1", "write_cache"), queue_text("nvme0n1", "fua"));
+    let dev = add_nvme(NG, "zero", &[]);
+    let name = ublk_name(&dev);
+    let ours = (queue_text(&name, "write_cache"), queue_text(&name, "fua"));
+    assert_eq!(ours, ns, "{name} (write_cache, fua) vs {NVME_BLOCK}'s");
+    let ram = add(&["ram", "--size", "8M"]);
+    let ram_name = ublk_name(&ram);
+    let ram_attrs = (queue_text(&ram_name, "write_cache"), queue_text(&ram_name, "fua"));
+    assert_eq!(ram_attrs, ("write through".to_string(), "0".to_string()), "{ram_name} (ram)");
+    println!("{name}: {ours:?} like the namespace; {ram_name} (ram): {ram_attrs:?}");
+    for d in [&dev, &ram] {
+        del(d.id);
+        assert_gone(d);
+    }
+}
+
+/// A private ftrace instance recording the NVMe driver's `nvme_setup_cmd`
+/// event (every command it sends, passthrough included) for Flush (opcode
+/// 0) and Write (1) on I/O queues. Passthrough commands do not show in
+/// `/sys/block/nvme0n1/stat`, so this is where our Flushes can be seen.
+/// Drop removes the instance, and unmounts tracefs if it mounted it.
+struct NvmeTrace {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+impl NvmeTrace {
+    fn start() -> Self {
+        let mounted = !Path::new(TRACEFS).join("instances").is_dir();
+        if mounted {
+            let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+            let (src, dst, fs) = (c("tracefs"), c(TRACEFS), c("tracefs"));
+            // SAFETY: every pointer is a NUL-terminated string alive for the call.
+            let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+            assert_eq!(r, 0, "mount tracefs on {TRACEFS}: {}", std::io::Error::last_os_error());
+        }
+        let dir =
+            Path::new(TRACEFS).join("instances").join(format!("ublk-bench-test-{}", std::process::id()));
+        let t = NvmeTrace { dir, mounted };
+        fs::create_dir(&t.dir).unwrap_or_else(|e| panic!("create trace instance {}: {e}", t.dir.display()));
+        let event = t.dir.join("events/nvme/nvme_setup_cmd");
+        for (file, value) in [("filter", "qid != 0 && opcode <= 1"), ("enable", "1")] {
+            fs::write(event.join(file), value)
+                .unwrap_or_else(|e| panic!("write {value:?} to {}: {e}", event.join(file).display()));
+        }
+        t
+    }
+
+    /// The recorded commands for block device `disk`, one line each.
+    fn lines(&self, disk: &str) -> Vec<String> {
+        let path = self.dir.join("trace");
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let tag = format!("disk={disk},");
+        text.lines().filter(|l| l.contains("nvme_setup_cmd:") && l.contains(&tag)).map(String::from).collect()
+    }
+}
+
+impl Drop for NvmeTrace {
+    fn drop(&mut self) {
+        let _ = fs::write(self.dir.join("events/nvme/nvme_setup_cmd/enable"), "0");
+        let _ = fs::remove_dir(&self.dir);
+        if self.mounted {
+            let dst = std::ffi::CString::new(TRACEFS).expect("no NUL");
+            // SAFETY: dst is a NUL-terminated string alive for the call.
+            unsafe { libc::umount(dst.as_ptr()) };
+        }
+    }
+}
+
+/// `key=VALUE` in a trace line: VALUE up to the next ',' or ')'.
+fn trace_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &line[line.find(key)? + key.len()..];
+    Some(&rest[..rest.find([',', ')']).unwrap_or(rest.len())])
+}
+
+/// An NVMe Write seen in the trace: first LBA and whether FUA (CDW12 bit
+/// 30, bit 14 of the traced control word) was set.
+fn traced_writes(lines: &[String]) -> Vec<(u64, bool)> {
+    lines
+        .iter()
+        .filter(|l| l.contains("cmd=(nvme_cmd_write "))
+        .map(|l| {
+            let slba = trace_field(l, "slba=").and_then(|v| v.parse().ok());
+            let ctrl = trace_field(l, "ctrl=0x").and_then(|v| u16::from_str_radix(v, 16).ok());
+            match (slba, ctrl) {
+                (Some(s), Some(c)) => (s, c & (1 << 14) != 0),
+                _ => panic!("cannot read slba and ctrl in trace line {l:?}"),
+            }
+        })
+        .collect()
+}
+
+/// `pwritev2(RWF_DSYNC)` of `buf` at `at`: on an O_DIRECT block device the
+/// kernel sends it as a FUA write.
+fn pwrite_dsync(f: &File, buf: &[u8], at: u64) {
+    use std::os::fd::AsRawFd;
+    let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: iov describes buf, which outlives the call; the kernel only reads it.
+    let n = unsafe { libc::pwritev2(f.as_raw_fd(), &iov, 1, at as i64, libc::RWF_DSYNC) };
+    assert_eq!(n, buf.len() as isize, "pwritev2(RWF_DSYNC) at {at}: {}", std::io::Error::last_os_error());
+}
+
+const FSYNCS: u64 = 6;
+const FUA_WRITES: u64 = 5;
+/// Where the fsync'd and the RWF_DSYNC writes go (4 KiB each, apart).
+const FSYNC_AT: u64 = 32 * MIB;
+const FUA_AT: u64 = 33 * MIB;
+
+/// fsync through the ublk device reaches the namespace as NVMe Flush, and
+/// RWF_DSYNC writes reach it as NVMe Writes with FUA set (plain writes
+/// without), as the NVMe driver's own trace of the commands it sends shows.
+#[test]
+fn nvme_fsync_and_fua_writes_reach_the_namespace() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    assert_eq!(
+        queue_text("nvme0n1", "write_cache"),
+        "write back",
+        "{NVME_BLOCK} has no volatile cache, so no flush is ever due: QEMU's nvme device needs one"
+    );
+    let ns_fua = queue_text("nvme0n1", "fua") == "1";
+    let lbs = queue_attr("nvme0n1", "logical_block_size");
+    let dev = add_nvme(NG, "zero", &[]);
+    let name = ublk_name(&dev);
+    let trace = NvmeTrace::start();
+    let (ours_before, ns_before) = (block_stat(&name, STAT_FLUSH_IOS), block_stat("nvme0n1", STAT_FLUSH_IOS));
+
+    let f = open_direct(&dev.block(), true);
+    let mut buf = Aligned::new(4096);
+    buf.get_mut().copy_from_slice(&random_bytes(4096, 0xf1a5));
+    for i in 0..FSYNCS {
+        let at = FSYNC_AT + i * 8192;
+        f.write_all_at(buf.get(), at).unwrap_or_else(|e| panic!("pwrite at {at}: {e}"));
+        f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", dev.block().display()));
+    }
+    for i in 0..FUA_WRITES {
+        pwrite_dsync(&f, buf.get(), FUA_AT + i * 8192);
+    }
+    drop(f);
+
+    let flushed = block_stat(&name, STAT_FLUSH_IOS) - ours_before;
+    let lines = trace.lines("nvme0n1");
+    let nvme_flushes = lines.iter().filter(|l| l.contains("cmd=(nvme_cmd_flush ")).count() as u64;
+    let writes = traced_writes(&lines);
+    let in_span = |at: u64, n: u64| move |w: &&(u64, bool)| (at / lbs..(at + n * 8192) / lbs).contains(&w.0);
+    let plain: Vec<_> = writes.iter().filter(in_span(FSYNC_AT, FSYNCS)).collect();
+    let fua: Vec<_> = writes.iter().filter(in_span(FUA_AT, FUA_WRITES)).collect();
+    println!(
+        "{FSYNCS} fsyncs and {FUA_WRITES} RWF_DSYNC writes: {name} counted {flushed} flushes; the NVMe driver sent \
+         {nvme_flushes} Flush, {} plain and {} FUA Writes in range ({NVME_BLOCK} stat flush field {} -> {})",
+        plain.iter().filter(|w| !w.1).count(),
+        fua.iter().filter(|w| w.1).count(),
+        ns_before,
+        block_stat("nvme0n1", STAT_FLUSH_IOS)
+    );
+    assert!(flushed >= FSYNCS, "{name} counted {flushed} flushes for {FSYNCS} fsyncs");
+    assert!(
+        nvme_flushes >= flushed,
+        "{name} took {flushed} flushes but the NVMe driver sent only {nvme_flushes} Flush commands:\n{}",
+        lines.join("\n")
+    );
+    assert_eq!(plain.len() as u64, FSYNCS, "Writes for the fsync'd blocks:\n{}", lines.join("\n"));
+    assert!(plain.iter().all(|w| !w.1), "a plain write went with FUA: {plain:?}");
+    assert_eq!(fua.len() as u64, FUA_WRITES, "Writes for the RWF_DSYNC blocks:\n{}", lines.join("\n"));
+    // Without FUA on the namespace the block layer flushes after each instead.
+    assert!(fua.iter().all(|w| w.1 == ns_fua), "RWF_DSYNC writes, namespace fua {ns_fua}: {fua:?}");
+    drop(trace);
+    del(dev.id);
+    assert_gone(&dev);
+}
+
+/// `--dev` as a chain of symlinks (relative to absolute, as udev's
+/// /dev/disk/by-id names are) to /dev/nvme0n1 works: the settings name the
+/// real generic node, and a pattern written through ublk is on the namespace.
+#[test]
+fn nvme_dev_given_as_a_symlink_works() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let dir = tempfile::Builder::new().prefix("ublk-bench-nvme.").tempdir().expect("temp dir");
+    fs::create_dir(dir.path().join("by-id")).expect("mkdir by-id");
+    let by_id = dir.path().join("by-id/nvme-QEMU_NVMe_Ctrl_ublk0001");
+    std::os::unix::fs::symlink(NVME_BLOCK, &by_id).expect("symlink to the namespace");
+    let link = dir.path().join("namespace");
+    std::os::unix::fs::symlink("by-id/nvme-QEMU_NVMe_Ctrl_ublk0001", &link).expect("relative symlink");
+    let dev = add_nvme(&link.to_string_lossy(), "copy", &[]);
+    let settings = fs::read_to_string(settings_path(dev.id)).expect("settings file");
+    let cfg: Value = serde_json::from_str(&settings).expect("settings are JSON");
+    assert_eq!(cfg["nvme_dev"], NG, "settings of a device made with --dev {}: {cfg}", link.display());
+
+    let at = 40 * MIB;
+    let pattern = random_bytes(MIB as usize, 0x5111_u64);
+    pwrite_direct(&dev.block(), at, &pattern, &[128 << 10]);
+    del(dev.id);
+    assert_gone(&dev);
+    assert_same(&pread_direct(Path::new(NVME_BLOCK), at, MIB), &pattern, at, "pattern on the namespace");
+    println!("--dev {} -> {NG}; 1 MiB written through ublk read back from {NVME_BLOCK}", link.display());
+}
+
 // ---------------------------------------------------------------- errors
 
 /// Bad `--dev` values and copy modes a backend cannot do: each `add` fails
@@ -687,21 +920,28 @@ fn nvme_zero_restart_under_fio_verify() {
 fn bad_nvme_input_is_rejected_and_leaves_nothing() {
     let Some(_h) = nvme_harness() else { return };
     let dir = tempfile::Builder::new().prefix("ublk-bench-nvme.").tempdir().expect("temp dir");
-    // Names the code maps as namespaces, but not the char device it needs.
-    let block_link: PathBuf = dir.path().join("ng0n5");
-    std::os::unix::fs::symlink(NVME_BLOCK, &block_link).expect("symlink to the block device");
+    // Names the code maps as namespaces, but not the char device it needs:
+    // a block device node (a symlink would resolve to its target's name).
+    let block_node: PathBuf = dir.path().join("ng0n5");
+    make_block_node(&block_node, Path::new(NVME_BLOCK));
     let regular: PathBuf = dir.path().join("ng0n6");
     fs::write(&regular, b"not a device").expect("write a regular file");
-    let (block_link, regular) =
-        (block_link.to_string_lossy().into_owned(), regular.to_string_lossy().into_owned());
+    let missing_link: PathBuf = dir.path().join("nvme-gone");
+    std::os::unix::fs::symlink("/dev/nvme9n1", &missing_link).expect("dangling symlink");
+    let (block_node, regular, missing_link) = (
+        block_node.to_string_lossy().into_owned(),
+        regular.to_string_lossy().into_owned(),
+        missing_link.to_string_lossy().into_owned(),
+    );
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         (vec!["add", "nvme", "--dev", "/dev/sda"], vec!["/dev/sda", "nvme namespace"]),
         (vec!["add", "nvme", "--dev", "/dev/null"], vec!["/dev/null", "nvme namespace"]),
         (vec!["add", "nvme", "--dev", "/dev/nvme0"], vec!["/dev/nvme0", "nvme namespace"]),
         (vec!["add", "nvme", "--dev", "/dev/nvme0n1p1"], vec!["/dev/nvme0n1p1", "nvme namespace"]),
         (vec!["add", "nvme", "--dev", "/dev/ng9n1"], vec!["/dev/ng9n1", "no such file"]),
-        (vec!["add", "nvme", "--dev", "/dev/nvme9n1"], vec!["ng9n1", "no such file"]),
-        (vec!["add", "nvme", "--dev", &block_link], vec![&block_link, "not a character device"]),
+        (vec!["add", "nvme", "--dev", "/dev/nvme9n1"], vec!["/dev/nvme9n1", "no such file", "/dev/ngXnY"]),
+        (vec!["add", "nvme", "--dev", &missing_link], vec![&missing_link, "no such file", "symlink"]),
+        (vec!["add", "nvme", "--dev", &block_node], vec![&block_node, "not a character device"]),
         (vec!["add", "nvme", "--dev", &regular], vec![&regular, "not a character device"]),
         (vec!["add", "nvme"], vec!["--dev"]),
         (vec!["add", "nvme", "--dev", NG, "--copy-mode", "user"], vec!["user copy", "--copy-mode zero"]),
@@ -727,4 +967,14 @@ fn bad_nvme_input_is_rejected_and_leaves_nothing() {
     let dev = add_nvme(NG, "auto", &[]);
     del(dev.id);
     assert_gone(&dev);
+}
+
+/// A block device node at `path` for the same device as `like`.
+fn make_block_node(path: &Path, like: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = fs::metadata(like).unwrap_or_else(|e| panic!("stat {}: {e}", like.display())).rdev();
+    let c = std::ffi::CString::new(path.to_string_lossy().as_bytes()).expect("no NUL");
+    // SAFETY: c is a NUL-terminated path alive for the call.
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, rdev) };
+    assert_eq!(r, 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
 }

@@ -29,6 +29,8 @@ use io_uring::squeue::Entry128;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub op: u8,
+    /// The descriptor's `UBLK_IO_F_*` bits where `op_flags` has them (bits
+    /// 8-31; the op bits cleared), so `flags & sys::UBLK_IO_F_FUA` tests FUA.
     pub flags: u32,
     /// Byte offset on the device.
     pub offset: u64,
@@ -38,7 +40,7 @@ pub struct Request {
 
 impl Request {
     pub fn from_desc(d: &sys::IoDesc) -> Self {
-        Request { op: d.op(), flags: d.op_flags >> 8, offset: d.start_sector << 9, len: d.nr_sectors << 9 }
+        Request { op: d.op(), flags: d.op_flags & !0xff, offset: d.start_sector << 9, len: d.nr_sectors << 9 }
     }
 }
 

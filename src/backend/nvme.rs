@@ -11,6 +11,11 @@
 //! at the tag's buffer. DISCARD sends a DSM
 //! deallocate whose one range lives in a per-tag slot made at queue start.
 //!
+//! Durability: where the namespace has a volatile write cache the device
+//! advertises one too (and FUA where the namespace has it), so the block
+//! layer sends FLUSH, which becomes an NVMe Flush, and FUA writes, which
+//! become NVMe Writes with FUA set.
+//!
 //! Completion is asynchronous: `submit` pushes the command tagged with
 //! [`BACKEND_BIT`] and the queue loop hands its CQE to `complete`.
 
@@ -24,7 +29,7 @@ use io_uring::{opcode, squeue, types};
 
 use super::{Data, Request};
 use crate::error::{Error, Result};
-use crate::sys;
+use crate::sys::{self, Params};
 
 /// `user_data` bit that marks a backend command's CQE.
 pub const BACKEND_BIT: u64 = 1 << 63;
@@ -39,6 +44,11 @@ const OP_DSM: u8 = 0x09;
 const DSM_DEALLOCATE: u32 = 1 << 2;
 /// Write Zeroes: deallocate the blocks too (DEAC, CDW12 bit 25).
 const WZ_DEALLOCATE: u32 = 1 << 25;
+/// Read/Write: Force Unit Access (FUA, CDW12 bit 30).
+const RW_FUA: u32 = 1 << 30;
+/// Most blocks one Read, Write or Write Zeroes names: NLB is a 0-based
+/// 16-bit field (CDW12 bits 15:0).
+pub const MAX_NLB: u32 = 1 << 16;
 
 /// `struct nvme_uring_cmd` (72 bytes).
 #[repr(C)]
@@ -92,15 +102,72 @@ pub struct Namespace {
     /// Largest DSM deallocate and Write Zeroes in bytes (0: unsupported).
     pub discard_max: u64,
     pub write_zeroes_max: u64,
+    /// `queue/write_cache` says "write back": acknowledged writes may sit in
+    /// a cache that a power loss empties until a Flush.
+    pub volatile_cache: bool,
+    /// `queue/fua` is 1: a write can be made durable on its own.
+    pub fua: bool,
 }
 
 impl Namespace {
+    /// Bytes one Read, Write or Write Zeroes can cover (NLB).
+    pub fn max_cmd_bytes(&self) -> u64 {
+        (MAX_NLB as u64) << self.lba_shift
+    }
+
+    /// Largest Write Zeroes we send, in bytes (0: none).
+    pub fn write_zeroes_bytes(&self) -> u64 {
+        self.write_zeroes_max.min(self.max_cmd_bytes())
+    }
+
     /// DISCARD is sent as Write Zeroes with deallocate where the namespace
     /// has it, so discarded blocks read back as zeros (a bare DSM
     /// deallocate leaves that to the device).
     pub fn discard_max_bytes(&self) -> u64 {
-        if self.write_zeroes_max > 0 { self.write_zeroes_max } else { self.discard_max }
+        if self.write_zeroes_max > 0 { self.write_zeroes_bytes() } else { self.discard_max }
     }
+
+    /// The cache attributes the namespace has: a volatile cache, and FUA
+    /// with it (the kernel ignores FUA without a volatile cache).
+    pub fn cache_attrs(&self) -> u32 {
+        match (self.volatile_cache, self.fua) {
+            (true, true) => sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            (true, false) => sys::UBLK_ATTR_VOLATILE_CACHE,
+            (false, _) => 0,
+        }
+    }
+
+    /// What the namespace dictates in a device's parameters. Every limit is
+    /// clamped to what one NVMe command carries, so the block layer splits
+    /// larger requests and `command` never has to refuse one.
+    pub fn apply_params(&self, p: &mut Params) {
+        // PRP lists need page-aligned segments; without this the NVMe driver bounces.
+        p.basic.virt_boundary_mask = 4095;
+        p.basic.physical_bs_shift = p.basic.physical_bs_shift.max(self.lba_shift as u8);
+        p.basic.max_sectors = p.basic.max_sectors.min(sectors(self.max_cmd_bytes()));
+        p.basic.attrs |= self.cache_attrs();
+        p.discard.max_discard_sectors = sectors(self.discard_max_bytes());
+        p.discard.max_write_zeroes_sectors = sectors(self.write_zeroes_bytes());
+        if self.discard_max_bytes() == 0 {
+            p.types &= !sys::UBLK_PARAM_TYPE_DISCARD;
+        }
+    }
+}
+
+/// Bytes to 512-byte sectors, saturating at the u32 of a limit field.
+fn sectors(bytes: u64) -> u32 {
+    (bytes >> 9).min(u32::MAX as u64) as u32
+}
+
+/// `--dev` with every symlink resolved (`/dev/disk/by-id/nvme-...` names
+/// `/dev/nvme0n1`), so the generic node is derived from the real name.
+fn resolve(dev: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(dev).map_err(|e| {
+        Error::invalid(format!(
+            "--dev {}: {e}: give an NVMe namespace node (/dev/ngXnY or /dev/nvmeXnY) or a symlink to one",
+            dev.display()
+        ))
+    })
 }
 
 /// `/dev/nvme0n1` → `/dev/ng0n1`; `/dev/ng0n1` stays.
@@ -120,7 +187,7 @@ pub fn generic_path(dev: &Path) -> Result<PathBuf> {
 
 impl Namespace {
     pub fn probe(dev: &Path) -> Result<(Self, File)> {
-        let char_dev = generic_path(dev)?;
+        let char_dev = generic_path(&resolve(dev)?)?;
         let meta = std::fs::metadata(&char_dev).map_err(|e| {
             Error::io(
                 format!("{} (is the nvme driver loaded and the namespace present?)", char_dev.display()),
@@ -143,13 +210,16 @@ impl Namespace {
         if nsid <= 0 {
             return Err(Error::io("NVME_IOCTL_ID", std::io::Error::last_os_error()));
         }
-        let block = block_name(&char_dev);
-        let ns = Namespace::from_sysfs(char_dev, nsid as u32, &block)?;
+        let sysfs = Path::new("/sys/block").join(block_name(&char_dev));
+        let ns = Namespace::from_sysfs(char_dev, nsid as u32, &sysfs)?;
         Ok((ns, file))
     }
 
-    fn from_sysfs(char_dev: PathBuf, nsid: u32, block: &str) -> Result<Self> {
-        let q = |f: &str| read_u64(&format!("/sys/block/{block}/queue/{f}"));
+    /// Reads the namespace's limits from `sysfs` (`/sys/block/nvmeXnY`).
+    fn from_sysfs(char_dev: PathBuf, nsid: u32, sysfs: &Path) -> Result<Self> {
+        let block = sysfs.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let file = |f: &str| sysfs.join(f).to_string_lossy().into_owned();
+        let q = |f: &str| read_u64(&file(&format!("queue/{f}")));
         let lbs = q("logical_block_size")?;
         if !lbs.is_power_of_two() || !(512..=4096).contains(&lbs) {
             return Err(Error::invalid(format!(
@@ -158,7 +228,7 @@ impl Namespace {
         }
         // Passthrough commands carry no metadata buffer, so a format with
         // per-LBA metadata would fail every I/O.
-        let meta = read_u64(&format!("/sys/block/{block}/metadata_bytes")).unwrap_or(0);
+        let meta = read_u64(&file("metadata_bytes")).unwrap_or(0);
         if meta > 0 {
             return Err(Error::invalid(format!(
                 "{block} has {meta} bytes of metadata per LBA, which this backend cannot send: \
@@ -169,11 +239,23 @@ impl Namespace {
             char_dev,
             nsid,
             lba_shift: lbs.trailing_zeros(),
-            size: read_u64(&format!("/sys/block/{block}/size"))? << 9,
+            size: read_u64(&file("size"))? << 9,
             max_hw_bytes: (q("max_hw_sectors_kb")? << 10).min(u32::MAX as u64) as u32,
             discard_max: q("discard_max_bytes").unwrap_or(0),
             write_zeroes_max: q("write_zeroes_max_bytes").unwrap_or(0),
+            volatile_cache: read_write_cache(&file("queue/write_cache"))?,
+            fua: q("fua").unwrap_or(0) == 1,
         })
+    }
+}
+
+/// `queue/write_cache`: "write back" (volatile cache) or "write through".
+fn read_write_cache(path: &str) -> Result<bool> {
+    let s = std::fs::read_to_string(path).map_err(|e| Error::io(format!("read {path}"), e))?;
+    match s.trim() {
+        "write back" => Ok(true),
+        "write through" => Ok(false),
+        other => Err(Error::invalid(format!("{path}: unknown cache mode {other:?}"))),
     }
 }
 
@@ -201,6 +283,15 @@ pub fn status_to_errno(status: i32) -> i32 {
         (2, _) => -libc::EIO,           // media and data integrity errors
         (0, 0x01) => -libc::EOPNOTSUPP, // invalid opcode
         _ => -libc::EIO,
+    }
+}
+
+/// NLB (0-based) for `nlb` blocks; -EINVAL for none or more than fit.
+/// `apply_params` keeps the block layer's requests within MAX_NLB.
+fn nlb_field(nlb: u32) -> std::result::Result<u32, i32> {
+    match nlb {
+        1..=MAX_NLB => Ok(nlb - 1),
+        _ => Err(-libc::EINVAL),
     }
 }
 
@@ -236,6 +327,10 @@ impl NvmeQueue {
         data: &Data<'_>,
     ) -> std::result::Result<NvmeUringCmd, i32> {
         let shift = self.ns.lba_shift;
+        // A range that is not whole LBAs would be cut short, not refused.
+        if (req.offset | req.len as u64) & ((1 << shift) - 1) != 0 {
+            return Err(-libc::EINVAL);
+        }
         let (slba, nlb) = (req.offset >> shift, req.len >> shift);
         let mut c = NvmeUringCmd {
             nsid: self.ns.nsid,
@@ -246,7 +341,10 @@ impl NvmeQueue {
         match req.op {
             sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => {
                 c.opcode = if req.op == sys::UBLK_IO_OP_READ { OP_READ } else { OP_WRITE };
-                c.cdw12 = nlb.checked_sub(1).ok_or(-libc::EINVAL)?;
+                c.cdw12 = nlb_field(nlb)?;
+                if req.op == sys::UBLK_IO_OP_WRITE && req.flags & sys::UBLK_IO_F_FUA != 0 {
+                    c.cdw12 |= RW_FUA;
+                }
                 c.data_len = req.len;
                 c.addr = match data {
                     Data::Buf(b) => b.as_ptr() as u64,
@@ -259,7 +357,7 @@ impl NvmeQueue {
             }
             sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_OP_DISCARD if self.ns.write_zeroes_max > 0 => {
                 c.opcode = OP_WRITE_ZEROES;
-                c.cdw12 = nlb.checked_sub(1).ok_or(-libc::EINVAL)?;
+                c.cdw12 = nlb_field(nlb)?;
                 if req.op == sys::UBLK_IO_OP_DISCARD {
                     c.cdw12 |= WZ_DEALLOCATE;
                 }
@@ -410,8 +508,8 @@ mod tests {
         assert_eq!(status_to_errno(0x7ff), -libc::EIO);
     }
 
-    fn queue() -> NvmeQueue {
-        let ns = Namespace {
+    fn namespace() -> Namespace {
+        Namespace {
             char_dev: "/dev/null".into(),
             nsid: 1,
             lba_shift: 9,
@@ -419,8 +517,17 @@ mod tests {
             max_hw_bytes: 1 << 20,
             discard_max: 1 << 30,
             write_zeroes_max: 0,
-        };
-        NvmeQueue::new(Arc::new(ns), Arc::new(File::open("/dev/null").unwrap()), 4)
+            volatile_cache: true,
+            fua: true,
+        }
+    }
+
+    fn queue() -> NvmeQueue {
+        NvmeQueue::new(Arc::new(namespace()), Arc::new(File::open("/dev/null").unwrap()), 4)
+    }
+
+    fn request(op: u8, flags: u32, offset: u64, len: u32) -> Request {
+        Request { op, flags, offset, len }
     }
 
     #[test]
@@ -441,5 +548,172 @@ mod tests {
         assert_eq!(q.command(1, &z, &Data::None).unwrap().cdw12, 7);
         let c = q.command(2, &d, &Data::None).unwrap();
         assert_eq!((c.opcode, c.cdw12), (OP_WRITE_ZEROES, 2047 | WZ_DEALLOCATE));
+    }
+
+    #[test]
+    fn fua_writes_set_the_fua_bit_and_flush_is_a_flush() {
+        let mut q = queue();
+        let data = Data::Registered { index: 0 };
+        let desc = sys::IoDesc {
+            op_flags: sys::UBLK_IO_OP_WRITE as u32 | sys::UBLK_IO_F_FUA,
+            nr_sectors: 8,
+            start_sector: 16,
+            addr: 0,
+        };
+        let fua = Request::from_desc(&desc);
+        assert_eq!(
+            (fua.op, fua.flags, fua.offset, fua.len),
+            (sys::UBLK_IO_OP_WRITE, sys::UBLK_IO_F_FUA, 8192, 4096)
+        );
+        let c = q.command(0, &fua, &data).unwrap();
+        assert_eq!((c.opcode, c.cdw12), (OP_WRITE, RW_FUA | 7));
+        // Other flags (FAILFAST_DEV, bit 8) do not pass for FUA.
+        let plain = request(sys::UBLK_IO_OP_WRITE, 1 << 8, 8192, 4096);
+        assert_eq!(q.command(0, &plain, &data).unwrap().cdw12, 7);
+        // FUA only means something on a write.
+        let read = request(sys::UBLK_IO_OP_READ, sys::UBLK_IO_F_FUA, 8192, 4096);
+        assert_eq!(q.command(0, &read, &data).unwrap().cdw12, 7);
+        let flush = q.command(1, &request(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), &Data::None).unwrap();
+        assert_eq!(
+            (flush.opcode, flush.nsid, flush.cdw10, flush.cdw12, flush.data_len),
+            (OP_FLUSH, 1, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn block_counts_beyond_the_nlb_field_are_refused_not_truncated() {
+        let mut q = queue();
+        Arc::get_mut(&mut q.ns).unwrap().write_zeroes_max = 1 << 30;
+        let data = Data::Registered { index: 0 };
+        let most = MAX_NLB << 9;
+        for op in [
+            sys::UBLK_IO_OP_READ,
+            sys::UBLK_IO_OP_WRITE,
+            sys::UBLK_IO_OP_WRITE_ZEROES,
+            sys::UBLK_IO_OP_DISCARD,
+        ] {
+            let c = q.command(0, &request(op, 0, 0, most), &data).unwrap();
+            assert_eq!(c.cdw12 & 0xffff, 0xffff, "op {op}: {MAX_NLB} blocks");
+            let too_many = request(op, 0, 0, most + 512);
+            assert_eq!(q.command(0, &too_many, &data).unwrap_err(), -libc::EINVAL, "op {op}");
+            assert_eq!(q.command(0, &request(op, 0, 0, 0), &data).unwrap_err(), -libc::EINVAL, "op {op}");
+        }
+        // With 4 KiB LBAs the same field covers 256 MiB; a partial LBA is refused.
+        Arc::get_mut(&mut q.ns).unwrap().lba_shift = 12;
+        let c = q.command(0, &request(sys::UBLK_IO_OP_READ, 0, 4096, 8192), &data).unwrap();
+        assert_eq!((c.cdw10, c.cdw12), (1, 1));
+        let part = request(sys::UBLK_IO_OP_WRITE, 0, 4096, 6144);
+        assert_eq!(q.command(0, &part, &data).unwrap_err(), -libc::EINVAL);
+        let off = request(sys::UBLK_IO_OP_WRITE, 0, 512, 4096);
+        assert_eq!(q.command(0, &off, &data).unwrap_err(), -libc::EINVAL);
+    }
+
+    fn params(max_sectors: u32) -> Params {
+        let mut p =
+            Params { types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD, ..Default::default() };
+        p.basic.physical_bs_shift = 12;
+        p.basic.max_sectors = max_sectors;
+        p.discard.max_discard_sectors = u32::MAX >> 9;
+        p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
+        p
+    }
+
+    #[test]
+    fn params_keep_every_request_within_one_command() {
+        // 512-byte LBAs: one command is at most 32 MiB; the namespace's
+        // Write Zeroes limit is larger, so ours is clamped to it.
+        let mut ns = namespace();
+        ns.write_zeroes_max = 1 << 30;
+        let mut p = params(u32::MAX);
+        ns.apply_params(&mut p);
+        let limit = MAX_NLB;
+        assert_eq!((p.basic.max_sectors, p.discard.max_write_zeroes_sectors), (limit, limit));
+        assert_eq!(p.discard.max_discard_sectors, limit, "DISCARD goes as Write Zeroes");
+        assert_eq!(p.basic.virt_boundary_mask, 4095);
+        // A smaller request limit stays; without Write Zeroes, DISCARD is a
+        // DSM whose 32-bit count the namespace's own limit bounds.
+        ns.write_zeroes_max = 0;
+        let mut p = params(1024);
+        ns.apply_params(&mut p);
+        assert_eq!((p.basic.max_sectors, p.discard.max_write_zeroes_sectors), (1024, 0));
+        assert_eq!(p.discard.max_discard_sectors, (1u32 << 30) >> 9);
+        // Neither: no DISCARD parameters at all.
+        ns.discard_max = 0;
+        let mut p = params(1024);
+        ns.apply_params(&mut p);
+        assert_eq!(p.types, sys::UBLK_PARAM_TYPE_BASIC);
+        // 4 KiB LBAs: 256 MiB per command, and the physical block follows.
+        ns.lba_shift = 12;
+        ns.write_zeroes_max = 1 << 30;
+        let mut p = params(u32::MAX);
+        ns.apply_params(&mut p);
+        assert_eq!((p.basic.max_sectors, p.discard.max_write_zeroes_sectors), (MAX_NLB << 3, MAX_NLB << 3));
+    }
+
+    #[test]
+    fn cache_attributes_follow_the_namespace() {
+        let mut ns = namespace();
+        let attrs = |ns: &Namespace| {
+            let mut p = params(1024);
+            ns.apply_params(&mut p);
+            p.basic.attrs
+        };
+        assert_eq!(attrs(&ns), sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA);
+        ns.fua = false;
+        assert_eq!(attrs(&ns), sys::UBLK_ATTR_VOLATILE_CACHE);
+        ns.volatile_cache = false;
+        assert_eq!(attrs(&ns), 0);
+        ns.fua = true;
+        assert_eq!(attrs(&ns), 0, "FUA without a volatile cache is not advertised");
+    }
+
+    /// A fake `/sys/block/nvme0n1` with the files `from_sysfs` reads.
+    fn fake_sysfs(cache: &str, fua: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = dir.path().join("nvme0n1");
+        std::fs::create_dir_all(ns.join("queue")).unwrap();
+        std::fs::write(ns.join("size"), "2097152\n").unwrap();
+        for (f, v) in [
+            ("logical_block_size", "512"),
+            ("max_hw_sectors_kb", "512"),
+            ("discard_max_bytes", "2147483136"),
+            ("write_zeroes_max_bytes", "524288"),
+            ("write_cache", cache),
+            ("fua", fua),
+        ] {
+            std::fs::write(ns.join("queue").join(f), format!("{v}\n")).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn sysfs_cache_mode_and_fua_are_read() {
+        let read = |cache, fua| {
+            let dir = fake_sysfs(cache, fua);
+            Namespace::from_sysfs("/dev/ng0n1".into(), 1, &dir.path().join("nvme0n1"))
+        };
+        let ns = read("write back", "1").unwrap();
+        assert_eq!((ns.volatile_cache, ns.fua, ns.size, ns.max_hw_bytes), (true, true, 1 << 30, 512 << 10));
+        let ns = read("write through", "0").unwrap();
+        assert_eq!((ns.volatile_cache, ns.fua), (false, false));
+        let err = read("sometimes", "0").unwrap_err().to_string();
+        assert!(err.contains("write_cache") && err.contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn dev_symlinks_resolve_before_the_generic_node_is_derived() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("nvme3n2");
+        std::fs::write(&target, b"").unwrap();
+        let link = dir.path().join("nvme-by-id-link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let real = resolve(&link).unwrap();
+        assert_eq!(generic_path(&real).unwrap(), real.with_file_name("ng3n2"));
+        let missing = dir.path().join("nvme9n9");
+        let err = resolve(&missing).unwrap_err().to_string();
+        assert!(
+            err.contains("nvme9n9") && err.contains("No such file") && err.contains("/dev/ngXnY"),
+            "{err}"
+        );
     }
 }

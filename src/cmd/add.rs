@@ -95,7 +95,9 @@ fn nvme_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
     }
     cfg.size = args.size.unwrap_or(ns.size);
     cfg.block_size = 1 << ns.lba_shift;
-    cfg.max_io_bytes = cfg.max_io_bytes.min(ns.max_hw_bytes);
+    // No buffer larger than one NVMe command carries (NLB).
+    cfg.max_io_bytes =
+        cfg.max_io_bytes.min(ns.max_hw_bytes).min(ns.max_cmd_bytes().min(u32::MAX as u64) as u32);
     cfg.nvme_dev = Some(ns.char_dev);
     Ok(cfg)
 }
