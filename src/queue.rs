@@ -16,6 +16,17 @@
 //!
 //! The loop allocates nothing and takes no lock: one `io_uring_enter` per
 //! turn, then a pass over the CQ that pushes one COMMIT per request.
+//!
+//! Failure: a FETCH or COMMIT that completes with anything but OK or ABORT
+//! is a bug or a broken device, and [`Queue::run`] returns it as an error;
+//! the thread body (`backend::run_queue`) then aborts the whole process, so
+//! the kernel sees the server gone and recovery can take over.
+//!
+//! Fault hook, for tests only: `UBLK_BENCH_FAULT=queue-panic:N` in the
+//! environment of the server that creates a device (`add`, not a takeover:
+//! the server that recovers the device must serve) makes each of its queue
+//! threads panic when request N+1 arrives, after serving N. It is read once
+//! per server ([`fault_from_env`]); per request it costs a countdown.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -52,6 +63,29 @@ pub struct QueueSetup {
     pub stats: Option<Arc<StatsFile>>,
     /// Set to the monotonic time of the first request this queue serves.
     pub first_served: Arc<AtomicU64>,
+    /// The fault hook: panic after serving this many requests.
+    pub panic_after: Option<u64>,
+}
+
+/// The environment variable of the test-only fault hook (module doc).
+pub const FAULT_ENV: &str = "UBLK_BENCH_FAULT";
+
+/// Reads the fault hook: `queue-panic:N`, or None when the variable is unset.
+pub fn fault_from_env() -> Result<Option<u64>> {
+    match std::env::var(FAULT_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) => parse_fault(&v).map(Some),
+        Err(e) => Err(Error::invalid(format!("{FAULT_ENV}: {e}: unset it"))),
+    }
+}
+
+fn parse_fault(v: &str) -> Result<u64> {
+    v.strip_prefix("queue-panic:").and_then(|n| n.parse().ok()).ok_or_else(|| {
+        Error::invalid(format!(
+            "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
+             serving N requests) or unset it"
+        ))
+    })
 }
 
 /// A queue's mappings and ring, made in its own thread before any FETCH.
@@ -74,6 +108,8 @@ pub struct Queue<B> {
     held: u32,
     /// Each tag's request and the time its descriptor was read.
     inflight: Vec<(Request, u64)>,
+    /// Requests left before the fault hook panics (u64::MAX: never, in practice).
+    panic_countdown: u64,
 }
 
 const IORING_ENTER_GETEVENTS: u32 = 1;
@@ -112,6 +148,7 @@ impl<B: QueueBackend> Queue<B> {
                 .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
         }
         let inflight = vec![(Request::default(), 0); setup.depth as usize];
+        let panic_countdown = setup.panic_after.unwrap_or(u64::MAX);
         Ok(Queue {
             setup,
             backend,
@@ -123,6 +160,7 @@ impl<B: QueueBackend> Queue<B> {
             served_any: false,
             held: 0,
             inflight,
+            panic_countdown,
         })
     }
 
@@ -169,10 +207,10 @@ impl<B: QueueBackend> Queue<B> {
         }
     }
 
-    /// Serves until every tag has ended (see the module doc for when).
+    /// Serves until every tag has ended (see the module doc for when). A
+    /// FETCH or COMMIT that fails other than by ABORT ends it with an error.
     pub fn run(mut self) -> Result<()> {
         let mut live = self.setup.depth as u32;
-        let mut first_error: Option<i32> = None;
         let mut stopping = false;
         while live > 0 {
             if stopping {
@@ -198,22 +236,20 @@ impl<B: QueueBackend> Queue<B> {
                         live -= 1;
                         stopping = true;
                     }
-                    err => {
-                        live -= 1;
-                        first_error.get_or_insert(err);
-                    }
+                    err => return Err(self.tag_error(tag, err)),
                 }
             }
         }
         // Hand back the requests committed since the last enter.
         let _ = self.ring.submit();
-        match first_error {
-            Some(e) => Err(Error::io(
-                format!("queue {} tag command", self.setup.qid),
-                std::io::Error::from_raw_os_error(-e),
-            )),
-            None => Ok(()),
-        }
+        Ok(())
+    }
+
+    fn tag_error(&self, tag: u16, res: i32) -> Error {
+        Error::io(
+            format!("FETCH/COMMIT of tag {tag} on queue {} failed (not an abort)", self.setup.qid),
+            std::io::Error::from_raw_os_error(-res),
+        )
     }
 
     /// One `io_uring_enter`: sleeps for a completion, or in poll mode only
@@ -256,6 +292,10 @@ impl<B: QueueBackend> Queue<B> {
     }
 
     fn handle(&mut self, tag: u16) -> Result<()> {
+        if self.panic_countdown == 0 {
+            panic!("{FAULT_ENV}: queue {} panics as asked, holding tag {tag}", self.setup.qid);
+        }
+        self.panic_countdown -= 1;
         self.held += 1;
         if !self.served_any {
             self.served_any = true;
@@ -328,4 +368,19 @@ pub fn pin(cpu: usize) -> Result<()> {
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_hook_parses_or_says_what_to_give() {
+        assert_eq!(parse_fault("queue-panic:0").unwrap(), 0);
+        assert_eq!(parse_fault("queue-panic:250").unwrap(), 250);
+        for bad in ["queue-panic:", "queue-panic:-1", "queue-panic:x", "panic:3", ""] {
+            let msg = parse_fault(bad).unwrap_err().to_string();
+            assert!(msg.contains("queue-panic:N") && msg.contains(FAULT_ENV), "{bad}: {msg}");
+        }
+    }
 }

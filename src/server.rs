@@ -37,6 +37,10 @@ pub struct Server {
     ready: Option<mpsc::Receiver<Result<()>>>,
     /// Monotonic ns of the first request served by any queue (0: none yet).
     pub first_served: Arc<AtomicU64>,
+    /// Made by `prepare` under no name; `attach` publishes it.
+    stats: Option<Arc<StatsFile>>,
+    /// The test-only fault hook (`queue` module doc); never set on a takeover.
+    panic_after: Option<u64>,
 }
 
 /// Why `wait` returned.
@@ -51,6 +55,7 @@ pub enum Stop {
 impl Server {
     /// ADD_DEV and SET_PARAMS for a new device. On error nothing is left.
     pub fn create(cfg: &DeviceConfig) -> Result<Self> {
+        let panic_after = crate::queue::fault_from_env()?;
         let mut ctrl = Ctrl::open()?;
         let features = ctrl.features()?;
         let mut cfg = cfg.clone();
@@ -75,7 +80,7 @@ impl Server {
             let _ = ctrl.del(dev_id);
             return Err(Error::io("SET_PARAMS", e));
         }
-        Ok(Server::new(ctrl, cfg, info))
+        Ok(Server { panic_after, ..Server::new(ctrl, cfg, info) })
     }
 
     fn new(ctrl: Ctrl, cfg: DeviceConfig, info: DevInfo) -> Self {
@@ -89,6 +94,8 @@ impl Server {
             binds: vec![],
             ready: None,
             first_served: Arc::default(),
+            stats: None,
+            panic_after: None,
         }
     }
 
@@ -101,11 +108,13 @@ impl Server {
     }
 
     /// Starts every queue thread and returns once each has pinned itself and
-    /// built its ring and buffers. Nothing touches `/dev/ublkcN` yet.
+    /// built its ring and buffers. Nothing touches `/dev/ublkcN` yet, and the
+    /// stats file has no name: `stats` keeps reading the live server's.
     pub fn prepare(&mut self, backend: &DeviceBackend) -> Result<()> {
         block_signals();
         QUEUES_ENDED.store(0, Ordering::SeqCst);
         let stats = Arc::new(StatsFile::create(self.dev_id, self.info.nr_hw_queues as usize)?);
+        self.stats = Some(stats.clone());
         let (tx, rx) = mpsc::channel();
         for qid in 0..self.info.nr_hw_queues {
             let setup = self.queue_setup(qid, &stats)?;
@@ -119,14 +128,24 @@ impl Server {
     }
 
     /// Opens `/dev/ublkcN`, hands it to every queue thread and returns once
-    /// each has posted FETCH for all its tags.
+    /// each has posted FETCH for all its tags; then publishes our stats file.
+    /// A takeover calls it after START_USER_RECOVERY (the old server is
+    /// gone), a new device before START_DEV.
     pub fn attach(&mut self) -> Result<()> {
         let char_dev = Arc::new(open_char_dev(self.dev_id)?);
         self.char_dev = Some(char_dev.clone());
         for b in self.binds.drain(..) {
             let _ = b.send(char_dev.clone());
         }
-        self.wait_ready()
+        self.wait_ready()?;
+        if let Some(Err(e)) = self.stats.as_ref().map(|s| s.publish()) {
+            // Serving the device matters more than its figures.
+            crate::log!(
+                "device {}: stats file not published, `stats` will not see this server: {e}",
+                self.dev_id
+            );
+        }
+        Ok(())
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -163,6 +182,7 @@ impl Server {
             max_io_bytes: self.info.max_io_buf_bytes,
             stats: Some(stats.clone()),
             first_served: self.first_served.clone(),
+            panic_after: self.panic_after,
         })
     }
 

@@ -7,9 +7,23 @@
 //! buckets (16 per power of two, so within 6.25%), which `stats` turns into
 //! an HdrHistogram to merge queues and read percentiles. Readers take two
 //! snapshots and difference them, so nothing needs a consistent cut.
+//!
+//! The name belongs to the server that serves the device. A server that is
+//! still getting ready to take over (a hot standby, `restart`'s successor,
+//! `recover` before START_USER_RECOVERY) fills a file that has no name yet
+//! (O_TMPFILE) and [`StatsFile::publish`]es it only once it takes over, so
+//! `stats` keeps reading the live server until then; a server that never
+//! takes over, even one killed by SIGKILL, leaves nothing behind. Where the
+//! filesystem has no O_TMPFILE the file is `<id>.stats.<pid>` until then,
+//! removed on drop. Files are mode 0600.
 
-use std::fs::OpenOptions;
-use std::path::PathBuf;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use memmap2::{MmapMut, MmapOptions};
@@ -50,6 +64,8 @@ pub struct QueueStats {
 struct Header {
     magic: u64,
     queues: u64,
+    /// The server process that writes the file.
+    pid: u64,
 }
 
 /// Bucket of a service time: exact below 16 ns, then 16 per octave.
@@ -189,10 +205,21 @@ pub fn stats_path(dev_id: u32) -> PathBuf {
     settings::run_dir().join(format!("{dev_id}.stats"))
 }
 
+/// The name a server's file has before it is published: only used for a
+/// moment while publishing, or throughout where there is no O_TMPFILE.
+fn private_path(dir: &Path, dev_id: u32) -> PathBuf {
+    dir.join(format!("{dev_id}.stats.{}", std::process::id()))
+}
+
 /// The mapped stats file of one device.
 pub struct StatsFile {
     map: MmapMut,
     queues: usize,
+    dev_id: u32,
+    /// The run folder the file is published in.
+    dir: PathBuf,
+    /// Until `publish`: the file, and its private name if it has one.
+    unpublished: Mutex<Option<(File, Option<PathBuf>)>>,
 }
 
 // SAFETY: every field the map exposes is an atomic; the map itself is never
@@ -206,35 +233,51 @@ impl StatsFile {
         size_of::<Header>() + queues * size_of::<QueueStats>()
     }
 
-    /// Creates a zeroed file for `queues` queues (a new server starts afresh).
-    /// It is written under a temporary name and renamed into place: a live
-    /// server (while a standby prepares) keeps its own mapping of the old
-    /// file, which truncating in place would turn into SIGBUS.
+    /// Makes a zeroed, unpublished file for `queues` queues (a new server
+    /// starts afresh). Never touches the live server's file, which that
+    /// server has mapped: truncating it would turn its stores into SIGBUS.
     pub fn create(dev_id: u32, queues: usize) -> Result<Self> {
-        let path = stats_path(dev_id);
-        let tmp = path.with_extension(format!("stats.{}", std::process::id()));
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-        f.set_len(Self::len(queues) as u64).map_err(|e| Error::io("size stats file", e))?;
+        Self::create_in(settings::run_dir(), dev_id, queues)
+    }
+
+    fn create_in(dir: PathBuf, dev_id: u32, queues: usize) -> Result<Self> {
+        let (file, name) = unnamed_file(&dir, dev_id)?;
+        file.set_len(Self::len(queues) as u64).map_err(|e| Error::io("size stats file", e))?;
         // SAFETY: the file is ours and sized above; other processes only read it.
         let mut map =
-            unsafe { MmapOptions::new().map_mut(&f) }.map_err(|e| Error::io("mmap stats file", e))?;
+            unsafe { MmapOptions::new().map_mut(&file) }.map_err(|e| Error::io("mmap stats file", e))?;
         // SAFETY: the map is at least a Header long and page aligned.
         let h = unsafe { &mut *(map.as_mut_ptr() as *mut Header) };
         h.queues = queues as u64;
+        h.pid = std::process::id() as u64;
         h.magic = MAGIC;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {}", path.display()), e))?;
-        Ok(StatsFile { map, queues })
+        Ok(StatsFile { map, queues, dev_id, dir, unpublished: Mutex::new(Some((file, name))) })
+    }
+
+    /// Gives the file the device's stats name, replacing the previous
+    /// server's (whose readers keep their old mapping). Once only.
+    pub fn publish(&self) -> Result<()> {
+        let Some((file, name)) = self.unpublished.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(());
+        };
+        let private = match name {
+            Some(n) => n,
+            None => link_unnamed(&file, &private_path(&self.dir, self.dev_id))?,
+        };
+        let path = self.dir.join(format!("{}.stats", self.dev_id));
+        std::fs::rename(&private, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&private);
+            Error::io(format!("rename {} to {}", private.display(), path.display()), e)
+        })
     }
 
     /// Maps an existing file for reading (by `stats`).
     pub fn open(dev_id: u32) -> Result<Self> {
-        let path = stats_path(dev_id);
+        Self::open_in(settings::run_dir(), dev_id)
+    }
+
+    fn open_in(dir: PathBuf, dev_id: u32) -> Result<Self> {
+        let path = dir.join(format!("{dev_id}.stats"));
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| {
             Error::io(format!("open {} (is device {dev_id} served by ublk-bench?)", path.display()), e)
         })?;
@@ -243,13 +286,23 @@ impl StatsFile {
         if map.len() < size_of::<Header>() {
             return Err(Error::invalid(format!("{} is truncated", path.display())));
         }
-        // SAFETY: the map holds at least a Header.
-        let h = unsafe { &*(map.as_ptr() as *const Header) };
+        let h = Self::header(&map);
         let queues = h.queues as usize;
         if h.magic != MAGIC || map.len() < Self::len(queues) {
             return Err(Error::invalid(format!("{} is not a ublk-bench stats file", path.display())));
         }
-        Ok(StatsFile { map, queues })
+        Ok(StatsFile { map, queues, dev_id, dir, unpublished: Mutex::new(None) })
+    }
+
+    fn header(map: &MmapMut) -> &Header {
+        // SAFETY: callers checked the map holds at least a Header; it is
+        // page aligned and Header is plain integers.
+        unsafe { &*(map.as_ptr() as *const Header) }
+    }
+
+    /// The pid of the server that made the file.
+    pub fn server_pid(&self) -> u32 {
+        Self::header(&self.map).pid as u32
     }
 
     pub fn queues(&self) -> usize {
@@ -266,9 +319,103 @@ impl StatsFile {
     }
 }
 
+impl Drop for StatsFile {
+    fn drop(&mut self) {
+        // A named private file of a server that never took over goes with it.
+        let unpublished = self.unpublished.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, Some(name))) = unpublished.take() {
+            let _ = std::fs::remove_file(name);
+        }
+    }
+}
+
+/// A new mode-0600 file in the run folder: unnamed (O_TMPFILE), or where
+/// the filesystem cannot, under its private name (returned).
+fn unnamed_file(dir: &Path, dev_id: u32) -> Result<(File, Option<PathBuf>)> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true).mode(0o600);
+    let (file, name) = match opts.clone().custom_flags(libc::O_TMPFILE).open(dir) {
+        Ok(f) => (f, None),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EISDIR)) => {
+            let path = private_path(dir, dev_id);
+            let f = opts.create(true).truncate(true).open(&path);
+            (f.map_err(|e| Error::io(format!("create {}", path.display()), e))?, Some(path))
+        }
+        Err(e) => return Err(Error::io(format!("create a stats file in {}", dir.display()), e)),
+    };
+    // The umask may have taken bits off the mode; we want exactly 0600.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("chmod the stats file", e))?;
+    Ok((file, name))
+}
+
+/// Links an O_TMPFILE file at `to` (replacing a stale link) and returns `to`.
+fn link_unnamed(file: &File, to: &Path) -> Result<PathBuf> {
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+    let to_c = CString::new(to.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid(format!("{} holds a NUL byte", to.display())))?;
+    let _ = std::fs::remove_file(to);
+    // SAFETY: both paths are NUL-terminated and live for the call.
+    let r = unsafe {
+        libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+    };
+    if r != 0 {
+        return Err(Error::io(
+            format!("link the stats file at {}", to.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(to.to_path_buf())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::os::unix::fs::MetadataExt;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn an_unpublished_file_has_no_name_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StatsFile::create_in(dir.path().into(), 7, 2).unwrap();
+        f.queue(1).turn(true);
+        assert_eq!(names(dir.path()), Vec::<String>::new(), "a file named before publish");
+        assert!(StatsFile::open_in(dir.path().into(), 7).is_err(), "opened an unpublished file");
+        drop(f);
+        assert_eq!(names(dir.path()), Vec::<String>::new(), "a file left after drop");
+    }
+
+    #[test]
+    fn publish_replaces_the_live_file_and_its_readers_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = StatsFile::create_in(dir.path().into(), 3, 1).unwrap();
+        live.publish().unwrap();
+        live.queue(0).turn(true);
+        let next = StatsFile::create_in(dir.path().into(), 3, 1).unwrap();
+        let reader = StatsFile::open_in(dir.path().into(), 3).unwrap();
+        assert_eq!(reader.queue(0).snapshot().busy_turns, 1, "the reader does not see the live server");
+        next.publish().unwrap();
+        next.publish().unwrap(); // a second publish changes nothing
+        assert_eq!(names(dir.path()), ["3.stats"]);
+        live.queue(0).turn(true);
+        assert_eq!(reader.queue(0).snapshot().busy_turns, 2, "an old reader lost its mapping");
+        let now = StatsFile::open_in(dir.path().into(), 3).unwrap();
+        assert_eq!(now.queue(0).snapshot().busy_turns, 0, "the published file is not the new one");
+        assert_eq!(now.server_pid(), std::process::id());
+        let meta = std::fs::metadata(dir.path().join("3.stats")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        drop((live, next));
+        assert_eq!(names(dir.path()), ["3.stats"], "drop removed a published file");
+    }
 
     #[test]
     fn buckets_are_monotonic_and_invert() {

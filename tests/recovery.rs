@@ -1379,3 +1379,277 @@ fn restart_under_load_has_no_errors() {
 fn restart_supervised_under_load_has_no_errors() {
     restart_under_load(true);
 }
+
+// ---------------------------------------------------------------- stats of the live server
+
+/// A long random-read load for `stats` to see, stopped by [`stop_fio`].
+fn read_load(dev: &Path) -> Bg {
+    let mut a = fio_base();
+    a.extend(["--rw=randread", "--bs=4k", "--time_based", "--runtime=600"].map(String::from));
+    fio_bg(dev, "stats-load", &a)
+}
+
+/// Stops a time-based fio with SIGINT (fio then exits 128 after writing its
+/// report) and checks that no job saw an I/O error.
+fn stop_fio(fio: Bg, what: &str) {
+    signal(fio.pid(), libc::SIGINT);
+    let out = fio.finish(Duration::from_secs(60));
+    let json = fio_json(&out).unwrap_or_else(|e| panic!("{what}: {e}:\n{}", out.describe()));
+    for j in json["jobs"].as_array().into_iter().flatten() {
+        let errs = j["total_err"].as_u64().unwrap_or(0);
+        assert!(j["error"] == 0 && errs == 0, "{what}: fio job saw errors: {j}");
+    }
+    let ios = job_sum(&json, "read", "total_ios");
+    assert!(ios > 0, "{what}: fio read nothing:\n{}", out.describe());
+}
+
+/// `stats -n ID --json`, which must read the file of server `pid` and show
+/// I/O (a 1 s window: up to three tries, in case the load stalled).
+fn live_stats(id: u32, pid: i32, when: &str) -> Value {
+    for _ in 0..3 {
+        let out = ublk(&["stats", "-n", &id.to_string(), "--json"]).success();
+        let v: Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{when}: `stats --json` is not JSON ({e}):\n{}", out.describe()));
+        assert_eq!(
+            v["server_pid"], pid,
+            "{when}: `stats` read the figures of another server than {pid}: {v}"
+        );
+        if v["merged"]["iops"].as_f64().is_some_and(|x| x > 0.0) {
+            return v;
+        }
+        println!("{when}: no IOPS in this window: {}", v["merged"]);
+    }
+    panic!("{when}: `stats` of device {id} shows no IOPS under fio in three windows");
+}
+
+/// The stats files of device `id` in the run folder (published or not).
+fn stats_files(id: u32) -> Vec<String> {
+    let mut f: Vec<String> =
+        run_files(id).into_iter().filter(|n| n.starts_with(&format!("{id}.stats"))).collect();
+    f.sort();
+    f
+}
+
+fn stats_inode(id: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let p = run_dir().join(format!("{id}.stats"));
+    fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).ino()
+}
+
+/// The standby of server `server`, once it is prepared (its queue thread
+/// exists, so its stats file has been made).
+fn prepared_standby(id: u32, server: i32) -> i32 {
+    let mut sb = vec![];
+    wait_until(&format!("a prepared standby for server {server}"), Duration::from_secs(60), || {
+        sb = standby_of(id, server);
+        sb.len() == 1 && has_queue_thread(sb[0], id)
+    });
+    sb[0]
+}
+
+/// `ram -r -i --standby` under fio: while the standby waits, `stats` reads
+/// the live server (its pid, IOPS > 0) and the standby's stats file has no
+/// name in the run folder; after a kill -9 the standby takes over and
+/// `stats` reads its figures (IOPS > 0); after `del` no stats file is left.
+#[test]
+fn stats_follow_the_live_server_under_a_standby() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "-i", "--standby", "--size", "16M"]);
+    let id = dev.id;
+    let sup = supervisor_pid(id);
+    let standby = prepared_standby(id, dev.pid);
+    let fio = read_load(&dev.block());
+    wait_load(id, Duration::from_secs(60), || false).expect("fio load on the device");
+    live_stats(id, dev.pid, "while the standby waits");
+    assert_eq!(stats_files(id), [format!("{id}.stats")], "the standby made a visible stats file");
+
+    crash_server(dev.pid, "stats under a standby");
+    let new = wait_new_server(id, dev.pid, Duration::from_secs(60));
+    assert_eq!(new, standby, "server {new} took over, not the standby {standby}");
+    wait_load(id, Duration::from_secs(60), || false).expect("fio load after the takeover");
+    live_stats(id, new, "after the standby took over");
+    stop_fio(fio, "fio across the takeover");
+    let next = prepared_standby(id, new);
+    assert_eq!(stats_files(id), [format!("{id}.stats")], "stats files with the next standby");
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new, next, sup]);
+}
+
+/// A restart successor (`__serve --recover --method restart --watch-pid`,
+/// what `restart` starts) does not touch the live server's stats: while it
+/// waits, `stats` reads the old server (same file, same inode, IOPS > 0)
+/// and no other stats file is visible. It publishes its own once it took
+/// over. The handover here is the old server's death (kill -9): QUIESCE_DEV
+/// can only be sent by `restart`, which starts a successor of its own. Then
+/// a real `restart` (where the kernel has QUIESCE_DEV) hands over with the
+/// same result.
+#[test]
+fn restart_successor_does_not_clobber_stats() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
+    let id = dev.id;
+    let fio = read_load(&dev.block());
+    wait_load(id, Duration::from_secs(60), || false).expect("fio load on the device");
+    live_stats(id, dev.pid, "before the successor");
+    let inode = stats_inode(id);
+
+    let (ids, old) = (id.to_string(), dev.pid.to_string());
+    let succ = Bg::start(Command::new(bin()).args([
+        "__serve",
+        "--recover",
+        &ids,
+        "--method",
+        "restart",
+        "--watch-pid",
+        &old,
+        "--notify-fd",
+        "1",
+    ]));
+    wait_until("the successor to be prepared and watching", Duration::from_secs(60), || {
+        has_queue_thread(succ.pid(), id) && holds_pidfd(succ.pid())
+    });
+    live_stats(id, dev.pid, "while the successor waits");
+    assert_eq!(stats_inode(id), inode, "the successor replaced the live server's stats file");
+    assert_eq!(stats_files(id), [format!("{id}.stats")], "the successor made a visible stats file");
+
+    crash_server(dev.pid, "handover to the successor");
+    let new = wait_new_server(id, dev.pid, Duration::from_secs(60));
+    assert_eq!(new, succ.pid(), "server {new} took over, not the successor");
+    wait_load(id, Duration::from_secs(60), || false).expect("fio load after the handover");
+    live_stats(id, new, "after the successor took over");
+    assert_ne!(stats_inode(id), inode, "the successor did not publish its stats file");
+
+    let mut server = new;
+    let quiesce =
+        list_one(id).is_some_and(|d| d["flags"].as_array().into_iter().flatten().any(|f| f == "QUIESCE"));
+    if quiesce {
+        let out = ublk(&["restart", "-n", &ids]).success();
+        server =
+            daemon_pid(&out.stdout).unwrap_or_else(|| panic!("restart printed no pid:\n{}", out.describe()));
+        assert_ne!(server, new, "restart: the same server still serves");
+        wait_dead(new);
+        live_stats(id, server, "after `restart`");
+        assert_eq!(stats_files(id), [format!("{id}.stats")], "stats files after `restart`");
+    } else {
+        println!("no UBLK_F_QUIESCE on this kernel: the `restart` step is skipped");
+    }
+    stop_fio(fio, "fio across the handovers");
+    del(id);
+    // The successor is our child: reap it, or it stays a zombie.
+    succ.finish(SETTLE);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new, server]);
+}
+
+// ---------------------------------------------------------------- queue failure
+
+/// Requests a faulty server serves before its queue panics: more than
+/// START_DEV's partition scan and the test's own writes before the load.
+const FAULT_AFTER: u64 = 300;
+
+/// `add ARGS` with the fault hook set to panic after `after` requests.
+fn add_with_fault(args: &[&str], after: u64) -> Dev {
+    let fault = format!("queue-panic:{after}");
+    let out = run(Command::new(bin()).arg("add").args(args).env("UBLK_BENCH_FAULT", &fault)).success();
+    let id = parse_dev_id(&out.stdout).unwrap_or_else(|| panic!("no `dev id N:` in:\n{}", out.describe()));
+    let json = list_one(id).unwrap_or_else(|| panic!("device {id} is not listed"));
+    assert_eq!(json["state"], "LIVE", "device {id}: {json}");
+    let pid = json["pid"].as_i64().unwrap_or_else(|| panic!("device {id} has no pid: {json}")) as i32;
+    Dev { id, pid, json }
+}
+
+/// A `ram -r -i` device whose first server's queue panics (fault hook)
+/// under verifying fio writes: the server dies by itself at once (it does
+/// not stay LIVE with a dead queue), server.log says which queue and why,
+/// and the device is recovered by `method` under a new pid: `recover` after
+/// it went QUIESCED, the supervisor's new server, or the standby. fio sees
+/// no error and verifies every block; data written before reads back.
+fn queue_panic_is_recovered(method: Method) {
+    let Some(_g) = guard() else { return };
+    let log_start = log_len();
+    let mut args = vec!["ram", "-r", "-i", "--size", "8M"];
+    match method {
+        Method::Recover => {}
+        Method::Supervise => args.push("--supervise"),
+        Method::Standby => args.push("--standby"),
+    }
+    let dev = add_with_fault(&args, FAULT_AFTER);
+    let id = dev.id;
+    let supervisor = (method != Method::Recover).then(|| supervisor_pid(id));
+    let standby = (method == Method::Standby).then(|| prepared_standby(id, dev.pid));
+    let pattern = random_bytes(MIB as usize, 0xfa17 ^ id as u64);
+    write_direct(&dev.block(), 0, &pattern);
+    let mut pass = write_verify_pass(31, true);
+    pass.extend(["--offset=4M", "--size=4M"].map(String::from));
+    let fio = fio_bg(&dev.block(), "queue-panic", &pass);
+
+    wait_until(&format!("server {} to die of its queue panic", dev.pid), Duration::from_secs(120), || {
+        !running(dev.pid)
+    });
+    let new = match method {
+        Method::Recover => {
+            let t = Instant::now();
+            wait_serverless(id, "QUIESCED");
+            println!("QUIESCED {:?} after the server was seen dead", t.elapsed());
+            let out = ublk(&["recover", "-n", &id.to_string()]).success();
+            daemon_pid(&out.stdout).unwrap_or_else(|| panic!("recover printed no pid:\n{}", out.describe()))
+        }
+        Method::Supervise | Method::Standby => wait_new_server(id, dev.pid, Duration::from_secs(60)),
+    };
+    assert_ne!(new, dev.pid);
+    if let Some(s) = supervisor {
+        assert_eq!(ppid(new), s, "new server {new} is not the supervisor's child");
+    }
+    if let Some(sb) = standby {
+        assert_eq!(new, sb, "server {new} took over, not the standby {sb}");
+    }
+    let out = fio.finish(FIO_PASS_TIMEOUT);
+    let json = fio_clean(&out).unwrap_or_else(|e| panic!("fio across the queue panic: {e}"));
+    for dir in ["write", "read"] {
+        assert_eq!(job_sum(&json, dir, "io_bytes"), 4 * MIB, "fio {dir} bytes across the queue panic");
+    }
+    assert_reads_back(&dev.block(), 0, &pattern, "after the queue panic");
+
+    let log = log_since(log_start);
+    let line = format!("device {id} queue 0 failed while serving: panicked");
+    assert!(log.contains(&line), "server.log lacks `{line}`:\n{log}");
+    if supervisor.is_some() {
+        assert!(log.contains("died (signal: 6 (SIGABRT)"), "the supervisor did not log an abort:\n{log}");
+    }
+    let (state, pid) = dev_state(id).expect("listed");
+    assert_eq!((state.as_str(), pid as i32), ("LIVE", new), "device {id} after the recovery");
+    let next = standby.map(|_| prepared_standby(id, new));
+    del(id);
+    let mut pids = vec![dev.pid, new];
+    pids.extend(supervisor.into_iter().chain(next));
+    assert_nothing_left(id, dev.json["store"].as_str(), &pids);
+}
+
+#[test]
+fn queue_panic_unsupervised_goes_quiesced_and_recovers() {
+    queue_panic_is_recovered(Method::Recover);
+}
+
+#[test]
+fn queue_panic_supervised_is_recovered() {
+    queue_panic_is_recovered(Method::Supervise);
+}
+
+#[test]
+fn queue_panic_standby_takes_over() {
+    queue_panic_is_recovered(Method::Standby);
+}
+
+/// A malformed fault hook is refused before any device is made.
+#[test]
+fn bad_fault_hook_is_refused() {
+    let Some(_g) = guard() else { return };
+    let out = run(Command::new(bin())
+        .args(["add", "ram", "--size", "16M"])
+        .env("UBLK_BENCH_FAULT", "queue-panic:x"));
+    assert!(!out.ok(), "add with a bad UBLK_BENCH_FAULT succeeded:\n{}", out.describe());
+    for word in ["UBLK_BENCH_FAULT", "queue-panic:N"] {
+        assert!(out.stderr.contains(word), "the refusal does not mention `{word}`:\n{}", out.describe());
+    }
+    let left = settled_leftovers();
+    assert!(left.is_empty(), "a refused add left: {left:?}");
+}

@@ -12,8 +12,10 @@ pub mod null;
 pub mod nvme;
 pub mod ram;
 
+use std::any::Any;
 use std::fs::File;
 use std::os::fd::RawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
@@ -227,18 +229,52 @@ pub struct QueueChannels {
 }
 
 /// The body of a queue thread, generic so the backend call is static.
+///
+/// A failure during start-up (an error or a panic) goes back to the control
+/// thread on `ready`, which reports it and cleans up. Once every FETCH is
+/// posted the queue is serving: an error or panic then aborts the process
+/// after logging which queue and why. Ending the server at once is what lets
+/// the kernel quiesce the device (or fail its I/O) and a standby, the
+/// supervisor or `recover` take over; a server left with a dead queue would
+/// hang that queue's I/O with the device still LIVE.
 fn run_queue<B: QueueBackend>(setup: QueueSetup, backend: B, io: QueueChannels) -> Result<()> {
-    let res = prepare_and_fetch(setup, backend, &io);
-    let res = match res {
-        Ok(Some(queue)) => queue.run(),
-        Ok(None) => Ok(()),
-        Err(e) => {
-            let _ = io.ready.send(Err(Error::invalid(e.to_string())));
-            Err(e)
+    let (dev_id, qid) = (setup.dev_id, setup.qid);
+    let mut serving = false;
+    let body = AssertUnwindSafe(|| match prepare_and_fetch(setup, backend, &io)? {
+        Some(queue) => {
+            serving = true;
+            queue.run()
         }
-    };
+        None => Ok(()),
+    });
+    let res = std::panic::catch_unwind(body).unwrap_or_else(|p| Err(panicked(p)));
+    match &res {
+        Err(e) if serving => fail_fast(dev_id, qid, e),
+        Err(e) => {
+            let _ = io.ready.send(Err(Error::Relayed(format!("queue {qid}: {e}"))));
+        }
+        Ok(()) => {}
+    }
     crate::server::notify_queue_ended();
     res
+}
+
+/// The error a caught panic stands for, with its message.
+fn panicked(payload: Box<dyn Any + Send>) -> Error {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    Error::Relayed(format!("panicked: {msg}"))
+}
+
+/// Logs why a serving queue failed and aborts the process (see `run_queue`).
+fn fail_fast(dev_id: u32, qid: u16, e: &Error) -> ! {
+    crate::log!(
+        "device {dev_id} queue {qid} failed while serving: {e}; aborting the server so recovery can take over"
+    );
+    std::process::abort()
 }
 
 /// Ok(None) when the control thread gave up before binding (a standby

@@ -1,5 +1,7 @@
 //! `stats -n ID`: the server's own figures, read from its shared-memory
-//! stats file over a one-second window: per queue and merged.
+//! stats file over a one-second window: per queue and merged. The file is
+//! the one the serving server published (a standby or successor publishes
+//! its own only when it takes over); `server_pid` says whose it is.
 
 use std::time::{Duration, Instant};
 
@@ -50,6 +52,8 @@ impl Figures {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub dev_id: u32,
+    /// The server that wrote these figures.
+    pub server_pid: u32,
     pub window_s: f64,
     pub queues: Vec<Figures>,
     pub merged: Figures,
@@ -64,7 +68,7 @@ pub fn collect(dev_id: u32, window: Duration) -> Result<Report> {
     let deltas: Vec<Snapshot> = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
     let queues = (0..after.len()).map(|q| Figures::new(Some(q), &deltas[q], &after[q], secs)).collect();
     let merged = Figures::new(None, &Snapshot::merge(&deltas), &Snapshot::merge(&after), secs);
-    Ok(Report { dev_id, window_s: secs, queues, merged })
+    Ok(Report { dev_id, server_pid: file.server_pid(), window_s: secs, queues, merged })
 }
 
 pub fn run(dev_id: u32, json: bool) -> Result<()> {
@@ -73,7 +77,10 @@ pub fn run(dev_id: u32, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
         return Ok(());
     }
-    println!("device {dev_id}, over {:.2}s (service time: descriptor seen to COMMIT queued)", r.window_s);
+    println!(
+        "device {dev_id}, server pid {}, over {:.2}s (service time: descriptor seen to COMMIT queued)",
+        r.server_pid, r.window_s
+    );
     println!(
         "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "queue", "IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "max us", "errors"
