@@ -227,7 +227,7 @@ pub struct ServeArgs {
     pub method: String,
     #[arg(long)]
     pub crash_seen_ns: Option<u64>,
-    #[arg(long)]
+    #[arg(long, requires = "watch_start")]
     pub watch_pid: Option<i32>,
     /// Start time (clock ticks after boot) of --watch-pid's process, so a reused pid is not mistaken for it.
     #[arg(long, requires = "watch_pid")]

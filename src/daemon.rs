@@ -239,8 +239,12 @@ fn set_cloexec(fd: i32, on: bool) {
     unsafe { libc::fcntl(fd, libc::F_SETFD, flags) };
 }
 
-/// Detaches the server from the caller's session and terminal.
+/// Detaches the server from the caller's session and terminal, and from
+/// its working folder: a daemon holds no folder busy and writes nothing
+/// (a core file included) where the user ran `add`. Every path in the
+/// settings is absolute.
 pub fn detach() {
     // SAFETY: setsid has no memory preconditions; failure (already a leader) is harmless.
     unsafe { libc::setsid() };
+    let _ = std::env::set_current_dir("/");
 }

@@ -15,6 +15,7 @@ pub mod ctrl;
 pub mod daemon;
 pub mod downtime;
 pub mod error;
+pub mod fault;
 pub mod log;
 pub mod process;
 pub mod queue;

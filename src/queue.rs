@@ -22,11 +22,9 @@
 //! the thread body (`backend::run_queue`) then aborts the whole process, so
 //! the kernel sees the server gone and recovery can take over.
 //!
-//! Fault hook, for tests only: `UBLK_BENCH_FAULT=queue-panic:N` in the
-//! environment of the server that creates a device (`add`, not a takeover:
-//! the server that recovers the device must serve) makes each of its queue
-//! threads panic when request N+1 arrives, after serving N. It is read once
-//! per server ([`fault_from_env`]); per request it costs a countdown.
+//! Fault hook, for tests only (`fault` module): with `queue-panic:N` each
+//! queue thread panics when request N+1 arrives, after serving N; per
+//! request it costs a countdown.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -65,27 +63,6 @@ pub struct QueueSetup {
     pub first_served: Arc<AtomicU64>,
     /// The fault hook: panic after serving this many requests.
     pub panic_after: Option<u64>,
-}
-
-/// The environment variable of the test-only fault hook (module doc).
-pub const FAULT_ENV: &str = "UBLK_BENCH_FAULT";
-
-/// Reads the fault hook: `queue-panic:N`, or None when the variable is unset.
-pub fn fault_from_env() -> Result<Option<u64>> {
-    match std::env::var(FAULT_ENV) {
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Ok(v) => parse_fault(&v).map(Some),
-        Err(e) => Err(Error::invalid(format!("{FAULT_ENV}: {e}: unset it"))),
-    }
-}
-
-fn parse_fault(v: &str) -> Result<u64> {
-    v.strip_prefix("queue-panic:").and_then(|n| n.parse().ok()).ok_or_else(|| {
-        Error::invalid(format!(
-            "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
-             serving N requests) or unset it"
-        ))
-    })
 }
 
 /// A queue's mappings and ring, made in its own thread before any FETCH.
@@ -293,7 +270,11 @@ impl<B: QueueBackend> Queue<B> {
 
     fn handle(&mut self, tag: u16) -> Result<()> {
         if self.panic_countdown == 0 {
-            panic!("{FAULT_ENV}: queue {} panics as asked, holding tag {tag}", self.setup.qid);
+            panic!(
+                "{}: queue {} panics as asked, holding tag {tag}",
+                crate::fault::FAULT_ENV,
+                self.setup.qid
+            );
         }
         self.panic_countdown -= 1;
         self.held += 1;
@@ -368,19 +349,4 @@ pub fn pin(cpu: usize) -> Result<()> {
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fault_hook_parses_or_says_what_to_give() {
-        assert_eq!(parse_fault("queue-panic:0").unwrap(), 0);
-        assert_eq!(parse_fault("queue-panic:250").unwrap(), 250);
-        for bad in ["queue-panic:", "queue-panic:-1", "queue-panic:x", "panic:3", ""] {
-            let msg = parse_fault(bad).unwrap_err().to_string();
-            assert!(msg.contains("queue-panic:N") && msg.contains(FAULT_ENV), "{bad}: {msg}");
-        }
-    }
 }

@@ -21,6 +21,7 @@ use crate::backend::{DeviceBackend, QueueChannels};
 use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
+use crate::fault::{self, Fault};
 use crate::queue::QueueSetup;
 use crate::settings;
 use crate::stats::StatsFile;
@@ -55,7 +56,10 @@ pub enum Stop {
 impl Server {
     /// ADD_DEV and SET_PARAMS for a new device. On error nothing is left.
     pub fn create(cfg: &DeviceConfig) -> Result<Self> {
-        let panic_after = crate::queue::fault_from_env()?;
+        let panic_after = match fault::from_env()? {
+            Some(Fault::QueuePanic(n)) => Some(n),
+            _ => None,
+        };
         let mut ctrl = Ctrl::open()?;
         let features = ctrl.features()?;
         let mut cfg = cfg.clone();

@@ -1493,7 +1493,7 @@ fn restart_successor_does_not_clobber_stats() {
     live_stats(id, dev.pid, "before the successor");
     let inode = stats_inode(id);
 
-    let (ids, old) = (id.to_string(), dev.pid.to_string());
+    let (ids, old, start) = (id.to_string(), dev.pid.to_string(), proc_start(dev.pid).to_string());
     let succ = Bg::start(Command::new(bin()).args([
         "__serve",
         "--recover",
@@ -1502,6 +1502,8 @@ fn restart_successor_does_not_clobber_stats() {
         "restart",
         "--watch-pid",
         &old,
+        "--watch-start",
+        &start,
         "--notify-fd",
         "1",
     ]));

@@ -119,6 +119,36 @@ fn reused_store_keeps_its_data_and_survives_del() {
     assert_eq!(fs::read(&store).unwrap().len(), 16 << 20, "del removed or cut a store it did not create");
 }
 
+// ---------------------------------------------------------------- daemons
+
+/// A daemon that dies after START_DEV but before it reports LIVE: `add`
+/// sees its pipe close at once (no server or standby inherited the write
+/// end), says what happened, and deletes the half-made device with every
+/// process; the same when the daemon is a supervisor's server.
+#[test]
+fn add_notices_a_daemon_that_dies_before_live() {
+    let Some(_h) = harness() else { return };
+    for extra in [&[][..], &["--supervise"], &["--standby"]] {
+        let mut args = vec!["add", "ram", "--size", "16M"];
+        args.extend_from_slice(extra);
+        let t = Instant::now();
+        let out = run(Command::new(bin()).args(&args).env("UBLK_BENCH_FAULT", "abort-before-live"));
+        let took = t.elapsed();
+        assert!(!out.ok(), "add {extra:?} succeeded although its server aborted:\n{}", out.describe());
+        assert!(
+            out.stderr.contains("before the device went LIVE") && out.stderr.contains("SIGABRT"),
+            "add {extra:?} does not say that its server died:\n{}",
+            out.describe()
+        );
+        // START_TIMEOUT is 120 s: an inherited pipe end would have made add wait for it.
+        assert!(took < Duration::from_secs(60), "add {extra:?} took {took:?} to notice");
+        println!("add {extra:?} noticed the dead daemon after {took:?}");
+        assert!(list_ids().is_empty(), "add {extra:?} left a device: {:?}", list_ids());
+        let left = settled_leftovers();
+        assert!(left.is_empty(), "add {extra:?} left: {left:?}");
+    }
+}
+
 // ---------------------------------------------------------------- run files and pids
 
 /// Every run file of a supervised device with a standby (settings,

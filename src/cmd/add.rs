@@ -12,6 +12,7 @@ use crate::config::{
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier};
 use crate::error::{Error, Result};
+use crate::fault::{self, Fault};
 use crate::server::{Server, Stop};
 use crate::{log, settings};
 
@@ -205,6 +206,10 @@ pub fn serve(cfg: DeviceConfig, mut notify: Notifier, foreground_json: Option<bo
             return Err(e);
         }
     };
+    if fault::from_env()? == Some(Fault::AbortBeforeLive) {
+        log!("device {}: {} asks to abort before reporting LIVE", server.dev_id, fault::FAULT_ENV);
+        std::process::abort();
+    }
     let cfg = &server.cfg;
     log!("device {} LIVE, {} queue(s), backend {}", server.dev_id, cfg.queues, cfg.backend.name());
     notify.live(server.dev_id);

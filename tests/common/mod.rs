@@ -777,3 +777,10 @@ pub fn supervisor_pid(id: u32) -> i32 {
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text:?}", p.display()));
     v["pid"].as_i64().unwrap_or_else(|| panic!("{}: no pid: {text:?}", p.display())) as i32
 }
+
+/// The start time of `pid` in clock ticks after boot (`/proc/PID/stat` field 22).
+pub fn proc_start(pid: i32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("pid {pid}: {e}"));
+    let rest = stat.rsplit_once(')').expect("stat has a command name").1;
+    rest.split_whitespace().nth(19).and_then(|s| s.parse().ok()).expect("stat has a start time")
+}

@@ -1,0 +1,57 @@
+//! Test-only fault hooks, named by `UBLK_BENCH_FAULT` in the environment of
+//! the server that creates a device (`add`; never a takeover, whose server
+//! must serve). Read once per server, before ADD_DEV, so a bad value is
+//! refused before anything exists.
+//!
+//! - `queue-panic:N`: each queue thread panics when request N+1 arrives
+//!   (`queue` module doc); per request it costs a countdown.
+//! - `abort-before-live`: the server aborts once the device is started but
+//!   before it tells `add` it is LIVE, as a daemon that dies at the worst
+//!   moment would; `add` must notice at once and clean up.
+
+use crate::error::{Error, Result};
+
+pub const FAULT_ENV: &str = "UBLK_BENCH_FAULT";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    QueuePanic(u64),
+    AbortBeforeLive,
+}
+
+/// The fault the environment asks for, or None when the variable is unset.
+pub fn from_env() -> Result<Option<Fault>> {
+    match std::env::var(FAULT_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) => parse(&v).map(Some),
+        Err(e) => Err(Error::invalid(format!("{FAULT_ENV}: {e}: unset it"))),
+    }
+}
+
+fn parse(v: &str) -> Result<Fault> {
+    if v == "abort-before-live" {
+        return Ok(Fault::AbortBeforeLive);
+    }
+    v.strip_prefix("queue-panic:").and_then(|n| n.parse().ok()).map(Fault::QueuePanic).ok_or_else(|| {
+        Error::invalid(format!(
+            "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
+             serving N requests), abort-before-live, or unset it"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_hook_parses_or_says_what_to_give() {
+        assert_eq!(parse("queue-panic:0").unwrap(), Fault::QueuePanic(0));
+        assert_eq!(parse("queue-panic:250").unwrap(), Fault::QueuePanic(250));
+        assert_eq!(parse("abort-before-live").unwrap(), Fault::AbortBeforeLive);
+        for bad in ["queue-panic:", "queue-panic:-1", "queue-panic:x", "panic:3", ""] {
+            let msg = parse(bad).unwrap_err().to_string();
+            assert!(msg.contains("queue-panic:N") && msg.contains(FAULT_ENV), "{bad}: {msg}");
+        }
+    }
+}
