@@ -26,7 +26,8 @@
 //!   a message that names the problem, leaving nothing behind.
 //!
 //! They need /dev/ublk-control, /dev/ng0n1 and root; without them each test
-//! prints why it is skipped and passes. Run them in the guest:
+//! goes through `common::skip`: it says why and passes on the host, and
+//! fails in the guest (`UBLK_TEST_NO_SKIP=1`). Run them in the guest:
 //! `UBLK_TEST_SUITES=nvme bench-scripts/test`, or by hand
 //! `bench-scripts/vm --auto -- target/debug/deps/nvme-HASH --test-threads=1`.
 //! Tests run one at a time under the `common` harness, which deletes every
@@ -48,7 +49,7 @@ const MIB: u64 = 1 << 20;
 /// The guest's NVMe namespace: generic char device and block device.
 const NG: &str = "/dev/ng0n1";
 const NVME_BLOCK: &str = "/dev/nvme0n1";
-const SKIP_NVME: &str = "skipped: /dev/ng0n1 absent (the guest's emulated NVMe: run inside bench-scripts/vm)";
+const SKIP_NVME: &str = "/dev/ng0n1 absent (the guest's emulated NVMe: run inside bench-scripts/vm)";
 /// Region of the namespace the fio verify jobs cover.
 const FIO_SPAN: u64 = 64 * MIB;
 /// Region the hand-written pattern covers (after the fio region).
@@ -59,13 +60,13 @@ const FIO_TIMEOUT: Duration = Duration::from_secs(300);
 
 // ---------------------------------------------------------------- set-up
 
-/// The harness, or None (after printing why) without the driver or the
+/// The harness, or None (after `skip`) without the driver or the
 /// emulated NVMe namespace.
 fn nvme_harness() -> Option<Harness> {
     let h = harness()?;
     let is_char = fs::metadata(NG).is_ok_and(|m| m.file_type().is_char_device());
     if !is_char || !is_block_device(Path::new(NVME_BLOCK)) {
-        println!("{SKIP_NVME}");
+        skip(SKIP_NVME);
         return None;
     }
     Some(h)
@@ -572,7 +573,7 @@ fn crash_recover_under_fio_verify(mode: &str, method: Method, seed0: u64) {
     assert_eq!(dev.json["copy_mode"], mode, "{}", dev.json);
     assert!(has_flag(&dev, "USER_RECOVERY_REISSUE"), "-r -i without REISSUE: {}", dev.json);
     if method == Method::Restart && !has_flag(&dev, "QUIESCE") {
-        println!("skipped: the kernel has no UBLK_F_QUIESCE (6.16+) for restart: {}", dev.json);
+        skip(&format!("the kernel has no UBLK_F_QUIESCE (6.16+) for restart: {}", dev.json));
         del(dev.id);
         return;
     }

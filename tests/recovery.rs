@@ -1,8 +1,9 @@
 //! Crash-recovery tests (issue 3): the built `ublk-bench` binary, black-box,
 //! against the real ublk driver. A crash is `kill -9` of the server process.
 //!
-//! They need /dev/ublk-control and root; without the driver each test prints
-//! why it is skipped and passes. Run them in the guest:
+//! They need /dev/ublk-control and root; without the driver each test goes
+//! through `common::skip`: it says why and passes on the host, and fails in
+//! the guest (`UBLK_TEST_NO_SKIP=1`). Run them in the guest:
 //! `bench-scripts/vm -- target/debug/deps/recovery-HASH --test-threads=1`.
 //!
 //! Every test holds a [`Guard`]: tests run one at a time (the `common`
@@ -1296,7 +1297,7 @@ fn restart_under_load(supervised: bool) {
     let dev = add(&args);
     let id = dev.id;
     if !dev.json["flags"].as_array().into_iter().flatten().any(|f| f == "QUIESCE") {
-        println!("skipped: the kernel has no UBLK_F_QUIESCE (6.16+): {}", dev.json);
+        skip(&format!("the kernel has no UBLK_F_QUIESCE (6.16+): {}", dev.json));
         del(id);
         return;
     }

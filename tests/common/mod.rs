@@ -28,7 +28,16 @@ pub const BIN_COPY_DIR: &str = "/run/ublk-bench-tests";
 pub const CONTROL: &str = "/dev/ublk-control";
 /// The comm of every ublk-bench process (CLI, daemon and foreground server).
 pub const COMM: &str = "ublk-bench";
-pub const SKIP: &str = "skipped: /dev/ublk-control absent (run inside the guest: bench-scripts/test)";
+/// Why a driver test skips on a machine without the driver.
+pub const SKIP: &str = "/dev/ublk-control absent (run inside the guest: bench-scripts/test)";
+/// Set to 1 by bench-scripts/vm for every command it runs in the guest,
+/// which has the driver, the emulated NVMe disk, root, setpriv and 2 CPUs:
+/// there a test that would skip fails instead, so a run cannot pass by
+/// testing nothing.
+pub const NO_SKIP_ENV: &str = "UBLK_TEST_NO_SKIP";
+/// A file each skip appends `suite::test<TAB>reason` to; bench-scripts/test
+/// sets it for the host's `cargo test` and prints how many tests skipped.
+pub const SKIP_LOG_ENV: &str = "UBLK_TEST_SKIP_LOG";
 
 /// Longest a single command may take: `add` waits for START_DEV, which
 /// scans partitions and is slow under software emulation.
@@ -87,10 +96,10 @@ pub struct Harness {
     _serial: MutexGuard<'static, ()>,
 }
 
-/// The harness, or None (after printing why) where there is no driver.
+/// The harness, or None (after [`skip`]) where there is no driver.
 pub fn harness() -> Option<Harness> {
     if !have_driver() {
-        println!("{SKIP}");
+        skip(SKIP);
         return None;
     }
     let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -100,6 +109,40 @@ pub fn harness() -> Option<Harness> {
         force_cleanup();
     }
     Some(Harness { started: Instant::now(), _serial: serial })
+}
+
+/// Every skip goes through here; the caller then returns (or skips one
+/// case). Where [`NO_SKIP_ENV`] is 1 (the guest) this panics with the
+/// reason instead. Otherwise it prints the reason and, if [`SKIP_LOG_ENV`]
+/// names a file, appends the test's name to it.
+pub fn skip(reason: &str) {
+    let test = test_name();
+    if std::env::var(NO_SKIP_ENV).is_ok_and(|v| v == "1") {
+        panic!(
+            "{test} would be skipped, and {NO_SKIP_ENV}=1 (set in the guest) makes that a failure: {reason}"
+        );
+    }
+    println!("skipped: {reason}");
+    let Some(log) = std::env::var_os(SKIP_LOG_ENV) else { return };
+    let line = format!("{test}\t{reason}\n");
+    let written = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    if let Err(e) = written {
+        panic!("cannot record the skip of {test} in {SKIP_LOG_ENV}={}: {e}", Path::new(&log).display());
+    }
+}
+
+/// `suite::test`: the test binary's name without cargo's hash, and the
+/// name libtest gives the thread that runs the test.
+pub fn test_name() -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe.as_deref().and_then(Path::file_stem).map(|s| s.to_string_lossy().into_owned());
+    let suite = stem.as_deref().map_or("?", |s| s.rsplit_once('-').map_or(s, |(name, _)| name)).to_string();
+    let thread = std::thread::current();
+    format!("{suite}::{}", thread.name().unwrap_or("?"))
 }
 
 impl Drop for Harness {
