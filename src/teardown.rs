@@ -53,7 +53,20 @@ pub fn delete(ctrl: &mut Ctrl, dev_id: u32, force: bool) -> Result<()> {
     }
     // The supervisor goes before DEL_DEV, so it does not recover what we delete.
     stop_supervisor(dev_id);
-    ctrl.del(dev_id).map_err(|e| del_failed(dev_id, e))?;
+    let users = if force { openers(dev_id) } else { vec![] };
+    if users.is_empty() {
+        ctrl.del(dev_id).map_err(|e| del_failed(dev_id, e))?;
+    } else {
+        // DEL_DEV would wait for every user to let go (an unmount): stop the
+        // device now and let the kernel free it then.
+        let _ = ctrl.stop(dev_id);
+        ctrl.del_async(dev_id).map_err(|e| del_failed(dev_id, e))?;
+        eprintln!(
+            "ublk-bench: device {dev_id} stopped and deleted while in use ({}); the kernel frees it \
+             once the last user lets go",
+            users.join(", ")
+        );
+    }
     settings::remove_all(dev_id, cfg.as_ref());
     if let Some((_, fd)) = server {
         process::reap_or_kill(&fd, EXIT_TIMEOUT);

@@ -246,7 +246,9 @@ fn del_refuses_an_open_device_unless_forced() {
     assert!(list_ids().is_empty());
 }
 
-/// `del --force` of a mounted device deletes it: today's behaviour, kept.
+/// `del --force` of a mounted device stops and deletes it at once (the
+/// server exits, the files go) without waiting for the unmount; the kernel
+/// frees the device when the filesystem lets go.
 #[test]
 fn del_force_deletes_a_mounted_device() {
     let Some(_h) = harness() else { return };
@@ -256,9 +258,12 @@ fn del_force_deletes_a_mounted_device() {
     let mnt = scratch.path("mnt");
     fs::create_dir(&mnt).unwrap();
     run(Command::new("mount").args([ok_str(&dev.block()), ok_str(&mnt)])).success();
-    ublk(&["del", "-n", &dev.id.to_string(), "--force"]).success();
-    let _ = Command::new("umount").arg("-l").arg(&mnt).status();
-    assert!(list_ids().is_empty(), "device {} not deleted by --force", dev.id);
+    let out = ublk(&["del", "-n", &dev.id.to_string(), "--force"]).success();
+    assert!(out.stderr.contains("mounted at"), "del --force does not say who held it:\n{}", out.describe());
+    assert!(!alive(dev.pid) || proc_state(dev.pid) == Some('Z'), "the server outlived del --force");
+    assert!(!settings_path(dev.id).exists(), "del --force left the settings");
+    run(Command::new("umount").arg(&mnt)).success();
+    wait_until("the kernel to free the device after the unmount", SETTLE, || list_ids().is_empty());
 }
 
 /// `del -a` returns only once every server, supervisor and standby has

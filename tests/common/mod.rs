@@ -198,7 +198,7 @@ pub fn force_cleanup() {
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
     let del_all = || {
-        let _ = try_run(Command::new(bin()).args(["del", "-a"]), Duration::from_secs(30));
+        let _ = try_run(Command::new(bin()).args(["del", "-a", "--force"]), Duration::from_secs(30));
     };
     del_all();
     let me = std::process::id() as i32;
