@@ -33,7 +33,10 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.path("mnt")).status();
+        let mnt = self.path("mnt");
+        if mnt.exists() {
+            let _ = Command::new("umount").arg("-l").arg(&mnt).stderr(std::process::Stdio::null()).status();
+        }
         let _ = fs::remove_dir_all(&self.0);
     }
 }
