@@ -453,8 +453,27 @@ pub fn list_ids() -> Vec<u64> {
 }
 
 /// `del -n ID`, which must succeed.
+/// `del -n ID`, which must succeed. `del` refuses a device that is still
+/// open, so this first waits for every process to let go of it (a killed
+/// fio's job processes take a moment to exit).
 pub fn del(id: u32) {
+    let block = block_path(id);
+    wait_until(&format!("every opener of {} to let go", block.display()), SETTLE, || {
+        openers(&block).is_empty()
+    });
     ublk(&["del", "-n", &id.to_string()]).success();
+}
+
+/// Pids of the processes that have `path` open.
+pub fn openers(path: &Path) -> Vec<i32> {
+    let holds = |pid: i32| {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
+    };
+    procs().into_iter().map(|p| p.pid).filter(|&p| holds(p)).collect()
 }
 
 /// After a delete: not listed, no block device, no server, no settings.
