@@ -71,7 +71,9 @@ fn stats_json_under_fio_load() {
     let dev = add(&["null", "-q", "2", "-d", "32"]);
     let mut fio = Command::new(need_tool("fio"));
     fio.args(["--name=load", "--rw=randread", "--bs=4k", "--ioengine=io_uring", "--direct=1"])
-        .args(["--iodepth=16", "--time_based", "--runtime=60", "--output=/dev/null"])
+        // --thread: a job process would run in a session of its own, out of
+        // reach of the process-group kill below, and keep the device open.
+        .args(["--iodepth=16", "--time_based", "--runtime=60", "--output=/dev/null", "--thread"])
         .arg(format!("--filename={}", dev.block().display()));
     std::os::unix::process::CommandExt::process_group(&mut fio, 0);
     let _load = Background(spawn(&mut fio));

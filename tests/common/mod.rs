@@ -458,9 +458,13 @@ pub fn list_ids() -> Vec<u64> {
 /// fio's job processes take a moment to exit).
 pub fn del(id: u32) {
     let block = block_path(id);
-    wait_until(&format!("every opener of {} to let go", block.display()), SETTLE, || {
-        openers(&block).is_empty()
-    });
+    if !eventually(SETTLE, || openers(&block).is_empty()) {
+        let who: Vec<String> = openers(&block)
+            .iter()
+            .map(|&p| fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default())
+            .collect();
+        panic!("{} is still open after {SETTLE:?}: {who:?}", block.display());
+    }
     ublk(&["del", "-n", &id.to_string()]).success();
 }
 
