@@ -20,6 +20,7 @@ from xml.sax.saxutils import escape
 WIDTH = 1000
 LEFT, RIGHT = 80, 20
 PANEL_H = 220
+MAX_BAR_W = 90
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a"]
 REF_COLOURS = ["#d62728", "#000000", "#555555"]
@@ -118,6 +119,8 @@ def si(v):
 
 
 def us(v):
+    if v >= 1e6:
+        return f"{v / 1e6:.3g} s"
     return f"{v / 1000:.3g} ms" if v >= 1000 else f"{v:.3g} \u00b5s"
 
 
@@ -195,8 +198,9 @@ def _panel(out, chart, top, attr, axis, title, fmt, colours, ref_colours):
 
 
 def _group(out, g, x0, gw, attr, y_of, bottom, fmt, colours, ref_colours):
-    pad = gw * 0.08
-    bw = (gw - 2 * pad) / max(len(g.bars), 1)
+    n = max(len(g.bars), 1)
+    bw = min((gw * 0.84) / n, MAX_BAR_W)
+    pad = (gw - bw * n) / 2  # the bars centred in their group
     labels = []  # drawn last: on top of the reference lines
     for i, b in enumerate(g.bars):
         x, v = x0 + pad + i * bw, getattr(b, attr)
@@ -213,8 +217,8 @@ def _group(out, g, x0, gw, attr, y_of, bottom, fmt, colours, ref_colours):
         v = getattr(r, attr)
         if r.status != "ok" or not v:
             continue
-        out.append(f'<line class="ref" x1="{x0 + pad / 2:.1f}" y1="{y_of(v):.1f}" '
-                   f'x2="{x0 + gw - pad / 2:.1f}" y2="{y_of(v):.1f}" '
+        out.append(f'<line class="ref" x1="{x0 + gw * 0.04:.1f}" y1="{y_of(v):.1f}" '
+                   f'x2="{x0 + gw * 0.96:.1f}" y2="{y_of(v):.1f}" '
                    f'stroke="{ref_colours[r.label]}"><title>{escape(r.label)}: '
                    f"{escape(fmt(v))}</title></line>")
     out.extend(labels)
