@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The bench runner's shell core: perf-null, perf-nvme and matrix are presets
 # of it (what to measure, which report module writes the JSON). It holds what
 # they used to repeat: messages and usage errors, the common options, the

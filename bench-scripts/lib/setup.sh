@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared set-up for bench-scripts (demo, test): the one list of what a fresh
 # Debian machine must have for the guest harness, the tests and fio runs, and
 # a quiet install of what is missing. Sourced, not run.
