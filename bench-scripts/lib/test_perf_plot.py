@@ -1,10 +1,12 @@
 """Tests for perf_plot.py on the example reports in results/ and on canned edge cases."""
 
+import io
 import json
 import os
 import tempfile
 import unittest
 import xml.etree.ElementTree as ET
+from contextlib import redirect_stderr
 
 import perf_plot
 
@@ -113,9 +115,14 @@ class WriteSvg(unittest.TestCase):
             bad = os.path.join(d, "x.json")
             with open(bad, "w", encoding="utf-8") as f:
                 f.write('{"kind": "nope"}')
-            self.assertEqual(perf_plot.main(["perf_plot.py", bad]), 1)
+            err = io.StringIO()
+            with redirect_stderr(err):
+                self.assertEqual(perf_plot.main(["perf_plot.py", bad]), 1)
+            self.assertIn("kind 'nope' is not one of", err.getvalue())
             self.assertFalse(os.path.exists(bad[:-5] + ".svg"))
-        self.assertEqual(perf_plot.main(["perf_plot.py"]), 2)
+        with redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(perf_plot.main(["perf_plot.py"]), 2)
+        self.assertIn("perf_plot.py RESULT.json [OUT.svg]", err.getvalue())
 
 
 if __name__ == "__main__":
