@@ -1,0 +1,118 @@
+"""The perf-null and matrix report builders, run as the scripts run them on
+canned inputs: the JSON they write has the fields of results/*-example.json.
+(perf-nvme's builder: test_perf_nvme_report.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+from test_perf_nvme_report import fio_doc, key_shape
+
+LIB = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(LIB, "..", "..", "results")
+UBLK_DEV = {"dev_id": 0, "queues": 1, "depth": 128, "poll": False, "cpus": [1], "copy_mode": "user",
+            "flags": ["USER_COPY"], "backend": "null", "size": 1 << 30, "block_size": 512,
+            "max_io_bytes": 524288, "pid": 4242}
+
+
+def example(kind):
+    with open(os.path.join(RESULTS, f"{kind}-example.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def run_module(name, args, env=None):
+    p = subprocess.run([sys.executable, os.path.join(LIB, name), *args], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, timeout=60)
+    return p
+
+
+def row_keys(rows):
+    """Every key any row has (failed rows have fewer)."""
+    return set().union(*(set(r) for r in rows))
+
+
+class PerfNullFields(unittest.TestCase):
+    def build(self, d):
+        lines = []
+        for name, iops in (("null_blk", 90000.0), ("ublk-null-blocking", 60000.0), ("ublk-null-poll", 80000.0)):
+            fio = write(os.path.join(d, f"{name}.json"), json.dumps(fio_doc(iops, iops * 4096)))
+            write(os.path.join(d, f"{name}.sched"), "none\n")
+            dev = "" if name == "null_blk" else write(os.path.join(d, f"{name}.dev.json"), json.dumps([UBLK_DEV]))
+            lines.append("\t".join([name, "/dev/x", "ok", fio, dev, ""]) + "\t")
+        rows = write(os.path.join(d, "rows.tsv"), "\n".join(lines) + "\n")
+        out = os.path.join(d, "perf-null-T.json")
+        p = run_module("perf_null_report.py", [
+            "--rows", rows, "--out", out, "--root", d, "--timestamp", "T", "--binary", "/bin/true",
+            "--runtime", "10", "--ramp", "2", "--bs", "4k", "--iodepth", "32", "--fio-cpu", "0",
+            "--queue-cpu", "blocking:1,poll:1", "--fio-args", "fio ..."],
+            {"UBLK_BENCH_HOST_LOADAVG": "1 1 1", "UBLK_BENCH_HOST_QEMUS": "0", "UBLK_BENCH_HOST_CPUS": "2"})
+        self.assertEqual(p.returncode, 0, p.stderr)
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+    def test_same_fields_as_the_example(self):
+        with tempfile.TemporaryDirectory() as d:
+            got = self.build(d)
+        want = example("perf-null")
+        self.assertEqual(set(got), set(want))
+        for section in ("host", "config", "bar"):
+            self.assertEqual(key_shape(got[section]), key_shape(want[section]), section)
+        self.assertEqual(row_keys(got["rows"]), row_keys(want["rows"]))
+        self.assertEqual(got["bar"]["poll_ratio"], round(80000.0 / 90000.0, 3))
+
+
+class MatrixFields(unittest.TestCase):
+    def build(self, d):
+        config = {"jobs": "randread-4k-qd32", "targets": "null_blk,ublk-null", "modes": "poll",
+                  "runtime_s": "5", "ramp_s": "1", "fio_cpu": "0", "ublk_queue_cpu": "1", "ublk_queues": "1",
+                  "ublk_depth": "128", "ram_size": "256M", "nvme": "/dev/nvme0n1", "full": "0",
+                  "binary": "/b", "binary_sha256": "00", "host_loadavg_start": "1 1 1", "host_cpus": "2",
+                  "host_other_qemus": "0", "host_kernel": "6.1", "git_rev": "abc", "git_dirty": "0",
+                  "host_loadavg_end": "2 2 2"}
+        env = {"kernel": "7.3.4", "kernel_version": "#1", "vcpus": "2", "cpu_model": "QEMU TCG CPU",
+               "hypervisor": "1", "in_guest": "1", "fio_version": "fio-3.33", "clk_tck": "100",
+               "scheduler": "none", "binary_version": "ublk-bench 0.1.0", "mem_total_kb": "4000000",
+               "null_blk.queue_mode": "2", "null_blk.irqmode": "0", "null_blk.submit_queues": "2",
+               "null_blk.hw_queue_depth": "64", "null_blk.bs": "512", "null_blk.gb": "250",
+               "null_blk.completion_nsec": "10000"}
+        write(os.path.join(d, "config.txt"), "".join(f"{k}={v}\n" for k, v in config.items()))
+        write(os.path.join(d, "env.txt"), "".join(f"{k}={v}\n" for k, v in env.items()))
+        doc = fio_doc(50000.0, 50000.0 * 4096)
+        doc["jobs"][0]["read"]["lat_ns"] = {"mean": 600_000.0}
+        fio = write(os.path.join(d, "fio.json"), json.dumps(doc))
+        add = write(os.path.join(d, "add.json"), json.dumps(UBLK_DEV))
+        rows = [["randread-4k-qd32", "null_blk", "kernel", "ok", "/dev/nullb0", fio, "", "", "7000", ""],
+                ["randread-4k-qd32", "ublk-null", "poll", "ok", "/dev/ublkb0", fio, add, "700", "7000", ""]]
+        write(os.path.join(d, "rows.tsv"), "".join("\t".join(r) + "\t\n" for r in rows))
+        out = os.path.join(d, "matrix-T.json")
+        p = run_module("matrix_report.py", ["--work", d, "--out", out, "--root", d, "--timestamp", "T"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+    def test_same_fields_as_the_example(self):
+        with tempfile.TemporaryDirectory() as d:
+            got = self.build(d)
+        want = example("matrix")
+        self.assertEqual(set(got), set(want))
+        for section in ("host", "null_blk", "config", "summary"):
+            self.assertEqual(key_shape(got[section]), key_shape(want[section]), section)
+        ublk_want = [r for r in want["rows"] if r["status"] == "ok" and "ublk" in r]
+        ublk_got = [r for r in got["rows"] if "ublk" in r]
+        self.assertEqual(set(ublk_got[0]), set(ublk_want[0]))
+        ref_want = next(r for r in want["rows"] if r["target"] == "null_blk")
+        self.assertEqual(set(got["rows"][0]), set(ref_want))
+        self.assertEqual(ublk_got[0]["server_cpu_pct"], 100.0)  # 7 s of CPU over 7 s
+
+
+if __name__ == "__main__":
+    unittest.main()
