@@ -1,4 +1,4 @@
-"""Tests for perf_nvme_report.py: a canned guest work folder in, the report out,
+"""Tests for bench_report.py perf-nvme: a canned guest work folder in, the report out,
 with the keys of results/perf-nvme-example.json."""
 
 import io
@@ -8,7 +8,7 @@ import tempfile
 import unittest
 from contextlib import redirect_stdout
 
-import perf_nvme_report as pnr
+from bench_report import perf_nvme as pnr
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results")
 # name -> (4k IOPS, 128k MB/s); nvme-raw-end runs 4k only, as the script does.

@@ -1,6 +1,6 @@
-"""The perf-null and matrix report builders, run as the scripts run them on
+"""bench_report.py perf-null and matrix, run as the scripts run them on
 canned inputs: the JSON they write has the fields of results/*-example.json.
-(perf-nvme's builder: test_perf_nvme_report.py.)"""
+(perf-nvme: test_perf_nvme_report.py.)"""
 
 import json
 import os
@@ -50,7 +50,7 @@ class PerfNullFields(unittest.TestCase):
             lines.append("\t".join([name, "/dev/x", "ok", fio, dev, ""]) + "\t")
         rows = write(os.path.join(d, "rows.tsv"), "\n".join(lines) + "\n")
         out = os.path.join(d, "perf-null-T.json")
-        p = run_module("perf_null_report.py", [
+        p = run_module("bench_report.py", ["perf-null",
             "--rows", rows, "--out", out, "--root", d, "--timestamp", "T", "--binary", "/bin/true",
             "--runtime", "10", "--ramp", "2", "--bs", "4k", "--iodepth", "32", "--fio-cpu", "0",
             "--queue-cpu", "blocking:1,poll:1", "--fio-args", "fio ..."],
@@ -94,7 +94,7 @@ class MatrixFields(unittest.TestCase):
                 ["randread-4k-qd32", "ublk-null", "poll", "ok", "/dev/ublkb0", fio, add, "700", "7000", ""]]
         write(os.path.join(d, "rows.tsv"), "".join("\t".join(r) + "\t\n" for r in rows))
         out = os.path.join(d, "matrix-T.json")
-        p = run_module("matrix_report.py", ["--work", d, "--out", out, "--root", d, "--timestamp", "T"])
+        p = run_module("bench_report.py", ["matrix", "--work", d, "--out", out, "--root", d, "--timestamp", "T"])
         self.assertEqual(p.returncode, 0, p.stderr)
         with open(out, encoding="utf-8") as f:
             return json.load(f)
@@ -112,6 +112,28 @@ class MatrixFields(unittest.TestCase):
         ref_want = next(r for r in want["rows"] if r["target"] == "null_blk")
         self.assertEqual(set(got["rows"][0]), set(ref_want))
         self.assertEqual(ublk_got[0]["server_cpu_pct"], 100.0)  # 7 s of CPU over 7 s
+
+
+class CommandLine(unittest.TestCase):
+    def test_no_kind_is_a_usage_error(self):
+        p = run_module("bench_report.py", [])
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("perf-null,perf-nvme,matrix", p.stderr)
+
+    def test_unknown_kind_is_a_usage_error(self):
+        p = run_module("bench_report.py", ["perf-foo", "--out", "x"])
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("invalid choice: 'perf-foo'", p.stderr)
+
+    def test_unreadable_rows_write_nothing_and_say_why(self):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "matrix-T.json")
+            p = run_module("bench_report.py", ["matrix", "--work", os.path.join(d, "none"), "--out", out,
+                                               "--root", d, "--timestamp", "T"])
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("bench_report matrix: cannot read the runs", p.stderr)
+            self.assertIn(os.path.join(d, "none", "rows.tsv"), p.stderr)
+            self.assertEqual(os.listdir(d), [])
 
 
 if __name__ == "__main__":
