@@ -112,10 +112,6 @@ def ublk_facts(path, keys):
     return {k: dev[k] for k in keys if k in dev} if isinstance(dev, dict) else {}
 
 
-def emulation_of(cpu_model, hypervisor, in_guest):
-    return guest_facts.emulation(cpu_model, hypervisor, in_guest)
-
-
 def assemble(head, body, complete, note):
     """The report: the common head fields in HEAD_KEYS order, the kind's own
     sections, then complete (every row ok) and the note if one was given."""
@@ -164,7 +160,7 @@ def null_local_facts():
         vcpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         vcpus = os.cpu_count()
-    return {"kernel": os.uname().release, "emulation": emulation_of(model, hypervisor, in_guest),
+    return {"kernel": os.uname().release, "emulation": guest_facts.emulation(model, hypervisor, in_guest),
             "in_guest": in_guest, "cpu_model": model, "vcpus": vcpus,
             "fio_version": guest_facts.cmd_out(["fio", "--version"]) or "unknown"}
 
@@ -455,7 +451,7 @@ def nvme_build(a, env, git=guest_facts.git_state):
     head = {"kind": "perf-nvme", "timestamp": a.timestamp, "kernel": fact(work, "kernel"),
             "git_rev": git_rev, "git_dirty": dirty, "binary": a.binary,
             "binary_version": fact(work, "binary_version"),
-            "emulation": emulation_of(model, fact(work, "hypervisor") == "1", in_guest),
+            "emulation": guest_facts.emulation(model, fact(work, "hypervisor") == "1", in_guest),
             "in_guest": in_guest, "cpu_model": model, "vcpus": num(fact(work, "vcpus")),
             "fio_version": fact(work, "fio_version"), "host": nvme_host(env)}
     body = {"nvme": nvme_facts(work), "ublk_features": features_of(work),
@@ -636,7 +632,7 @@ def matrix_head(a, cfg, env, rows):
             "git_rev": git_rev, "git_dirty": dirty, "binary": cfg.get("binary"),
             "binary_sha256": cfg.get("binary_sha256"), "binary_version": env.get("binary_version") or None,
             "scheduler": env.get("scheduler") or None,
-            "emulation": emulation_of(env.get("cpu_model", ""), env.get("hypervisor") == "1", in_guest),
+            "emulation": guest_facts.emulation(env.get("cpu_model", ""), env.get("hypervisor") == "1", in_guest),
             "in_guest": in_guest, "cpu_model": env.get("cpu_model") or None,
             "vcpus": num(env.get("vcpus")), "mem_total_kb": num(env.get("mem_total_kb")),
             "fio_version": env.get("fio_version") or next((r["fio_version"] for r in rows
@@ -647,7 +643,12 @@ def matrix_head(a, cfg, env, rows):
                      "other_qemus": num(cfg.get("host_other_qemus"))}}
 
 
+def matrix_args(p):
+    p.add_argument("--work", required=True, help="the matrix work folder")
+
+
 def matrix_build(a, env=None):
+    """The whole report; ENV is unused (the host facts come from config.txt)."""
     cfg = read_kv(os.path.join(a.work, "config.txt"))
     guest = read_kv(os.path.join(a.work, "env.txt"))
     clk_tck = num(guest.get("clk_tck")) or 100
@@ -702,9 +703,7 @@ KINDS = {
                                  help="fio 4k randread: null_blk vs ublk-bench null (blocking, --poll)"),
     "perf-nvme": SimpleNamespace(add_args=nvme_args, check=nvme_check, build=nvme_build, table=nvme_table,
                                  help="raw NVMe vs ublk-bench nvme zero-copy/copy, ram user/copy"),
-    "matrix": SimpleNamespace(add_args=lambda p: p.add_argument("--work", required=True,
-                                                                help="the matrix work folder"),
-                              check=_no_check, build=matrix_build, table=matrix_table,
+    "matrix": SimpleNamespace(add_args=matrix_args, check=_no_check, build=matrix_build, table=matrix_table,
                               help="fio-jobs x targets x modes"),
 }
 
