@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
-use crate::settings;
+use crate::run_files;
 
 /// The child's end of the pipe. Dropping it closes the pipe.
 pub struct Notifier(Option<File>);
@@ -67,7 +67,7 @@ impl Notifier {
 
 /// Where daemonized servers write their log.
 pub fn log_path() -> std::path::PathBuf {
-    settings::run_dir().join("server.log")
+    run_files::run_dir().join("server.log")
 }
 
 /// Starts `ublk-bench __serve` (or `__supervise`) detached and returns the
@@ -163,8 +163,8 @@ impl Spawned {
 }
 
 fn spawn_child(args: &[String], write_end: &OwnedFd) -> Result<Child> {
-    settings::ensure_run_dir()?;
-    let log = settings::open_append(&log_path()).map_err(|e| Error::io("open server log", e))?;
+    run_files::ensure_run_dir()?;
+    let log = run_files::open_append(&log_path()).map_err(|e| Error::io("open server log", e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
     let fd = write_end.as_raw_fd();
     let mut cmd = Command::new(exe);

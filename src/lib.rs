@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod ctrl;
@@ -20,8 +21,10 @@ pub mod log;
 pub mod process;
 pub mod queue;
 pub mod recovery;
+pub mod request;
+pub mod run_files;
+pub mod serve;
 pub mod server;
-pub mod settings;
 pub mod stats;
 pub mod supervisor;
 pub mod sys;

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::DeviceBackend;
-use crate::ctrl::Ctrl;
+use crate::clock::now_ns;
+use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
-use crate::server::{Server, no_device};
-use crate::stats::now_ns;
+use crate::server::Server;
 use crate::sys::{self, DevInfo};
-use crate::{process, settings};
+use crate::{process, run_files};
 
 /// How long a takeover waits for the kernel to finish with the dead server.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,8 +60,8 @@ impl Takeover {
     /// Loads the settings, maps the backend and readies every queue thread.
     pub fn prepare(dev_id: u32, method: &str) -> Result<Self> {
         let began_ns = now_ns();
-        let cfg = settings::load(dev_id)?;
-        let backend = DeviceBackend::open(&cfg)?;
+        let cfg = run_files::load(dev_id)?;
+        let backend = DeviceBackend::new(&cfg, false, None)?;
         let mut server = Server::adopt(dev_id, cfg)?;
         server.prepare(&backend)?;
         let phases = Phases {
@@ -145,16 +145,6 @@ pub fn wait_recoverable(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Resu
     }
 }
 
-pub fn check_recoverable(info: &DevInfo) -> Result<()> {
-    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
-        return Err(Error::invalid(format!(
-            "device {} was created without -r (USER_RECOVERY): it cannot be recovered; delete it and add it again with -r",
-            info.dev_id
-        )));
-    }
-    Ok(())
-}
-
 /// START_USER_RECOVERY, retrying -EBUSY with a short backoff (100 µs to 2 ms).
 pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -172,7 +162,7 @@ pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result
 }
 
 pub fn events_path(dev_id: u32) -> std::path::PathBuf {
-    settings::run_dir().join(format!("{dev_id}.events"))
+    run_files::run_dir().join(format!("{dev_id}.events"))
 }
 
 /// Rewrites the events file with one more line (temporary file, then
@@ -182,5 +172,5 @@ fn append_event(p: &Phases) -> Result<()> {
     let mut text = std::fs::read(&path).unwrap_or_default();
     text.extend(serde_json::to_string(p).expect("phases serialize").bytes());
     text.push(b'\n');
-    settings::write_atomic(&path, &text)
+    run_files::write_atomic(&path, &text)
 }

@@ -10,11 +10,10 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use crate::ctrl::{self, Ctrl};
+use crate::ctrl::{self, Ctrl, no_device};
 use crate::error::{Error, Result};
 use crate::process::{self, ProcId};
-use crate::server::no_device;
-use crate::settings;
+use crate::run_files;
 use crate::sys::{self, DevInfo};
 
 /// How long a supervisor or server gets to exit before SIGKILL.
@@ -22,7 +21,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The running supervisor of `dev_id`, checked against its record.
 pub fn supervisor(dev_id: u32) -> Option<(ProcId, OwnedFd)> {
-    let id = settings::load_supervisor(dev_id)?;
+    let id = run_files::load_supervisor(dev_id)?;
     id.open().map(|fd| (id, fd))
 }
 
@@ -33,7 +32,7 @@ pub fn stop_supervisor(dev_id: u32) {
         process::signal(&fd, libc::SIGTERM);
         process::reap_or_kill(&fd, EXIT_TIMEOUT);
     }
-    let _ = std::fs::remove_file(settings::supervisor_path(dev_id));
+    let _ = std::fs::remove_file(run_files::supervisor_path(dev_id));
 }
 
 /// Deletes device `dev_id`. Without `force`, a device that is open (mounted,
@@ -41,7 +40,7 @@ pub fn stop_supervisor(dev_id: u32) {
 /// the device, its files and its processes are gone; if DEL_DEV fails, the
 /// settings and the store stay for another try.
 pub fn delete(ctrl: &mut Ctrl, dev_id: u32, force: bool) -> Result<()> {
-    let cfg = settings::load(dev_id).ok();
+    let cfg = run_files::load(dev_id).ok();
     let info = match ctrl.info(dev_id).map_err(|e| no_device(dev_id, e)) {
         Ok(info) => info,
         Err(Error::NoDevice(_)) if cfg.is_some() => return forget(dev_id, cfg.as_ref()),
@@ -54,7 +53,7 @@ pub fn delete(ctrl: &mut Ctrl, dev_id: u32, force: bool) -> Result<()> {
     // The supervisor goes before DEL_DEV, so it does not recover what we delete.
     stop_supervisor(dev_id);
     ctrl.del(dev_id).map_err(|e| del_failed(dev_id, e))?;
-    settings::remove_all(dev_id, cfg.as_ref());
+    run_files::remove_all(dev_id, cfg.as_ref());
     if let Some((_, fd)) = server {
         process::reap_or_kill(&fd, EXIT_TIMEOUT);
     }
@@ -86,7 +85,7 @@ pub fn delete_half_made(dev_id: u32) {
 /// only our files are left.
 fn forget(dev_id: u32, cfg: Option<&crate::config::DeviceConfig>) -> Result<()> {
     stop_supervisor(dev_id);
-    settings::remove_all(dev_id, cfg);
+    run_files::remove_all(dev_id, cfg);
     eprintln!("ublk-bench: device {dev_id} no longer exists; removed the files ublk-bench kept for it");
     Ok(())
 }

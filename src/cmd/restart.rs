@@ -8,12 +8,10 @@
 use std::time::{Duration, Instant};
 
 use crate::cmd::list::print_one;
-use crate::ctrl::Ctrl;
+use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::daemon::Spawned;
 use crate::error::{Error, Result};
 use crate::process::{self, ProcId};
-use crate::recovery::check_recoverable;
-use crate::server::no_device;
 use crate::supervisor::recover_args;
 use crate::{sys, teardown};
 

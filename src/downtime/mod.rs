@@ -31,10 +31,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cli::{DowntimeArgs, RecoverMethod};
+use crate::clock::now_ns;
 use crate::config::{self, BackendKind};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
-use crate::stats::now_ns;
 use crate::{process, recovery, sys, teardown};
 
 use client::{JobConfig, JobResult, Shared};
@@ -262,12 +262,9 @@ impl Device {
             }
             _ => Device::create(a, exe)?,
         };
-        let info = ctrl.info(dev.id).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev.id),
-            _ => Error::io(format!("GET_DEV_INFO of device {}", dev.id), e),
-        })?;
+        let info = ctrl.info(dev.id).map_err(|e| ctrl::no_device(dev.id, e))?;
         dev.flags = info.flags;
-        recovery::check_recoverable(&info)?;
+        ctrl::check_recoverable(&info)?;
         if info.state != sys::UBLK_S_DEV_LIVE {
             return Err(Error::invalid(format!(
                 "device {} is {}, not LIVE: recover it first (`ublk-bench recover -n {0}`)",
