@@ -14,41 +14,19 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::backend::DeviceBackend;
 use crate::clock::now_ns;
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
+use crate::process;
+use crate::run_files::{self, Phases};
 use crate::server::Server;
 use crate::sys::{self, DevInfo};
-use crate::{process, run_files};
 
 /// How long a takeover waits for the kernel to finish with the dead server.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long START_USER_RECOVERY is retried on -EBUSY.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The moments a takeover passes, in CLOCK_MONOTONIC nanoseconds. One JSON
-/// line each in the events file; readers take missing fields as defaults.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Phases {
-    pub dev_id: u32,
-    pub method: String,
-    pub pid: u32,
-    /// The server taken over, where known: the kernel forgets it once the
-    /// process is gone, so only a standby (which watched it) can say.
-    pub old_pid: Option<i32>,
-    pub began_ns: u64,
-    pub crash_seen_ns: Option<u64>,
-    pub prepared_ns: u64,
-    pub quiesced_ns: u64,
-    pub start_recovery_ns: u64,
-    pub fetch_posted_ns: u64,
-    pub end_recovery_ns: u64,
-    pub first_served_ns: Option<u64>,
-}
 
 pub struct Takeover {
     pub server: Server,
@@ -102,7 +80,7 @@ impl Takeover {
         }
         let t = first.load(Ordering::Relaxed);
         self.phases.first_served_ns = (t != 0).then_some(t);
-        if let Err(e) = append_event(&self.phases) {
+        if let Err(e) = run_files::append_event(&self.phases) {
             crate::log!("device {}: could not write events: {e}", self.phases.dev_id);
         }
     }
@@ -159,18 +137,4 @@ pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result
             Err(e) => return Err(Error::io("START_USER_RECOVERY", e)),
         }
     }
-}
-
-pub fn events_path(dev_id: u32) -> std::path::PathBuf {
-    run_files::run_dir().join(format!("{dev_id}.events"))
-}
-
-/// Rewrites the events file with one more line (temporary file, then
-/// rename, like every run file): a reader never sees half a line.
-fn append_event(p: &Phases) -> Result<()> {
-    let path = events_path(p.dev_id);
-    let mut text = std::fs::read(&path).unwrap_or_default();
-    text.extend(serde_json::to_string(p).expect("phases serialize").bytes());
-    text.push(b'\n');
-    run_files::write_atomic(&path, &text)
 }

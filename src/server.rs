@@ -24,7 +24,7 @@ use crate::ctrl::{self, Ctrl, no_device};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
 use crate::queue::{QueueChannels, QueueSetup, spawn_queue};
-use crate::run_files;
+use crate::{run_files, teardown};
 use crate::stats::StatsFile;
 use crate::sys::{self, DevInfo, Params};
 
@@ -230,10 +230,8 @@ impl Server {
         // DEL_DEV waits for every reference to /dev/ublkcN: close ours first.
         self.char_dev = None;
         if delete {
-            self.ctrl
-                .del(self.dev_id)
+            teardown::del_dev(&mut self.ctrl, self.dev_id, Some(&self.cfg))
                 .map_err(|e| Error::io(format!("DEL_DEV of device {}", self.dev_id), e))?;
-            run_files::remove_all(self.dev_id, Some(&self.cfg));
         }
         first_err.map_or(Ok(()), Err)
     }

@@ -7,28 +7,22 @@
 //! supervisor by the start time its record holds, the server by holding
 //! `/dev/ublkcN` open. A stale record never leads to a stranger.
 
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use crate::config::DeviceConfig;
 use crate::ctrl::{self, Ctrl, no_device};
 use crate::error::{Error, Result};
-use crate::process::{self, ProcId};
+use crate::process;
 use crate::run_files;
 use crate::sys::{self, DevInfo};
 
 /// How long a supervisor or server gets to exit before SIGKILL.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The running supervisor of `dev_id`, checked against its record.
-pub fn supervisor(dev_id: u32) -> Option<(ProcId, OwnedFd)> {
-    let id = run_files::load_supervisor(dev_id)?;
-    id.open().map(|fd| (id, fd))
-}
-
 /// Asks the supervisor of `dev_id` to leave (it ends its standby first) and
 /// waits for it; a stale record is only removed.
 pub fn stop_supervisor(dev_id: u32) {
-    if let Some((_, fd)) = supervisor(dev_id) {
+    if let Some((_, fd)) = run_files::live_supervisor(dev_id) {
         process::signal(&fd, libc::SIGTERM);
         process::reap_or_kill(&fd, EXIT_TIMEOUT);
     }
@@ -52,11 +46,18 @@ pub fn delete(ctrl: &mut Ctrl, dev_id: u32, force: bool) -> Result<()> {
     }
     // The supervisor goes before DEL_DEV, so it does not recover what we delete.
     stop_supervisor(dev_id);
-    ctrl.del(dev_id).map_err(|e| del_failed(dev_id, e))?;
-    run_files::remove_all(dev_id, cfg.as_ref());
+    del_dev(ctrl, dev_id, cfg.as_ref()).map_err(|e| del_failed(dev_id, e))?;
     if let Some((_, fd)) = server {
         process::reap_or_kill(&fd, EXIT_TIMEOUT);
     }
+    Ok(())
+}
+
+/// DEL_DEV, then, once it succeeded, the run files and the store: the one
+/// place a device and its files go together (`del`, a server's own stop).
+pub fn del_dev(ctrl: &mut Ctrl, dev_id: u32, cfg: Option<&DeviceConfig>) -> std::io::Result<()> {
+    ctrl.del(dev_id)?;
+    run_files::remove_all(dev_id, cfg);
     Ok(())
 }
 
@@ -83,7 +84,7 @@ pub fn delete_half_made(dev_id: u32) {
 
 /// A device the kernel finished deleting after an interrupted DEL_DEV:
 /// only our files are left.
-fn forget(dev_id: u32, cfg: Option<&crate::config::DeviceConfig>) -> Result<()> {
+fn forget(dev_id: u32, cfg: Option<&DeviceConfig>) -> Result<()> {
     stop_supervisor(dev_id);
     run_files::remove_all(dev_id, cfg);
     eprintln!("ublk-bench: device {dev_id} no longer exists; removed the files ublk-bench kept for it");

@@ -48,16 +48,12 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64) -> DeviceVie
         size,
         block_size: cfg.map_or(512, |c| c.block_size),
         max_io_bytes: info.max_io_buf_bytes,
-        flags: flag_names(info.flags),
+        flags: sys::flag_names(info.flags),
         copy_mode: cfg.map(|c| c.copy_mode.name()),
         poll: cfg.map(|c| c.poll),
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
         store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
     }
-}
-
-pub fn flag_names(flags: u64) -> Vec<&'static str> {
-    sys::FEATURES.iter().filter(|(f, _, _)| flags & f != 0).map(|(_, n, _)| *n).collect()
 }
 
 /// The ublksrv-style dump: scripts grep `dev id N:` and `state LIVE`.

@@ -35,7 +35,7 @@ use crate::clock::now_ns;
 use crate::config::{self, BackendKind};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
-use crate::{process, recovery, sys, teardown};
+use crate::{process, run_files, sys};
 
 use client::{JobConfig, JobResult, Shared};
 use report::{CycleReport, Report, RunConfig, Summary};
@@ -272,7 +272,7 @@ impl Device {
                 sys::state_name(info.state)
             )));
         }
-        let supervised = teardown::supervisor(dev.id).is_some();
+        let supervised = run_files::live_supervisor(dev.id).is_some();
         match a.method {
             RecoverMethod::Supervise | RecoverMethod::Standby if !supervised => {
                 return Err(Error::invalid(format!(
@@ -559,11 +559,11 @@ impl Run<'_> {
                 return Ok((now_ns(), pid));
             }
             check_interrupt()?;
-            if supervised && teardown::supervisor(self.dev_id).is_none() {
+            if supervised && run_files::live_supervisor(self.dev_id).is_none() {
                 return Err(Error::invalid(format!(
                     "the supervisor of device {} is gone (it gives up after too many crashes): see {}",
                     self.dev_id,
-                    crate::daemon::log_path().display()
+                    run_files::log_path().display()
                 )));
             }
             if Instant::now() > deadline {
@@ -587,7 +587,7 @@ impl Run<'_> {
         *last = (now, totals);
         let k = self.tl.kills[i];
         let events = report::parse_events(
-            &std::fs::read_to_string(recovery::events_path(self.dev_id)).unwrap_or_default(),
+            &std::fs::read_to_string(run_files::events_path(self.dev_id)).unwrap_or_default(),
         );
         let anchor = report::event_for(&events, k, None).and_then(report::Event::anchor_ns);
         let gap = self
@@ -612,7 +612,7 @@ impl Run<'_> {
 
 /// The takeover events of the device; waits a little for the last cycle's.
 fn read_events(dev_id: u32, tl: &Timeline, wait: bool) -> Vec<report::Event> {
-    let path = recovery::events_path(dev_id);
+    let path = run_files::events_path(dev_id);
     let deadline = Instant::now() + Duration::from_secs(6);
     loop {
         let events = report::parse_events(&std::fs::read_to_string(&path).unwrap_or_default());
@@ -702,7 +702,7 @@ fn build_report(
             recovery: a.recovery.clone(),
             dev_id: run.dev_id,
             device_created: !a.reuse,
-            device_flags: crate::cmd::list::flag_names(flags),
+            device_flags: sys::flag_names(flags),
             backend: a.backend.name().into(),
             size: a.size,
             store: a.store.as_ref().map(|p| p.display().to_string()),
