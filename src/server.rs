@@ -24,9 +24,9 @@ use crate::ctrl::{self, Ctrl, no_device};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
 use crate::queue::{QueueChannels, QueueSetup, spawn_queue};
-use crate::{run_files, teardown};
 use crate::stats::StatsFile;
 use crate::sys::{self, DevInfo, Params};
+use crate::{run_files, teardown};
 
 pub struct Server {
     pub ctrl: Ctrl,
