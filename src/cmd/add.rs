@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::AddArgs;
-use crate::config::{
-    BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode, check_depth, check_queues,
-};
+use crate::config::{BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode};
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier};
 use crate::error::{Error, Result};
@@ -59,6 +57,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         BackendKind::Nvme => 0,
     };
     let (store, store_size) = store_from(args)?;
+    let (queues, depth) = args.queue.checked()?;
     let cfg = DeviceConfig {
         dev_id,
         backend: args.backend,
@@ -66,8 +65,8 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         store,
         store_created: !args.reuse_store,
         nvme_dev: None,
-        queues: check_queues(args.queues)?,
-        depth: check_depth(args.depth)?,
+        queues,
+        depth,
         cpus: args.cpus.clone().unwrap_or_default(),
         poll: args.poll,
         block_size: args.block_size,

@@ -176,8 +176,7 @@ fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
     if let Some(id) = a.id.filter(|&id| id >= 1 << 20) {
         return Err(Error::invalid(format!("device id {id} is out of range: give -n between 0 and 1048575")));
     }
-    config::check_queues(a.queues)?;
-    config::check_depth(a.depth)?;
+    a.queue.checked()?;
     if a.size < config::MIN_SIZE || a.size > config::MAX_SIZE || !a.size.is_multiple_of(512) {
         return Err(Error::invalid(format!(
             "--size {} is out of range: give a multiple of 512 between 1M and 1P",
@@ -305,9 +304,9 @@ impl Device {
             "--size".into(),
             a.size.to_string(),
             "-q".into(),
-            a.queues.to_string(),
+            a.queue.queues.to_string(),
             "-d".into(),
-            a.depth.to_string(),
+            a.queue.depth.to_string(),
             "--json".into(),
         ];
         if let Some(id) = a.id {
@@ -706,8 +705,8 @@ fn build_report(
             backend: a.backend.name().into(),
             size: a.size,
             store: a.store.as_ref().map(|p| p.display().to_string()),
-            queues: a.queues,
-            depth: a.depth,
+            queues: a.queue.queues,
+            depth: a.queue.depth,
             poll: a.poll,
             cycles: a.cycles,
             interval_ms: run.interval.as_millis() as u64,
