@@ -26,7 +26,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,32 +47,8 @@ const FIRST_IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest run the per-millisecond buckets cover (1 h).
 const MAX_BUCKETS: usize = 3_600_000;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// SIGINT and SIGTERM set a flag; the run stops at the next check and cleans up.
-fn install_signals() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: sigaction is plain data; the handler only stores to an
-        // atomic, which is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
-fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
 fn check_interrupt() -> Result<()> {
-    if !interrupted() {
+    if !process::interrupted() {
         return Ok(());
     }
     let e = std::io::Error::new(std::io::ErrorKind::Interrupted, "stopped by SIGINT/SIGTERM");
@@ -372,7 +348,7 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::NotRoot);
     }
-    install_signals();
+    process::catch_interrupts();
     let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
     let mut ctrl = Ctrl::open()?;
     check_out(&a.out)?;
