@@ -25,8 +25,7 @@ pub fn new_device(
     mut notify: Notifier,
     on_live: impl FnOnce(u32) -> Result<()>,
 ) -> Result<()> {
-    let created = probe_nvme(&cfg).and_then(|ns| Ok((Server::create(&cfg, ns.as_ref().map(|n| &n.0))?, ns)));
-    let (mut server, ns) = match created {
+    let (mut server, ns) = match create(&cfg) {
         Ok(s) => s,
         Err(e) => {
             notify.failed(&e);
@@ -75,12 +74,15 @@ fn make_backend(cfg: &mut DeviceConfig, ns: Option<(Namespace, File)>) -> Result
     Ok(backend)
 }
 
-/// The namespace of an nvme device, opened once for the params and the backend.
-fn probe_nvme(cfg: &DeviceConfig) -> Result<Option<(Namespace, File)>> {
-    match cfg.backend {
-        BackendKind::Nvme => Namespace::probe_for(cfg).map(Some),
-        _ => Ok(None),
-    }
+/// ADD_DEV and SET_PARAMS. An nvme namespace is opened once, here, for
+/// the params and then the backend.
+fn create(cfg: &DeviceConfig) -> Result<(Server, Option<(Namespace, File)>)> {
+    let ns = match cfg.backend {
+        BackendKind::Nvme => Some(Namespace::probe_for(cfg)?),
+        _ => None,
+    };
+    let server = Server::create(cfg, ns.as_ref().map(|(n, _)| n))?;
+    Ok((server, ns))
 }
 
 /// The recovering server. With `watch` it is a successor (a hot standby,
