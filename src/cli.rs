@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{BackendKind, CopyMode, parse_cpus, parse_size};
+use crate::config::{BackendKind, CopyMode, check_depth, check_queues, parse_cpus, parse_size};
+use crate::error::Result;
 
 /// A whole `--cpus` list: an alias, so clap takes the parser's Vec as one value.
 pub type CpuList = Vec<usize>;
@@ -88,12 +89,8 @@ pub struct AddArgs {
     /// Device id; -1 or absent lets the kernel pick.
     #[arg(short = 'n', long = "number", allow_negative_numbers = true)]
     pub id: Option<i64>,
-    /// Hardware queues (one pinned thread each).
-    #[arg(short = 'q', long = "queues", default_value_t = 1)]
-    pub queues: u32,
-    /// Queue depth (tags per queue).
-    #[arg(short = 'd', long = "depth", default_value_t = 128)]
-    pub depth: u32,
+    #[command(flatten)]
+    pub queue: QueueArgs,
     /// CPUs for the queue threads, e.g. 0,1 or 0-3; default: the kernel's queue affinity.
     #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<CpuList>,
@@ -147,6 +144,25 @@ pub struct AddArgs {
     pub standby: bool,
 }
 
+/// Queue count and depth of a device, as `add` and `downtime` take them
+/// (`downtime` words the help for the device it creates).
+#[derive(Debug, Clone, Args)]
+pub struct QueueArgs {
+    /// Hardware queues (one pinned thread each).
+    #[arg(short = 'q', long = "queues", default_value_t = 1)]
+    pub queues: u32,
+    /// Queue depth (tags per queue).
+    #[arg(short = 'd', long = "depth", default_value_t = 128)]
+    pub depth: u32,
+}
+
+impl QueueArgs {
+    /// Queues and depth, each within what the machine and the driver allow.
+    pub fn checked(&self) -> Result<(u16, u16)> {
+        Ok((check_queues(self.queues)?, check_depth(self.depth)?))
+    }
+}
+
 /// How a crashed server is brought back during a downtime run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -158,6 +174,10 @@ pub enum RecoverMethod {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(
+    mut_arg("queues", |a| a.help("Queues of the device to create")),
+    mut_arg("depth", |a| a.help("Queue depth of the device to create"))
+)]
 pub struct DowntimeArgs {
     /// Create the device with this id (refused if it exists); with --reuse,
     /// measure this existing device instead.
@@ -177,12 +197,8 @@ pub struct DowntimeArgs {
     /// mounted with huge=within_size a killed server exits, and so hands over, sooner.
     #[arg(long)]
     pub store: Option<PathBuf>,
-    /// Queues of the device to create.
-    #[arg(short = 'q', long = "queues", default_value_t = 1)]
-    pub queues: u32,
-    /// Queue depth of the device to create.
-    #[arg(short = 'd', long = "depth", default_value_t = 128)]
-    pub depth: u32,
+    #[command(flatten)]
+    pub queue: QueueArgs,
     /// Create the device with busy-polling queue threads.
     #[arg(long)]
     pub poll: bool,
@@ -271,7 +287,7 @@ mod tests {
         ])
         .unwrap();
         let Command::Add(a) = cli.cmd else { panic!("not add") };
-        assert_eq!((a.id, a.queues, a.depth), (Some(3), 2, 64));
+        assert_eq!((a.id, a.queue.queues, a.queue.depth), (Some(3), 2, 64));
         assert_eq!(a.cpus, Some(vec![0, 1]));
         assert_eq!(a.size, Some(64 << 20));
         assert!(a.recovery && a.reissue && !a.fail_io);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
-use crate::settings;
+use crate::run_files;
 
 /// The child's end of the pipe. Dropping it closes the pipe.
 pub struct Notifier(Option<File>);
@@ -63,11 +63,6 @@ impl Notifier {
         self.send(&format!("err {}", err.to_string().replace('\n', " ")));
         self.0 = None;
     }
-}
-
-/// Where daemonized servers write their log.
-pub fn log_path() -> std::path::PathBuf {
-    settings::run_dir().join("server.log")
 }
 
 /// Starts `ublk-bench __serve` (or `__supervise`) detached and returns the
@@ -139,7 +134,7 @@ impl Spawned {
                 "the server process {} ended ({}) before the device went LIVE: see {}",
                 self.pid(),
                 self.exit_status(),
-                log_path().display()
+                run_files::log_path().display()
             )),
         })
     }
@@ -163,8 +158,8 @@ impl Spawned {
 }
 
 fn spawn_child(args: &[String], write_end: &OwnedFd) -> Result<Child> {
-    settings::ensure_run_dir()?;
-    let log = settings::open_append(&log_path()).map_err(|e| Error::io("open server log", e))?;
+    run_files::ensure_run_dir()?;
+    let log = run_files::open_append(&run_files::log_path()).map_err(|e| Error::io("open server log", e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
     let fd = write_end.as_raw_fd();
     let mut cmd = Command::new(exe);
@@ -203,7 +198,7 @@ fn read_lines(reader: &mut File, text: &mut String, prefix: &str, timeout: Durat
             return Err(Error::Refused(format!(
                 "the server did not report within {:.1}s: see {}",
                 began.elapsed().as_secs_f64(),
-                log_path().display()
+                run_files::log_path().display()
             )));
         }
         match reader.read(&mut buf) {

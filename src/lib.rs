@@ -1,14 +1,28 @@
 //! ublk-bench: a ublk server built to be measured.
 //!
-//! Layers, one module each: `sys` (kernel ABI), `ctrl` (control plane),
-//! `queue` (data plane), `backend` (what a request does), `server` (a
-//! device's life), `daemon`/`process` (processes), `config`/`settings`
-//! (device settings), `stats` (measurement), `cli`/`cmd` (the command line).
+//! Layers, lowest first; a module imports only its own layer or below
+//! (`tests/layers.rs` checks it, and that there is no import cycle):
+//!
+//! 1. `sys` (kernel ABI), with `error`, `clock`, `log`, `fault`;
+//! 2. `ctrl` (control plane), `process` (pidfds, signals);
+//! 3. `config` (the validated device configuration), `run_files` (its
+//!    files and the others under /run/ublk-bench), `teardown` (deleting a
+//!    device with its files and processes);
+//! 4. `request` (what a backend is handed);
+//! 5. `stats` (measurement);
+//! 6. `backend` (what a request does; no threads);
+//! 7. `queue` (data plane: the loop, its user_data, its thread);
+//! 8. `server` (a device in one process);
+//! 9. `recovery` (takeover);
+//! 10. `daemon`, `supervisor`, `serve` (processes and a server's life);
+//! 11. `cli`, `cmd`, `downtime` (the command line; `downtime` uses only
+//!     the control plane, run files and process helpers).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
 pub mod cli;
+pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod ctrl;
@@ -20,8 +34,10 @@ pub mod log;
 pub mod process;
 pub mod queue;
 pub mod recovery;
+pub mod request;
+pub mod run_files;
+pub mod serve;
 pub mod server;
-pub mod settings;
 pub mod stats;
 pub mod supervisor;
 pub mod sys;

@@ -3,7 +3,7 @@
 
 /// Seconds on CLOCK_MONOTONIC.
 pub fn mono_secs() -> f64 {
-    crate::stats::now_ns() as f64 / 1e9
+    crate::clock::now_ns() as f64 / 1e9
 }
 
 #[macro_export]

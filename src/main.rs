@@ -8,7 +8,7 @@ use ublk_bench::config::DeviceConfig;
 use ublk_bench::daemon::{self, Notifier};
 use ublk_bench::error::{Error, Result};
 use ublk_bench::process::ProcId;
-use ublk_bench::{downtime, supervisor};
+use ublk_bench::{downtime, serve, supervisor};
 
 fn main() {
     let cli = Cli::parse();
@@ -45,9 +45,9 @@ fn serve_daemon(a: ServeArgs) -> Result<()> {
     match (a.recover, a.config) {
         (Some(id), _) => {
             let watch = a.watch_pid.zip(a.watch_start).map(|(pid, start)| ProcId { pid, start });
-            cmd::recover::serve(id, &a.method, a.crash_seen_ns, watch, notify)
+            serve::takeover(id, &a.method, a.crash_seen_ns, watch, notify)
         }
-        (None, Some(c)) => cmd::add::serve(parse_config(&c)?, notify, None),
+        (None, Some(c)) => serve::new_device(parse_config(&c)?, notify, |_| Ok(())),
         (None, None) => Err(Error::invalid("__serve needs --config or --recover")),
     }
 }

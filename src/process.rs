@@ -9,6 +9,7 @@
 //! for a device's server, its open `/dev/ublkcN`) matches what we recorded.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -156,6 +157,34 @@ pub fn reap_or_kill(fd: &OwnedFd, timeout: Duration) {
         signal(fd, libc::SIGKILL);
         wait_pidfd(fd, Some(Duration::from_secs(5)));
     }
+}
+
+/// Set once SIGINT or SIGTERM arrived, after [`catch_interrupts`].
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM only set [`INTERRUPTED`], with no SA_RESTART, so a
+/// blocking call the signal lands in returns (EINTR) and the command stops
+/// at its next check and cleans up (`del`, `downtime`).
+pub fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sigaction is plain data; the handler only stores to an
+        // atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_interrupt as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`catch_interrupts`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -19,31 +19,48 @@
 //!
 //! Failure: a FETCH or COMMIT that completes with anything but OK or ABORT
 //! is a bug or a broken device, and [`Queue::run`] returns it as an error;
-//! the thread body (`backend::run_queue`) then aborts the whole process, so
+//! the thread body (`run_queue`) then aborts the whole process, so
 //! the kernel sees the server gone and recovery can take over.
 //!
 //! Fault hook, for tests only (`fault` module): with `queue-panic:N` each
 //! queue thread panics when request N+1 arrives, after serving N; per
 //! request it costs a countdown.
 
+use std::any::Any;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
-use crate::backend::nvme::BACKEND_BIT;
-use crate::backend::{Data, QueueBackend, Request};
+use crate::backend::null::NullQueue;
+use crate::backend::nvme::NvmeQueue;
+use crate::backend::ram::RamQueue;
+use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend};
+use crate::clock::now_ns;
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
-use crate::stats::{StatsFile, now_ns};
+use crate::request::{Data, Request};
+use crate::stats::StatsFile;
 use crate::sys::{self, IoCmd, IoDesc};
+
+/// `user_data` of this ring: the tag in bits 0-15, a backend command's own
+/// kind in [`KIND_MASK`], and this bit on every backend command.
+const BACKEND_BIT: u64 = 1 << 63;
+const TAG_MASK: u64 = 0xffff;
+const _: () = assert!(KIND_MASK & (BACKEND_BIT | TAG_MASK) == 0);
 
 /// SQE128 for ublk and NVMe passthrough commands, CQE32 for NVMe results.
 pub type Ring = IoUring<squeue::Entry128, cqueue::Entry32>;
+
+/// Called by a queue thread as it ends, whatever the reason.
+pub type OnEnd = Arc<dyn Fn() + Send + Sync>;
 
 /// Everything a queue thread needs, fixed before it starts.
 #[derive(Clone)]
@@ -63,6 +80,8 @@ pub struct QueueSetup {
     pub first_served: Arc<AtomicU64>,
     /// The fault hook: panic after serving this many requests.
     pub panic_after: Option<u64>,
+    /// Tells the control thread this queue ended.
+    pub on_end: OnEnd,
 }
 
 /// A queue's mappings and ring, made in its own thread before any FETCH.
@@ -200,9 +219,10 @@ impl<B: QueueBackend> Queue<B> {
             let n = self.ring.completion().len();
             for _ in 0..n {
                 let Some(cqe) = self.ring.completion().next() else { break };
-                let tag = cqe.user_data() as u16;
+                let tag = (cqe.user_data() & TAG_MASK) as u16;
                 if cqe.user_data() & BACKEND_BIT != 0 {
-                    if let Some(result) = self.backend.complete(cqe.user_data(), cqe.result()) {
+                    let kind = cqe.user_data() & KIND_MASK;
+                    if let Some(result) = self.backend.complete(tag, kind, cqe.result()) {
                         self.commit(tag, result)?;
                     }
                     continue;
@@ -314,7 +334,7 @@ impl<B: QueueBackend> Queue<B> {
             CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
             _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
         };
-        self.backend.submit(tag, req, data, &mut self.ring.submission())
+        self.backend.submit(tag, req, data, &mut self.ring.submission(), BACKEND_BIT | tag as u64)
     }
 
     fn desc(&self, tag: u16) -> IoDesc {
@@ -323,6 +343,106 @@ impl<B: QueueBackend> Queue<B> {
         // writes it, so read it volatile.
         unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
     }
+}
+
+/// Starts the thread `ublk{dev}q{qid}`. It pins itself, builds its ring
+/// and buffers and reports on `ready`; then waits for `/dev/ublkcN` on
+/// `bind`, maps it, posts every FETCH, reports again, and serves until
+/// aborted. Dropping `bind`'s sender before sending ends the thread.
+pub fn spawn_queue(
+    backend: &DeviceBackend,
+    setup: QueueSetup,
+    io: QueueChannels,
+) -> Result<JoinHandle<Result<()>>> {
+    let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
+    let spawn = |f: Box<dyn FnOnce() -> Result<()> + Send>| {
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(f)
+            .map_err(|e| Error::io("spawn queue thread", e))
+    };
+    match backend {
+        DeviceBackend::Null => spawn(Box::new(move || run_queue(setup, NullQueue, io))),
+        DeviceBackend::Ram(store) => {
+            let q = RamQueue::new(store.clone());
+            spawn(Box::new(move || run_queue(setup, q, io)))
+        }
+        DeviceBackend::Nvme(ns, file) => {
+            let q = NvmeQueue::new(ns.clone(), file.clone(), setup.depth);
+            spawn(Box::new(move || run_queue(setup, q, io)))
+        }
+    }
+}
+
+/// How the control thread talks to a queue thread during start-up.
+pub struct QueueChannels {
+    pub bind: Receiver<Arc<File>>,
+    pub ready: Sender<Result<()>>,
+}
+
+/// The body of a queue thread, generic so the backend call is static.
+///
+/// A failure during start-up (an error or a panic) goes back to the control
+/// thread on `ready`, which reports it and cleans up. Once every FETCH is
+/// posted the queue is serving: an error or panic then aborts the process
+/// after logging which queue and why. Ending the server at once is what lets
+/// the kernel quiesce the device (or fail its I/O) and a standby, the
+/// supervisor or `recover` take over; a server left with a dead queue would
+/// hang that queue's I/O with the device still LIVE.
+fn run_queue<B: QueueBackend>(setup: QueueSetup, backend: B, io: QueueChannels) -> Result<()> {
+    let (dev_id, qid, on_end) = (setup.dev_id, setup.qid, setup.on_end.clone());
+    let mut serving = false;
+    let body = AssertUnwindSafe(|| match prepare_and_fetch(setup, backend, &io)? {
+        Some(queue) => {
+            serving = true;
+            queue.run()
+        }
+        None => Ok(()),
+    });
+    let res = std::panic::catch_unwind(body).unwrap_or_else(|p| Err(panicked(p)));
+    match &res {
+        Err(e) if serving => fail_fast(dev_id, qid, e),
+        Err(e) => {
+            let _ = io.ready.send(Err(Error::Relayed(format!("queue {qid}: {e}"))));
+        }
+        Ok(()) => {}
+    }
+    (on_end)();
+    res
+}
+
+/// The error a caught panic stands for, with its message.
+fn panicked(payload: Box<dyn Any + Send>) -> Error {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    Error::Relayed(format!("panicked: {msg}"))
+}
+
+/// Logs why a serving queue failed and aborts the process (see `run_queue`).
+fn fail_fast(dev_id: u32, qid: u16, e: &Error) -> ! {
+    crate::log!(
+        "device {dev_id} queue {qid} failed while serving: {e}; aborting the server so recovery can take over"
+    );
+    std::process::abort()
+}
+
+/// Ok(None) when the control thread gave up before binding (a standby
+/// that was never needed).
+fn prepare_and_fetch<B: QueueBackend>(
+    setup: QueueSetup,
+    backend: B,
+    io: &QueueChannels,
+) -> Result<Option<Queue<B>>> {
+    let mut queue = Queue::new(setup, backend)?;
+    let _ = io.ready.send(Ok(()));
+    let Ok(char_dev) = io.bind.recv() else { return Ok(None) };
+    queue.bind(char_dev)?;
+    queue.fetch_all()?;
+    let _ = io.ready.send(Ok(()));
+    Ok(Some(queue))
 }
 
 fn map_descs(setup: &QueueSetup, char_dev: &File, page: usize) -> Result<Mmap> {

@@ -14,41 +14,19 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::backend::DeviceBackend;
-use crate::ctrl::Ctrl;
+use crate::clock::now_ns;
+use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
-use crate::server::{Server, no_device};
-use crate::stats::now_ns;
+use crate::process;
+use crate::run_files::{self, Phases};
+use crate::server::Server;
 use crate::sys::{self, DevInfo};
-use crate::{process, settings};
 
 /// How long a takeover waits for the kernel to finish with the dead server.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long START_USER_RECOVERY is retried on -EBUSY.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The moments a takeover passes, in CLOCK_MONOTONIC nanoseconds. One JSON
-/// line each in the events file; readers take missing fields as defaults.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Phases {
-    pub dev_id: u32,
-    pub method: String,
-    pub pid: u32,
-    /// The server taken over, where known: the kernel forgets it once the
-    /// process is gone, so only a standby (which watched it) can say.
-    pub old_pid: Option<i32>,
-    pub began_ns: u64,
-    pub crash_seen_ns: Option<u64>,
-    pub prepared_ns: u64,
-    pub quiesced_ns: u64,
-    pub start_recovery_ns: u64,
-    pub fetch_posted_ns: u64,
-    pub end_recovery_ns: u64,
-    pub first_served_ns: Option<u64>,
-}
 
 pub struct Takeover {
     pub server: Server,
@@ -60,8 +38,8 @@ impl Takeover {
     /// Loads the settings, maps the backend and readies every queue thread.
     pub fn prepare(dev_id: u32, method: &str) -> Result<Self> {
         let began_ns = now_ns();
-        let cfg = settings::load(dev_id)?;
-        let backend = DeviceBackend::open(&cfg)?;
+        let cfg = run_files::load(dev_id)?;
+        let backend = DeviceBackend::new(&cfg, false, None)?;
         let mut server = Server::adopt(dev_id, cfg)?;
         server.prepare(&backend)?;
         let phases = Phases {
@@ -102,7 +80,7 @@ impl Takeover {
         }
         let t = first.load(Ordering::Relaxed);
         self.phases.first_served_ns = (t != 0).then_some(t);
-        if let Err(e) = append_event(&self.phases) {
+        if let Err(e) = run_files::append_event(&self.phases) {
             crate::log!("device {}: could not write events: {e}", self.phases.dev_id);
         }
     }
@@ -145,16 +123,6 @@ pub fn wait_recoverable(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Resu
     }
 }
 
-pub fn check_recoverable(info: &DevInfo) -> Result<()> {
-    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
-        return Err(Error::invalid(format!(
-            "device {} was created without -r (USER_RECOVERY): it cannot be recovered; delete it and add it again with -r",
-            info.dev_id
-        )));
-    }
-    Ok(())
-}
-
 /// START_USER_RECOVERY, retrying -EBUSY with a short backoff (100 µs to 2 ms).
 pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -169,18 +137,4 @@ pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result
             Err(e) => return Err(Error::io("START_USER_RECOVERY", e)),
         }
     }
-}
-
-pub fn events_path(dev_id: u32) -> std::path::PathBuf {
-    settings::run_dir().join(format!("{dev_id}.events"))
-}
-
-/// Rewrites the events file with one more line (temporary file, then
-/// rename, like every run file): a reader never sees half a line.
-fn append_event(p: &Phases) -> Result<()> {
-    let path = events_path(p.dev_id);
-    let mut text = std::fs::read(&path).unwrap_or_default();
-    text.extend(serde_json::to_string(p).expect("phases serialize").bytes());
-    text.push(b'\n');
-    settings::write_atomic(&path, &text)
 }

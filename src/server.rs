@@ -17,15 +17,16 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::{DeviceBackend, QueueChannels};
+use crate::backend::DeviceBackend;
+use crate::backend::nvme::Namespace;
 use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
-use crate::ctrl::{self, Ctrl};
+use crate::ctrl::{self, Ctrl, no_device};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
-use crate::queue::QueueSetup;
-use crate::settings;
+use crate::queue::{QueueChannels, QueueSetup, spawn_queue};
 use crate::stats::StatsFile;
 use crate::sys::{self, DevInfo, Params};
+use crate::{run_files, teardown};
 
 pub struct Server {
     pub ctrl: Ctrl,
@@ -55,7 +56,8 @@ pub enum Stop {
 
 impl Server {
     /// ADD_DEV and SET_PARAMS for a new device. On error nothing is left.
-    pub fn create(cfg: &DeviceConfig) -> Result<Self> {
+    /// `ns` is the namespace of an nvme device, whose limits the params take.
+    pub fn create(cfg: &DeviceConfig, ns: Option<&Namespace>) -> Result<Self> {
         let panic_after = match fault::from_env()? {
             Some(Fault::QueuePanic(n)) => Some(n),
             _ => None,
@@ -79,7 +81,7 @@ impl Server {
         })?;
         let dev_id = info.dev_id;
         cfg.dev_id = Some(dev_id);
-        let mut params = params_for(&cfg, &info)?;
+        let mut params = params_for(&cfg, &info, ns);
         if let Err(e) = ctrl.set_params(dev_id, &mut params) {
             let _ = ctrl.del(dev_id);
             return Err(Error::io("SET_PARAMS", e));
@@ -123,7 +125,7 @@ impl Server {
         for qid in 0..self.info.nr_hw_queues {
             let setup = self.queue_setup(qid, &stats)?;
             let (bind_tx, bind_rx) = mpsc::channel();
-            let handle = backend.spawn_queue(setup, QueueChannels { bind: bind_rx, ready: tx.clone() })?;
+            let handle = spawn_queue(backend, setup, QueueChannels { bind: bind_rx, ready: tx.clone() })?;
             self.threads.push(handle);
             self.binds.push(bind_tx);
         }
@@ -187,6 +189,7 @@ impl Server {
             stats: Some(stats.clone()),
             first_served: self.first_served.clone(),
             panic_after: self.panic_after,
+            on_end: Arc::new(notify_queue_ended),
         })
     }
 
@@ -227,10 +230,8 @@ impl Server {
         // DEL_DEV waits for every reference to /dev/ublkcN: close ours first.
         self.char_dev = None;
         if delete {
-            self.ctrl
-                .del(self.dev_id)
+            teardown::del_dev(&mut self.ctrl, self.dev_id, Some(&self.cfg))
                 .map_err(|e| Error::io(format!("DEL_DEV of device {}", self.dev_id), e))?;
-            settings::remove_all(self.dev_id, Some(&self.cfg));
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -240,7 +241,7 @@ impl Server {
     pub fn abandon(mut self) {
         let _ = self.ctrl.stop(self.dev_id);
         let _ = self.ctrl.del_async(self.dev_id);
-        settings::remove_all(self.dev_id, Some(&self.cfg));
+        run_files::remove_all(self.dev_id, Some(&self.cfg));
     }
 }
 
@@ -312,7 +313,7 @@ fn copy_flags(cfg: &DeviceConfig, features: u64) -> Result<u64> {
     })
 }
 
-fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Result<Params> {
+fn params_for(cfg: &DeviceConfig, info: &DevInfo, ns: Option<&Namespace>) -> Params {
     let bs_shift = cfg.block_size.trailing_zeros() as u8;
     let mut p =
         Params { types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD, ..Default::default() };
@@ -326,11 +327,10 @@ fn params_for(cfg: &DeviceConfig, info: &DevInfo) -> Result<Params> {
     p.discard.max_discard_sectors = u32::MAX >> 9;
     p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
     p.discard.max_discard_segments = 1;
-    if let (BackendKind::Nvme, Some(dev)) = (cfg.backend, &cfg.nvme_dev) {
-        let (ns, _) = crate::backend::nvme::Namespace::probe(dev)?;
+    if let Some(ns) = ns {
         ns.apply_params(&mut p);
     }
-    Ok(p)
+    p
 }
 
 /// Opens `/dev/ublkcN`, waiting briefly for udev/devtmpfs to create it.
@@ -385,17 +385,10 @@ fn wait_signal() -> i32 {
 static QUEUES_ENDED: AtomicUsize = AtomicUsize::new(0);
 
 /// Called by a queue thread as it ends, to wake the control thread.
-pub fn notify_queue_ended() {
+fn notify_queue_ended() {
     QUEUES_ENDED.fetch_add(1, Ordering::SeqCst);
     // SAFETY: plain syscall.
     unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
-}
-
-pub fn no_device(dev_id: u32, e: std::io::Error) -> Error {
-    match e.raw_os_error() {
-        Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev_id),
-        _ => Error::io(format!("GET_DEV_INFO of device {dev_id}"), e),
-    }
 }
 
 #[cfg(test)]

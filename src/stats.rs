@@ -28,17 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use memmap2::{MmapMut, MmapOptions};
 
-use crate::backend::Request;
 use crate::error::{Error, Result};
-use crate::{settings, sys};
-
-/// Monotonic clock in nanoseconds.
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid out-pointer for the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use crate::request::Request;
+use crate::{run_files, sys};
 
 pub const SUB_BITS: u32 = 4;
 pub const BUCKETS: usize = 64 << SUB_BITS;
@@ -202,7 +194,7 @@ impl Snapshot {
 }
 
 pub fn stats_path(dev_id: u32) -> PathBuf {
-    settings::run_dir().join(format!("{dev_id}.stats"))
+    run_files::run_dir().join(format!("{dev_id}.stats"))
 }
 
 /// The name a server's file has before it is published: only used for a
@@ -237,7 +229,7 @@ impl StatsFile {
     /// starts afresh). Never touches the live server's file, which that
     /// server has mapped: truncating it would turn its stores into SIGBUS.
     pub fn create(dev_id: u32, queues: usize) -> Result<Self> {
-        Self::create_in(settings::run_dir(), dev_id, queues)
+        Self::create_in(run_files::run_dir(), dev_id, queues)
     }
 
     fn create_in(dir: PathBuf, dev_id: u32, queues: usize) -> Result<Self> {
@@ -273,7 +265,7 @@ impl StatsFile {
 
     /// Maps an existing file for reading (by `stats`).
     pub fn open(dev_id: u32) -> Result<Self> {
-        Self::open_in(settings::run_dir(), dev_id)
+        Self::open_in(run_files::run_dir(), dev_id)
     }
 
     fn open_in(dir: PathBuf, dev_id: u32) -> Result<Self> {

@@ -17,13 +17,13 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::clock::now_ns;
 use crate::config::DeviceConfig;
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier, Spawned};
 use crate::error::{Error, Result};
 use crate::process::{self, ProcId};
-use crate::stats::now_ns;
-use crate::{log, settings, sys};
+use crate::{log, run_files, sys};
 
 /// Give up after this many crashes within [`CRASH_WINDOW`].
 pub const MAX_CRASHES: usize = 50;
@@ -55,7 +55,7 @@ pub fn run(cfg: &DeviceConfig, use_standby: bool, mut notify: Notifier) -> Resul
             return Err(e);
         }
     };
-    settings::save_supervisor(dev_id)?;
+    run_files::save_supervisor(dev_id)?;
     let mut sup =
         Supervisor { dev_id, server, standby: None, use_standby, crashes: VecDeque::new(), signals };
     sup.refresh_standby();
@@ -63,7 +63,7 @@ pub fn run(cfg: &DeviceConfig, use_standby: bool, mut notify: Notifier) -> Resul
     log!("supervisor of device {dev_id}: watching server pid {}", sup.server.pid());
     let res = sup.watch();
     sup.end_standby();
-    let _ = std::fs::remove_file(settings::supervisor_path(dev_id));
+    let _ = std::fs::remove_file(run_files::supervisor_path(dev_id));
     res
 }
 
@@ -121,7 +121,7 @@ impl Supervisor {
     fn device_needs_server(&self) -> bool {
         let Ok(mut ctrl) = Ctrl::open() else { return false };
         match ctrl.info(self.dev_id) {
-            Ok(info) => info.state != sys::UBLK_S_DEV_DEAD && settings::path(self.dev_id).exists(),
+            Ok(info) => info.state != sys::UBLK_S_DEV_DEAD && run_files::path(self.dev_id).exists(),
             Err(_) => false,
         }
     }

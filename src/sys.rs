@@ -314,6 +314,11 @@ const _: () = {
     assert!(offset_of!(IoCmd, addr) == 8);
 };
 
+/// Names of the `UBLK_F_*` bits set in `flags`.
+pub fn flag_names(flags: u64) -> Vec<&'static str> {
+    FEATURES.iter().filter(|(f, _, _)| flags & f != 0).map(|(_, n, _)| *n).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

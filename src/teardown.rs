@@ -7,33 +7,26 @@
 //! supervisor by the start time its record holds, the server by holding
 //! `/dev/ublkcN` open. A stale record never leads to a stranger.
 
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use crate::ctrl::{self, Ctrl};
+use crate::config::DeviceConfig;
+use crate::ctrl::{self, Ctrl, no_device};
 use crate::error::{Error, Result};
-use crate::process::{self, ProcId};
-use crate::server::no_device;
-use crate::settings;
+use crate::process;
+use crate::run_files;
 use crate::sys::{self, DevInfo};
 
 /// How long a supervisor or server gets to exit before SIGKILL.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The running supervisor of `dev_id`, checked against its record.
-pub fn supervisor(dev_id: u32) -> Option<(ProcId, OwnedFd)> {
-    let id = settings::load_supervisor(dev_id)?;
-    id.open().map(|fd| (id, fd))
-}
-
 /// Asks the supervisor of `dev_id` to leave (it ends its standby first) and
 /// waits for it; a stale record is only removed.
 pub fn stop_supervisor(dev_id: u32) {
-    if let Some((_, fd)) = supervisor(dev_id) {
+    if let Some((_, fd)) = run_files::live_supervisor(dev_id) {
         process::signal(&fd, libc::SIGTERM);
         process::reap_or_kill(&fd, EXIT_TIMEOUT);
     }
-    let _ = std::fs::remove_file(settings::supervisor_path(dev_id));
+    let _ = std::fs::remove_file(run_files::supervisor_path(dev_id));
 }
 
 /// Deletes device `dev_id`. Without `force`, a device that is open (mounted,
@@ -41,7 +34,7 @@ pub fn stop_supervisor(dev_id: u32) {
 /// the device, its files and its processes are gone; if DEL_DEV fails, the
 /// settings and the store stay for another try.
 pub fn delete(ctrl: &mut Ctrl, dev_id: u32, force: bool) -> Result<()> {
-    let cfg = settings::load(dev_id).ok();
+    let cfg = run_files::load(dev_id).ok();
     let info = match ctrl.info(dev_id).map_err(|e| no_device(dev_id, e)) {
         Ok(info) => info,
         Err(Error::NoDevice(_)) if cfg.is_some() => return forget(dev_id, cfg.as_ref()),
@@ -55,22 +48,30 @@ pub fn delete(ctrl: &mut Ctrl, dev_id: u32, force: bool) -> Result<()> {
     stop_supervisor(dev_id);
     let users = if force { openers(dev_id) } else { vec![] };
     if users.is_empty() {
-        ctrl.del(dev_id).map_err(|e| del_failed(dev_id, e))?;
+        del_dev(ctrl, dev_id, cfg.as_ref()).map_err(|e| del_failed(dev_id, e))?;
     } else {
         // DEL_DEV would wait for every user to let go (an unmount): stop the
         // device now and let the kernel free it then.
         let _ = ctrl.stop(dev_id);
         ctrl.del_async(dev_id).map_err(|e| del_failed(dev_id, e))?;
+        run_files::remove_all(dev_id, cfg.as_ref());
         eprintln!(
             "ublk-bench: device {dev_id} stopped and deleted while in use ({}); the kernel frees it \
              once the last user lets go",
             users.join(", ")
         );
     }
-    settings::remove_all(dev_id, cfg.as_ref());
     if let Some((_, fd)) = server {
         process::reap_or_kill(&fd, EXIT_TIMEOUT);
     }
+    Ok(())
+}
+
+/// DEL_DEV, then, once it succeeded, the run files and the store: the one
+/// place a device and its files go together (`del`, a server's own stop).
+pub fn del_dev(ctrl: &mut Ctrl, dev_id: u32, cfg: Option<&DeviceConfig>) -> std::io::Result<()> {
+    ctrl.del(dev_id)?;
+    run_files::remove_all(dev_id, cfg);
     Ok(())
 }
 
@@ -97,9 +98,9 @@ pub fn delete_half_made(dev_id: u32) {
 
 /// A device the kernel finished deleting after an interrupted DEL_DEV:
 /// only our files are left.
-fn forget(dev_id: u32, cfg: Option<&crate::config::DeviceConfig>) -> Result<()> {
+fn forget(dev_id: u32, cfg: Option<&DeviceConfig>) -> Result<()> {
     stop_supervisor(dev_id);
-    settings::remove_all(dev_id, cfg);
+    run_files::remove_all(dev_id, cfg);
     eprintln!("ublk-bench: device {dev_id} no longer exists; removed the files ublk-bench kept for it");
     Ok(())
 }

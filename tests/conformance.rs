@@ -8,9 +8,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use ublk_bench::backend::SyncBackend;
 use ublk_bench::backend::null::NullQueue;
 use ublk_bench::backend::ram::{RamQueue, RamStore};
-use ublk_bench::backend::{Data, Request, SyncBackend};
+use ublk_bench::request::{Data, Request};
 use ublk_bench::sys;
 
 const SIZE: u64 = 8 << 20;

@@ -1,7 +1,8 @@
 //! `null`: completes every request at once, so a run measures ublk alone.
 //! Reads return whatever the buffer holds; no data is produced.
 
-use super::{Data, Request, SyncBackend, done};
+use super::{SyncBackend, done};
+use crate::request::{Data, Request};
 use crate::sys;
 
 #[derive(Debug, Default)]

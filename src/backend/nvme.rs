@@ -16,8 +16,9 @@
 //! layer sends FLUSH, which becomes an NVMe Flush, and FUA writes, which
 //! become NVMe Writes with FUA set.
 //!
-//! Completion is asynchronous: `submit` pushes the command tagged with
-//! [`BACKEND_BIT`] and the queue loop hands its CQE to `complete`.
+//! Completion is asynchronous: `submit` pushes the command tagged with the
+//! queue's `user_data` for the tag and the queue loop hands its CQE to
+//! `complete` (see [`QueueBackend`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -27,12 +28,11 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::{Data, Request};
+use super::{KIND_MASK, QueueBackend};
+use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
+use crate::request::{Data, Request};
 use crate::sys::{self, Params};
-
-/// `user_data` bit that marks a backend command's CQE.
-pub const BACKEND_BIT: u64 = 1 << 63;
 
 const NVME_URING_CMD_IO: u32 = 0xC048_4E80;
 const NVME_IOCTL_ID: libc::c_ulong = 0x4E40;
@@ -186,6 +186,12 @@ pub fn generic_path(dev: &Path) -> Result<PathBuf> {
 }
 
 impl Namespace {
+    /// Opens the namespace `cfg` names (`--dev`).
+    pub fn probe_for(cfg: &DeviceConfig) -> Result<(Self, File)> {
+        let dev = cfg.nvme_dev.as_deref().ok_or_else(|| Error::invalid("nvme backend without --dev"))?;
+        Self::probe(dev)
+    }
+
     pub fn probe(dev: &Path) -> Result<(Self, File)> {
         let char_dev = generic_path(&resolve(dev)?)?;
         let meta = std::fs::metadata(&char_dev).map_err(|e| {
@@ -378,19 +384,22 @@ impl NvmeQueue {
         }
         Ok(c)
     }
+}
 
+impl QueueBackend for NvmeQueue {
     /// Pushes the NVMe command for `tag`; Some(result) if it failed at once.
     ///
     /// Zero copy with data is a hard-linked chain of three: REGISTER_IO_BUF
     /// puts the request's pages at slot `index` of this ring, the NVMe
     /// command uses them as a fixed buffer, UNREGISTER_IO_BUF drops them.
     /// The request is committed once all three CQEs are in.
-    pub fn submit(
+    fn submit(
         &mut self,
         tag: u16,
         req: &Request,
         data: Data<'_>,
         sq: &mut io_uring::SubmissionQueue<'_, squeue::Entry128>,
+        ud: u64,
     ) -> Option<i32> {
         let cmd = match self.command(tag, req, &data) {
             Ok(c) => c,
@@ -415,14 +424,14 @@ impl NvmeQueue {
         if let Some(index) = chain.map(|c| c.0).or(registered) {
             nvme = nvme.buf_index(Some(index));
         }
-        let nvme = nvme.build().user_data(BACKEND_BIT | KIND_NVME | tag as u64);
+        let nvme = nvme.build().user_data(ud | KIND_NVME);
         let sqes = match chain {
             Some((index, fd, qid)) => {
                 let link = squeue::Flags::IO_HARDLINK;
                 vec_of3(
-                    buf_cmd(fd, sys::UBLK_U_IO_REGISTER_IO_BUF, qid, tag, index, KIND_REG).flags(link),
+                    buf_cmd(fd, sys::UBLK_U_IO_REGISTER_IO_BUF, (qid, tag), index, ud | KIND_REG).flags(link),
                     nvme.flags(link),
-                    buf_cmd(fd, sys::UBLK_U_IO_UNREGISTER_IO_BUF, qid, tag, index, KIND_UNREG),
+                    buf_cmd(fd, sys::UBLK_U_IO_UNREGISTER_IO_BUF, (qid, tag), index, ud | KIND_UNREG),
                 )
             }
             None => [Some(nvme), None, None],
@@ -442,9 +451,8 @@ impl NvmeQueue {
     }
 
     /// Takes one CQE of `tag`'s chain; the COMMIT result once all are in.
-    pub fn complete(&mut self, user_data: u64, res: i32) -> Option<i32> {
-        let tag = user_data as u16 as usize;
-        let kind = user_data & KIND_MASK;
+    fn complete(&mut self, tag: u16, kind: u64, res: i32) -> Option<i32> {
+        let tag = tag as usize;
         let r = &mut self.results[tag];
         if kind == KIND_NVME {
             *r = match res {
@@ -462,10 +470,11 @@ impl NvmeQueue {
     }
 }
 
-const KIND_MASK: u64 = 3 << 16;
+// Within the backend's KIND_MASK.
 const KIND_NVME: u64 = 0;
 const KIND_REG: u64 = 1 << 16;
 const KIND_UNREG: u64 = 2 << 16;
+const _: () = assert!((KIND_REG | KIND_UNREG) & !KIND_MASK == 0);
 
 fn vec_of3(a: squeue::Entry128, b: squeue::Entry128, c: squeue::Entry128) -> [Option<squeue::Entry128>; 3] {
     [Some(a), Some(b), Some(c)]
@@ -479,12 +488,12 @@ fn nvme_payload(cmd: &NvmeUringCmd) -> [u8; 80] {
 }
 
 /// REGISTER_IO_BUF / UNREGISTER_IO_BUF of `(qid, tag)` at buffer slot `index`.
-fn buf_cmd(fd: i32, op: u32, qid: u16, tag: u16, index: u16, kind: u64) -> squeue::Entry128 {
+fn buf_cmd(fd: i32, op: u32, (qid, tag): (u16, u16), index: u16, ud: u64) -> squeue::Entry128 {
     let c = sys::IoCmd { q_id: qid, tag, result: 0, addr: index as u64 };
     let mut payload = [0u8; 80];
     // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
     unsafe { std::ptr::copy_nonoverlapping(&c as *const _ as *const u8, payload.as_mut_ptr(), 16) };
-    opcode::UringCmd80::new(types::Fd(fd), op).cmd(payload).build().user_data(BACKEND_BIT | kind | tag as u64)
+    opcode::UringCmd80::new(types::Fd(fd), op).cmd(payload).build().user_data(ud)
 }
 
 #[cfg(test)]

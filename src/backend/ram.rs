@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use super::{Data, Request, SyncBackend, done, pread_all, pwrite_all};
+use super::{SyncBackend, done, pread_all, pwrite_all};
 use crate::error::{Error, Result};
+use crate::request::{Data, Request};
 use crate::sys;
 
 /// The shared-memory store of one device.

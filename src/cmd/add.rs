@@ -4,17 +4,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::backend::DeviceBackend;
 use crate::cli::AddArgs;
-use crate::config::{
-    BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode, check_depth, check_queues,
-};
+use crate::config::{BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode};
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier};
 use crate::error::{Error, Result};
-use crate::fault::{self, Fault};
-use crate::server::{Server, Stop};
-use crate::{log, settings};
+use crate::serve;
 
 /// How long `add` waits for the daemon: START_DEV scans partitions, which
 /// is slow under software emulation.
@@ -28,7 +23,7 @@ pub fn run(args: &AddArgs) -> Result<()> {
     preflight(&cfg)?;
     let supervised = args.supervise || args.standby;
     if args.foreground {
-        return serve(cfg, Notifier::none(), Some(args.json));
+        return serve::new_device(cfg, Notifier::none(), |id| crate::cmd::list::print_one(id, args.json));
     }
     let dev_id = if supervised {
         let json = serde_json::to_string(&cfg).expect("config serializes");
@@ -62,6 +57,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         BackendKind::Nvme => 0,
     };
     let (store, store_size) = store_from(args)?;
+    let (queues, depth) = args.queue.checked()?;
     let cfg = DeviceConfig {
         dev_id,
         backend: args.backend,
@@ -69,8 +65,8 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         store,
         store_created: !args.reuse_store,
         nvme_dev: None,
-        queues: check_queues(args.queues)?,
-        depth: check_depth(args.depth)?,
+        queues,
+        depth,
         cpus: args.cpus.clone().unwrap_or_default(),
         poll: args.poll,
         block_size: args.block_size,
@@ -175,60 +171,6 @@ fn check_store_space(cfg: &DeviceConfig) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// The server itself: create, attach, start, serve until stopped.
-/// `foreground_json` is Some when the dump is printed by this process.
-pub fn serve(cfg: DeviceConfig, mut notify: Notifier, foreground_json: Option<bool>) -> Result<()> {
-    let mut server = match Server::create(&cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            notify.failed(&e);
-            return Err(e);
-        }
-    };
-    notify.added(server.dev_id);
-    if server.cfg.backend == BackendKind::Ram && server.cfg.store.is_none() {
-        server.cfg.store = Some(format!("/dev/shm/ublk-bench-{}", server.dev_id).into());
-    }
-    let started = make_backend(&mut server.cfg).and_then(|backend| {
-        settings::save(server.dev_id, &server.cfg)?;
-        server.prepare(&backend)?;
-        server.attach()?;
-        server.start()?;
-        Ok(backend)
-    });
-    let _backend = match started {
-        Ok(b) => b,
-        Err(e) => {
-            notify.failed(&e);
-            server.abandon();
-            return Err(e);
-        }
-    };
-    if fault::from_env()? == Some(Fault::AbortBeforeLive) {
-        log!("device {}: {} asks to abort before reporting LIVE", server.dev_id, fault::FAULT_ENV);
-        std::process::abort();
-    }
-    let cfg = &server.cfg;
-    log!("device {} LIVE, {} queue(s), backend {}", server.dev_id, cfg.queues, cfg.backend.name());
-    notify.live(server.dev_id);
-    if let Some(json) = foreground_json {
-        crate::cmd::list::print_one(server.dev_id, json)?;
-    }
-    let stop = server.wait();
-    log!("device {}: {:?}", server.dev_id, stop);
-    server.shutdown(stop == Stop::Signal)
-}
-
-/// A new store is created (and only then marked ours, so a failed start
-/// never removes a file that was there before); a reused one is opened.
-fn make_backend(cfg: &mut DeviceConfig) -> Result<DeviceBackend> {
-    let create = cfg.store_created;
-    cfg.store_created = false;
-    let backend = if create { DeviceBackend::create(cfg)? } else { DeviceBackend::open(cfg)? };
-    cfg.store_created = create;
-    Ok(backend)
 }
 
 #[cfg(test)]

@@ -6,18 +6,14 @@
 //! of `/dev/ublkcN` cancels that wait (see `Ctrl::cancel_when`): `del` then says so and exits
 //! non-zero with the device's settings and store kept, instead of dying.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
-use crate::teardown;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+use crate::{process, teardown};
 
 pub fn run(id: Option<u32>, all: bool, force: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
-    catch_interrupts();
-    ctrl.cancel_when(&INTERRUPTED);
+    process::catch_interrupts();
+    ctrl.cancel_when(&process::INTERRUPTED);
     let Some(id) = id.filter(|_| !all) else { return del_all(&mut ctrl, force) };
     teardown::delete(&mut ctrl, id, force)
 }
@@ -25,7 +21,7 @@ pub fn run(id: Option<u32>, all: bool, force: bool) -> Result<()> {
 fn del_all(ctrl: &mut Ctrl, force: bool) -> Result<()> {
     let mut failed = 0;
     for id in ctrl::device_ids(ctrl)? {
-        if INTERRUPTED.load(Ordering::Relaxed) {
+        if process::interrupted() {
             eprintln!("ublk-bench: del -a interrupted before device {id}");
             failed += 1;
             break;
@@ -41,23 +37,5 @@ fn del_all(ctrl: &mut Ctrl, force: bool) -> Result<()> {
     match failed {
         0 => Ok(()),
         n => Err(Error::Refused(format!("{n} device(s) not deleted (see above)"))),
-    }
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// A handler without SA_RESTART, so a signal ends the kernel's wait in
-/// DEL_DEV with -EINTR and we can report it.
-fn catch_interrupts() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: sigaction is plain data; the handler only stores to an
-        // atomic, which is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
     }
 }

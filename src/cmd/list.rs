@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::config::DeviceConfig;
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
-use crate::settings;
+use crate::run_files;
 use crate::sys::{self, DevInfo};
 
 #[derive(Debug, Serialize)]
@@ -28,11 +28,8 @@ pub struct DeviceView {
 }
 
 pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
-    let info = ctrl.info(dev_id).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev_id),
-        _ => Error::io(format!("GET_DEV_INFO of device {dev_id}"), e),
-    })?;
-    let cfg = settings::load(dev_id).ok();
+    let info = ctrl.info(dev_id).map_err(|e| ctrl::no_device(dev_id, e))?;
+    let cfg = run_files::load(dev_id).ok();
     let size = match &cfg {
         Some(c) => c.size,
         None => ctrl.get_params(dev_id).map(|p| p.basic.dev_sectors << 9).unwrap_or(0),
@@ -51,16 +48,12 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64) -> DeviceVie
         size,
         block_size: cfg.map_or(512, |c| c.block_size),
         max_io_bytes: info.max_io_buf_bytes,
-        flags: flag_names(info.flags),
+        flags: sys::flag_names(info.flags),
         copy_mode: cfg.map(|c| c.copy_mode.name()),
         poll: cfg.map(|c| c.poll),
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
         store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
     }
-}
-
-pub fn flag_names(flags: u64) -> Vec<&'static str> {
-    sys::FEATURES.iter().filter(|(f, _, _)| flags & f != 0).map(|(_, n, _)| *n).collect()
 }
 
 /// The ublksrv-style dump: scripts grep `dev id N:` and `state LIVE`.

@@ -8,14 +8,12 @@
 use std::time::{Duration, Instant};
 
 use crate::cmd::list::print_one;
-use crate::ctrl::Ctrl;
+use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::daemon::Spawned;
 use crate::error::{Error, Result};
 use crate::process::{self, ProcId};
-use crate::recovery::check_recoverable;
-use crate::server::no_device;
 use crate::supervisor::recover_args;
-use crate::{sys, teardown};
+use crate::{run_files, sys};
 
 const QUIESCE_TIMEOUT_MS: u64 = 10_000;
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,7 +37,7 @@ pub fn run(dev_id: u32) -> Result<()> {
         )));
     }
     let old = info.ublksrv_pid;
-    let supervised = teardown::supervisor(dev_id).is_some();
+    let supervised = run_files::live_supervisor(dev_id).is_some();
     let old_server = process::server_of(dev_id, old);
     let mut successor = match (&old_server, supervised) {
         (Some((id, _)), false) => Some(prepared_successor(dev_id, *id)?),

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, opcode, types};
 
 use super::gap::{CANDIDATES, CycleTrack, Marks, Stall, Tracker};
+use crate::clock::now_ns;
 use crate::error::{Error, Result};
-use crate::stats::now_ns;
 
 /// How long a stopping job waits for its last I/Os.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);

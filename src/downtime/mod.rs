@@ -26,16 +26,16 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cli::{DowntimeArgs, RecoverMethod};
+use crate::clock::now_ns;
 use crate::config::{self, BackendKind};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
-use crate::stats::now_ns;
-use crate::{process, recovery, sys, teardown};
+use crate::{process, run_files, sys};
 
 use client::{JobConfig, JobResult, Shared};
 use report::{CycleReport, Report, RunConfig, Summary};
@@ -47,32 +47,8 @@ const FIRST_IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest run the per-millisecond buckets cover (1 h).
 const MAX_BUCKETS: usize = 3_600_000;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// SIGINT and SIGTERM set a flag; the run stops at the next check and cleans up.
-fn install_signals() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: sigaction is plain data; the handler only stores to an
-        // atomic, which is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
-fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
 fn check_interrupt() -> Result<()> {
-    if !interrupted() {
+    if !process::interrupted() {
         return Ok(());
     }
     let e = std::io::Error::new(std::io::ErrorKind::Interrupted, "stopped by SIGINT/SIGTERM");
@@ -176,8 +152,7 @@ fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
     if let Some(id) = a.id.filter(|&id| id >= 1 << 20) {
         return Err(Error::invalid(format!("device id {id} is out of range: give -n between 0 and 1048575")));
     }
-    config::check_queues(a.queues)?;
-    config::check_depth(a.depth)?;
+    a.queue.checked()?;
     if a.size < config::MIN_SIZE || a.size > config::MAX_SIZE || !a.size.is_multiple_of(512) {
         return Err(Error::invalid(format!(
             "--size {} is out of range: give a multiple of 512 between 1M and 1P",
@@ -262,12 +237,9 @@ impl Device {
             }
             _ => Device::create(a, exe)?,
         };
-        let info = ctrl.info(dev.id).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev.id),
-            _ => Error::io(format!("GET_DEV_INFO of device {}", dev.id), e),
-        })?;
+        let info = ctrl.info(dev.id).map_err(|e| ctrl::no_device(dev.id, e))?;
         dev.flags = info.flags;
-        recovery::check_recoverable(&info)?;
+        ctrl::check_recoverable(&info)?;
         if info.state != sys::UBLK_S_DEV_LIVE {
             return Err(Error::invalid(format!(
                 "device {} is {}, not LIVE: recover it first (`ublk-bench recover -n {0}`)",
@@ -275,7 +247,7 @@ impl Device {
                 sys::state_name(info.state)
             )));
         }
-        let supervised = teardown::supervisor(dev.id).is_some();
+        let supervised = run_files::live_supervisor(dev.id).is_some();
         match a.method {
             RecoverMethod::Supervise | RecoverMethod::Standby if !supervised => {
                 return Err(Error::invalid(format!(
@@ -308,9 +280,9 @@ impl Device {
             "--size".into(),
             a.size.to_string(),
             "-q".into(),
-            a.queues.to_string(),
+            a.queue.queues.to_string(),
             "-d".into(),
-            a.depth.to_string(),
+            a.queue.depth.to_string(),
             "--json".into(),
         ];
         if let Some(id) = a.id {
@@ -376,7 +348,7 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::NotRoot);
     }
-    install_signals();
+    process::catch_interrupts();
     let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
     let mut ctrl = Ctrl::open()?;
     check_out(&a.out)?;
@@ -562,11 +534,11 @@ impl Run<'_> {
                 return Ok((now_ns(), pid));
             }
             check_interrupt()?;
-            if supervised && teardown::supervisor(self.dev_id).is_none() {
+            if supervised && run_files::live_supervisor(self.dev_id).is_none() {
                 return Err(Error::invalid(format!(
                     "the supervisor of device {} is gone (it gives up after too many crashes): see {}",
                     self.dev_id,
-                    crate::daemon::log_path().display()
+                    run_files::log_path().display()
                 )));
             }
             if Instant::now() > deadline {
@@ -590,7 +562,7 @@ impl Run<'_> {
         *last = (now, totals);
         let k = self.tl.kills[i];
         let events = report::parse_events(
-            &std::fs::read_to_string(recovery::events_path(self.dev_id)).unwrap_or_default(),
+            &std::fs::read_to_string(run_files::events_path(self.dev_id)).unwrap_or_default(),
         );
         let anchor = report::event_for(&events, k, None).and_then(report::Event::anchor_ns);
         let gap = self
@@ -615,7 +587,7 @@ impl Run<'_> {
 
 /// The takeover events of the device; waits a little for the last cycle's.
 fn read_events(dev_id: u32, tl: &Timeline, wait: bool) -> Vec<report::Event> {
-    let path = recovery::events_path(dev_id);
+    let path = run_files::events_path(dev_id);
     let deadline = Instant::now() + Duration::from_secs(6);
     loop {
         let events = report::parse_events(&std::fs::read_to_string(&path).unwrap_or_default());
@@ -705,12 +677,12 @@ fn build_report(
             recovery: a.recovery.clone(),
             dev_id: run.dev_id,
             device_created: !a.reuse,
-            device_flags: crate::cmd::list::flag_names(flags),
+            device_flags: sys::flag_names(flags),
             backend: a.backend.name().into(),
             size: a.size,
             store: a.store.as_ref().map(|p| p.display().to_string()),
-            queues: a.queues,
-            depth: a.depth,
+            queues: a.queue.queues,
+            depth: a.queue.depth,
             poll: a.poll,
             cycles: a.cycles,
             interval_ms: run.interval.as_millis() as u64,

@@ -94,6 +94,22 @@ fn text(svg: &mut String, x: f64, y: f64, anchor: &str, class: &str, s: &str) {
     );
 }
 
+/// Horizontal grid lines from 0 to `ymax` every `step`, labelled on the left.
+fn y_grid(
+    s: &mut String,
+    (ymax, step): (f64, f64),
+    x1: f64,
+    ys: &dyn Fn(f64) -> f64,
+    label: fn(f64) -> String,
+) {
+    let mut v = 0.0;
+    while v <= ymax {
+        let _ = writeln!(s, r#"<line class="grid" x1="{LEFT}" y1="{0:.1}" x2="{x1}" y2="{0:.1}"/>"#, ys(v));
+        text(s, LEFT - 6.0, ys(v) + 4.0, "end", "a", &label(v));
+        v += step;
+    }
+}
+
 pub fn render(d: &PlotData) -> String {
     let mut s = String::with_capacity(64 * 1024);
     let _ = writeln!(s, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
@@ -135,13 +151,7 @@ fn iops_panel(s: &mut String, d: &PlotData) {
     let ymax = means.iter().map(|m| m.1).fold(0.0, f64::max).max(1.0) * 1.1;
     let ys = |v: f64| BOT1 - v / ymax * (BOT1 - TOP1);
     // Grid and axes.
-    let ystep = nice_step(ymax, 5.0);
-    let mut v = 0.0;
-    while v <= ymax {
-        let _ = writeln!(s, r#"<line class="grid" x1="{LEFT}" y1="{0:.1}" x2="{x1}" y2="{0:.1}"/>"#, ys(v));
-        text(s, LEFT - 6.0, ys(v) + 4.0, "end", "a", &fmt_num(v));
-        v += ystep;
-    }
+    y_grid(s, (ymax, nice_step(ymax, 5.0)), x1, &ys, fmt_num);
     let secs = total_ms / 1000.0;
     let xstep = nice_step(secs, 10.0);
     let mut t = 0.0;
@@ -214,13 +224,7 @@ fn gap_panel(s: &mut String, d: &PlotData) {
     let gaps: Vec<Option<f64>> = d.cycles.iter().map(|c| c.gap.map(|(a, b)| b - a)).collect();
     let ymax = gaps.iter().flatten().fold(0.0f64, |m, &g| m.max(g)).max(0.001) * 1.15;
     let ys = |v: f64| BOT2 - v / ymax * (BOT2 - TOP2);
-    let ystep = nice_step(ymax, 4.0);
-    let mut v = 0.0;
-    while v <= ymax {
-        let _ = writeln!(s, r#"<line class="grid" x1="{LEFT}" y1="{0:.1}" x2="{x1}" y2="{0:.1}"/>"#, ys(v));
-        text(s, LEFT - 6.0, ys(v) + 4.0, "end", "a", &trim(v));
-        v += ystep;
-    }
+    y_grid(s, (ymax, nice_step(ymax, 4.0)), x1, &ys, trim);
     let _ = writeln!(
         s,
         r#"<text x="18" y="{0:.1}" transform="rotate(-90 18 {0:.1})" text-anchor="middle" class="a">gap (ms)</text>"#,

@@ -157,7 +157,7 @@ impl Summary {
 }
 
 /// One line of `/run/ublk-bench/<id>.events`, as the takeover wrote it.
-pub type Event = crate::recovery::Phases;
+pub type Event = crate::run_files::Phases;
 
 impl Event {
     /// The moment the takeover learnt of the outage; a standby's `began` is

@@ -1,7 +1,8 @@
 //! Run files under `/run/ublk-bench/`: `<id>.json` holds the
 //! [`DeviceConfig`] of a live device, so recovery and `list` need no other
-//! argument; `<id>.supervisor` records the supervisor process. Written by
-//! `add`, removed by `del`.
+//! argument; `<id>.supervisor` records the supervisor process;
+//! `<id>.events` has a line per takeover; `server.log` is the daemons' log.
+//! Written by `add` and the servers, removed by `del`.
 //!
 //! Every file here is mode 0600 and written whole under a temporary name,
 //! then renamed into place, so a reader never sees half a file. The folder
@@ -9,8 +10,11 @@
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
@@ -91,6 +95,53 @@ pub fn save_supervisor(dev_id: u32) -> Result<()> {
 /// cannot be read (a stale or foreign file proves nothing).
 pub fn load_supervisor(dev_id: u32) -> Option<ProcId> {
     serde_json::from_slice(&fs::read(supervisor_path(dev_id)).ok()?).ok()
+}
+
+/// The running supervisor of `dev_id`, checked against its record.
+pub fn live_supervisor(dev_id: u32) -> Option<(ProcId, OwnedFd)> {
+    let id = load_supervisor(dev_id)?;
+    id.open().map(|fd| (id, fd))
+}
+
+/// Where daemonized servers write their log.
+pub fn log_path() -> PathBuf {
+    run_dir().join("server.log")
+}
+
+/// The moments a takeover passes, in CLOCK_MONOTONIC nanoseconds. One JSON
+/// line each in the events file; readers take missing fields as defaults.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Phases {
+    pub dev_id: u32,
+    pub method: String,
+    pub pid: u32,
+    /// The server taken over, where known: the kernel forgets it once the
+    /// process is gone, so only a standby (which watched it) can say.
+    pub old_pid: Option<i32>,
+    pub began_ns: u64,
+    pub crash_seen_ns: Option<u64>,
+    pub prepared_ns: u64,
+    pub quiesced_ns: u64,
+    pub start_recovery_ns: u64,
+    pub fetch_posted_ns: u64,
+    pub end_recovery_ns: u64,
+    pub first_served_ns: Option<u64>,
+}
+
+/// `<id>.events`: one JSON line of [`Phases`] per takeover.
+pub fn events_path(dev_id: u32) -> PathBuf {
+    run_dir().join(format!("{dev_id}.events"))
+}
+
+/// Rewrites the events file with one more line (temporary file, then
+/// rename, like every run file): a reader never sees half a line.
+pub fn append_event(p: &Phases) -> Result<()> {
+    let path = events_path(p.dev_id);
+    let mut text = std::fs::read(&path).unwrap_or_default();
+    text.extend(serde_json::to_string(p).expect("phases serialize").bytes());
+    text.push(b'\n');
+    write_atomic(&path, &text)
 }
 
 /// Removes the settings and every other per-device file in the run folder.
