@@ -196,21 +196,34 @@ def null_row(folder, line):
     if error:
         row["error"] = error
     row["scheduler"] = text_of(os.path.join(folder, name + ".sched"))
-    if fio_json and status == "ok":
+    return finish_row(row, fio_json, null_fio_figures, dev_json, NULL_UBLK_KEYS)
+
+
+def null_fio_figures(path):
+    """perf-null's read-side figures of one fio JSON and why it failed (or
+    None); raises OSError or FioOutputError."""
+    _, s = fio_run(path)
+    r = s.get("read") or {}
+    figures = dict(iops=r.get("iops"), p50_us=r.get("p50_us"), p99_us=r.get("p99_us"),
+                   p90_us=r.get("p90_us"), p99_9_us=r.get("p99_9_us"),
+                   clat_mean_us=r.get("clat_mean_us"), bw_mib_s=r.get("bw_mib_s"),
+                   fio_usr_cpu=s["usr_cpu"], fio_sys_cpu=s["sys_cpu"], fio_ctx=s["ctx"])
+    return figures, fio_failure(s, r.get("ios", 0), "reads")
+
+
+def finish_row(row, fio_json, figures_of, dev_json, ublk_keys):
+    """Adds a row's fio figures (`figures_of(path)`), or why it failed, and
+    the facts of its ublk device."""
+    if fio_json and row["status"] == "ok":
         try:
-            _, s = fio_run(fio_json)
-            r = s.get("read") or {}
-            row.update(iops=r.get("iops"), p50_us=r.get("p50_us"), p99_us=r.get("p99_us"),
-                       p90_us=r.get("p90_us"), p99_9_us=r.get("p99_9_us"),
-                       clat_mean_us=r.get("clat_mean_us"), bw_mib_s=r.get("bw_mib_s"),
-                       fio_usr_cpu=s["usr_cpu"], fio_sys_cpu=s["sys_cpu"], fio_ctx=s["ctx"])
-            failure = fio_failure(s, r.get("ios", 0), "reads")
+            figures, failure = figures_of(fio_json)
+            row.update(figures)
             if failure:
                 row["status"], row["error"] = "failed", failure
         except (OSError, fio_summary.FioOutputError) as e:
             row["status"], row["error"] = "failed", str(e)
     if dev_json:
-        ublk = ublk_facts(dev_json, NULL_UBLK_KEYS)
+        ublk = ublk_facts(dev_json, ublk_keys)
         if ublk is not None:
             row["ublk"] = ublk
     return row
@@ -316,19 +329,7 @@ def nvme_row(work, line):
     if error:
         row["error"] = error
     row["scheduler"] = text_of(os.path.join(work, f"r{row['round']}-{name}.sched"))
-    if fio_json and status == "ok":
-        try:
-            figures, failure = nvme_fio_figures(fio_json)
-            row.update(figures)
-            if failure:
-                row["status"], row["error"] = "failed", failure
-        except (OSError, fio_summary.FioOutputError) as e:
-            row["status"], row["error"] = "failed", str(e)
-    if dev_json:
-        ublk = ublk_facts(dev_json, NVME_UBLK_KEYS)
-        if ublk is not None:
-            row["ublk"] = ublk
-    return row
+    return finish_row(row, fio_json, nvme_fio_figures, dev_json, NVME_UBLK_KEYS)
 
 
 def nvme_rows(work):
