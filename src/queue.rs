@@ -36,7 +36,8 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::squeue::EntryMarker as _;
+use io_uring::{IoUring, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::backend::null::NullQueue;
@@ -56,8 +57,8 @@ const BACKEND_BIT: u64 = 1 << 63;
 const TAG_MASK: u64 = 0xffff;
 const _: () = assert!(KIND_MASK & (BACKEND_BIT | TAG_MASK) == 0);
 
-/// SQE128 for ublk and NVMe passthrough commands, CQE32 for NVMe results.
-pub type Ring = IoUring<squeue::Entry128, cqueue::Entry32>;
+/// A queue's ring, its entry sizes chosen by the backend.
+pub type Ring<B> = IoUring<<B as QueueBackend>::Sqe, <B as QueueBackend>::Cqe>;
 
 /// Called by a queue thread as it ends, whatever the reason.
 pub type OnEnd = Arc<dyn Fn() + Send + Sync>;
@@ -89,10 +90,10 @@ pub struct QueueSetup {
 /// It is made in two steps so a hot standby can do the slow part early:
 /// [`Queue::new`] pins the thread, builds the ring and allocates buffers;
 /// [`Queue::bind`] maps the descriptors of an opened `/dev/ublkcN`.
-pub struct Queue<B> {
+pub struct Queue<B: QueueBackend> {
     // Declared first so it drops first: closing the ring cancels every
     // command before the buffers and descriptor map they point at go.
-    ring: Ring,
+    ring: Ring<B>,
     setup: QueueSetup,
     backend: B,
     char_dev: Option<Arc<File>>,
@@ -131,7 +132,7 @@ impl<B: QueueBackend> Queue<B> {
         // TASKRUN flag between enters gave the same IOPS; dropping
         // DEFER_TASKRUN to peek at the CQ gave ~10% fewer (every request then
         // IPIs the spinning thread).
-        let ring = IoUring::builder()
+        let ring = IoUring::<B::Sqe, B::Cqe>::builder()
             .setup_cqsize(entries * 2)
             .setup_coop_taskrun()
             .setup_single_issuer()
@@ -184,16 +185,20 @@ impl<B: QueueBackend> Queue<B> {
         Ok(())
     }
 
-    fn io_cmd(&self, op: u32, tag: u16, result: i32) -> squeue::Entry128 {
+    /// A ublk FETCH or COMMIT: 16 bytes of command, so it fits a 64-byte
+    /// SQE and widens to a 128-byte one unchanged.
+    fn io_cmd(&self, op: u32, tag: u16, result: i32) -> B::Sqe {
         let cmd = IoCmd { q_id: self.setup.qid, tag, result, addr: self.buf_addr(tag) };
-        let mut payload = [0u8; 80];
+        let mut payload = [0u8; 16];
         // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
         unsafe { std::ptr::copy_nonoverlapping(&cmd as *const IoCmd as *const u8, payload.as_mut_ptr(), 16) };
-        let mut sqe = opcode::UringCmd80::new(types::Fd(self.char_fd), op).cmd(payload);
+        let mut sqe = opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(payload);
         if self.setup.auto_buf_reg {
             sqe = sqe.addr(Some(sys::auto_buf_reg(tag, 0)));
         }
-        sqe.build().user_data(tag as u64)
+        let mut sqe = B::Sqe::from(sqe.build());
+        sqe.set_user_data(tag as u64);
+        sqe
     }
 
     fn buf_addr(&self, tag: u16) -> u64 {
@@ -219,6 +224,7 @@ impl<B: QueueBackend> Queue<B> {
             let n = self.ring.completion().len();
             for _ in 0..n {
                 let Some(cqe) = self.ring.completion().next() else { break };
+                let cqe: cqueue::Entry = cqe.into();
                 let tag = (cqe.user_data() & TAG_MASK) as u16;
                 if cqe.user_data() & BACKEND_BIT != 0 {
                     let kind = cqe.user_data() & KIND_MASK;

@@ -19,8 +19,7 @@ use std::sync::Arc;
 use crate::config::{BackendKind, DeviceConfig};
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
-use io_uring::SubmissionQueue;
-use io_uring::squeue::Entry128;
+use io_uring::{SubmissionQueue, cqueue, squeue};
 
 /// The per-queue half of a backend, as the queue loop drives it.
 ///
@@ -30,6 +29,13 @@ use io_uring::squeue::Entry128;
 /// backend's own, within [`KIND_MASK`]; the queue hands each such CQE to
 /// `complete` with the tag and that `kind`.
 pub trait QueueBackend {
+    /// The queue ring's SQE size: 64 bytes (`squeue::Entry`) unless the
+    /// backend sends commands that need 128 (NVMe passthrough). The ublk
+    /// FETCH and COMMIT fit either.
+    type Sqe: squeue::EntryMarker;
+    /// The ring's CQE size: 16 bytes unless the backend's commands return 32.
+    type Cqe: cqueue::EntryMarker;
+
     /// Starts one request. Some(result) if it finished at once; None if it
     /// pushed commands into `sq` (tagged as above), to end in [`Self::complete`].
     fn submit(
@@ -37,7 +43,7 @@ pub trait QueueBackend {
         tag: u16,
         req: &Request,
         data: Data<'_>,
-        sq: &mut SubmissionQueue<'_, Entry128>,
+        sq: &mut SubmissionQueue<'_, Self::Sqe>,
         ud: u64,
     ) -> Option<i32>;
 
@@ -58,12 +64,15 @@ pub trait SyncBackend {
 }
 
 impl<T: SyncBackend> QueueBackend for T {
+    type Sqe = squeue::Entry;
+    type Cqe = cqueue::Entry;
+
     fn submit(
         &mut self,
         _tag: u16,
         req: &Request,
         data: Data<'_>,
-        _sq: &mut SubmissionQueue<'_, Entry128>,
+        _sq: &mut SubmissionQueue<'_, squeue::Entry>,
         _ud: u64,
     ) -> Option<i32> {
         Some(self.serve(req, data))

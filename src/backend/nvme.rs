@@ -387,6 +387,10 @@ impl NvmeQueue {
 }
 
 impl QueueBackend for NvmeQueue {
+    /// NVMe passthrough needs SQE128 and CQE32.
+    type Sqe = squeue::Entry128;
+    type Cqe = io_uring::cqueue::Entry32;
+
     /// Pushes the NVMe command for `tag`; Some(result) if it failed at once.
     ///
     /// Zero copy with data is a hard-linked chain of three: REGISTER_IO_BUF
