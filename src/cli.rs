@@ -154,6 +154,10 @@ pub struct QueueArgs {
     /// Queue depth (tags per queue).
     #[arg(short = 'd', long = "depth", default_value_t = 128)]
     pub depth: u32,
+    /// Batch I/O (UBLK_F_BATCH_IO, Linux 7.0+): each queue takes requests as arrays of tags from one
+    /// multishot FETCH and commits them in one command per pass; refused where the kernel lacks it.
+    #[arg(long)]
+    pub batch: bool,
 }
 
 impl QueueArgs {
@@ -291,6 +295,13 @@ mod tests {
         assert_eq!(a.cpus, Some(vec![0, 1]));
         assert_eq!(a.size, Some(64 << 20));
         assert!(a.recovery && a.reissue && !a.fail_io);
+        assert!(!a.queue.batch);
+        let Command::Add(a) = parse(&["add", "null", "--batch"]).unwrap().cmd else { panic!("not add") };
+        assert!(a.queue.batch);
+        let Command::Downtime(d) = parse(&["downtime", "--batch"]).unwrap().cmd else {
+            panic!("not downtime")
+        };
+        assert!(d.queue.batch);
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub struct DeviceConfig {
     #[serde(default)]
     pub explicit_buf_reg: bool,
     pub recovery: Recovery,
+    /// UBLK_F_BATCH_IO (7.0): tags travel in arrays (PREP/COMMIT_IO_CMDS) and
+    /// one multishot FETCH_IO_CMDS per queue; every server of the device
+    /// (recover, standby, restart) serves it so, as the kernel's flags say.
+    #[serde(default)]
+    pub batch: bool,
 }
 
 pub const MIN_SIZE: u64 = 1 << 20;
@@ -312,6 +317,7 @@ mod tests {
             copy_mode: CopyMode::Auto,
             explicit_buf_reg: false,
             recovery: Recovery::None,
+            batch: false,
         }
     }
 

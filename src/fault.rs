@@ -8,8 +8,12 @@
 //! - `abort-before-live`: the server aborts once the device is started but
 //!   before it tells `add` it is LIVE, as a daemon that dies at the worst
 //!   moment would; `add` must notice at once and clean up.
+//! - `no-batch-io`: GET_FEATURES is read as if the kernel lacked
+//!   UBLK_F_BATCH_IO (as before 7.0), so `add --batch` must refuse before
+//!   ADD_DEV and `features` must say so.
 
 use crate::error::{Error, Result};
+use crate::sys;
 
 pub const FAULT_ENV: &str = "UBLK_BENCH_FAULT";
 
@@ -17,6 +21,16 @@ pub const FAULT_ENV: &str = "UBLK_BENCH_FAULT";
 pub enum Fault {
     QueuePanic(u64),
     AbortBeforeLive,
+    NoBatchIo,
+}
+
+/// The kernel's GET_FEATURES as this server is to see it: the fault hook
+/// may hide UBLK_F_BATCH_IO.
+pub fn mask_features(features: u64, fault: Option<Fault>) -> u64 {
+    match fault {
+        Some(Fault::NoBatchIo) => features & !sys::UBLK_F_BATCH_IO,
+        _ => features,
+    }
 }
 
 /// The fault the environment asks for, or None when the variable is unset.
@@ -29,13 +43,15 @@ pub fn from_env() -> Result<Option<Fault>> {
 }
 
 fn parse(v: &str) -> Result<Fault> {
-    if v == "abort-before-live" {
-        return Ok(Fault::AbortBeforeLive);
+    match v {
+        "abort-before-live" => return Ok(Fault::AbortBeforeLive),
+        "no-batch-io" => return Ok(Fault::NoBatchIo),
+        _ => {}
     }
     v.strip_prefix("queue-panic:").and_then(|n| n.parse().ok()).map(Fault::QueuePanic).ok_or_else(|| {
         Error::invalid(format!(
             "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
-             serving N requests), abort-before-live, or unset it"
+             serving N requests), abort-before-live, no-batch-io, or unset it"
         ))
     })
 }
@@ -49,6 +65,11 @@ mod tests {
         assert_eq!(parse("queue-panic:0").unwrap(), Fault::QueuePanic(0));
         assert_eq!(parse("queue-panic:250").unwrap(), Fault::QueuePanic(250));
         assert_eq!(parse("abort-before-live").unwrap(), Fault::AbortBeforeLive);
+        assert_eq!(parse("no-batch-io").unwrap(), Fault::NoBatchIo);
+        let all = u64::MAX;
+        assert_eq!(mask_features(all, Some(Fault::NoBatchIo)), all & !sys::UBLK_F_BATCH_IO);
+        assert_eq!(mask_features(all, Some(Fault::AbortBeforeLive)), all);
+        assert_eq!(mask_features(all, None), all);
         for bad in ["queue-panic:", "queue-panic:-1", "queue-panic:x", "panic:3", ""] {
             let msg = parse(bad).unwrap_err().to_string();
             assert!(msg.contains("queue-panic:N") && msg.contains(FAULT_ENV), "{bad}: {msg}");

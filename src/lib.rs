@@ -11,7 +11,8 @@
 //! 4. `request` (what a backend is handed);
 //! 5. `stats` (measurement);
 //! 6. `backend` (what a request does; no threads);
-//! 7. `queue` (data plane: the loop, its user_data, its thread);
+//! 7. `queue` (data plane: the loop, its user_data, its thread), `batch_queue`
+//!    (the same for UBLK_F_BATCH_IO);
 //! 8. `server` (a device in one process);
 //! 9. `recovery` (takeover);
 //! 10. `daemon`, `supervisor`, `serve` (processes and a server's life);
@@ -21,6 +22,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
+pub mod batch_queue;
 pub mod cli;
 pub mod clock;
 pub mod cmd;

@@ -53,8 +53,8 @@ use crate::sys::{self, IoCmd, IoDesc};
 
 /// `user_data` of this ring: the tag in bits 0-15, a backend command's own
 /// kind in [`KIND_MASK`], and this bit on every backend command.
-const BACKEND_BIT: u64 = 1 << 63;
-const TAG_MASK: u64 = 0xffff;
+pub(crate) const BACKEND_BIT: u64 = 1 << 63;
+pub(crate) const TAG_MASK: u64 = 0xffff;
 const _: () = assert!(KIND_MASK & (BACKEND_BIT | TAG_MASK) == 0);
 
 /// A queue's ring, its entry sizes chosen by the backend.
@@ -109,9 +109,34 @@ pub struct Queue<B: QueueBackend> {
     panic_countdown: u64,
 }
 
-const IORING_ENTER_GETEVENTS: u32 = 1;
+pub(crate) const IORING_ENTER_GETEVENTS: u32 = 1;
 /// How long a stopping queue waits for more aborts or late requests.
-const LINGER: Duration = Duration::from_millis(100);
+pub(crate) const LINGER: Duration = Duration::from_millis(100);
+
+/// A queue's data plane as its thread drives it: per-tag ([`Queue`]) or
+/// batch (`batch_queue`). Made, bound to `/dev/ublkcN`, armed, then run.
+pub(crate) trait DataPlane<B>: Sized {
+    fn new(setup: QueueSetup, backend: B) -> Result<Self>;
+    fn bind(&mut self, char_dev: Arc<File>) -> Result<()>;
+    /// Hands every tag to the kernel; START_DEV or END_USER_RECOVERY may follow.
+    fn fetch_all(&mut self) -> Result<()>;
+    fn run(self) -> Result<()>;
+}
+
+impl<B: QueueBackend> DataPlane<B> for Queue<B> {
+    fn new(setup: QueueSetup, backend: B) -> Result<Self> {
+        Queue::new(setup, backend)
+    }
+    fn bind(&mut self, char_dev: Arc<File>) -> Result<()> {
+        Queue::bind(self, char_dev)
+    }
+    fn fetch_all(&mut self) -> Result<()> {
+        Queue::fetch_all(self)
+    }
+    fn run(self) -> Result<()> {
+        Queue::run(self)
+    }
+}
 
 impl<B: QueueBackend> Queue<B> {
     /// Pins the calling thread, maps the descriptors and builds the ring.
@@ -368,14 +393,14 @@ pub fn spawn_queue(
             .map_err(|e| Error::io("spawn queue thread", e))
     };
     match backend {
-        DeviceBackend::Null => spawn(Box::new(move || run_queue(setup, NullQueue, io))),
+        DeviceBackend::Null => spawn(Box::new(move || run_queue::<_, Queue<_>>(setup, NullQueue, io))),
         DeviceBackend::Ram(store) => {
             let q = RamQueue::new(store.clone());
-            spawn(Box::new(move || run_queue(setup, q, io)))
+            spawn(Box::new(move || run_queue::<_, Queue<_>>(setup, q, io)))
         }
         DeviceBackend::Nvme(ns, file) => {
             let q = NvmeQueue::new(ns.clone(), file.clone(), setup.depth);
-            spawn(Box::new(move || run_queue(setup, q, io)))
+            spawn(Box::new(move || run_queue::<_, Queue<_>>(setup, q, io)))
         }
     }
 }
@@ -395,10 +420,10 @@ pub struct QueueChannels {
 /// the kernel quiesce the device (or fail its I/O) and a standby, the
 /// supervisor or `recover` take over; a server left with a dead queue would
 /// hang that queue's I/O with the device still LIVE.
-fn run_queue<B: QueueBackend>(setup: QueueSetup, backend: B, io: QueueChannels) -> Result<()> {
+pub(crate) fn run_queue<B, P: DataPlane<B>>(setup: QueueSetup, backend: B, io: QueueChannels) -> Result<()> {
     let (dev_id, qid, on_end) = (setup.dev_id, setup.qid, setup.on_end.clone());
     let mut serving = false;
-    let body = AssertUnwindSafe(|| match prepare_and_fetch(setup, backend, &io)? {
+    let body = AssertUnwindSafe(|| match prepare_and_fetch::<B, P>(setup, backend, &io)? {
         Some(queue) => {
             serving = true;
             queue.run()
@@ -437,12 +462,12 @@ fn fail_fast(dev_id: u32, qid: u16, e: &Error) -> ! {
 
 /// Ok(None) when the control thread gave up before binding (a standby
 /// that was never needed).
-fn prepare_and_fetch<B: QueueBackend>(
+fn prepare_and_fetch<B, P: DataPlane<B>>(
     setup: QueueSetup,
     backend: B,
     io: &QueueChannels,
-) -> Result<Option<Queue<B>>> {
-    let mut queue = Queue::new(setup, backend)?;
+) -> Result<Option<P>> {
+    let mut queue = P::new(setup, backend)?;
     let _ = io.ready.send(Ok(()));
     let Ok(char_dev) = io.bind.recv() else { return Ok(None) };
     queue.bind(char_dev)?;
@@ -451,7 +476,7 @@ fn prepare_and_fetch<B: QueueBackend>(
     Ok(Some(queue))
 }
 
-fn map_descs(setup: &QueueSetup, char_dev: &File, page: usize) -> Result<Mmap> {
+pub(crate) fn map_descs(setup: &QueueSetup, char_dev: &File, page: usize) -> Result<Mmap> {
     let off = sys::desc_offset(setup.qid, page) as u64;
     // SAFETY: the kernel owns the contents; we only read them volatile, and
     // the map is read-only as the driver demands.

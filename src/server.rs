@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::DeviceBackend;
 use crate::backend::nvme::Namespace;
+use crate::batch_queue::spawn_batch_queue;
 use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
 use crate::ctrl::{self, Ctrl, no_device};
 use crate::error::{Error, Result};
@@ -58,21 +59,26 @@ impl Server {
     /// ADD_DEV and SET_PARAMS for a new device. On error nothing is left.
     /// `ns` is the namespace of an nvme device, whose limits the params take.
     pub fn create(cfg: &DeviceConfig, ns: Option<&Namespace>) -> Result<Self> {
-        let panic_after = match fault::from_env()? {
+        let fault = fault::from_env()?;
+        let panic_after = match fault {
             Some(Fault::QueuePanic(n)) => Some(n),
             _ => None,
         };
         let mut ctrl = Ctrl::open()?;
-        let features = ctrl.features()?;
+        let features = fault::mask_features(ctrl.features()?, fault);
         let mut cfg = cfg.clone();
         cfg.copy_mode = resolve_copy_mode(cfg.copy_mode, cfg.backend, features)?;
         check_recovery(cfg.recovery, features)?;
+        let batch = batch_flag(cfg.batch, features)?;
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
             max_io_buf_bytes: cfg.max_io_bytes,
             dev_id: cfg.dev_id.unwrap_or(sys::DEV_ID_ANY),
-            flags: copy_flags(&cfg, features)? | cfg.recovery.flags() | quiesce_flag(cfg.recovery, features),
+            flags: copy_flags(&cfg, features)?
+                | cfg.recovery.flags()
+                | quiesce_flag(cfg.recovery, features)
+                | batch,
             ..Default::default()
         };
         ctrl.add(&mut info).map_err(|e| match e.raw_os_error() {
@@ -125,7 +131,12 @@ impl Server {
         for qid in 0..self.info.nr_hw_queues {
             let setup = self.queue_setup(qid, &stats)?;
             let (bind_tx, bind_rx) = mpsc::channel();
-            let handle = spawn_queue(backend, setup, QueueChannels { bind: bind_rx, ready: tx.clone() })?;
+            // The kernel's flags decide: a takeover serves the device as it was made.
+            let spawn = match self.info.flags & sys::UBLK_F_BATCH_IO {
+                0 => spawn_queue,
+                _ => spawn_batch_queue,
+            };
+            let handle = spawn(backend, setup, QueueChannels { bind: bind_rx, ready: tx.clone() })?;
             self.threads.push(handle);
             self.binds.push(bind_tx);
         }
@@ -290,6 +301,19 @@ fn check_recovery(rec: Recovery, features: u64) -> Result<()> {
     Ok(())
 }
 
+/// UBLK_F_BATCH_IO for `--batch`, refused before ADD_DEV where the kernel lacks it.
+fn batch_flag(batch: bool, features: u64) -> Result<u64> {
+    match (batch, features & sys::UBLK_F_BATCH_IO) {
+        (false, _) => Ok(0),
+        (true, 0) => Err(Error::Unsupported {
+            feature: "UBLK_F_BATCH_IO",
+            version: "7.0",
+            hint: "drop --batch (see `ublk-bench features`)",
+        }),
+        (true, f) => Ok(f),
+    }
+}
+
 /// QUIESCE_DEV (planned restart) comes free with recovery where the kernel has it.
 fn quiesce_flag(rec: Recovery, features: u64) -> u64 {
     if rec != Recovery::None { features & sys::UBLK_F_QUIESCE } else { 0 }
@@ -416,5 +440,16 @@ mod tests {
         assert!(resolve_copy_mode(CopyMode::Zero, BackendKind::Ram, u64::MAX).is_err());
         assert!(resolve_copy_mode(CopyMode::User, BackendKind::Nvme, u64::MAX).is_err());
         assert_eq!(resolve_copy_mode(CopyMode::Auto, BackendKind::Ram, LINUX_6_15).unwrap(), CopyMode::User);
+    }
+
+    #[test]
+    fn batch_is_asked_for_only_where_the_kernel_has_it() {
+        assert_eq!(batch_flag(false, u64::MAX).unwrap(), 0);
+        assert_eq!(batch_flag(true, u64::MAX).unwrap(), sys::UBLK_F_BATCH_IO);
+        let err = batch_flag(true, LINUX_6_15).unwrap_err().to_string();
+        assert!(
+            err.contains("UBLK_F_BATCH_IO") && err.contains("7.0") && err.contains("drop --batch"),
+            "{err}"
+        );
     }
 }

@@ -14,7 +14,8 @@ const fn ior(nr: u32) -> u32 {
 const fn iowr(nr: u32) -> u32 {
     0xC020_7500 | nr
 }
-/// `_IOWR('u', nr, 16-byte struct)`: the per-I/O commands.
+/// `_IOWR('u', nr, 16-byte struct)`: the per-I/O commands (`ublksrv_io_cmd`)
+/// and the batch commands (`ublk_batch_io`), both 16 bytes.
 const fn iowr_io(nr: u32) -> u32 {
     0xC010_7500 | nr
 }
@@ -39,6 +40,23 @@ pub const UBLK_U_IO_FETCH_REQ: u32 = iowr_io(0x20);
 pub const UBLK_U_IO_COMMIT_AND_FETCH_REQ: u32 = iowr_io(0x21);
 pub const UBLK_U_IO_REGISTER_IO_BUF: u32 = iowr_io(0x23);
 pub const UBLK_U_IO_UNREGISTER_IO_BUF: u32 = iowr_io(0x24);
+/// UBLK_F_BATCH_IO: hands every tag of a queue to the driver in one command
+/// (an array of [`BatchElem`]); completes with 0.
+pub const UBLK_U_IO_PREP_IO_CMDS: u32 = iowr_io(0x25);
+/// UBLK_F_BATCH_IO: commits an array of [`BatchElem`]; completes with the
+/// bytes of the array it consumed (fewer on a partial commit) or -errno if
+/// it consumed none.
+pub const UBLK_U_IO_COMMIT_IO_CMDS: u32 = iowr_io(0x26);
+/// UBLK_F_BATCH_IO: multishot (IORING_URING_CMD_MULTISHOT with a provided
+/// buffer group); each CQE fills one buffer with the u16 tags of requests
+/// ready to serve.
+pub const UBLK_U_IO_FETCH_IO_CMDS: u32 = iowr_io(0x27);
+
+/// `ublk_batch_io.flags`: each element carries a zone-append LBA.
+pub const UBLK_BATCH_F_HAS_ZONE_LBA: u16 = 1 << 0;
+/// Each element carries a buffer address (copy mode).
+pub const UBLK_BATCH_F_HAS_BUF_ADDR: u16 = 1 << 1;
+pub const UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK: u16 = 1 << 2;
 
 /// CQE result of a FETCH/COMMIT: a request waits in the descriptor.
 pub const UBLK_IO_RES_OK: i32 = 0;
@@ -242,6 +260,57 @@ pub struct IoCmd {
     pub addr: u64,
 }
 
+/// `struct ublk_batch_io`: the payload of PREP, COMMIT and FETCH_IO_CMDS.
+/// The element array is at `sqe->addr` (PREP, COMMIT); FETCH takes
+/// `elem_bytes` 2 (a tag) and no flags.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchIo {
+    pub q_id: u16,
+    pub flags: u16,
+    /// Elements in the array: at most the queue depth.
+    pub nr_elem: u16,
+    /// Bytes per element: 8, plus 8 for each of HAS_BUF_ADDR and HAS_ZONE_LBA.
+    pub elem_bytes: u8,
+    pub reserved: u8,
+    pub reserved2: u64,
+}
+
+impl BatchIo {
+    /// The 16 bytes that go in `sqe->cmd`.
+    pub fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..2].copy_from_slice(&self.q_id.to_ne_bytes());
+        b[2..4].copy_from_slice(&self.flags.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.nr_elem.to_ne_bytes());
+        b[6] = self.elem_bytes;
+        b
+    }
+}
+
+/// `struct ublk_elem_header`: the first 8 bytes of every PREP/COMMIT
+/// element; with HAS_BUF_ADDR a u64 buffer address follows it.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchElem {
+    pub tag: u16,
+    /// Buffer slot the kernel registers the tag's next request at (AUTO_BUF_REG only).
+    pub buf_index: u16,
+    /// The request's result (COMMIT only).
+    pub result: i32,
+}
+
+impl BatchElem {
+    /// The element as one u64 in memory order, for an 8-byte-aligned array.
+    pub fn word(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b[0..2].copy_from_slice(&self.tag.to_ne_bytes());
+        b[2..4].copy_from_slice(&self.buf_index.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.result.to_ne_bytes());
+        u64::from_ne_bytes(b)
+    }
+}
+
 /// `struct ublk_auto_buf_reg`, passed in `sqe->addr`.
 pub const fn auto_buf_reg(index: u16, flags: u8) -> u64 {
     index as u64 | ((flags as u64) << 16)
@@ -312,6 +381,15 @@ const _: () = {
     assert!(offset_of!(IoCmd, tag) == 2);
     assert!(offset_of!(IoCmd, result) == 4);
     assert!(offset_of!(IoCmd, addr) == 8);
+
+    assert!(size_of::<BatchIo>() == 16);
+    assert!(offset_of!(BatchIo, flags) == 2);
+    assert!(offset_of!(BatchIo, nr_elem) == 4);
+    assert!(offset_of!(BatchIo, elem_bytes) == 6);
+    assert!(offset_of!(BatchIo, reserved2) == 8);
+    assert!(size_of::<BatchElem>() == 8);
+    assert!(offset_of!(BatchElem, buf_index) == 2);
+    assert!(offset_of!(BatchElem, result) == 4);
 };
 
 /// Names of the `UBLK_F_*` bits set in `flags`.
@@ -331,6 +409,23 @@ mod tests {
         assert_eq!(UBLK_U_CMD_TRY_STOP_DEV, 0xC020_7517);
         assert_eq!(UBLK_U_IO_FETCH_REQ, 0xC010_7520);
         assert_eq!(UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0xC010_7521);
+        assert_eq!(UBLK_U_IO_PREP_IO_CMDS, 0xC010_7525);
+        assert_eq!(UBLK_U_IO_COMMIT_IO_CMDS, 0xC010_7526);
+        assert_eq!(UBLK_U_IO_FETCH_IO_CMDS, 0xC010_7527);
+    }
+
+    /// The byte images match the repr(C) layouts the kernel reads.
+    #[test]
+    fn batch_structs_serialise_in_layout_order() {
+        let io =
+            BatchIo { q_id: 0x0102, flags: 0x0304, nr_elem: 0x0506, elem_bytes: 16, ..Default::default() };
+        // SAFETY: BatchIo is repr(C), 16 bytes of plain data with no padding.
+        let raw: [u8; 16] = unsafe { std::mem::transmute(io) };
+        assert_eq!(io.bytes(), raw);
+        let e = BatchElem { tag: 7, buf_index: 9, result: -5 };
+        // SAFETY: BatchElem is repr(C), 8 bytes of plain data with no padding.
+        let raw: u64 = unsafe { std::mem::transmute(e) };
+        assert_eq!(e.word(), raw);
     }
 
     #[test]

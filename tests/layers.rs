@@ -13,8 +13,8 @@ const LAYERS: &[&[&str]] = &[
     &["config", "run_files", "teardown"],       // device config, run files, deleting both
     &["request"],                               // request and data types
     &["stats"],
-    &["backend"], // no threads, no server
-    &["queue"],   // the loop, user_data encoding, its thread
+    &["backend"],              // no threads, no server
+    &["queue", "batch_queue"], // the loop, user_data encoding, its thread
     &["server"],
     &["recovery"],                      // takeover
     &["daemon", "supervisor", "serve"], // processes and a server's life

@@ -74,6 +74,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         copy_mode: args.copy_mode,
         explicit_buf_reg: args.explicit_buf_reg,
         recovery: recovery_from(args)?,
+        batch: args.queue.batch,
     };
     check_copy_mode(args.copy_mode, args.backend, args.explicit_buf_reg)?;
     match args.backend {

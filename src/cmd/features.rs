@@ -6,6 +6,7 @@ use serde_json::json;
 use crate::config::{BackendKind, CopyMode};
 use crate::ctrl::Ctrl;
 use crate::error::Result;
+use crate::fault;
 use crate::server::resolve_copy_mode;
 use crate::sys;
 
@@ -26,7 +27,8 @@ fn copy_modes(f: u64) -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
 }
 
 pub fn run(json: bool) -> Result<()> {
-    let f = Ctrl::open()?.features()?;
+    let f = fault::mask_features(Ctrl::open()?.features()?, fault::from_env()?);
+    let batch = f & sys::UBLK_F_BATCH_IO != 0;
     let names: Vec<&str> = sys::FEATURES.iter().filter(|(b, _, _)| f & b != 0).map(|(_, n, _)| *n).collect();
     let modes = copy_modes(f);
     if json {
@@ -34,7 +36,7 @@ pub fn run(json: bool) -> Result<()> {
             .iter()
             .map(|(b, auto, ok)| (b.to_string(), json!({ "auto": auto, "available": ok })))
             .collect();
-        let v = json!({ "raw": format!("{f:#x}"), "features": names, "copy_modes": copy });
+        let v = json!({ "raw": format!("{f:#x}"), "features": names, "copy_modes": copy, "batch": batch });
         println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
         return Ok(());
     }
@@ -46,6 +48,10 @@ pub fn run(json: bool) -> Result<()> {
     println!("copy modes (auto picks the first):");
     for (b, auto, ok) in modes {
         println!("  {b:<5} auto={auto:<5} available: {}", ok.join(", "));
+    }
+    match batch {
+        true => println!("batch I/O (add --batch): available, with every backend and copy mode"),
+        false => println!("batch I/O (add --batch): not available (needs UBLK_F_BATCH_IO, Linux 7.0)"),
     }
     Ok(())
 }

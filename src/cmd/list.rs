@@ -23,6 +23,8 @@ pub struct DeviceView {
     pub flags: Vec<&'static str>,
     pub copy_mode: Option<&'static str>,
     pub poll: Option<bool>,
+    /// UBLK_F_BATCH_IO, as the kernel has the device.
+    pub batch: bool,
     pub cpus: Vec<usize>,
     pub store: Option<String>,
 }
@@ -51,6 +53,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64) -> DeviceVie
         flags: sys::flag_names(info.flags),
         copy_mode: cfg.map(|c| c.copy_mode.name()),
         poll: cfg.map(|c| c.poll),
+        batch: info.flags & sys::UBLK_F_BATCH_IO != 0,
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
         store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
     }
@@ -62,7 +65,7 @@ pub fn dump(v: &DeviceView) -> String {
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
          \tmax rq size {} daemon pid {} flags {}\n\
          \tstate {}\n\
-         \tbackend {} copy {} poll {} cpus [{}]{}\n",
+         \tbackend {} copy {} poll {} batch {} cpus [{}]{}\n",
         v.dev_id,
         v.queues,
         v.depth,
@@ -75,6 +78,7 @@ pub fn dump(v: &DeviceView) -> String {
         v.backend,
         v.copy_mode.unwrap_or("?"),
         v.poll.map_or("?".into(), |p| p.to_string()),
+        v.batch,
         crate::config::format_cpus(&v.cpus),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
     )

@@ -291,6 +291,9 @@ impl Device {
         if a.poll {
             args.push("--poll".into());
         }
+        if a.queue.batch {
+            args.push("--batch".into());
+        }
         if let Some(store) = &a.store {
             args.extend(["--store".into(), store.display().to_string()]);
         }

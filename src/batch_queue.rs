@@ -1,0 +1,741 @@
+//! Batch data plane (UBLK_F_BATCH_IO, Linux 7.0): one thread per hardware
+//! queue, as in `queue`, driving the same [`QueueBackend`] per request.
+//!
+//! Commands (ublk-abi.md §2.4; `drivers/block/ublk_drv.c` is the authority):
+//! - PREP_IO_CMDS hands every tag to the driver in one array, once, before
+//!   START_DEV or END_USER_RECOVERY (which wait until every tag is ready).
+//! - FETCH_IO_CMDS is multishot with a provided-buffer group: each CQE
+//!   fills one buffer of the queue's buffer ring with the u16 tags of up to
+//!   128 requests. Two are armed per queue: the kernel lets only one deliver
+//!   at a time, and a cancel skips the one delivering, so the other's ABORT
+//!   is what tells a stopping queue to stop.
+//! - COMMIT_IO_CMDS commits the requests served in one pass over the CQ as
+//!   one array. It returns the bytes it consumed; a partial commit is sent
+//!   again from the element that stopped it, whose own error then shows.
+//!
+//! Buffers: the fetch ring has a power of two of entries, at least the
+//! queue depth, so it never runs dry (each CQE takes one buffer and carries
+//! at least one tag, and at most `depth` tags are ours at once); each buffer
+//! is recycled as soon as its tags are copied out. A FETCH that ends all the
+//! same (no `IORING_CQE_F_MORE`, e.g. -ENOBUFS) is armed again. Commit arrays
+//! live in [`COMMIT_BUFS`] buffers of `depth` elements, each busy from its
+//! COMMIT until that command's CQE; if none is free at the end of a pass the
+//! array being filled waits for the next pass (it cannot overflow: a tag is
+//! in it at most once).
+//!
+//! Elements are 8 bytes (tag, buffer slot, result) and 16 in copy mode
+//! (plus the tag's buffer address, which the kernel needs on every commit).
+//! With AUTO_BUF_REG each element names slot = tag for the tag's next
+//! request, as the per-tag loop does.
+//!
+//! Stopping: a FETCH that ends with ABORT (device stopped, quiesced, or its
+//! server being replaced) puts the queue in stopping mode; it commits what
+//! it holds and returns once both FETCHes have ended, or once it holds
+//! nothing and nothing has come for [`LINGER`].
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use io_uring::squeue::{self, EntryMarker as _};
+use io_uring::{IoUring, cqueue, opcode, types};
+use memmap2::{Mmap, MmapMut};
+
+use crate::backend::null::NullQueue;
+use crate::backend::nvme::NvmeQueue;
+use crate::backend::ram::RamQueue;
+use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend};
+use crate::clock::now_ns;
+use crate::config::CopyMode;
+use crate::error::{Error, Result};
+use crate::queue::{
+    BACKEND_BIT, DataPlane, IORING_ENTER_GETEVENTS, LINGER, QueueChannels, QueueSetup, Ring, TAG_MASK,
+    map_descs, page_size, pin, run_queue,
+};
+use crate::request::{Data, Request};
+use crate::sys::{self, BatchElem, BatchIo, IoDesc};
+
+/// Multishot FETCH_IO_CMDS armed per queue (see the module doc).
+const FETCHES: u16 = 2;
+/// Commit arrays per queue.
+const COMMIT_BUFS: usize = 4;
+/// Tags one FETCH CQE carries at most (the driver's MAX_NR_TAG).
+const MAX_TAGS: usize = 128;
+/// The queue's provided-buffer group (each queue has its own ring).
+const BGID: u16 = 0;
+
+/// `user_data` of the queue's own commands: kind here, index in bits 0-15.
+/// Backend commands carry [`BACKEND_BIT`] instead.
+const KIND_SHIFT: u32 = 32;
+const FETCH: u64 = 1;
+const COMMIT: u64 = 2;
+const PREP: u64 = 3;
+const _: () = assert!((0xff << KIND_SHIFT) & (BACKEND_BIT | KIND_MASK | TAG_MASK) == 0);
+
+/// io_uring ABI (`include/uapi/linux/io_uring.h`) the crate has no setter
+/// for on a URING_CMD: `sqe->uring_cmd_flags` and `sqe->buf_group`.
+const SQE_URING_CMD_FLAGS: usize = 28;
+const SQE_BUF_GROUP: usize = 40;
+const IORING_URING_CMD_MULTISHOT: u32 = 1 << 1;
+const _: () = assert!(size_of::<squeue::Entry>() == 64);
+
+/// Starts the thread `ublk{dev}q{qid}` with the batch data plane; otherwise
+/// as `queue::spawn_queue`.
+pub fn spawn_batch_queue(
+    backend: &DeviceBackend,
+    setup: QueueSetup,
+    io: QueueChannels,
+) -> Result<JoinHandle<Result<()>>> {
+    let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
+    let spawn = |f: Box<dyn FnOnce() -> Result<()> + Send>| {
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(f)
+            .map_err(|e| Error::io("spawn queue thread", e))
+    };
+    match backend {
+        DeviceBackend::Null => spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, NullQueue, io))),
+        DeviceBackend::Ram(store) => {
+            let q = RamQueue::new(store.clone());
+            spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, q, io)))
+        }
+        DeviceBackend::Nvme(ns, file) => {
+            let q = NvmeQueue::new(ns.clone(), file.clone(), setup.depth);
+            spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, q, io)))
+        }
+    }
+}
+
+pub struct BatchQueue<B: QueueBackend> {
+    // Declared first so it drops first: closing the ring cancels every
+    // command before the buffers it points at go.
+    ring: Ring<B>,
+    setup: QueueSetup,
+    backend: B,
+    char_dev: Option<Arc<File>>,
+    char_fd: i32,
+    descs: Option<Mmap>,
+    /// Copy mode: `max_io_bytes` per tag.
+    bufs: Option<MmapMut>,
+    fetch: FetchRing,
+    commits: Commits,
+    /// Multishot FETCHes armed and not yet ended.
+    fetches_live: u16,
+    stopping: bool,
+    served_any: bool,
+    /// Requests handed to us and not yet committed.
+    held: u32,
+    /// Each tag's request and the time its tag arrived.
+    inflight: Vec<(Request, u64)>,
+    /// Requests left before the fault hook panics (u64::MAX: never, in practice).
+    panic_countdown: u64,
+}
+
+impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
+    /// Pins the thread, builds the ring and registers its fetch buffers.
+    fn new(setup: QueueSetup, backend: B) -> Result<Self> {
+        if let Some(cpu) = setup.cpu {
+            pin(cpu)?;
+        }
+        let depth = setup.depth as usize;
+        let bufs = match setup.copy {
+            CopyMode::Copy => Some(
+                MmapMut::map_anon(depth * setup.max_io_bytes as usize)
+                    .map_err(|e| Error::io("allocate per-tag buffers", e))?,
+            ),
+            _ => None,
+        };
+        let entries = (setup.depth as u32 * 4).next_power_of_two();
+        let ring = IoUring::<B::Sqe, B::Cqe>::builder()
+            .setup_cqsize(entries * 2)
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .map_err(|e| Error::io(format!("io_uring setup for queue {}", setup.qid), e))?;
+        if setup.copy == CopyMode::Zero {
+            ring.submitter()
+                .register_buffers_sparse(setup.depth as u32)
+                .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
+        }
+        let fetch = FetchRing::new(&ring, setup.depth)?;
+        let commits = Commits::new(depth, setup.copy == CopyMode::Copy);
+        let panic_countdown = setup.panic_after.unwrap_or(u64::MAX);
+        Ok(BatchQueue {
+            ring,
+            backend,
+            char_dev: None,
+            char_fd: -1,
+            descs: None,
+            bufs,
+            fetch,
+            commits,
+            fetches_live: 0,
+            stopping: false,
+            served_any: false,
+            held: 0,
+            inflight: vec![(Request::default(), 0); depth],
+            panic_countdown,
+            setup,
+        })
+    }
+
+    fn bind(&mut self, char_dev: Arc<File>) -> Result<()> {
+        self.descs = Some(map_descs(&self.setup, &char_dev, page_size())?);
+        self.char_fd = char_dev.as_raw_fd();
+        self.char_dev = Some(char_dev);
+        Ok(())
+    }
+
+    /// PREP_IO_CMDS with every tag, waited for (it completes at once), then
+    /// the FETCHes.
+    fn fetch_all(&mut self) -> Result<()> {
+        let slot = self.commits.filling;
+        for tag in 0..self.setup.depth {
+            let elem = self.elem(tag, 0);
+            self.commits.push(elem, self.buf_addr(tag));
+        }
+        let sqe = self.batch_cmd(sys::UBLK_U_IO_PREP_IO_CMDS, PREP, slot);
+        self.push(sqe)?;
+        let qid = self.setup.qid;
+        self.ring
+            .submit_and_wait(1)
+            .map_err(|e| Error::io(format!("submit PREP_IO_CMDS on queue {qid}"), e))?;
+        let cqe: cqueue::Entry = self.ring.completion().next().expect("waited for it").into();
+        if cqe.result() != 0 {
+            return Err(cmd_error("PREP_IO_CMDS", qid, cqe.result()));
+        }
+        self.commits.bufs[slot].clear();
+        for i in 0..FETCHES {
+            self.arm_fetch(i)?;
+        }
+        self.ring.submit().map_err(|e| Error::io(format!("submit FETCH_IO_CMDS on queue {qid}"), e))?;
+        Ok(())
+    }
+
+    /// Serves until stopped (see the module doc); a command that fails
+    /// other than by ABORT ends it with an error.
+    fn run(mut self) -> Result<()> {
+        loop {
+            let drained = self.held == 0 && self.commits.idle();
+            if self.stopping && drained && self.fetches_live == 0 {
+                break;
+            }
+            if self.stopping {
+                if !self.wait_for(LINGER)? && drained {
+                    break;
+                }
+            } else {
+                self.wait()?;
+            }
+            self.reap()?;
+            self.flush()?;
+        }
+        // Hand back the requests committed since the last enter.
+        let _ = self.ring.submit();
+        Ok(())
+    }
+}
+
+impl<B: QueueBackend> BatchQueue<B> {
+    /// One pass over the CQ, then the fetch buffers go back to the kernel.
+    fn reap(&mut self) -> Result<()> {
+        let n = self.ring.completion().len();
+        for _ in 0..n {
+            let Some(cqe) = self.ring.completion().next() else { break };
+            let cqe: cqueue::Entry = cqe.into();
+            let ud = cqe.user_data();
+            if ud & BACKEND_BIT != 0 {
+                let tag = (ud & TAG_MASK) as u16;
+                if let Some(result) = self.backend.complete(tag, ud & KIND_MASK, cqe.result()) {
+                    self.commit(tag, result);
+                }
+                continue;
+            }
+            let index = (ud & TAG_MASK) as u16;
+            match ud >> KIND_SHIFT {
+                FETCH => self.fetched(index, &cqe)?,
+                COMMIT => self.committed(index as usize, cqe.result())?,
+                kind => {
+                    return Err(Error::invalid(format!(
+                        "queue {}: CQE of unknown kind {kind}",
+                        self.setup.qid
+                    )));
+                }
+            }
+        }
+        self.fetch.publish();
+        Ok(())
+    }
+
+    /// A FETCH CQE: serve its tags; arm it again if it ended short of ABORT.
+    fn fetched(&mut self, index: u16, cqe: &cqueue::Entry) -> Result<()> {
+        let mut tags = [0u16; MAX_TAGS];
+        let mut n = 0;
+        if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+            n = self.fetch.take(bid, cqe.result().max(0) as usize, &mut tags);
+        }
+        for &tag in &tags[..n] {
+            self.handle(tag)?;
+        }
+        if cqueue::more(cqe.flags()) {
+            return Ok(());
+        }
+        self.fetches_live -= 1;
+        match cqe.result() {
+            sys::UBLK_IO_RES_ABORT => self.stopping = true,
+            r if (r >= 0 || r == -libc::ENOBUFS) && !self.stopping => self.arm_fetch(index)?,
+            r if r >= 0 || r == -libc::ENOBUFS => {}
+            err => return Err(cmd_error("FETCH_IO_CMDS", self.setup.qid, err)),
+        }
+        Ok(())
+    }
+
+    /// A COMMIT CQE: its array is free again, or what it did not consume is sent again.
+    fn committed(&mut self, slot: usize, res: i32) -> Result<()> {
+        let qid = self.setup.qid;
+        match self.commits.done(slot, res) {
+            Done::All => Ok(()),
+            Done::Partial => {
+                let sqe = self.batch_cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, COMMIT, slot);
+                self.push(sqe)
+            }
+            Done::Failed(tag) => Err(Error::io(
+                format!("COMMIT_IO_CMDS on queue {qid} failed at tag {tag} (not an abort)"),
+                std::io::Error::from_raw_os_error(-res),
+            )),
+        }
+    }
+
+    fn handle(&mut self, tag: u16) -> Result<()> {
+        if tag >= self.setup.depth {
+            return Err(Error::invalid(format!("queue {}: FETCH delivered tag {tag}", self.setup.qid)));
+        }
+        if self.panic_countdown == 0 {
+            panic!(
+                "{}: queue {} panics as asked, holding tag {tag}",
+                crate::fault::FAULT_ENV,
+                self.setup.qid
+            );
+        }
+        self.panic_countdown -= 1;
+        self.held += 1;
+        if !self.served_any {
+            self.served_any = true;
+            self.setup.first_served.store(now_ns(), Ordering::Relaxed);
+        }
+        let req = Request::from_desc(&self.desc(tag));
+        self.inflight[tag as usize] = (req, now_ns());
+        if let Some(result) = self.submit(tag, &req) {
+            self.commit(tag, result);
+        }
+        Ok(())
+    }
+
+    /// Adds the request's result to the array the next COMMIT sends.
+    fn commit(&mut self, tag: u16, result: i32) {
+        self.held -= 1;
+        self.record(tag, result);
+        let elem = self.elem(tag, result);
+        self.commits.push(elem, self.buf_addr(tag));
+    }
+
+    /// The per-request stats, kept in one place.
+    fn record(&self, tag: u16, result: i32) {
+        if let Some(stats) = &self.setup.stats {
+            let (req, t0) = &self.inflight[tag as usize];
+            stats.queue(self.setup.qid as usize).record(req, result, now_ns().saturating_sub(*t0));
+        }
+    }
+
+    /// Sends the array filled this pass, if a free one can take its place.
+    fn flush(&mut self) -> Result<()> {
+        if let Some(slot) = self.commits.send() {
+            let sqe = self.batch_cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, COMMIT, slot);
+            self.push(sqe)?;
+        }
+        Ok(())
+    }
+
+    fn elem(&self, tag: u16, result: i32) -> BatchElem {
+        BatchElem { tag, buf_index: if self.setup.auto_buf_reg { tag } else { 0 }, result }
+    }
+
+    fn buf_addr(&self, tag: u16) -> u64 {
+        match &self.bufs {
+            Some(b) => b.as_ptr() as u64 + tag as u64 * self.setup.max_io_bytes as u64,
+            None => 0,
+        }
+    }
+
+    /// PREP or COMMIT of what commit array `slot` has not had consumed yet.
+    fn batch_cmd(&self, op: u32, kind: u64, slot: usize) -> B::Sqe {
+        let (addr, nr_elem) = self.commits.pending(slot);
+        let cmd = BatchIo {
+            q_id: self.setup.qid,
+            flags: self.commits.flags,
+            nr_elem,
+            elem_bytes: self.commits.elem_bytes(),
+            ..Default::default()
+        };
+        let sqe =
+            opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(cmd.bytes()).addr(Some(addr)).build();
+        let mut sqe = B::Sqe::from(sqe);
+        sqe.set_user_data(kind << KIND_SHIFT | slot as u64);
+        sqe
+    }
+
+    /// Arms multishot FETCH number `index` on the queue's buffer group.
+    fn arm_fetch(&mut self, index: u16) -> Result<()> {
+        let cmd = BatchIo {
+            q_id: self.setup.qid,
+            nr_elem: self.fetch.tags_per_buf(),
+            elem_bytes: 2,
+            ..Default::default()
+        };
+        let sqe = opcode::UringCmd16::new(types::Fd(self.char_fd), sys::UBLK_U_IO_FETCH_IO_CMDS)
+            .cmd(cmd.bytes())
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT);
+        let mut sqe = B::Sqe::from(multishot(sqe, BGID));
+        sqe.set_user_data(FETCH << KIND_SHIFT | index as u64);
+        self.push(sqe)?;
+        self.fetches_live += 1;
+        Ok(())
+    }
+
+    fn push(&mut self, sqe: B::Sqe) -> Result<()> {
+        // SAFETY: every command points at memory this queue owns (commit
+        // arrays, fetch buffers, per-tag buffers) or at nothing, and the
+        // ring drops before that memory (field order above).
+        unsafe { self.ring.submission().push(&sqe) }
+            .map_err(|_| Error::invalid(format!("submission queue of queue {} overflowed", self.setup.qid)))
+    }
+
+    fn submit(&mut self, tag: u16, req: &Request) -> Option<i32> {
+        let data = match self.setup.copy {
+            CopyMode::Copy => {
+                let len = self.setup.max_io_bytes as usize;
+                let bufs = self.bufs.as_mut().expect("copy mode has buffers");
+                let off = tag as usize * len;
+                Data::Buf(&mut bufs[off..off + len])
+            }
+            CopyMode::Zero if self.setup.auto_buf_reg => Data::Registered { index: tag },
+            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
+            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
+        };
+        self.backend.submit(tag, req, data, &mut self.ring.submission(), BACKEND_BIT | tag as u64)
+    }
+
+    fn desc(&self, tag: u16) -> IoDesc {
+        let base = self.descs.as_ref().expect("bound before FETCH").as_ptr() as *const IoDesc;
+        // SAFETY: tag < depth (checked in handle), and the map holds depth
+        // descriptors; the kernel writes it, so read it volatile.
+        unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
+    }
+
+    /// One `io_uring_enter`: sleeps for a completion, or in poll mode only
+    /// runs task work (GETEVENTS with min_complete 0) and returns at once.
+    fn wait(&mut self) -> Result<()> {
+        let res = if self.setup.poll {
+            let to_submit = self.ring.submission().len() as u32;
+            // SAFETY: no argument pointer is passed; the ring is ours.
+            unsafe {
+                self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
+            }
+        } else {
+            self.ring.submit_and_wait(1)
+        };
+        if let (true, Some(stats)) = (self.setup.poll, &self.setup.stats) {
+            stats.queue(self.setup.qid as usize).turn(!self.ring.completion().is_empty());
+        }
+        match res {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+                Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Submits and waits up to `timeout` for a completion; false if none came.
+    fn wait_for(&mut self, timeout: Duration) -> Result<bool> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(!self.ring.completion().is_empty()),
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
+                Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
+            }
+            _ => Ok(true),
+        }
+    }
+}
+
+fn cmd_error(what: &str, qid: u16, res: i32) -> Error {
+    Error::io(format!("{what} on queue {qid} failed (not an abort)"), std::io::Error::from_raw_os_error(-res))
+}
+
+/// `sqe` made multishot with buffer select from group `bgid`: the two
+/// URING_CMD fields the crate has no setter for, written at their ABI offsets.
+fn multishot(sqe: squeue::Entry, bgid: u16) -> squeue::Entry {
+    // SAFETY: squeue::Entry is repr(C) around the 64-byte io_uring_sqe (size
+    // asserted above), plain integers throughout, so any bytes are valid.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
+    let flags = u32::from_ne_bytes(raw[SQE_URING_CMD_FLAGS..SQE_URING_CMD_FLAGS + 4].try_into().unwrap());
+    raw[SQE_URING_CMD_FLAGS..SQE_URING_CMD_FLAGS + 4]
+        .copy_from_slice(&(flags | IORING_URING_CMD_MULTISHOT).to_ne_bytes());
+    raw[SQE_BUF_GROUP..SQE_BUF_GROUP + 2].copy_from_slice(&bgid.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
+
+// ---------------------------------------------------------------- fetch buffers
+
+/// The queue's provided-buffer ring (`IORING_REGISTER_PBUF_RING`) and the
+/// buffers it hands out, one per FETCH CQE.
+struct FetchRing {
+    /// `io_uring_buf` entries (16 bytes: addr, len, bid, and in entry 0 the tail).
+    ring: MmapMut,
+    bufs: MmapMut,
+    entries: u16,
+    buf_len: usize,
+    /// The tail as we have advanced it; the kernel sees it at `publish`.
+    tail: u16,
+}
+
+/// Offsets in `struct io_uring_buf`.
+const BUF_ADDR: usize = 0;
+const BUF_LEN: usize = 8;
+const BUF_BID: usize = 12;
+const BUF_TAIL: usize = 14;
+const BUF_ENTRY: usize = 16;
+
+impl FetchRing {
+    fn new<S: squeue::EntryMarker, C: cqueue::EntryMarker>(ring: &IoUring<S, C>, depth: u16) -> Result<Self> {
+        let entries = depth.next_power_of_two();
+        let buf_len = 2 * (depth as usize).min(MAX_TAGS);
+        let map = |len: usize| MmapMut::map_anon(len).map_err(|e| Error::io("allocate fetch buffers", e));
+        let mut me = FetchRing {
+            ring: map((entries as usize * BUF_ENTRY).next_multiple_of(page_size()))?,
+            bufs: map(entries as usize * buf_len)?,
+            entries,
+            buf_len,
+            tail: 0,
+        };
+        for bid in 0..entries {
+            me.give(bid);
+        }
+        me.publish();
+        // SAFETY: the ring map is page-aligned, holds `entries` entries and
+        // lives as long as the ring (the queue drops its ring first).
+        unsafe { ring.submitter().register_buf_ring_with_flags(me.ring.as_ptr() as u64, entries, BGID, 0) }
+            .map_err(|e| Error::io("register the FETCH buffer ring (IORING_REGISTER_PBUF_RING)", e))?;
+        Ok(me)
+    }
+
+    fn tags_per_buf(&self) -> u16 {
+        (self.buf_len / 2) as u16
+    }
+
+    /// Copies the tags of buffer `bid` (`len` bytes) into `out` and gives
+    /// the buffer back; returns how many.
+    fn take(&mut self, bid: u16, len: usize, out: &mut [u16; MAX_TAGS]) -> usize {
+        let bid = bid % self.entries;
+        let start = bid as usize * self.buf_len;
+        let bytes = &self.bufs[start..start + len.min(self.buf_len)];
+        let mut n = 0;
+        for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *slot = u16::from_ne_bytes([pair[0], pair[1]]);
+            n += 1;
+        }
+        self.give(bid);
+        n
+    }
+
+    /// Puts buffer `bid` at the tail (seen by the kernel at `publish`).
+    fn give(&mut self, bid: u16) {
+        let e = (self.tail & (self.entries - 1)) as usize * BUF_ENTRY;
+        let addr = self.bufs.as_ptr() as u64 + bid as u64 * self.buf_len as u64;
+        // Field by field: entry 0's last two bytes are the ring's tail.
+        self.ring[e + BUF_ADDR..e + BUF_ADDR + 8].copy_from_slice(&addr.to_ne_bytes());
+        self.ring[e + BUF_LEN..e + BUF_LEN + 4].copy_from_slice(&(self.buf_len as u32).to_ne_bytes());
+        self.ring[e + BUF_BID..e + BUF_BID + 2].copy_from_slice(&bid.to_ne_bytes());
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Publishes the tail: the entries written before it are the kernel's.
+    fn publish(&mut self) {
+        let tail = self.ring[BUF_TAIL..].as_mut_ptr() as *mut u16;
+        // SAFETY: the tail is a 2-byte-aligned u16 in our map that the
+        // kernel only reads; release orders the entries before it.
+        unsafe { AtomicU16::from_ptr(tail) }.store(self.tail, Ordering::Release);
+    }
+}
+
+// ---------------------------------------------------------------- commit arrays
+
+/// One PREP/COMMIT element array: `depth` elements of `stride` u64 words.
+struct CommitBuf {
+    words: Box<[u64]>,
+    /// Elements written.
+    len: usize,
+    /// The first element the in-flight command covers (past a partial commit).
+    sent: usize,
+    in_flight: bool,
+}
+
+impl CommitBuf {
+    fn clear(&mut self) {
+        (self.len, self.sent, self.in_flight) = (0, 0, false);
+    }
+}
+
+struct Commits {
+    bufs: Vec<CommitBuf>,
+    /// The array this pass's results go to; never in flight.
+    filling: usize,
+    /// 1 (8-byte elements) or 2 (with a buffer address).
+    stride: usize,
+    flags: u16,
+}
+
+/// What a COMMIT CQE says of its array.
+#[derive(Debug, PartialEq, Eq)]
+enum Done {
+    All,
+    /// Consumed in part: the rest is to be sent again.
+    Partial,
+    /// Consumed none: the element for this tag failed.
+    Failed(u16),
+}
+
+impl Commits {
+    fn new(depth: usize, with_addr: bool) -> Self {
+        let stride = if with_addr { 2 } else { 1 };
+        let buf = || CommitBuf { words: vec![0; depth * stride].into(), len: 0, sent: 0, in_flight: false };
+        let flags = if with_addr { sys::UBLK_BATCH_F_HAS_BUF_ADDR } else { 0 };
+        Commits { bufs: (0..COMMIT_BUFS).map(|_| buf()).collect(), filling: 0, stride, flags }
+    }
+
+    fn elem_bytes(&self) -> u8 {
+        (self.stride * 8) as u8
+    }
+
+    fn push(&mut self, elem: BatchElem, addr: u64) {
+        let b = &mut self.bufs[self.filling];
+        let i = b.len * self.stride;
+        b.words[i] = elem.word();
+        if self.stride == 2 {
+            b.words[i + 1] = addr;
+        }
+        b.len += 1;
+    }
+
+    /// Marks the filled array in flight and picks a free one to fill next;
+    /// None if there is nothing to send or no free array yet.
+    fn send(&mut self) -> Option<usize> {
+        let cur = self.filling;
+        if self.bufs[cur].len == 0 {
+            return None;
+        }
+        let next = (0..self.bufs.len()).find(|&i| i != cur && !self.bufs[i].in_flight)?;
+        self.bufs[cur].in_flight = true;
+        self.filling = next;
+        Some(cur)
+    }
+
+    /// Address and element count of what array `slot` has still to send.
+    fn pending(&self, slot: usize) -> (u64, u16) {
+        let b = &self.bufs[slot];
+        (b.words[b.sent * self.stride..].as_ptr() as u64, (b.len - b.sent) as u16)
+    }
+
+    fn done(&mut self, slot: usize, res: i32) -> Done {
+        let elem_bytes = self.stride * 8;
+        let b = &mut self.bufs[slot];
+        let want = (b.len - b.sent) * elem_bytes;
+        match res {
+            r if r >= 0 && r as usize >= want => {
+                b.clear();
+                Done::All
+            }
+            r if r > 0 => {
+                b.sent += r as usize / elem_bytes;
+                Done::Partial
+            }
+            _ => {
+                let word = b.words[b.sent * self.stride].to_ne_bytes();
+                Done::Failed(u16::from_ne_bytes([word[0], word[1]]))
+            }
+        }
+    }
+
+    /// No COMMIT in flight and nothing waiting to be sent.
+    fn idle(&self) -> bool {
+        self.bufs.iter().all(|b| !b.in_flight && b.len == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elem(tag: u16) -> BatchElem {
+        BatchElem { tag, buf_index: 0, result: 4096 }
+    }
+
+    #[test]
+    fn a_partial_commit_resends_the_rest_and_a_failure_names_its_tag() {
+        let mut c = Commits::new(8, false);
+        for t in [3, 5, 7] {
+            c.push(elem(t), 0);
+        }
+        let slot = c.send().unwrap();
+        assert_ne!(c.filling, slot);
+        assert_eq!(c.pending(slot).1, 3);
+        assert_eq!(c.done(slot, 8), Done::Partial, "one of three 8-byte elements consumed");
+        assert_eq!(c.pending(slot).1, 2);
+        assert_eq!(c.done(slot, -libc::EBUSY), Done::Failed(5));
+        assert_eq!(c.done(slot, 16), Done::All);
+        assert!(c.idle());
+    }
+
+    #[test]
+    fn copy_mode_elements_carry_the_buffer_address() {
+        let mut c = Commits::new(4, true);
+        assert_eq!((c.elem_bytes(), c.flags), (16, sys::UBLK_BATCH_F_HAS_BUF_ADDR));
+        c.push(elem(2), 0xdead_b000);
+        let b = &c.bufs[c.filling];
+        assert_eq!(b.words[..2], [elem(2).word(), 0xdead_b000]);
+    }
+
+    #[test]
+    fn a_filled_array_waits_while_no_other_is_free() {
+        let mut c = Commits::new(4, false);
+        let mut sent = vec![];
+        for t in 0..COMMIT_BUFS as u16 {
+            c.push(elem(t), 0);
+            if let Some(s) = c.send() {
+                sent.push(s);
+            }
+        }
+        assert_eq!(sent.len(), COMMIT_BUFS - 1, "the last filled array has no free one to swap with");
+        assert!(c.send().is_none());
+        assert_eq!(c.done(sent[0], 8), Done::All);
+        assert_eq!(c.send(), Some(3), "the array that waited goes once one is free");
+        assert!(c.send().is_none(), "nothing left to send");
+    }
+
+    #[test]
+    fn multishot_sets_the_two_uring_cmd_fields() {
+        let sqe = opcode::UringCmd16::new(types::Fd(3), sys::UBLK_U_IO_FETCH_IO_CMDS).build();
+        // SAFETY: as in `multishot`.
+        let raw: [u8; 64] = unsafe { std::mem::transmute(multishot(sqe, 0x0102)) };
+        assert_eq!(u32::from_ne_bytes(raw[28..32].try_into().unwrap()), IORING_URING_CMD_MULTISHOT);
+        assert_eq!(u16::from_ne_bytes(raw[40..42].try_into().unwrap()), 0x0102);
+        assert_eq!(raw[0], 46, "still IORING_OP_URING_CMD");
+    }
+}
