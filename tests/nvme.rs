@@ -364,6 +364,24 @@ fn nvme_zero_copy_with_explicit_registration_verifies() {
     verify_and_check_namespace(dev, 0x2e51);
 }
 
+/// `--batch` (UBLK_F_BATCH_IO) in every copy mode nvme has: copy, zero copy
+/// with AUTO_BUF_REG, and zero copy with explicit REGISTER_IO_BUF chains.
+#[test]
+fn nvme_batch_every_copy_mode_verifies_and_lands_on_the_namespace() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let modes: [(&str, &[&str], u64); 3] =
+        [("copy", &[], 0xba01), ("zero", &[], 0xba02), ("zero", &["--explicit-buf-reg"], 0xba03)];
+    for (mode, extra, seed) in modes {
+        let mut args = vec!["--batch"];
+        args.extend_from_slice(extra);
+        let dev = add_nvme(NG, mode, &args);
+        assert!(has_flag(&dev, "BATCH_IO"), "--batch without UBLK_F_BATCH_IO: {}", dev.json);
+        assert_eq!(dev.json["copy_mode"], mode, "{}", dev.json);
+        verify_and_check_namespace(dev, seed);
+    }
+}
+
 /// `--copy-mode auto` picks zero on this kernel (as `features` says it
 /// would), through `--dev /dev/nvme0n1`, mapped to the generic node. The
 /// device takes its size, block size and request limit from the namespace.

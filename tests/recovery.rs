@@ -651,11 +651,13 @@ const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 /// the new server is its child and the supervisor logged exactly our kills
 /// (no other crash, no failed standby); with `--standby`, the standby that
 /// watched the killed server is the one that took over, every time.
-fn kill_cycles(method: Method) {
+/// `extra` goes to `add` (`--batch`: every server serves it in batch mode).
+fn kill_cycles(method: Method, extra: &[&str]) {
     let Some(_g) = guard() else { return };
     let t0 = Instant::now();
     let size = format!("{DEV_MIB}M");
     let mut args = vec!["ram", "-r", "-i", "--size", &size];
+    args.extend_from_slice(extra);
     match method {
         Method::Recover => {}
         Method::Supervise => args.push("--supervise"),
@@ -663,6 +665,7 @@ fn kill_cycles(method: Method) {
     }
     let log_start = log_len();
     let dev = add(&args);
+    assert_batch(&dev, extra);
     let id = dev.id;
     let block = dev.block();
     let supervisor = (method != Method::Recover).then(|| supervisor_pid(id));
@@ -795,6 +798,7 @@ fn kill_cycles(method: Method) {
     }
     let (state, pid) = dev_state(id).expect("listed");
     assert_eq!((state.as_str(), pid as i32), ("LIVE", server), "device {id} after the cycles");
+    assert_batch(&Dev { json: list_one(id).expect("listed"), ..dev.clone() }, extra);
     if method != Method::Recover {
         // The supervisor saw exactly our kills: no server died otherwise.
         let log = log_since(log_start);
@@ -832,17 +836,41 @@ fn kill_cycles(method: Method) {
 
 #[test]
 fn reissue_kill_cycles_recover() {
-    kill_cycles(Method::Recover);
+    kill_cycles(Method::Recover, &[]);
 }
 
 #[test]
 fn reissue_kill_cycles_supervise() {
-    kill_cycles(Method::Supervise);
+    kill_cycles(Method::Supervise, &[]);
 }
 
 #[test]
 fn reissue_kill_cycles_standby() {
-    kill_cycles(Method::Standby);
+    kill_cycles(Method::Standby, &[]);
+}
+
+#[test]
+fn batch_reissue_kill_cycles_recover() {
+    kill_cycles(Method::Recover, &["--batch"]);
+}
+
+#[test]
+fn batch_reissue_kill_cycles_supervise() {
+    kill_cycles(Method::Supervise, &["--batch"]);
+}
+
+#[test]
+fn batch_reissue_kill_cycles_standby() {
+    kill_cycles(Method::Standby, &["--batch"]);
+}
+
+/// With `--batch` in `extra` the device has UBLK_F_BATCH_IO and `list` says
+/// batch; without, neither.
+fn assert_batch(dev: &Dev, extra: &[&str]) {
+    let want = extra.contains(&"--batch");
+    let flags = dev.json["flags"].as_array().cloned().unwrap_or_default();
+    assert_eq!(flags.iter().any(|f| f == "BATCH_IO"), want, "device {}: {}", dev.id, dev.json);
+    assert_eq!(dev.json["batch"], want, "device {}: {}", dev.id, dev.json);
 }
 
 // ---------------------------------------------------------------- acknowledged data
@@ -853,12 +881,24 @@ fn reissue_kill_cycles_standby() {
 /// second crash.
 #[test]
 fn acknowledged_writes_survive_crash() {
+    acknowledged_writes_survive(&[]);
+}
+
+/// The same in batch mode, which every recovering server keeps.
+#[test]
+fn batch_acknowledged_writes_survive_crash() {
+    acknowledged_writes_survive(&["--batch"]);
+}
+
+fn acknowledged_writes_survive(extra: &[&str]) {
     let Some(_g) = guard() else { return };
     for flags in [&["-r"][..], &["-r", "-i"], &["-e"]] {
         let mut args = vec!["ram", "--size", "32M"];
         args.extend_from_slice(flags);
+        args.extend_from_slice(extra);
         let what = format!("add {}", args.join(" "));
         let dev = add(&args);
+        assert_batch(&dev, extra);
         let id = dev.id;
         let a = random_bytes(2 << 20, 0xa11ce ^ id as u64);
         let b = random_bytes(1 << 20, 0xb0b ^ id as u64);
@@ -889,6 +929,7 @@ fn acknowledged_writes_survive_crash() {
             &b,
             &format!("{what}: data of the recovered server after its crash"),
         );
+        assert_batch(&Dev { json: list_one(id).expect("listed"), ..dev.clone() }, extra);
         del(id);
         assert_nothing_left(id, dev.json["store"].as_str(), &[]);
     }
@@ -1286,15 +1327,17 @@ const RESTARTS: usize = 6;
 /// (the old one exits). Without a supervisor each restart writes a
 /// `restart` events line; with one, the supervisor's new server (its child)
 /// takes over.
-fn restart_under_load(supervised: bool) {
+fn restart_under_load(supervised: bool, extra: &[&str]) {
     let Some(_g) = guard() else { return };
     let t0 = Instant::now();
     let size = format!("{DEV_MIB}M");
     let mut args = vec!["ram", "-i", "--size", &size];
+    args.extend_from_slice(extra);
     if supervised {
         args.push("--supervise");
     }
     let dev = add(&args);
+    assert_batch(&dev, extra);
     let id = dev.id;
     if !dev.json["flags"].as_array().into_iter().flatten().any(|f| f == "QUIESCE") {
         skip(&format!("the kernel has no UBLK_F_QUIESCE (6.16+): {}", dev.json));
@@ -1373,12 +1416,17 @@ fn restart_under_load(supervised: bool) {
 
 #[test]
 fn restart_under_load_has_no_errors() {
-    restart_under_load(false);
+    restart_under_load(false, &[]);
 }
 
 #[test]
 fn restart_supervised_under_load_has_no_errors() {
-    restart_under_load(true);
+    restart_under_load(true, &[]);
+}
+
+#[test]
+fn batch_restart_under_load_has_no_errors() {
+    restart_under_load(false, &["--batch"]);
 }
 
 // ---------------------------------------------------------------- stats of the live server

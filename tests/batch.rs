@@ -1,0 +1,157 @@
+//! Batch I/O tests (issue 12): `add --batch` (UBLK_F_BATCH_IO, Linux 7.0)
+//! against the real driver, black-box through the CLI, fio and `list`.
+//! Crash recovery in batch mode is in `recovery.rs` (`batch_*`), NVMe in
+//! `nvme.rs` (`nvme_batch_*`).
+//!
+//! They need /dev/ublk-control and root; without the driver each test goes
+//! through `common::skip` (a failure in the guest, `UBLK_TEST_NO_SKIP=1`).
+//! Every test holds the harness: one at a time, and whatever it leaves is
+//! reported and removed.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const FAULT_ENV: &str = "UBLK_BENCH_FAULT";
+
+/// The device is in batch mode: the kernel's flags and `list` say so.
+fn assert_batch(dev: &Dev) {
+    let flags = dev.json["flags"].as_array().cloned().unwrap_or_default();
+    assert!(flags.iter().any(|f| f == "BATCH_IO"), "device {} without UBLK_F_BATCH_IO: {}", dev.id, dev.json);
+    assert_eq!(dev.json["batch"], true, "`list` does not say batch for device {}: {}", dev.id, dev.json);
+}
+
+/// `features --json`, with the environment `env` (name, value) pairs.
+fn features(env: &[(&str, &str)]) -> Value {
+    let out = run(Command::new(bin()).args(["features", "--json"]).envs(env.iter().copied())).success();
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("`features --json` is not JSON ({e}): {}", out.stdout))
+}
+
+/// fio's CRC32C verification ([`fio_verify_devices`]) on ram devices in
+/// batch mode, all at once: 1 and 2 queues, blocking and busy-poll, and one
+/// in copy mode (the per-tag buffers, whose address every commit carries).
+#[test]
+fn batch_fio_verify_ram_queues_poll_and_copy() {
+    let Some(_h) = harness() else { return };
+    let size = 16 * MIB;
+    let two = if online_cpus() >= 2 { "2" } else { "1" };
+    let shapes: [(&str, &[&str]); 5] = [
+        ("1q", &["-q", "1"]),
+        ("2q", &["-q", two]),
+        ("1q-poll", &["-q", "1", "--poll"]),
+        ("2q-poll", &["-q", two, "--poll"]),
+        ("1q-copy", &["-q", "1", "--copy-mode", "copy"]),
+    ];
+    let devs: Vec<Dev> = shapes
+        .iter()
+        .map(|(_, extra)| {
+            let mut args = vec!["ram", "--batch", "--size", "16M"];
+            args.extend_from_slice(extra);
+            add(&args)
+        })
+        .collect();
+    for (dev, (label, extra)) in devs.iter().zip(&shapes) {
+        assert_batch(dev);
+        assert_eq!(dev.json["poll"], extra.contains(&"--poll"), "{label}: {}", dev.json);
+        let want_copy = if extra.contains(&"copy") { "copy" } else { "user" };
+        assert_eq!(dev.json["copy_mode"], want_copy, "{label}: {}", dev.json);
+    }
+    let named: Vec<(&str, &Dev)> = shapes.iter().map(|(l, _)| *l).zip(&devs).collect();
+    fio_verify_devices(&named, size);
+    for dev in &devs {
+        del(dev.id);
+        assert_gone(dev);
+    }
+}
+
+/// `null --batch` in every copy mode the kernel allows with batch (copy,
+/// user, zero copy with AUTO_BUF_REG and with explicit registration), in
+/// blocking and poll mode: fio random reads and writes at depth 32 complete
+/// without error, and the server's own count (`stats --json`) is at least
+/// what fio did.
+#[test]
+fn batch_null_every_copy_mode_serves_fio() {
+    let Some(_h) = harness() else { return };
+    let modes: [&[&str]; 4] = [
+        &["--copy-mode", "copy"],
+        &["--copy-mode", "user"],
+        &["--copy-mode", "zero"],
+        &["--copy-mode", "zero", "--explicit-buf-reg"],
+    ];
+    for mode in modes {
+        for poll in [false, true] {
+            let mut args = vec!["null", "--batch", "--size", "1G"];
+            args.extend_from_slice(mode);
+            if poll {
+                args.push("--poll");
+            }
+            let what = args.join(" ");
+            let dev = add(&args);
+            assert_batch(&dev);
+            let json = fio(
+                &dev.block(),
+                &[
+                    "--ioengine=io_uring",
+                    "--direct=1",
+                    "--rw=randrw",
+                    "--bs=4k",
+                    "--iodepth=32",
+                    "--size=256M",
+                ],
+            );
+            let ios = json["jobs"][0]["read"]["total_ios"].as_u64().unwrap_or(0)
+                + json["jobs"][0]["write"]["total_ios"].as_u64().unwrap_or(0);
+            assert_eq!(ios, 256 * MIB / 4096, "{what}: fio did {ios} I/Os");
+            let out = ublk(&["stats", "-n", &dev.id.to_string(), "--json"]).success();
+            let stats: Value = serde_json::from_str(&out.stdout)
+                .unwrap_or_else(|e| panic!("{what}: `stats --json` is not JSON ({e}): {}", out.stdout));
+            let served =
+                stats["merged"]["ios"].as_u64().unwrap_or_else(|| panic!("{what}: no merged.ios in {stats}"));
+            assert!(served >= ios, "{what}: the server counted {served} requests, fio did {ios}");
+            assert_eq!(stats["merged"]["errors"], 0, "{what}: {stats}");
+            println!("{what}: {ios} I/Os by fio, {served} served");
+            del(dev.id);
+            assert_gone(&dev);
+        }
+    }
+}
+
+/// Where the kernel lacks UBLK_F_BATCH_IO (forced here: the fault hook
+/// `no-batch-io` hides it from GET_FEATURES), `features` says batch is not
+/// available and `add --batch` fails before ADD_DEV with a message naming
+/// the feature, the kernel that has it and what to do, leaving no device,
+/// process, run file or store. Without the hook the guest's kernel (7.3) has it.
+#[test]
+fn batch_is_refused_cleanly_where_the_kernel_lacks_it() {
+    let Some(_h) = harness() else { return };
+    let hidden = [(FAULT_ENV, "no-batch-io")];
+    assert_eq!(features(&[])["batch"], true, "this kernel should have UBLK_F_BATCH_IO (7.0+)");
+    let f = features(&hidden);
+    assert_eq!(f["batch"], false, "{f}");
+    assert!(!f["features"].as_array().into_iter().flatten().any(|n| n == "BATCH_IO"), "{f}");
+    let text = run(Command::new(bin()).arg("features").envs(hidden)).success();
+    assert!(text.stdout.contains("batch I/O (add --batch): not available"), "{}", text.describe());
+
+    let ids_before = list_ids();
+    for args in [&["add", "null", "--batch"][..], &["add", "ram", "--batch", "--size", "16M", "-r", "-i"]] {
+        let out = run(Command::new(bin()).args(args).envs(hidden));
+        let cmd = args.join(" ");
+        assert!(!out.ok(), "`{cmd}` succeeded without UBLK_F_BATCH_IO:\n{}", out.describe());
+        for hint in ["UBLK_F_BATCH_IO", "7.0", "--batch"] {
+            assert!(
+                out.stderr.contains(hint),
+                "`{cmd}`: the message does not mention {hint}:\n{}",
+                out.describe()
+            );
+        }
+        assert!(!out.stderr.contains("panicked"), "`{cmd}` panicked:\n{}", out.describe());
+        let left = settled_leftovers();
+        assert!(left.is_empty(), "`{cmd}` left behind: {}", left.join("; "));
+        assert_eq!(list_ids(), ids_before, "`{cmd}` made a device");
+    }
+}
