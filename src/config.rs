@@ -104,6 +104,13 @@ pub struct DeviceConfig {
     #[serde(default)]
     pub explicit_buf_reg: bool,
     pub recovery: Recovery,
+    /// Server-side statistics (`--stats`); files from before the option have them on.
+    #[serde(default = "stats_default")]
+    pub stats: bool,
+}
+
+fn stats_default() -> bool {
+    true
 }
 
 pub const MIN_SIZE: u64 = 1 << 20;
@@ -312,6 +319,7 @@ mod tests {
             copy_mode: CopyMode::Auto,
             explicit_buf_reg: false,
             recovery: Recovery::None,
+            stats: true,
         }
     }
 
