@@ -124,6 +124,7 @@ struct State<B: QueueBackend> {
     /// The time of the current pass (stats on; else 0): the one clock read
     /// that stamps both the requests the pass hands out and those it commits.
     now: u64,
+    always_enter: bool,
 }
 
 type Sq<'a, B> = SubmissionQueue<'a, <B as QueueBackend>::Sqe>;
@@ -189,6 +190,7 @@ impl<B: QueueBackend> Queue<B> {
             panic_countdown,
             counters: QueueCounters::new(),
             now: 0,
+            always_enter: std::env::var_os("UBLK_BENCH_POLL_ALWAYS_ENTER").is_some(),
         };
         Ok(Queue { ring, state })
     }
@@ -230,12 +232,20 @@ impl<B: QueueBackend> Queue<B> {
         let (mut submitter, mut sq, mut cq) = ring.split();
         // Each enter then names the ring by its registered index and skips
         // the file lookup; without it (old kernel) enters work as before.
-        let _ = submitter.register_ring_fd();
-        state.serve(&submitter, &mut sq, &mut cq)?;
-        // Hand back the requests committed since the last enter.
-        sq.sync();
-        let _ = submitter.submit();
-        Ok(())
+        let registered = submitter.register_ring_fd().is_ok();
+        let res = state.serve(&submitter, &mut sq, &mut cq);
+        if res.is_ok() {
+            // Hand back the requests committed since the last enter.
+            sq.sync();
+            let _ = submitter.submit();
+        }
+        // The registration holds a reference to the ring: without undoing
+        // it, dropping the ring would not close it (and cancel its commands)
+        // before the buffers go, only the thread's exit would.
+        if registered {
+            let _ = submitter.unregister_ring_fd();
+        }
+        res
     }
 }
 
@@ -309,7 +319,7 @@ impl<B: QueueBackend> State<B> {
     fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
         let res = if !self.setup.poll {
             sub.submit_and_wait(1)
-        } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
+        } else if self.always_enter || !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // SAFETY: no argument pointer is passed; the ring is ours.
             unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }
         } else {
