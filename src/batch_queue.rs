@@ -41,7 +41,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use io_uring::squeue::{self, EntryMarker as _};
-use io_uring::{IoUring, cqueue, opcode, types};
+use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut};
 
 use crate::backend::null::NullQueue;
@@ -52,10 +52,11 @@ use crate::clock::now_ns;
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
 use crate::queue::{
-    BACKEND_BIT, DataPlane, IORING_ENTER_GETEVENTS, LINGER, QueueChannels, QueueSetup, Ring, TAG_MASK,
-    map_descs, page_size, pin, run_queue,
+    BACKEND_BIT, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, QueueChannels, QueueSetup,
+    Ring, TAG_MASK, map_descs, page_size, pin, ring_entries, run_queue,
 };
 use crate::request::{Data, Request};
+use crate::stats::QueueCounters;
 use crate::sys::{self, BatchElem, BatchIo, IoDesc};
 
 /// Multishot FETCH_IO_CMDS armed per queue (see the module doc).
@@ -113,6 +114,12 @@ pub struct BatchQueue<B: QueueBackend> {
     // Declared first so it drops first: closing the ring cancels every
     // command before the buffers it points at go.
     ring: Ring<B>,
+    state: State<B>,
+}
+
+/// Everything of a queue but its ring, so a pass can hold the ring's
+/// submission and completion queues and still call into this.
+struct State<B: QueueBackend> {
     setup: QueueSetup,
     backend: B,
     char_dev: Option<Arc<File>>,
@@ -122,17 +129,26 @@ pub struct BatchQueue<B: QueueBackend> {
     bufs: Option<MmapMut>,
     fetch: FetchRing,
     commits: Commits,
+    /// COMMITs pushed since the last enter: each completes at once, so a
+    /// blocking enter waits for that many CQEs plus one.
+    commits_unsent: u32,
     /// Multishot FETCHes armed and not yet ended.
     fetches_live: u16,
     stopping: bool,
     served_any: bool,
     /// Requests handed to us and not yet committed.
     held: u32,
-    /// Each tag's request and the time its tag arrived.
+    /// Each tag's request and the pass time it arrived at (stats on).
     inflight: Vec<(Request, u64)>,
     /// Requests left before the fault hook panics (u64::MAX: never, in practice).
     panic_countdown: u64,
+    counters: QueueCounters,
+    /// The time of the current pass (stats on; else 0).
+    now: u64,
 }
+
+type Sq<'a, B> = SubmissionQueue<'a, <B as QueueBackend>::Sqe>;
+type Cq<'a, B> = CompletionQueue<'a, <B as QueueBackend>::Cqe>;
 
 impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
     /// Pins the thread, builds the ring and registers its fetch buffers.
@@ -148,10 +164,13 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
             ),
             _ => None,
         };
-        let entries = (setup.depth as u32 * 4).next_power_of_two();
+        // The SQ holds the backend's commands, a few COMMITs and FETCH
+        // re-arms; the CQ also FETCH CQEs (at most one per tag we hold).
+        let entries = ring_entries(setup.depth + 8, B::MAX_COMMANDS);
         let ring = IoUring::<B::Sqe, B::Cqe>::builder()
             .setup_cqsize(entries * 2)
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .build(entries)
@@ -162,124 +181,149 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
                 .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
         }
         let fetch = FetchRing::new(&ring, setup.depth)?;
-        let commits = Commits::new(depth, setup.copy == CopyMode::Copy);
-        let panic_countdown = setup.panic_after.unwrap_or(u64::MAX);
-        Ok(BatchQueue {
-            ring,
+        let state = State {
             backend,
             char_dev: None,
             char_fd: -1,
             descs: None,
             bufs,
             fetch,
-            commits,
+            commits: Commits::new(depth, setup.copy == CopyMode::Copy),
+            commits_unsent: 0,
             fetches_live: 0,
             stopping: false,
             served_any: false,
             held: 0,
             inflight: vec![(Request::default(), 0); depth],
-            panic_countdown,
+            panic_countdown: setup.panic_after.unwrap_or(u64::MAX),
+            counters: QueueCounters::new(),
+            now: 0,
             setup,
-        })
+        };
+        Ok(BatchQueue { ring, state })
     }
 
     fn bind(&mut self, char_dev: Arc<File>) -> Result<()> {
-        self.descs = Some(map_descs(&self.setup, &char_dev, page_size())?);
-        self.char_fd = char_dev.as_raw_fd();
-        self.char_dev = Some(char_dev);
+        let s = &mut self.state;
+        s.descs = Some(map_descs(&s.setup, &char_dev, page_size())?);
+        s.char_fd = char_dev.as_raw_fd();
+        s.char_dev = Some(char_dev);
         Ok(())
     }
 
     /// PREP_IO_CMDS with every tag, waited for (it completes at once), then
     /// the FETCHes.
     fn fetch_all(&mut self) -> Result<()> {
-        let slot = self.commits.filling;
-        for tag in 0..self.setup.depth {
-            let elem = self.elem(tag, 0);
-            self.commits.push(elem, self.buf_addr(tag));
+        let BatchQueue { ring, state: s } = self;
+        let qid = s.setup.qid;
+        let slot = s.commits.filling;
+        for tag in 0..s.setup.depth {
+            let elem = s.elem(tag, 0);
+            s.commits.push(elem, s.buf_addr(tag));
         }
-        let sqe = self.batch_cmd(sys::UBLK_U_IO_PREP_IO_CMDS, PREP, slot);
-        self.push(sqe)?;
-        let qid = self.setup.qid;
-        self.ring
-            .submit_and_wait(1)
-            .map_err(|e| Error::io(format!("submit PREP_IO_CMDS on queue {qid}"), e))?;
-        let cqe: cqueue::Entry = self.ring.completion().next().expect("waited for it").into();
+        let sqe = s.batch_cmd(sys::UBLK_U_IO_PREP_IO_CMDS, PREP, slot);
+        push::<B>(&mut ring.submission(), &sqe, qid)?;
+        ring.submit_and_wait(1).map_err(|e| Error::io(format!("submit PREP_IO_CMDS on queue {qid}"), e))?;
+        let cqe: cqueue::Entry = ring.completion().next().expect("waited for it").into();
         if cqe.result() != 0 {
             return Err(cmd_error("PREP_IO_CMDS", qid, cqe.result()));
         }
-        self.commits.bufs[slot].clear();
+        s.commits.bufs[slot].clear();
         for i in 0..FETCHES {
-            self.arm_fetch(i)?;
+            s.arm_fetch(i, &mut ring.submission())?;
         }
-        self.ring.submit().map_err(|e| Error::io(format!("submit FETCH_IO_CMDS on queue {qid}"), e))?;
+        ring.submit().map_err(|e| Error::io(format!("submit FETCH_IO_CMDS on queue {qid}"), e))?;
         Ok(())
     }
 
     /// Serves until stopped (see the module doc); a command that fails
-    /// other than by ABORT ends it with an error.
+    /// other than by ABORT ends it with an error. The submission and
+    /// completion queues are borrowed once for the whole run.
     fn run(mut self) -> Result<()> {
+        let BatchQueue { ring, state } = &mut self;
+        let (mut submitter, mut sq, mut cq) = ring.split();
+        let registered = submitter.register_ring_fd().is_ok();
+        let res = state.serve(&submitter, &mut sq, &mut cq);
+        if res.is_ok() {
+            // Hand back the requests committed since the last enter.
+            sq.sync();
+            let _ = submitter.submit();
+        }
+        // Dropping the ring must close it (see queue.rs): undo the registration.
+        if registered {
+            let _ = submitter.unregister_ring_fd();
+        }
+        res
+    }
+}
+
+impl<B: QueueBackend> State<B> {
+    fn serve(&mut self, sub: &Submitter<'_>, sq: &mut Sq<'_, B>, cq: &mut Cq<'_, B>) -> Result<()> {
         loop {
             let drained = self.held == 0 && self.commits.idle();
             if self.stopping && drained && self.fetches_live == 0 {
                 break;
             }
-            if self.stopping {
-                if !self.wait_for(LINGER)? && drained {
+            sq.sync();
+            let entered = if self.stopping {
+                if !self.wait_for(sub, cq, LINGER)? && drained {
                     break;
                 }
+                true
             } else {
-                self.wait()?;
+                self.wait(sub, sq)?
+            };
+            sq.sync();
+            cq.sync();
+            let busy = !CompletionQueue::is_empty(cq);
+            if busy && self.setup.stats_on {
+                self.now = now_ns();
             }
-            self.reap()?;
-            self.flush()?;
+            for cqe in &mut *cq {
+                self.reap(cqe.into(), sq)?;
+            }
+            self.fetch.publish();
+            self.flush(sq)?;
+            self.counters.turn(busy);
+            if busy || entered || self.counters.idle_turns.is_multiple_of(IDLE_PUBLISH_EVERY) {
+                self.publish();
+            }
         }
-        // Hand back the requests committed since the last enter.
-        let _ = self.ring.submit();
+        self.publish();
         Ok(())
     }
-}
 
-impl<B: QueueBackend> BatchQueue<B> {
-    /// One pass over the CQ, then the fetch buffers go back to the kernel.
-    fn reap(&mut self) -> Result<()> {
-        let n = self.ring.completion().len();
-        for _ in 0..n {
-            let Some(cqe) = self.ring.completion().next() else { break };
-            let cqe: cqueue::Entry = cqe.into();
-            let ud = cqe.user_data();
-            if ud & BACKEND_BIT != 0 {
-                let tag = (ud & TAG_MASK) as u16;
-                if let Some(result) = self.backend.complete(tag, ud & KIND_MASK, cqe.result()) {
-                    self.commit(tag, result);
-                }
-                continue;
-            }
-            let index = (ud & TAG_MASK) as u16;
-            match ud >> KIND_SHIFT {
-                FETCH => self.fetched(index, &cqe)?,
-                COMMIT => self.committed(index as usize, cqe.result())?,
-                kind => {
-                    return Err(Error::invalid(format!(
-                        "queue {}: CQE of unknown kind {kind}",
-                        self.setup.qid
-                    )));
-                }
-            }
+    fn publish(&mut self) {
+        if let Some(stats) = &self.setup.stats {
+            self.counters.publish(stats.queue(self.setup.qid as usize));
         }
-        self.fetch.publish();
-        Ok(())
+    }
+
+    fn reap(&mut self, cqe: cqueue::Entry, sq: &mut Sq<'_, B>) -> Result<()> {
+        let ud = cqe.user_data();
+        let index = (ud & TAG_MASK) as u16;
+        if ud & BACKEND_BIT != 0 {
+            if let Some(result) = self.backend.complete(index, ud & KIND_MASK, cqe.result()) {
+                self.commit(index, result);
+            }
+            return Ok(());
+        }
+        match ud >> KIND_SHIFT {
+            FETCH => self.fetched(index, &cqe, sq),
+            COMMIT => self.committed(index as usize, cqe.result(), sq),
+            kind => Err(Error::invalid(format!("queue {}: CQE of unknown kind {kind}", self.setup.qid))),
+        }
     }
 
     /// A FETCH CQE: serve its tags; arm it again if it ended short of ABORT.
-    fn fetched(&mut self, index: u16, cqe: &cqueue::Entry) -> Result<()> {
+    fn fetched(&mut self, index: u16, cqe: &cqueue::Entry, sq: &mut Sq<'_, B>) -> Result<()> {
         let mut tags = [0u16; MAX_TAGS];
         let mut n = 0;
         if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
             n = self.fetch.take(bid, cqe.result().max(0) as usize, &mut tags);
         }
         for &tag in &tags[..n] {
-            self.handle(tag)?;
+            self.handle(tag, sq)?;
         }
         if cqueue::more(cqe.flags()) {
             return Ok(());
@@ -287,7 +331,7 @@ impl<B: QueueBackend> BatchQueue<B> {
         self.fetches_live -= 1;
         match cqe.result() {
             sys::UBLK_IO_RES_ABORT => self.stopping = true,
-            r if (r >= 0 || r == -libc::ENOBUFS) && !self.stopping => self.arm_fetch(index)?,
+            r if (r >= 0 || r == -libc::ENOBUFS) && !self.stopping => self.arm_fetch(index, sq)?,
             r if r >= 0 || r == -libc::ENOBUFS => {}
             err => return Err(cmd_error("FETCH_IO_CMDS", self.setup.qid, err)),
         }
@@ -295,13 +339,14 @@ impl<B: QueueBackend> BatchQueue<B> {
     }
 
     /// A COMMIT CQE: its array is free again, or what it did not consume is sent again.
-    fn committed(&mut self, slot: usize, res: i32) -> Result<()> {
+    fn committed(&mut self, slot: usize, res: i32, sq: &mut Sq<'_, B>) -> Result<()> {
         let qid = self.setup.qid;
         match self.commits.done(slot, res) {
             Done::All => Ok(()),
             Done::Partial => {
                 let sqe = self.batch_cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, COMMIT, slot);
-                self.push(sqe)
+                self.commits_unsent += 1;
+                push::<B>(sq, &sqe, qid)
             }
             Done::Failed(tag) => Err(Error::io(
                 format!("COMMIT_IO_CMDS on queue {qid} failed at tag {tag} (not an abort)"),
@@ -310,7 +355,7 @@ impl<B: QueueBackend> BatchQueue<B> {
         }
     }
 
-    fn handle(&mut self, tag: u16) -> Result<()> {
+    fn handle(&mut self, tag: u16, sq: &mut Sq<'_, B>) -> Result<()> {
         if tag >= self.setup.depth {
             return Err(Error::invalid(format!("queue {}: FETCH delivered tag {tag}", self.setup.qid)));
         }
@@ -328,34 +373,33 @@ impl<B: QueueBackend> BatchQueue<B> {
             self.setup.first_served.store(now_ns(), Ordering::Relaxed);
         }
         let req = Request::from_desc(&self.desc(tag));
-        self.inflight[tag as usize] = (req, now_ns());
-        if let Some(result) = self.submit(tag, &req) {
+        if self.setup.stats_on {
+            self.inflight[tag as usize] = (req, self.now);
+        }
+        if let Some(result) = self.submit(tag, &req, sq) {
             self.commit(tag, result);
         }
         Ok(())
     }
 
-    /// Adds the request's result to the array the next COMMIT sends.
+    /// Counts the request (stats on) and adds its result to the array the
+    /// next COMMIT sends.
     fn commit(&mut self, tag: u16, result: i32) {
         self.held -= 1;
-        self.record(tag, result);
+        if self.setup.stats_on {
+            let (req, t0) = &self.inflight[tag as usize];
+            self.counters.record(req, result, self.now.saturating_sub(*t0));
+        }
         let elem = self.elem(tag, result);
         self.commits.push(elem, self.buf_addr(tag));
     }
 
-    /// The per-request stats, kept in one place.
-    fn record(&self, tag: u16, result: i32) {
-        if let Some(stats) = &self.setup.stats {
-            let (req, t0) = &self.inflight[tag as usize];
-            stats.queue(self.setup.qid as usize).record(req, result, now_ns().saturating_sub(*t0));
-        }
-    }
-
     /// Sends the array filled this pass, if a free one can take its place.
-    fn flush(&mut self) -> Result<()> {
+    fn flush(&mut self, sq: &mut Sq<'_, B>) -> Result<()> {
         if let Some(slot) = self.commits.send() {
             let sqe = self.batch_cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, COMMIT, slot);
-            self.push(sqe)?;
+            self.commits_unsent += 1;
+            push::<B>(sq, &sqe, self.setup.qid)?;
         }
         Ok(())
     }
@@ -389,7 +433,7 @@ impl<B: QueueBackend> BatchQueue<B> {
     }
 
     /// Arms multishot FETCH number `index` on the queue's buffer group.
-    fn arm_fetch(&mut self, index: u16) -> Result<()> {
+    fn arm_fetch(&mut self, index: u16, sq: &mut Sq<'_, B>) -> Result<()> {
         let cmd = BatchIo {
             q_id: self.setup.qid,
             nr_elem: self.fetch.tags_per_buf(),
@@ -402,20 +446,12 @@ impl<B: QueueBackend> BatchQueue<B> {
             .flags(squeue::Flags::BUFFER_SELECT);
         let mut sqe = B::Sqe::from(multishot(sqe, BGID));
         sqe.set_user_data(FETCH << KIND_SHIFT | index as u64);
-        self.push(sqe)?;
+        push::<B>(sq, &sqe, self.setup.qid)?;
         self.fetches_live += 1;
         Ok(())
     }
 
-    fn push(&mut self, sqe: B::Sqe) -> Result<()> {
-        // SAFETY: every command points at memory this queue owns (commit
-        // arrays, fetch buffers, per-tag buffers) or at nothing, and the
-        // ring drops before that memory (field order above).
-        unsafe { self.ring.submission().push(&sqe) }
-            .map_err(|_| Error::invalid(format!("submission queue of queue {} overflowed", self.setup.qid)))
-    }
-
-    fn submit(&mut self, tag: u16, req: &Request) -> Option<i32> {
+    fn submit(&mut self, tag: u16, req: &Request, sq: &mut Sq<'_, B>) -> Option<i32> {
         let data = match self.setup.copy {
             CopyMode::Copy => {
                 let len = self.setup.max_io_bytes as usize;
@@ -427,7 +463,7 @@ impl<B: QueueBackend> BatchQueue<B> {
             CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
             _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
         };
-        self.backend.submit(tag, req, data, &mut self.ring.submission(), BACKEND_BIT | tag as u64)
+        self.backend.submit(tag, req, data, sq, BACKEND_BIT | tag as u64)
     }
 
     fn desc(&self, tag: u16) -> IoDesc {
@@ -437,41 +473,54 @@ impl<B: QueueBackend> BatchQueue<B> {
         unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
     }
 
-    /// One `io_uring_enter`: sleeps for a completion, or in poll mode only
-    /// runs task work (GETEVENTS with min_complete 0) and returns at once.
-    fn wait(&mut self) -> Result<()> {
-        let res = if self.setup.poll {
-            let to_submit = self.ring.submission().len() as u32;
+    /// Blocking: one `io_uring_enter` that submits and sleeps until a CQE
+    /// beyond those of the COMMITs it submits (they complete at once).
+    /// Polling: enters only when there is something to submit, task work
+    /// (a new FETCH CQE) or a CQ overflow, and returns at once; otherwise
+    /// the pass just looks at the CQ. True if it entered.
+    fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
+        let res = if !self.setup.poll {
+            sub.submit_and_wait(1 + self.commits_unsent as usize)
+        } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // SAFETY: no argument pointer is passed; the ring is ours.
-            unsafe {
-                self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
-            }
+            unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }
         } else {
-            self.ring.submit_and_wait(1)
+            return Ok(false);
         };
-        if let (true, Some(stats)) = (self.setup.poll, &self.setup.stats) {
-            stats.queue(self.setup.qid as usize).turn(!self.ring.completion().is_empty());
-        }
+        self.commits_unsent = 0;
+        self.counters.entered();
         match res {
             Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
                 Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
             }
-            _ => Ok(()),
+            _ => Ok(true),
         }
     }
 
     /// Submits and waits up to `timeout` for a completion; false if none came.
-    fn wait_for(&mut self, timeout: Duration) -> Result<bool> {
+    fn wait_for(&mut self, sub: &Submitter<'_>, cq: &mut Cq<'_, B>, timeout: Duration) -> Result<bool> {
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(!self.ring.completion().is_empty()),
+        self.commits_unsent = 0;
+        self.counters.entered();
+        match sub.submit_with_args(1, &args) {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                cq.sync();
+                Ok(!CompletionQueue::is_empty(cq))
+            }
             Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
                 Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
             }
             _ => Ok(true),
         }
     }
+}
+
+fn push<B: QueueBackend>(sq: &mut Sq<'_, B>, sqe: &B::Sqe, qid: u16) -> Result<()> {
+    // SAFETY: every command points at memory this queue owns (commit
+    // arrays, fetch buffers, per-tag buffers) or at nothing, and the ring
+    // drops before that memory (field order of BatchQueue).
+    unsafe { sq.push(sqe) }.map_err(|_| Error::invalid(format!("submission queue of queue {qid} overflowed")))
 }
 
 fn cmd_error(what: &str, qid: u16, res: i32) -> Error {

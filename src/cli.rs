@@ -158,6 +158,17 @@ pub struct QueueArgs {
     /// multishot FETCH and commits them in one command per pass; refused where the kernel lacks it.
     #[arg(long)]
     pub batch: bool,
+    /// Server-side statistics for `ublk-bench stats`: `off` leaves the queue loop without
+    /// clock reads or per-request counting (only io_uring_enter calls are counted).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub stats: OnOff,
+}
+
+/// A setting that is on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 impl QueueArgs {
@@ -292,6 +303,7 @@ mod tests {
         .unwrap();
         let Command::Add(a) = cli.cmd else { panic!("not add") };
         assert_eq!((a.id, a.queue.queues, a.queue.depth), (Some(3), 2, 64));
+        assert_eq!(a.queue.stats, OnOff::On, "stats are on by default");
         assert_eq!(a.cpus, Some(vec![0, 1]));
         assert_eq!(a.size, Some(64 << 20));
         assert!(a.recovery && a.reissue && !a.fail_io);
@@ -302,6 +314,16 @@ mod tests {
             panic!("not downtime")
         };
         assert!(d.queue.batch);
+    }
+
+    #[test]
+    fn stats_take_on_or_off() {
+        let Command::Add(a) = parse(&["add", "null", "--stats", "off"]).unwrap().cmd else {
+            panic!("not add")
+        };
+        assert_eq!(a.queue.stats, OnOff::Off);
+        assert!(parse(&["add", "null", "--stats", "maybe"]).is_err());
+        assert!(parse(&["downtime", "--stats", "off"]).is_ok());
     }
 
     #[test]

@@ -109,6 +109,13 @@ pub struct DeviceConfig {
     /// (recover, standby, restart) serves it so, as the kernel's flags say.
     #[serde(default)]
     pub batch: bool,
+    /// Server-side statistics (`--stats`); files from before the option have them on.
+    #[serde(default = "stats_default")]
+    pub stats: bool,
+}
+
+fn stats_default() -> bool {
+    true
 }
 
 pub const MIN_SIZE: u64 = 1 << 20;
@@ -318,6 +325,7 @@ mod tests {
             explicit_buf_reg: false,
             recovery: Recovery::None,
             batch: false,
+            stats: true,
         }
     }
 

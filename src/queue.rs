@@ -14,8 +14,12 @@
 //! commit. In user-copy mode there are no buffers and the backend moves the
 //! bytes with pread/pwrite on `/dev/ublkcN`.
 //!
-//! The loop allocates nothing and takes no lock: one `io_uring_enter` per
-//! turn, then a pass over the CQ that pushes one COMMIT per request.
+//! The loop allocates nothing and takes no lock. Each pass: at most one
+//! `io_uring_enter` (blocking: always, sleeping for a completion; `--poll`:
+//! only when there is something to submit or the ring flags pending task
+//! work), at most one clock read (stats on, and only if the CQ holds
+//! entries), then a pass over the CQ that pushes one COMMIT per request,
+//! then the queue's counters go to its stats slot.
 //!
 //! Failure: a FETCH or COMMIT that completes with anything but OK or ABORT
 //! is a bug or a broken device, and [`Queue::run`] returns it as an error;
@@ -37,7 +41,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use io_uring::squeue::EntryMarker as _;
-use io_uring::{IoUring, cqueue, opcode, types};
+use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::backend::null::NullQueue;
@@ -48,7 +52,7 @@ use crate::clock::now_ns;
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
-use crate::stats::StatsFile;
+use crate::stats::{QueueCounters, StatsFile};
 use crate::sys::{self, IoCmd, IoDesc};
 
 /// `user_data` of this ring: the tag in bits 0-15, a backend command's own
@@ -77,6 +81,9 @@ pub struct QueueSetup {
     pub auto_buf_reg: bool,
     pub max_io_bytes: u32,
     pub stats: Option<Arc<StatsFile>>,
+    /// `--stats on`: count every request and read the clock once per pass.
+    /// Off: no clock read and no per-request work; only enters are counted.
+    pub stats_on: bool,
     /// Set to the monotonic time of the first request this queue serves.
     pub first_served: Arc<AtomicU64>,
     /// The fault hook: panic after serving this many requests.
@@ -94,6 +101,12 @@ pub struct Queue<B: QueueBackend> {
     // Declared first so it drops first: closing the ring cancels every
     // command before the buffers and descriptor map they point at go.
     ring: Ring<B>,
+    state: State<B>,
+}
+
+/// Everything of a queue but its ring, so a pass can hold the ring's
+/// submission and completion queues and still call into this.
+struct State<B: QueueBackend> {
     setup: QueueSetup,
     backend: B,
     char_dev: Option<Arc<File>>,
@@ -103,15 +116,35 @@ pub struct Queue<B: QueueBackend> {
     served_any: bool,
     /// Requests handed to us and not yet committed.
     held: u32,
-    /// Each tag's request and the time its descriptor was read.
+    /// Each tag's request and the pass time it was seen at (stats on).
     inflight: Vec<(Request, u64)>,
     /// Requests left before the fault hook panics (u64::MAX: never, in practice).
     panic_countdown: u64,
+    counters: QueueCounters,
+    /// The time of the current pass (stats on; else 0): the one clock read
+    /// that stamps both the requests the pass hands out and those it commits.
+    now: u64,
+    always_enter: bool,
+    block_spin: u32,
 }
+
+type Sq<'a, B> = SubmissionQueue<'a, <B as QueueBackend>::Sqe>;
+type Cq<'a, B> = CompletionQueue<'a, <B as QueueBackend>::Cqe>;
 
 pub(crate) const IORING_ENTER_GETEVENTS: u32 = 1;
 /// How long a stopping queue waits for more aborts or late requests.
 pub(crate) const LINGER: Duration = Duration::from_millis(100);
+/// Idle passes of a polling queue between two publishes of its counters
+/// (busy passes and passes that entered the kernel always publish).
+pub(crate) const IDLE_PUBLISH_EVERY: u64 = 1024;
+
+/// Ring entries for a queue: every tag has at most one FETCH/COMMIT or
+/// `per_request` backend commands in flight (never both: COMMIT goes after
+/// the last backend CQE), so neither queue can hold more than this; the CQ
+/// is made as large as the SQ, not twice.
+pub fn ring_entries(depth: u16, per_request: u32) -> u32 {
+    (depth as u32 * per_request.max(1)).next_power_of_two()
+}
 
 /// A queue's data plane as its thread drives it: per-tag ([`Queue`]) or
 /// batch (`batch_queue`). Made, bound to `/dev/ublkcN`, armed, then run.
@@ -151,15 +184,14 @@ impl<B: QueueBackend> Queue<B> {
             ),
             _ => None,
         };
-        let entries = (setup.depth as u32 * 4).next_power_of_two();
-        // Measured in the guest (4k randread qd32, queue on its own CPU):
-        // --poll spinning on enter(GETEVENTS) as here and peeking at the
-        // TASKRUN flag between enters gave the same IOPS; dropping
-        // DEFER_TASKRUN to peek at the CQ gave ~10% fewer (every request then
-        // IPIs the spinning thread).
+        let entries = ring_entries(setup.depth, B::MAX_COMMANDS);
+        // TASKRUN_FLAG: the kernel sets IORING_SQ_TASKRUN in the SQ flags
+        // when it queues deferred task work (a new request for us), so a
+        // polling queue sees without a syscall when it must enter.
         let ring = IoUring::<B::Sqe, B::Cqe>::builder()
-            .setup_cqsize(entries * 2)
+            .setup_cqsize(entries)
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .build(entries)
@@ -171,47 +203,260 @@ impl<B: QueueBackend> Queue<B> {
         }
         let inflight = vec![(Request::default(), 0); setup.depth as usize];
         let panic_countdown = setup.panic_after.unwrap_or(u64::MAX);
-        Ok(Queue {
+        let state = State {
             setup,
             backend,
             char_dev: None,
             char_fd: -1,
             descs: None,
             bufs,
-            ring,
             served_any: false,
             held: 0,
             inflight,
             panic_countdown,
-        })
+            counters: QueueCounters::new(),
+            now: 0,
+            always_enter: std::env::var_os("UBLK_BENCH_POLL_ALWAYS_ENTER").is_some(),
+            block_spin: std::env::var("UBLK_BENCH_BLOCK_SPIN").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+        };
+        Ok(Queue { ring, state })
     }
 
     /// Maps this queue's descriptors from `/dev/ublkcN`.
     pub fn bind(&mut self, char_dev: Arc<File>) -> Result<()> {
-        self.descs = Some(map_descs(&self.setup, &char_dev, page_size())?);
-        self.char_fd = char_dev.as_raw_fd();
-        self.char_dev = Some(char_dev);
+        let s = &mut self.state;
+        s.descs = Some(map_descs(&s.setup, &char_dev, page_size())?);
+        s.char_fd = char_dev.as_raw_fd();
+        s.char_dev = Some(char_dev);
         Ok(())
     }
 
     /// Posts FETCH_REQ for every tag. START_DEV or END_USER_RECOVERY may
     /// be sent once this returns.
     pub fn fetch_all(&mut self) -> Result<()> {
-        for tag in 0..self.setup.depth {
-            let sqe = self.io_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0);
+        let s = &self.state;
+        let mut sq = self.ring.submission();
+        for tag in 0..s.setup.depth {
+            let sqe = s.io_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0);
             // SAFETY: the command points at this queue's buffer (copy mode) or
             // nothing; the ring drops before the buffers (field order above).
-            unsafe { self.ring.submission().push(&sqe) }
+            unsafe { sq.push(&sqe) }
                 .map_err(|_| Error::invalid("submission queue smaller than queue depth"))?;
         }
-        self.ring
-            .submit()
-            .map_err(|e| Error::io(format!("submit FETCH_REQ on queue {}", self.setup.qid), e))?;
+        drop(sq);
+        self.ring.submit().map_err(|e| Error::io(format!("submit FETCH_REQ on queue {}", s.setup.qid), e))?;
         Ok(())
     }
 
+    /// Serves until every tag has ended (see the module doc for when). A
+    /// FETCH or COMMIT that fails other than by ABORT ends it with an error.
+    ///
+    /// The submission and completion queues are borrowed once for the
+    /// whole run; each pass syncs them with the kernel's view (a few
+    /// atomic loads and stores) instead of borrowing them again per entry.
+    pub fn run(mut self) -> Result<()> {
+        let Queue { ring, state } = &mut self;
+        let (mut submitter, mut sq, mut cq) = ring.split();
+        // Each enter then names the ring by its registered index and skips
+        // the file lookup; without it (old kernel) enters work as before.
+        let registered = submitter.register_ring_fd().is_ok();
+        let res = state.serve(&submitter, &mut sq, &mut cq);
+        if res.is_ok() {
+            // Hand back the requests committed since the last enter.
+            sq.sync();
+            let _ = submitter.submit();
+        }
+        // The registration holds a reference to the ring: without undoing
+        // it, dropping the ring would not close it (and cancel its commands)
+        // before the buffers go, only the thread's exit would.
+        if registered {
+            let _ = submitter.unregister_ring_fd();
+        }
+        res
+    }
+}
+
+impl<B: QueueBackend> State<B> {
+    fn serve(&mut self, sub: &Submitter<'_>, sq: &mut Sq<'_, B>, cq: &mut Cq<'_, B>) -> Result<()> {
+        let mut live = self.setup.depth as u32;
+        let mut stopping = false;
+        while live > 0 {
+            sq.sync();
+            let entered = if stopping {
+                if !self.wait_for(sub, cq, LINGER)? && self.held == 0 {
+                    break;
+                }
+                true
+            } else {
+                self.wait(sub, sq)?
+            };
+            sq.sync();
+            cq.sync();
+            let busy = !CompletionQueue::is_empty(cq);
+            if busy && self.setup.stats_on {
+                self.now = now_ns();
+            }
+            for cqe in &mut *cq {
+                let cqe: cqueue::Entry = cqe.into();
+                let tag = (cqe.user_data() & TAG_MASK) as u16;
+                if cqe.user_data() & BACKEND_BIT != 0 {
+                    let kind = cqe.user_data() & KIND_MASK;
+                    if let Some(result) = self.backend.complete(tag, kind, cqe.result()) {
+                        self.commit(tag, result, sq)?;
+                    }
+                    continue;
+                }
+                match cqe.result() {
+                    sys::UBLK_IO_RES_OK => self.handle(tag, sq)?,
+                    sys::UBLK_IO_RES_ABORT => {
+                        live -= 1;
+                        stopping = true;
+                    }
+                    err => return Err(self.tag_error(tag, err)),
+                }
+            }
+            self.counters.turn(busy);
+            if busy || entered || self.counters.idle_turns.is_multiple_of(IDLE_PUBLISH_EVERY) {
+                self.publish();
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        if let Some(stats) = &self.setup.stats {
+            self.counters.publish(stats.queue(self.setup.qid as usize));
+        }
+    }
+
+    fn tag_error(&self, tag: u16, res: i32) -> Error {
+        Error::io(
+            format!("FETCH/COMMIT of tag {tag} on queue {} failed (not an abort)", self.setup.qid),
+            std::io::Error::from_raw_os_error(-res),
+        )
+    }
+
+    /// Blocking: one `io_uring_enter` that submits and sleeps for a
+    /// completion. Polling: enters only when there is something to submit,
+    /// deferred task work to run (IORING_SQ_TASKRUN: with DEFER_TASKRUN a
+    /// new request reaches the CQ only through an enter with GETEVENTS) or
+    /// a CQ overflow to flush, and then returns at once (min_complete 0);
+    /// otherwise the pass just looks at the CQ. True if it entered.
+    fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
+        let res = if !self.setup.poll && self.block_spin > 0 {
+            self.hybrid(sub, sq)
+        } else if !self.setup.poll {
+            sub.submit_and_wait(1)
+        } else if self.always_enter || !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
+            // SAFETY: no argument pointer is passed; the ring is ours.
+            unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }
+        } else {
+            return Ok(false);
+        };
+        self.counters.entered();
+        match res {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) =>
+            {
+                Ok(true)
+            }
+            Err(e) => Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e)),
+        }
+    }
+
+    /// Experiment: submit without sleeping; with nothing to submit, spin on
+    /// the TASKRUN flag a while before sleeping.
+    fn hybrid(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> std::io::Result<usize> {
+        let go = |n: u32, w: u32| {
+            // SAFETY: no argument pointer is passed; the ring is ours.
+            unsafe { sub.enter::<libc::sigset_t>(n, w, IORING_ENTER_GETEVENTS, None) }
+        };
+        if !sq.is_empty() {
+            return go(sq.len() as u32, 0);
+        }
+        for _ in 0..self.block_spin {
+            if sq.taskrun() {
+                return go(0, 0);
+            }
+            std::hint::spin_loop();
+        }
+        go(0, 1)
+    }
+
+    /// Submits and waits up to `timeout` for a completion; false if none came.
+    fn wait_for(&mut self, sub: &Submitter<'_>, cq: &mut Cq<'_, B>, timeout: Duration) -> Result<bool> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        self.counters.entered();
+        match sub.submit_with_args(1, &args) {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                cq.sync();
+                Ok(!CompletionQueue::is_empty(cq))
+            }
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
+                Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
+            }
+            _ => Ok(true),
+        }
+    }
+
+    fn handle(&mut self, tag: u16, sq: &mut Sq<'_, B>) -> Result<()> {
+        if self.panic_countdown == 0 {
+            panic!(
+                "{}: queue {} panics as asked, holding tag {tag}",
+                crate::fault::FAULT_ENV,
+                self.setup.qid
+            );
+        }
+        self.panic_countdown -= 1;
+        self.held += 1;
+        if !self.served_any {
+            self.served_any = true;
+            self.setup.first_served.store(now_ns(), Ordering::Relaxed);
+        }
+        let req = Request::from_desc(&self.desc(tag));
+        if self.setup.stats_on {
+            self.inflight[tag as usize] = (req, self.now);
+        }
+        match self.submit(tag, &req, sq) {
+            Some(result) => self.commit(tag, result, sq),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts the request (stats on) and queues its COMMIT_AND_FETCH.
+    fn commit(&mut self, tag: u16, result: i32, sq: &mut Sq<'_, B>) -> Result<()> {
+        self.held -= 1;
+        if self.setup.stats_on {
+            let (req, t0) = &self.inflight[tag as usize];
+            self.counters.record(req, result, self.now.saturating_sub(*t0));
+        }
+        let sqe = self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+        // SAFETY: as in fetch_all. The SQ has room: see ring_entries.
+        unsafe { sq.push(&sqe) }.map_err(|_| Error::invalid("submission queue overflow"))
+    }
+
+    fn submit(&mut self, tag: u16, req: &Request, sq: &mut Sq<'_, B>) -> Option<i32> {
+        let data = match self.setup.copy {
+            CopyMode::Copy => {
+                let len = self.setup.max_io_bytes as usize;
+                let bufs = self.bufs.as_mut().expect("copy mode has buffers");
+                let off = tag as usize * len;
+                Data::Buf(&mut bufs[off..off + len])
+            }
+            CopyMode::Zero if self.setup.auto_buf_reg => Data::Registered { index: tag },
+            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
+            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
+        };
+        self.backend.submit(tag, req, data, sq, BACKEND_BIT | tag as u64)
+    }
+
     /// A ublk FETCH or COMMIT: 16 bytes of command, so it fits a 64-byte
-    /// SQE and widens to a 128-byte one unchanged.
+    /// SQE and widens to a 128-byte one unchanged. The crate offers no safe
+    /// way to build an entry in the ring's own slot, so it is built here and
+    /// copied in by `push`.
     fn io_cmd(&self, op: u32, tag: u16, result: i32) -> B::Sqe {
         let cmd = IoCmd { q_id: self.setup.qid, tag, result, addr: self.buf_addr(tag) };
         let mut payload = [0u8; 16];
@@ -231,141 +476,6 @@ impl<B: QueueBackend> Queue<B> {
             Some(b) => b.as_ptr() as u64 + tag as u64 * self.setup.max_io_bytes as u64,
             None => 0,
         }
-    }
-
-    /// Serves until every tag has ended (see the module doc for when). A
-    /// FETCH or COMMIT that fails other than by ABORT ends it with an error.
-    pub fn run(mut self) -> Result<()> {
-        let mut live = self.setup.depth as u32;
-        let mut stopping = false;
-        while live > 0 {
-            if stopping {
-                if !self.wait_for(LINGER)? && self.held == 0 {
-                    break;
-                }
-            } else {
-                self.wait()?;
-            }
-            let n = self.ring.completion().len();
-            for _ in 0..n {
-                let Some(cqe) = self.ring.completion().next() else { break };
-                let cqe: cqueue::Entry = cqe.into();
-                let tag = (cqe.user_data() & TAG_MASK) as u16;
-                if cqe.user_data() & BACKEND_BIT != 0 {
-                    let kind = cqe.user_data() & KIND_MASK;
-                    if let Some(result) = self.backend.complete(tag, kind, cqe.result()) {
-                        self.commit(tag, result)?;
-                    }
-                    continue;
-                }
-                match cqe.result() {
-                    sys::UBLK_IO_RES_OK => self.handle(tag)?,
-                    sys::UBLK_IO_RES_ABORT => {
-                        live -= 1;
-                        stopping = true;
-                    }
-                    err => return Err(self.tag_error(tag, err)),
-                }
-            }
-        }
-        // Hand back the requests committed since the last enter.
-        let _ = self.ring.submit();
-        Ok(())
-    }
-
-    fn tag_error(&self, tag: u16, res: i32) -> Error {
-        Error::io(
-            format!("FETCH/COMMIT of tag {tag} on queue {} failed (not an abort)", self.setup.qid),
-            std::io::Error::from_raw_os_error(-res),
-        )
-    }
-
-    /// One `io_uring_enter`: sleeps for a completion, or in poll mode only
-    /// runs task work (GETEVENTS with min_complete 0) and returns at once.
-    fn wait(&mut self) -> Result<()> {
-        let res = if self.setup.poll {
-            let to_submit = self.ring.submission().len() as u32;
-            // SAFETY: no argument pointer is passed; the ring is ours.
-            unsafe {
-                self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
-            }
-        } else {
-            self.ring.submit_and_wait(1)
-        };
-        if let (true, Some(stats)) = (self.setup.poll, &self.setup.stats) {
-            stats.queue(self.setup.qid as usize).turn(!self.ring.completion().is_empty());
-        }
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e)),
-        }
-    }
-
-    /// Submits and waits up to `timeout` for a completion; false if none came.
-    fn wait_for(&mut self, timeout: Duration) -> Result<bool> {
-        let ts = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(!self.ring.completion().is_empty()),
-            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
-                Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
-            }
-            _ => Ok(true),
-        }
-    }
-
-    fn handle(&mut self, tag: u16) -> Result<()> {
-        if self.panic_countdown == 0 {
-            panic!(
-                "{}: queue {} panics as asked, holding tag {tag}",
-                crate::fault::FAULT_ENV,
-                self.setup.qid
-            );
-        }
-        self.panic_countdown -= 1;
-        self.held += 1;
-        if !self.served_any {
-            self.served_any = true;
-            self.setup.first_served.store(now_ns(), Ordering::Relaxed);
-        }
-        let req = Request::from_desc(&self.desc(tag));
-        self.inflight[tag as usize] = (req, now_ns());
-        match self.submit(tag, &req) {
-            Some(result) => self.commit(tag, result),
-            None => Ok(()),
-        }
-    }
-
-    /// Records the request's service time and queues its COMMIT_AND_FETCH.
-    fn commit(&mut self, tag: u16, result: i32) -> Result<()> {
-        self.held -= 1;
-        if let Some(stats) = &self.setup.stats {
-            let (req, t0) = &self.inflight[tag as usize];
-            stats.queue(self.setup.qid as usize).record(req, result, now_ns().saturating_sub(*t0));
-        }
-        let sqe = self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
-        // SAFETY: as in fetch_all.
-        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| Error::invalid("submission queue overflow"))
-    }
-
-    fn submit(&mut self, tag: u16, req: &Request) -> Option<i32> {
-        let data = match self.setup.copy {
-            CopyMode::Copy => {
-                let len = self.setup.max_io_bytes as usize;
-                let bufs = self.bufs.as_mut().expect("copy mode has buffers");
-                let off = tag as usize * len;
-                Data::Buf(&mut bufs[off..off + len])
-            }
-            CopyMode::Zero if self.setup.auto_buf_reg => Data::Registered { index: tag },
-            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
-            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
-        };
-        self.backend.submit(tag, req, data, &mut self.ring.submission(), BACKEND_BIT | tag as u64)
     }
 
     fn desc(&self, tag: u16) -> IoDesc {
@@ -500,4 +610,22 @@ pub fn pin(cpu: usize) -> Result<()> {
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rings_hold_what_can_be_in_flight_and_no_more() {
+        // Sync backends: one FETCH/COMMIT per tag.
+        assert_eq!(ring_entries(128, 0), 128);
+        assert_eq!(ring_entries(100, 0), 128, "rounded up to a power of two");
+        assert_eq!(ring_entries(1, 0), 1);
+        // One backend command per request replaces the COMMIT, never adds to it.
+        assert_eq!(ring_entries(128, 1), 128);
+        // NVMe zero copy chains three commands per request.
+        assert_eq!(ring_entries(128, 3), 512);
+        assert_eq!(ring_entries(sys::UBLK_MAX_QUEUE_DEPTH as u16, 3), 16384);
+    }
 }

@@ -125,7 +125,8 @@ impl Server {
     pub fn prepare(&mut self, backend: &DeviceBackend) -> Result<()> {
         block_signals();
         QUEUES_ENDED.store(0, Ordering::SeqCst);
-        let stats = Arc::new(StatsFile::create(self.dev_id, self.info.nr_hw_queues as usize)?);
+        let stats =
+            Arc::new(StatsFile::create(self.dev_id, self.info.nr_hw_queues as usize, self.cfg.stats)?);
         self.stats = Some(stats.clone());
         let (tx, rx) = mpsc::channel();
         for qid in 0..self.info.nr_hw_queues {
@@ -198,6 +199,7 @@ impl Server {
             auto_buf_reg: self.info.flags & sys::UBLK_F_AUTO_BUF_REG != 0,
             max_io_bytes: self.info.max_io_buf_bytes,
             stats: Some(stats.clone()),
+            stats_on: self.cfg.stats,
             first_served: self.first_served.clone(),
             panic_after: self.panic_after,
             on_end: Arc::new(notify_queue_ended),

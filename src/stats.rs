@@ -1,12 +1,22 @@
-//! Server-side statistics, published in shared memory as they are made.
+//! Server-side statistics, published in shared memory.
 //!
-//! `/run/ublk-bench/<id>.stats` holds one [`QueueStats`] slot per queue. Each
-//! slot is written only by its queue thread, with relaxed atomic stores, so
-//! recording costs a few uncontended memory writes and no lock or syscall.
-//! Service time (descriptor seen to COMMIT queued) goes into log-linear
-//! buckets (16 per power of two, so within 6.25%), which `stats` turns into
-//! an HdrHistogram to merge queues and read percentiles. Readers take two
-//! snapshots and difference them, so nothing needs a consistent cut.
+//! Each queue thread keeps its own counters as plain integers
+//! ([`QueueCounters`]: no atomics, no sharing, nothing but an add per
+//! request) and copies them to its slot in the shared file with
+//! [`QueueCounters::publish`] once per pass over its completion queue. A
+//! slot ([`QueueStats`]) is written only by its queue thread, with relaxed
+//! stores, so publishing takes no lock or syscall; of the histogram only
+//! the buckets that changed since the last publish are copied.
+//!
+//! `/run/ublk-bench/<id>.stats` holds a header and one slot per queue. A
+//! server started with `--stats off` says so in the header; its queues then
+//! count only their `io_uring_enter` calls, and `stats` reports that the
+//! figures are off instead of showing zeros. Service time (the pass that saw
+//! the descriptor to the pass that queued its COMMIT, one clock read per
+//! pass) goes into log-linear buckets (16 per power of two, so within
+//! 6.25%), which `stats` turns into an HdrHistogram to merge queues and read
+//! percentiles. Readers take two snapshots and difference them, so nothing
+//! needs a consistent cut.
 //!
 //! The name belongs to the server that serves the device. A server that is
 //! still getting ready to take over (a hot standby, `restart`'s successor,
@@ -34,9 +44,12 @@ use crate::{run_files, sys};
 
 pub const SUB_BITS: u32 = 4;
 pub const BUCKETS: usize = 64 << SUB_BITS;
-const MAGIC: u64 = 0x7562_6c6b_7374_6174; // "ublkstat"
+/// "ublkst02": the second layout (header flags, `enters`).
+const MAGIC: u64 = 0x7562_6c6b_7374_3032;
+/// Header flag: the server counts nothing but its enters (`--stats off`).
+const FLAG_OFF: u64 = 1;
 
-/// Counters of one queue. Field order is the file format.
+/// One queue's slot in the shared file. Field order is the file format.
 #[repr(C)]
 #[derive(Debug)]
 pub struct QueueStats {
@@ -48,6 +61,8 @@ pub struct QueueStats {
     pub errors: AtomicU64,
     pub busy_turns: AtomicU64,
     pub idle_turns: AtomicU64,
+    /// `io_uring_enter` calls of the queue's loop, blocking or polling.
+    pub enters: AtomicU64,
     pub max_ns: AtomicU64,
     pub buckets: [AtomicU64; BUCKETS],
 }
@@ -58,6 +73,8 @@ struct Header {
     queues: u64,
     /// The server process that writes the file.
     pid: u64,
+    /// [`FLAG_OFF`] or 0.
+    flags: u64,
 }
 
 /// Bucket of a service time: exact below 16 ns, then 16 per octave.
@@ -81,37 +98,114 @@ pub fn bucket_floor(b: usize) -> u64 {
     (1 << exp) | (sub << (exp - SUB_BITS as u64))
 }
 
-impl QueueStats {
-    /// Single writer: load and store instead of read-modify-write.
-    fn bump(a: &AtomicU64, by: u64) {
-        a.store(a.load(Relaxed).wrapping_add(by), Relaxed);
+/// One queue's counters, owned by its queue thread: plain integers bumped
+/// in the loop and copied to the shared slot by [`Self::publish`]. Made
+/// once at queue start (the histogram is the one allocation); recording
+/// and publishing allocate nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCounters {
+    pub reads: u64,
+    pub writes: u64,
+    pub others: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub errors: u64,
+    pub busy_turns: u64,
+    pub idle_turns: u64,
+    pub enters: u64,
+    pub max_ns: u64,
+    buckets: Box<[u64]>,
+    /// One bit per bucket changed since the last publish, so a publish
+    /// copies a few buckets and not all 1024.
+    dirty: [u64; BUCKETS / 64],
+}
+
+impl Default for QueueCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QueueCounters {
+    pub fn new() -> Self {
+        QueueCounters {
+            reads: 0,
+            writes: 0,
+            others: 0,
+            read_bytes: 0,
+            write_bytes: 0,
+            errors: 0,
+            busy_turns: 0,
+            idle_turns: 0,
+            enters: 0,
+            max_ns: 0,
+            buckets: vec![0; BUCKETS].into_boxed_slice(),
+            dirty: [0; BUCKETS / 64],
+        }
     }
 
-    pub fn record(&self, req: &Request, result: i32, ns: u64) {
+    /// Counts one finished request that took `ns` (its COMMIT result is `result`).
+    #[inline]
+    pub fn record(&mut self, req: &Request, result: i32, ns: u64) {
         match req.op {
             sys::UBLK_IO_OP_READ => {
-                Self::bump(&self.reads, 1);
-                Self::bump(&self.read_bytes, req.len as u64);
+                self.reads += 1;
+                self.read_bytes += req.len as u64;
             }
             sys::UBLK_IO_OP_WRITE => {
-                Self::bump(&self.writes, 1);
-                Self::bump(&self.write_bytes, req.len as u64);
+                self.writes += 1;
+                self.write_bytes += req.len as u64;
             }
-            _ => Self::bump(&self.others, 1),
+            _ => self.others += 1,
         }
-        if result < 0 {
-            Self::bump(&self.errors, 1);
-        }
-        Self::bump(&self.buckets[bucket_of(ns).min(BUCKETS - 1)], 1);
-        if ns > self.max_ns.load(Relaxed) {
-            self.max_ns.store(ns, Relaxed);
+        self.errors += (result < 0) as u64;
+        let b = bucket_of(ns).min(BUCKETS - 1);
+        self.buckets[b] += 1;
+        self.dirty[b / 64] |= 1 << (b % 64);
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Counts one look at the completion queue: `busy` if it held entries.
+    #[inline]
+    pub fn turn(&mut self, busy: bool) {
+        if busy {
+            self.busy_turns += 1;
+        } else {
+            self.idle_turns += 1;
         }
     }
 
-    pub fn turn(&self, busy: bool) {
-        Self::bump(if busy { &self.busy_turns } else { &self.idle_turns }, 1);
+    /// Counts one `io_uring_enter` call.
+    #[inline]
+    pub fn entered(&mut self) {
+        self.enters += 1;
     }
 
+    /// Copies the counters to `slot` (this queue's, written by no one
+    /// else): every scalar, and the buckets changed since the last call.
+    pub fn publish(&mut self, slot: &QueueStats) {
+        let set = |a: &AtomicU64, v: u64| a.store(v, Relaxed);
+        set(&slot.reads, self.reads);
+        set(&slot.writes, self.writes);
+        set(&slot.others, self.others);
+        set(&slot.read_bytes, self.read_bytes);
+        set(&slot.write_bytes, self.write_bytes);
+        set(&slot.errors, self.errors);
+        set(&slot.busy_turns, self.busy_turns);
+        set(&slot.idle_turns, self.idle_turns);
+        set(&slot.enters, self.enters);
+        set(&slot.max_ns, self.max_ns);
+        for (w, word) in self.dirty.iter_mut().enumerate() {
+            while *word != 0 {
+                let b = w * 64 + word.trailing_zeros() as usize;
+                set(&slot.buckets[b], self.buckets[b]);
+                *word &= *word - 1;
+            }
+        }
+    }
+}
+
+impl QueueStats {
     /// A plain copy of the counters.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -123,6 +217,7 @@ impl QueueStats {
             errors: self.errors.load(Relaxed),
             busy_turns: self.busy_turns.load(Relaxed),
             idle_turns: self.idle_turns.load(Relaxed),
+            enters: self.enters.load(Relaxed),
             max_ns: self.max_ns.load(Relaxed),
             buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
         }
@@ -139,6 +234,7 @@ pub struct Snapshot {
     pub errors: u64,
     pub busy_turns: u64,
     pub idle_turns: u64,
+    pub enters: u64,
     pub max_ns: u64,
     pub buckets: Vec<u64>,
 }
@@ -156,6 +252,7 @@ impl Snapshot {
             errors: d(self.errors, earlier.errors),
             busy_turns: d(self.busy_turns, earlier.busy_turns),
             idle_turns: d(self.idle_turns, earlier.idle_turns),
+            enters: d(self.enters, earlier.enters),
             max_ns: self.max_ns,
             buckets: self.buckets.iter().zip(&earlier.buckets).map(|(a, b)| d(*a, *b)).collect(),
         }
@@ -169,7 +266,7 @@ impl Snapshot {
     pub fn histogram(&self) -> hdrhistogram::Histogram<u64> {
         let mut h = hdrhistogram::Histogram::new_with_bounds(1, 1 << 44, 3).expect("valid bounds");
         for (b, &n) in self.buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
-            h.saturating_record_n(bucket_floor(b).max(1), n);
+            h.saturating_record_n(bucket_floor(b), n);
         }
         h
     }
@@ -186,6 +283,7 @@ impl Snapshot {
             m.errors += s.errors;
             m.busy_turns += s.busy_turns;
             m.idle_turns += s.idle_turns;
+            m.enters += s.enters;
             m.max_ns = m.max_ns.max(s.max_ns);
             m.buckets.iter_mut().zip(&s.buckets).for_each(|(a, b)| *a += b);
         }
@@ -226,13 +324,15 @@ impl StatsFile {
     }
 
     /// Makes a zeroed, unpublished file for `queues` queues (a new server
-    /// starts afresh). Never touches the live server's file, which that
-    /// server has mapped: truncating it would turn its stores into SIGBUS.
-    pub fn create(dev_id: u32, queues: usize) -> Result<Self> {
-        Self::create_in(run_files::run_dir(), dev_id, queues)
+    /// starts afresh); `on` false marks it as a `--stats off` server's.
+    /// Never touches the live server's file, which that server has mapped:
+    /// truncating it would turn its stores into SIGBUS.
+    pub fn create(dev_id: u32, queues: usize, on: bool) -> Result<Self> {
+        Self::create_in(run_files::run_dir(), dev_id, queues, on)
     }
 
-    fn create_in(dir: PathBuf, dev_id: u32, queues: usize) -> Result<Self> {
+    /// [`Self::create`] in another folder (tests).
+    pub(crate) fn create_in(dir: PathBuf, dev_id: u32, queues: usize, on: bool) -> Result<Self> {
         let (file, name) = unnamed_file(&dir, dev_id)?;
         file.set_len(Self::len(queues) as u64).map_err(|e| Error::io("size stats file", e))?;
         // SAFETY: the file is ours and sized above; other processes only read it.
@@ -242,6 +342,7 @@ impl StatsFile {
         let h = unsafe { &mut *(map.as_mut_ptr() as *mut Header) };
         h.queues = queues as u64;
         h.pid = std::process::id() as u64;
+        h.flags = if on { 0 } else { FLAG_OFF };
         h.magic = MAGIC;
         Ok(StatsFile { map, queues, dev_id, dir, unpublished: Mutex::new(Some((file, name))) })
     }
@@ -268,7 +369,8 @@ impl StatsFile {
         Self::open_in(run_files::run_dir(), dev_id)
     }
 
-    fn open_in(dir: PathBuf, dev_id: u32) -> Result<Self> {
+    /// [`Self::open`] in another folder (tests).
+    pub(crate) fn open_in(dir: PathBuf, dev_id: u32) -> Result<Self> {
         let path = dir.join(format!("{dev_id}.stats"));
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| {
             Error::io(format!("open {} (is device {dev_id} served by ublk-bench?)", path.display()), e)
@@ -295,6 +397,12 @@ impl StatsFile {
     /// The pid of the server that made the file.
     pub fn server_pid(&self) -> u32 {
         Self::header(&self.map).pid as u32
+    }
+
+    /// False for a server started with `--stats off`: its slots hold only
+    /// `enters`.
+    pub fn is_on(&self) -> bool {
+        Self::header(&self.map).flags & FLAG_OFF == 0
     }
 
     pub fn queues(&self) -> usize {
@@ -375,11 +483,80 @@ mod tests {
         n
     }
 
+    fn busy_turn(f: &StatsFile, q: usize) {
+        let mut c = QueueCounters::new();
+        c.turn(true);
+        c.publish(f.queue(q));
+    }
+
+    fn read(op: u8, len: u32) -> Request {
+        Request { op, len, ..Default::default() }
+    }
+
+    #[test]
+    fn counters_reach_the_file_only_when_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StatsFile::create_in(dir.path().into(), 5, 2, true).unwrap();
+        let mut c = QueueCounters::new();
+        c.record(&read(sys::UBLK_IO_OP_READ, 4096), 4096, 1000);
+        c.record(&read(sys::UBLK_IO_OP_WRITE, 8192), -5, 50_000);
+        c.record(&read(sys::UBLK_IO_OP_FLUSH, 0), 0, 0);
+        c.entered();
+        c.turn(true);
+        c.turn(false);
+        assert_eq!(f.queue(1).snapshot().ios(), 0, "counted before publish");
+        c.publish(f.queue(1));
+        let s = f.queue(1).snapshot();
+        assert_eq!((s.reads, s.writes, s.others, s.errors), (1, 1, 1, 1));
+        assert_eq!((s.read_bytes, s.write_bytes, s.max_ns), (4096, 8192, 50_000));
+        assert_eq!((s.enters, s.busy_turns, s.idle_turns), (1, 1, 1));
+        assert_eq!(s.buckets.iter().sum::<u64>(), 3);
+        assert_eq!((s.buckets[0], s.buckets[bucket_of(1000)], s.buckets[bucket_of(50_000)]), (1, 1, 1));
+        assert_eq!(f.queue(0).snapshot().ios(), 0, "queue 1 wrote queue 0's slot");
+    }
+
+    #[test]
+    fn publish_copies_every_changed_bucket_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StatsFile::create_in(dir.path().into(), 5, 1, true).unwrap();
+        let mut c = QueueCounters::new();
+        // One bucket in most dirty words, and both ends of the range.
+        let last = bucket_of(u64::MAX);
+        for b in (0..last).step_by(63).chain([last - 1]) {
+            c.record(&read(sys::UBLK_IO_OP_READ, 512), 512, bucket_floor(b));
+        }
+        c.publish(f.queue(0));
+        assert_eq!(f.queue(0).snapshot().buckets, c.buckets.to_vec());
+        assert_eq!(c.dirty, [0; BUCKETS / 64], "publish left buckets marked");
+        c.record(&read(sys::UBLK_IO_OP_READ, 512), 512, u64::MAX);
+        c.publish(f.queue(0));
+        assert_eq!(f.queue(0).snapshot().buckets, c.buckets.to_vec());
+        assert_eq!(f.queue(0).snapshot().max_ns, u64::MAX);
+    }
+
+    #[test]
+    fn the_header_says_whether_stats_are_on() {
+        let dir = tempfile::tempdir().unwrap();
+        for on in [true, false] {
+            let f = StatsFile::create_in(dir.path().into(), 9, 1, on).unwrap();
+            f.publish().unwrap();
+            assert_eq!(StatsFile::open_in(dir.path().into(), 9).unwrap().is_on(), on);
+        }
+    }
+
+    #[test]
+    fn a_zero_service_time_reads_as_zero() {
+        let mut s = Snapshot { buckets: vec![0; BUCKETS], ..Default::default() };
+        s.buckets[0] = 10;
+        let h = s.histogram();
+        assert_eq!((h.len(), h.value_at_quantile(0.5), h.max()), (10, 0, 0));
+    }
+
     #[test]
     fn an_unpublished_file_has_no_name_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let f = StatsFile::create_in(dir.path().into(), 7, 2).unwrap();
-        f.queue(1).turn(true);
+        let f = StatsFile::create_in(dir.path().into(), 7, 2, true).unwrap();
+        busy_turn(&f, 1);
         assert_eq!(names(dir.path()), Vec::<String>::new(), "a file named before publish");
         assert!(StatsFile::open_in(dir.path().into(), 7).is_err(), "opened an unpublished file");
         drop(f);
@@ -389,16 +566,19 @@ mod tests {
     #[test]
     fn publish_replaces_the_live_file_and_its_readers_keep_theirs() {
         let dir = tempfile::tempdir().unwrap();
-        let live = StatsFile::create_in(dir.path().into(), 3, 1).unwrap();
+        let live = StatsFile::create_in(dir.path().into(), 3, 1, true).unwrap();
         live.publish().unwrap();
-        live.queue(0).turn(true);
-        let next = StatsFile::create_in(dir.path().into(), 3, 1).unwrap();
+        let mut live_counters = QueueCounters::new();
+        live_counters.turn(true);
+        live_counters.publish(live.queue(0));
+        let next = StatsFile::create_in(dir.path().into(), 3, 1, true).unwrap();
         let reader = StatsFile::open_in(dir.path().into(), 3).unwrap();
         assert_eq!(reader.queue(0).snapshot().busy_turns, 1, "the reader does not see the live server");
         next.publish().unwrap();
         next.publish().unwrap(); // a second publish changes nothing
         assert_eq!(names(dir.path()), ["3.stats"]);
-        live.queue(0).turn(true);
+        live_counters.turn(true);
+        live_counters.publish(live.queue(0));
         assert_eq!(reader.queue(0).snapshot().busy_turns, 2, "an old reader lost its mapping");
         let now = StatsFile::open_in(dir.path().into(), 3).unwrap();
         assert_eq!(now.queue(0).snapshot().busy_turns, 0, "the published file is not the new one");
@@ -433,13 +613,25 @@ mod tests {
 
     #[test]
     fn snapshots_difference_and_merge() {
-        let a = Snapshot { reads: 10, read_bytes: 40960, buckets: vec![1; BUCKETS], ..Default::default() };
-        let b = Snapshot { reads: 25, read_bytes: 102400, buckets: vec![3; BUCKETS], ..Default::default() };
+        let a = Snapshot {
+            reads: 10,
+            read_bytes: 40960,
+            enters: 4,
+            buckets: vec![1; BUCKETS],
+            ..Default::default()
+        };
+        let b = Snapshot {
+            reads: 25,
+            read_bytes: 102400,
+            enters: 9,
+            buckets: vec![3; BUCKETS],
+            ..Default::default()
+        };
         let d = b.since(&a);
-        assert_eq!((d.reads, d.read_bytes), (15, 61440));
+        assert_eq!((d.reads, d.read_bytes, d.enters), (15, 61440, 5));
         assert!(d.buckets.iter().all(|&x| x == 2));
         let m = Snapshot::merge(&[a, b]);
-        assert_eq!(m.reads, 35);
+        assert_eq!((m.reads, m.enters), (35, 13));
         assert_eq!(m.buckets[7], 4);
     }
 

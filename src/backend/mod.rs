@@ -35,6 +35,9 @@ pub trait QueueBackend {
     type Sqe: squeue::EntryMarker;
     /// The ring's CQE size: 16 bytes unless the backend's commands return 32.
     type Cqe: cqueue::EntryMarker;
+    /// The most commands `submit` pushes for one request (the queue sizes
+    /// its rings by it): 0 for a backend that finishes in the call.
+    const MAX_COMMANDS: u32 = 1;
 
     /// Starts one request. Some(result) if it finished at once; None if it
     /// pushed commands into `sq` (tagged as above), to end in [`Self::complete`].
@@ -66,6 +69,7 @@ pub trait SyncBackend {
 impl<T: SyncBackend> QueueBackend for T {
     type Sqe = squeue::Entry;
     type Cqe = cqueue::Entry;
+    const MAX_COMMANDS: u32 = 0;
 
     fn submit(
         &mut self,

@@ -390,6 +390,8 @@ impl QueueBackend for NvmeQueue {
     /// NVMe passthrough needs SQE128 and CQE32.
     type Sqe = squeue::Entry128;
     type Cqe = io_uring::cqueue::Entry32;
+    /// Zero copy without AUTO_BUF_REG: REGISTER_IO_BUF, the command, UNREGISTER_IO_BUF.
+    const MAX_COMMANDS: u32 = 3;
 
     /// Pushes the NVMe command for `tag`; Some(result) if it failed at once.
     ///

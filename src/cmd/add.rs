@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::AddArgs;
+use crate::cli::{AddArgs, OnOff};
 use crate::config::{BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode};
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier};
@@ -75,6 +75,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         explicit_buf_reg: args.explicit_buf_reg,
         recovery: recovery_from(args)?,
         batch: args.queue.batch,
+        stats: args.queue.stats == OnOff::On,
     };
     check_copy_mode(args.copy_mode, args.backend, args.explicit_buf_reg)?;
     match args.backend {

@@ -30,7 +30,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cli::{DowntimeArgs, RecoverMethod};
+use crate::cli::{DowntimeArgs, OnOff, RecoverMethod};
 use crate::clock::now_ns;
 use crate::config::{self, BackendKind};
 use crate::ctrl::{self, Ctrl};
@@ -293,6 +293,9 @@ impl Device {
         }
         if a.queue.batch {
             args.push("--batch".into());
+        }
+        if a.queue.stats == OnOff::Off {
+            args.extend(["--stats".into(), "off".into()]);
         }
         if let Some(store) = &a.store {
             args.extend(["--store".into(), store.display().to_string()]);
