@@ -225,10 +225,16 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         push::<B>(&mut ring.submission(), &sqe, qid)?;
         ring.submit_and_wait(1).map_err(|e| Error::io(format!("submit PREP_IO_CMDS on queue {qid}"), e))?;
         let cqe: cqueue::Entry = ring.completion().next().expect("waited for it").into();
-        if cqe.result() != 0 {
-            return Err(cmd_error("PREP_IO_CMDS", qid, cqe.result()));
-        }
         s.commits.bufs[slot].clear();
+        match cqe.result() {
+            0 => {}
+            // The device is being stopped: nothing to serve, `run` returns at once.
+            sys::UBLK_IO_RES_ABORT => {
+                s.stopping = true;
+                return Ok(());
+            }
+            err => return Err(cmd_error("PREP_IO_CMDS", qid, err)),
+        }
         for i in 0..FETCHES {
             s.arm_fetch(i, &mut ring.submission())?;
         }
