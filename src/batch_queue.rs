@@ -271,6 +271,9 @@ impl<B: QueueBackend> State<B> {
                 break;
             }
             sq.sync();
+            // Publish the CQ head first: the kernel counts a wait's CQEs
+            // from it, and entries this queue already took must not count.
+            cq.sync();
             let entered = if self.stopping {
                 if !self.wait_for(sub, cq, LINGER)? && drained {
                     break;
