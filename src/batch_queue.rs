@@ -787,6 +787,32 @@ mod tests {
         assert!(c.send().is_none(), "nothing left to send");
     }
 
+    /// The ring's entries and tail as the kernel reads them, after setup and
+    /// after a buffer is taken and given back.
+    #[test]
+    fn fetch_ring_hands_every_buffer_out_and_takes_tags_back() {
+        let ring = IoUring::<squeue::Entry, cqueue::Entry>::new(8).expect("io_uring on this host");
+        let mut f = FetchRing::new(&ring, 8).expect("IORING_REGISTER_PBUF_RING (5.19+)");
+        let word = |r: &FetchRing, at: usize, len: usize| {
+            r.ring[at..at + len].iter().rev().fold(0u64, |v, b| v << 8 | *b as u64)
+        };
+        assert_eq!((f.entries, f.buf_len, f.tags_per_buf()), (8, 16, 8));
+        assert_eq!(word(&f, BUF_TAIL, 2), 8, "all 8 buffers given at start");
+        for bid in 0..8 {
+            let e = bid * BUF_ENTRY;
+            assert_eq!(word(&f, e + BUF_BID, 2), bid as u64);
+            assert_eq!(word(&f, e + BUF_LEN, 4), 16);
+            assert_eq!(word(&f, e + BUF_ADDR, 8), f.bufs.as_ptr() as u64 + bid as u64 * 16);
+        }
+        f.bufs[3 * 16..3 * 16 + 4].copy_from_slice(&[7, 0, 0x22, 0x01]);
+        let mut tags = [0u16; MAX_TAGS];
+        assert_eq!(f.take(3, 4, &mut tags), 2);
+        assert_eq!(tags[..2], [7, 0x0122]);
+        f.publish();
+        assert_eq!(word(&f, BUF_TAIL, 2), 9);
+        assert_eq!(word(&f, BUF_BID, 2), 3, "buffer 3 back at slot 8 % 8 = 0");
+    }
+
     #[test]
     fn multishot_sets_the_two_uring_cmd_fields() {
         let sqe = opcode::UringCmd16::new(types::Fd(3), sys::UBLK_U_IO_FETCH_IO_CMDS).build();
