@@ -40,6 +40,7 @@ use io_uring::squeue::EntryMarker as _;
 use io_uring::{IoUring, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
+use crate::backend::file::FileQueue;
 use crate::backend::null::NullQueue;
 use crate::backend::nvme::NvmeQueue;
 use crate::backend::ram::RamQueue;
@@ -371,6 +372,10 @@ pub fn spawn_queue(
         DeviceBackend::Null => spawn(Box::new(move || run_queue(setup, NullQueue, io))),
         DeviceBackend::Ram(store) => {
             let q = RamQueue::new(store.clone());
+            spawn(Box::new(move || run_queue(setup, q, io)))
+        }
+        DeviceBackend::File(f) => {
+            let q = FileQueue::new(f.clone(), setup.depth);
             spawn(Box::new(move || run_queue(setup, q, io)))
         }
         DeviceBackend::Nvme(ns, file) => {

@@ -643,7 +643,7 @@ const CYCLES: usize = 20;
 const DEV_MIB: u64 = 4;
 const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// `ram -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
+/// `BACKEND -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
 /// server CYCLES times in the middle of the load (a request seen in flight
 /// when we can, see [`wait_load`]) and bring it back by `method`. fio sees no error, every pass verifies the whole device, and a
 /// final `--verify_only` pass reads it all back. Each recovery writes one
@@ -651,11 +651,13 @@ const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 /// the new server is its child and the supervisor logged exactly our kills
 /// (no other crash, no failed standby); with `--standby`, the standby that
 /// watched the killed server is the one that took over, every time.
-fn kill_cycles(method: Method) {
+/// `backend` is `ram` (zero copy where the kernel has it) or `file --path P`.
+fn kill_cycles(method: Method, backend: &[&str]) {
     let Some(_g) = guard() else { return };
     let t0 = Instant::now();
     let size = format!("{DEV_MIB}M");
-    let mut args = vec!["ram", "-r", "-i", "--size", &size];
+    let mut args = backend.to_vec();
+    args.extend(["-r", "-i", "--size", &size]);
     match method {
         Method::Recover => {}
         Method::Supervise => args.push("--supervise"),
@@ -832,17 +834,43 @@ fn kill_cycles(method: Method) {
 
 #[test]
 fn reissue_kill_cycles_recover() {
-    kill_cycles(Method::Recover);
+    kill_cycles(Method::Recover, &["ram"]);
 }
 
 #[test]
 fn reissue_kill_cycles_supervise() {
-    kill_cycles(Method::Supervise);
+    kill_cycles(Method::Supervise, &["ram"]);
 }
 
 #[test]
 fn reissue_kill_cycles_standby() {
-    kill_cycles(Method::Standby);
+    kill_cycles(Method::Standby, &["ram"]);
+}
+
+/// A user's file on tmpfs for the `file` backend, DEV_MIB long; the test
+/// checks at the end that ublk-bench left it in place, at its size.
+fn user_file() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir_in("/dev/shm").expect("a folder in /dev/shm");
+    let path = dir.path().join("img");
+    fs::write(&path, vec![0u8; (DEV_MIB * MIB) as usize]).expect("write the user's file");
+    (dir, path.to_string_lossy().into_owned())
+}
+
+fn file_kill_cycles(method: Method) {
+    let (_dir, path) = user_file();
+    kill_cycles(method, &["file", "--path", &path]);
+    let len = fs::metadata(&path).map(|m| m.len());
+    assert_eq!(len.as_ref().ok(), Some(&(DEV_MIB * MIB)), "the user's file {path} after del: {len:?}");
+}
+
+#[test]
+fn file_kill_cycles_recover() {
+    file_kill_cycles(Method::Recover);
+}
+
+#[test]
+fn file_kill_cycles_standby() {
+    file_kill_cycles(Method::Standby);
 }
 
 // ---------------------------------------------------------------- acknowledged data
