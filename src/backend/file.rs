@@ -186,7 +186,8 @@ impl Backing {
 
     fn new(file: File, path: &Path, size: u64, durable: bool) -> Self {
         let tmpfs = on_tmpfs(&file);
-        if tmpfs {
+        // The variable is for measuring what keeping tmpfs I/O inline saves.
+        if tmpfs && std::env::var_os(TMPFS_PUNT_ENV).is_none() {
             keep_inline(&file, path);
         }
         Backing { file, path: path.to_owned(), size, durable, tmpfs }
@@ -218,6 +219,10 @@ fn on_tmpfs(file: &File) -> bool {
     let ok = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0;
     ok && st.f_type == libc::TMPFS_MAGIC
 }
+
+/// Set (to anything) in a server's environment, tmpfs files are left as
+/// opened, so their I/O goes through io-wq: for measuring [`keep_inline`].
+pub const TMPFS_PUNT_ENV: &str = "UBLK_BENCH_TMPFS_PUNT";
 
 /// Keeps io_uring READ and WRITE on a tmpfs file in the queue thread.
 ///
