@@ -401,3 +401,53 @@ fn buf_cmd(fd: i32, op: u32, (qid, tag): (u16, u16), index: u16, ud: u64) -> squ
     unsafe { std::ptr::copy_nonoverlapping(&c as *const _ as *const u8, payload.as_mut_ptr(), 16) };
     opcode::UringCmd16::new(types::Fd(fd), op).cmd(payload).build().user_data(ud)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendKind, CopyMode, Recovery};
+
+    fn cfg(path: &Path, direct: bool) -> DeviceConfig {
+        DeviceConfig {
+            dev_id: None,
+            backend: BackendKind::File,
+            size: 4096,
+            store: None,
+            store_created: false,
+            path: Some(path.to_owned()),
+            direct,
+            nvme_dev: None,
+            queues: 1,
+            depth: 4,
+            cpus: vec![],
+            poll: false,
+            block_size: 512,
+            max_io_bytes: 1 << 20,
+            copy_mode: CopyMode::Zero,
+            explicit_buf_reg: false,
+            recovery: Recovery::None,
+        }
+    }
+
+    #[test]
+    fn a_file_has_a_volatile_cache_and_fua_even_with_direct() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let both = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+        assert_eq!(cache_attrs(&cfg(f.path(), false)), both);
+        // The filesystem's metadata and the disk under it may cache writes.
+        assert_eq!(cache_attrs(&cfg(f.path(), true)), both);
+    }
+
+    #[test]
+    fn probe_resolves_links_and_reads_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        std::fs::write(&img, vec![0u8; 3000]).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        let p = probe(&link, false, 512).unwrap();
+        assert_eq!((p.path, p.size, p.logical_block), (img.canonicalize().unwrap(), 3000, None));
+        let err = probe(&img, false, 4096).unwrap_err().to_string();
+        assert!(err.contains("less than one 4096-byte block"), "{err}");
+    }
+}
