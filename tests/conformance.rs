@@ -82,6 +82,7 @@ fn common_contract(b: &mut impl SyncBackend, mode: &mut Mode) {
     assert_eq!(mode.write(b, 0, &pattern(4096, 1)), 4096);
     assert_eq!(mode.read(b, 4096, 8192).0, 8192);
     assert_eq!(b.serve(&req(sys::UBLK_IO_OP_FLUSH, 0, 0), Data::None), 0);
+    assert_eq!(b.serve(&req(sys::UBLK_IO_OP_FLUSH, u64::MAX << 9, 0), Data::None), 0, "FLUSH at sector -1");
     assert!(b.serve(&req(sys::UBLK_IO_OP_DISCARD, 0, 4096), Data::None) >= 0);
     assert!(b.serve(&req(sys::UBLK_IO_OP_WRITE_ZEROES, 0, 4096), Data::None) >= 0);
     assert_eq!(b.serve(&req(99, 0, 512), Data::None), -libc::EOPNOTSUPP);
@@ -247,6 +248,9 @@ fn file_flush_and_fua_write_reach_the_file() {
         let fua = Request { op: sys::UBLK_IO_OP_WRITE, flags: sys::UBLK_IO_F_FUA, offset: 4096, len: 8192 };
         assert_eq!(f.run(&fua, Data::Buf(&mut buf)), 8192);
         assert_eq!(f.run(&req(sys::UBLK_IO_OP_FLUSH, 0, 0), Data::None), 0, "fsync through io_uring");
+        // The block layer leaves a FLUSH's sector at -1 (blk_rq_init).
+        let flush = Request { op: sys::UBLK_IO_OP_FLUSH, flags: 0, offset: u64::MAX << 9, len: 0 };
+        assert_eq!(f.run(&flush, Data::None), 0, "a FLUSH's sector is not a range");
         let mut got = vec![0u8; 8192];
         File::open(&path).unwrap().read_exact_at(&mut got, 4096).unwrap();
         assert_eq!(got, data);

@@ -330,7 +330,9 @@ impl QueueBackend for FileQueue {
         sq: &mut io_uring::SubmissionQueue<'_, squeue::Entry>,
         ud: u64,
     ) -> Option<i32> {
-        if !self.file.in_range(req) {
+        // A FLUSH carries no range: its sector is whatever the block layer
+        // left there (blk_rq_init sets it to -1).
+        if req.op != sys::UBLK_IO_OP_FLUSH && !self.file.in_range(req) {
             return Some(-libc::EINVAL);
         }
         let io = match self.command(req, &data) {
