@@ -44,6 +44,7 @@ use io_uring::squeue::{self, EntryMarker as _};
 use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut};
 
+use crate::backend::file::FileQueue;
 use crate::backend::null::NullQueue;
 use crate::backend::nvme::NvmeQueue;
 use crate::backend::ram::RamQueue;
@@ -101,6 +102,10 @@ pub fn spawn_batch_queue(
         DeviceBackend::Null => spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, NullQueue, io))),
         DeviceBackend::Ram(store) => {
             let q = RamQueue::new(store.clone());
+            spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, q, io)))
+        }
+        DeviceBackend::File(f) => {
+            let q = FileQueue::new(f.clone(), setup.depth);
             spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, q, io)))
         }
         DeviceBackend::Nvme(ns, file) => {

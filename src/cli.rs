@@ -83,7 +83,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
-    /// Backend: null (ublk cost alone), ram (shared-memory store that survives a crash) or nvme (passthrough).
+    /// Backend: null (ublk cost alone), ram (shared-memory store that survives a crash), file (a file or
+    /// block device, like loop) or nvme (passthrough).
     #[arg(value_enum)]
     pub backend: BackendKind,
     /// Device id; -1 or absent lets the kernel pick.
@@ -108,6 +109,13 @@ pub struct AddArgs {
     /// must match --size (default: the file's size). `del` leaves it in place.
     #[arg(long, requires = "store")]
     pub reuse_store: bool,
+    /// File or block device the file backend serves (it must exist and open read-write; ublk-bench never
+    /// creates, truncates or removes it). The size defaults to the file's.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// file backend: open --path with O_DIRECT (no page cache).
+    #[arg(long)]
+    pub direct: bool,
     /// NVMe namespace for the nvme backend: /dev/ngXnY (or /dev/nvmeXnY).
     #[arg(long)]
     pub dev: Option<PathBuf>,

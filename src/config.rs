@@ -14,6 +14,7 @@ pub enum BackendKind {
     Null,
     Ram,
     Nvme,
+    File,
 }
 
 impl BackendKind {
@@ -22,6 +23,7 @@ impl BackendKind {
             BackendKind::Null => "null",
             BackendKind::Ram => "ram",
             BackendKind::Nvme => "nvme",
+            BackendKind::File => "file",
         }
     }
 }
@@ -89,6 +91,13 @@ pub struct DeviceConfig {
     /// remove it; false for a store the user brought with `--reuse-store`.
     #[serde(default)]
     pub store_created: bool,
+    /// The file or block device `file` serves (absolute, links resolved).
+    /// Never created, truncated or removed by ublk-bench.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `file`: open `path` O_DIRECT.
+    #[serde(default)]
+    pub direct: bool,
     /// NVMe namespace (`/dev/ngXnY`) for `nvme`.
     #[serde(default)]
     pub nvme_dev: Option<PathBuf>,
@@ -150,25 +159,19 @@ pub fn check_depth(depth: u32) -> Result<u16> {
 }
 
 /// The copy-mode rules that need no kernel: what a backend can use, and
-/// `--explicit-buf-reg` only with zero copy. `auto` for nvme may still end
-/// up as copy on an old kernel; the server checks that against the features.
+/// `--explicit-buf-reg` only with zero copy. `auto` for nvme, file and ram may
+/// still end up as copy (or user) on an old kernel; the server checks that
+/// against the features.
 pub fn check_copy_mode(mode: CopyMode, backend: BackendKind, explicit_buf_reg: bool) -> Result<()> {
-    match (mode, backend) {
-        (CopyMode::Zero, BackendKind::Ram) => {
-            return Err(Error::invalid(
-                "zero copy cannot reach a RAM store (the server never sees the pages): use --copy-mode user",
-            ));
-        }
-        (CopyMode::User, BackendKind::Nvme) => {
-            return Err(Error::invalid(
-                "user copy would add a bounce copy for nvme: use --copy-mode zero or copy",
-            ));
-        }
-        _ => {}
+    if let (CopyMode::User, BackendKind::Nvme | BackendKind::File) = (mode, backend) {
+        return Err(Error::invalid(format!(
+            "user copy would add a bounce copy for {}: use --copy-mode zero or copy",
+            backend.name()
+        )));
     }
-    // auto picks user or copy for null and ram, never zero.
+    // auto picks user or copy for null, never zero.
     let never_zero = matches!(mode, CopyMode::Copy | CopyMode::User)
-        || (mode == CopyMode::Auto && backend != BackendKind::Nvme);
+        || (mode == CopyMode::Auto && backend == BackendKind::Null);
     if explicit_buf_reg && never_zero {
         return Err(Error::invalid(format!(
             "--explicit-buf-reg applies to zero copy, but {} copy for {} is not zero copy: drop it or add --copy-mode zero",
@@ -188,9 +191,14 @@ impl DeviceConfig {
                 self.block_size
             )));
         }
-        if self.size < MIN_SIZE || self.size > MAX_SIZE {
+        // A user's file may be small; a device we size ourselves is 1M at least.
+        let (min, min_name) = match self.backend {
+            BackendKind::File => (self.block_size as u64, format!("{} (one block)", self.block_size)),
+            _ => (MIN_SIZE, "1M".to_string()),
+        };
+        if self.size < min || self.size > MAX_SIZE {
             return Err(Error::invalid(format!(
-                "size {} is out of range: give --size between 1M and 1P",
+                "size {} is out of range: give --size between {min_name} and 1P",
                 self.size
             )));
         }
@@ -201,6 +209,11 @@ impl DeviceConfig {
                 self.block_size,
                 self.size / self.block_size as u64 * self.block_size as u64
             )));
+        }
+        if (self.backend == BackendKind::File) != self.path.is_some() {
+            return Err(Error::invalid(
+                "--path goes with the file backend, and the file backend needs --path",
+            ));
         }
         check_depth(self.depth as u32)?;
         check_queues(self.queues as u32)?;
@@ -314,6 +327,8 @@ mod tests {
             size: 64 << 20,
             store: None,
             store_created: false,
+            path: None,
+            direct: false,
             nvme_dev: None,
             queues: 1,
             depth: 64,
@@ -405,8 +420,8 @@ mod tests {
         use BackendKind::*;
         use CopyMode::*;
         let refused = [
-            (Zero, Ram, false, "zero copy cannot reach a RAM store"),
-            (User, Nvme, false, "user copy would add a bounce copy"),
+            (User, Nvme, false, "user copy would add a bounce copy for nvme"),
+            (User, File, false, "user copy would add a bounce copy for file"),
             (Copy, Nvme, true, "--explicit-buf-reg applies to zero copy"),
             (User, Ram, true, "--explicit-buf-reg applies to zero copy"),
             (Auto, Null, true, "--explicit-buf-reg applies to zero copy"),
@@ -415,12 +430,19 @@ mod tests {
             let err = check_copy_mode(mode, backend, ebr).unwrap_err().to_string();
             assert!(err.contains(want), "{mode:?} {backend:?} {ebr}: {err}");
         }
-        for (mode, backend, ebr) in
-            [(Zero, Nvme, true), (Auto, Nvme, true), (Zero, Null, true), (User, Ram, false)]
-        {
+        for (mode, backend, ebr) in [
+            (Zero, Nvme, true),
+            (Auto, Nvme, true),
+            (Zero, Null, true),
+            (User, Ram, false),
+            (Zero, Ram, true),
+            (Auto, Ram, true),
+            (Auto, File, true),
+            (Copy, File, false),
+        ] {
             assert!(check_copy_mode(mode, backend, ebr).is_ok(), "{mode:?} {backend:?} {ebr}");
         }
-        let cfg = DeviceConfig { copy_mode: Zero, ..sample() };
+        let cfg = DeviceConfig { copy_mode: User, backend: File, ..sample() };
         assert!(matches!(cfg.validate(), Err(Error::Invalid(_))));
     }
 

@@ -44,6 +44,7 @@ use io_uring::squeue::EntryMarker as _;
 use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
+use crate::backend::file::FileQueue;
 use crate::backend::null::NullQueue;
 use crate::backend::nvme::NvmeQueue;
 use crate::backend::ram::RamQueue;
@@ -506,6 +507,10 @@ pub fn spawn_queue(
         DeviceBackend::Null => spawn(Box::new(move || run_queue::<_, Queue<_>>(setup, NullQueue, io))),
         DeviceBackend::Ram(store) => {
             let q = RamQueue::new(store.clone());
+            spawn(Box::new(move || run_queue::<_, Queue<_>>(setup, q, io)))
+        }
+        DeviceBackend::File(f) => {
+            let q = FileQueue::new(f.clone(), setup.depth);
             spawn(Box::new(move || run_queue::<_, Queue<_>>(setup, q, io)))
         }
         DeviceBackend::Nvme(ns, file) => {

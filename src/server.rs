@@ -264,8 +264,13 @@ impl Server {
 pub fn resolve_copy_mode(mode: CopyMode, backend: BackendKind, features: u64) -> Result<CopyMode> {
     let has = |f: u64| features & f != 0;
     let mode = match (mode, backend) {
-        (CopyMode::Auto, BackendKind::Nvme) if has(sys::UBLK_F_SUPPORT_ZERO_COPY) => CopyMode::Zero,
-        (CopyMode::Auto, BackendKind::Nvme) => CopyMode::Copy,
+        // ram too: zero copy serves its store as a file and maps nothing.
+        (CopyMode::Auto, BackendKind::Nvme | BackendKind::File | BackendKind::Ram)
+            if has(sys::UBLK_F_SUPPORT_ZERO_COPY) =>
+        {
+            CopyMode::Zero
+        }
+        (CopyMode::Auto, BackendKind::Nvme | BackendKind::File) => CopyMode::Copy,
         (CopyMode::Auto, _) if has(sys::UBLK_F_USER_COPY) => CopyMode::User,
         (CopyMode::Auto, _) => CopyMode::Copy,
         (m, _) => m,
@@ -356,6 +361,9 @@ fn params_for(cfg: &DeviceConfig, info: &DevInfo, ns: Option<&Namespace>) -> Par
     if let Some(ns) = ns {
         ns.apply_params(&mut p);
     }
+    if cfg.backend == BackendKind::File {
+        p.basic.attrs |= crate::backend::file::cache_attrs(cfg);
+    }
     p
 }
 
@@ -439,9 +447,20 @@ mod tests {
 
     #[test]
     fn backend_rules_hold_whatever_the_kernel() {
-        assert!(resolve_copy_mode(CopyMode::Zero, BackendKind::Ram, u64::MAX).is_err());
         assert!(resolve_copy_mode(CopyMode::User, BackendKind::Nvme, u64::MAX).is_err());
-        assert_eq!(resolve_copy_mode(CopyMode::Auto, BackendKind::Ram, LINUX_6_15).unwrap(), CopyMode::User);
+        assert!(resolve_copy_mode(CopyMode::User, BackendKind::File, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn ram_and_file_take_zero_copy_where_the_kernel_has_it() {
+        use BackendKind::{File, Ram};
+        assert_eq!(resolve_copy_mode(CopyMode::Auto, Ram, LINUX_6_15).unwrap(), CopyMode::Zero);
+        assert_eq!(resolve_copy_mode(CopyMode::Auto, Ram, LINUX_6_14).unwrap(), CopyMode::User);
+        assert_eq!(resolve_copy_mode(CopyMode::Auto, File, LINUX_6_15).unwrap(), CopyMode::Zero);
+        assert_eq!(resolve_copy_mode(CopyMode::Auto, File, LINUX_6_14).unwrap(), CopyMode::Copy);
+        // user and copy stay selectable for ram, for comparison.
+        assert_eq!(resolve_copy_mode(CopyMode::User, Ram, LINUX_6_15).unwrap(), CopyMode::User);
+        assert_eq!(resolve_copy_mode(CopyMode::Copy, Ram, LINUX_6_15).unwrap(), CopyMode::Copy);
     }
 
     #[test]

@@ -131,6 +131,8 @@ pub const UBLK_ATTR_VOLATILE_CACHE: u32 = 1 << 2;
 pub const UBLK_ATTR_FUA: u32 = 1 << 3;
 /// A descriptor's FUA flag, tested against the raw `op_flags`.
 pub const UBLK_IO_F_FUA: u32 = 1 << 13;
+/// WRITE_ZEROES: keep the blocks allocated (REQ_NOUNMAP).
+pub const UBLK_IO_F_NOUNMAP: u32 = 1 << 15;
 pub const UBLK_PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const UBLK_PARAM_TYPE_DISCARD: u32 = 1 << 1;
 

@@ -216,6 +216,188 @@ fn discard_and_write_zeroes_read_back_zeros() {
     assert_gone(&dev);
 }
 
+// ---------------------------------------------------------------- file, ram zero copy
+
+/// A user's file of `len` bytes of `random_bytes(len, seed)` in `dir`.
+fn user_file(dir: &std::path::Path, len: u64, seed: u64) -> (std::path::PathBuf, Vec<u8>) {
+    let path = dir.join("img");
+    let data = random_bytes(len as usize, seed);
+    fs::write(&path, &data).expect("write the user's file");
+    (path, data)
+}
+
+/// `add file --path P` (with `extra`) serves the file: what it held reads
+/// back; a write flushed by the block layer (fsync on the device) is in the
+/// file through another descriptor; DISCARD and WRITE_ZEROES zero their
+/// ranges in the file and nothing around them; `del` leaves the file in
+/// place at its size, holding what was written.
+fn file_serves(dir: &std::path::Path, extra: &[&str], mode: &str) {
+    let size = 16 * MIB;
+    let (path, mut expect) = user_file(dir, size, 0xf11e);
+    let p = path.to_string_lossy().into_owned();
+    let mut args = vec!["file", "--path", &p, "-d", "64"];
+    args.extend_from_slice(extra);
+    let what = format!("add {}", args.join(" "));
+    let dev = add(&args);
+    let j = &dev.json;
+    assert_eq!(
+        (&j["backend"], &j["size"], &j["copy_mode"]),
+        (&json!("file"), &json!(size), &json!(mode)),
+        "{what}: {j}"
+    );
+    assert!(
+        read_direct(&dev.block(), 0, MIB) == expect[..MIB as usize],
+        "{what}: the file's data did not read back"
+    );
+
+    let data = random_bytes(MIB as usize, 0xda7a);
+    let f = OpenOptions::new().write(true).open(dev.block()).expect("open the block device");
+    f.write_all_at(&data, 2 * MIB).expect("write");
+    f.sync_all().expect("fsync the block device: FLUSH");
+    drop(f);
+    expect[(2 * MIB) as usize..(3 * MIB) as usize].copy_from_slice(&data);
+    let mut got = vec![0u8; MIB as usize];
+    fs::File::open(&path).expect("open the file").read_exact_at(&mut got, 2 * MIB).expect("read the file");
+    assert!(got == data, "{what}: a flushed write is not in the file");
+
+    let blkdiscard = need_tool("blkdiscard");
+    for (z, off, len) in [(false, 5 * MIB + 4096, 512 << 10), (true, 9 * MIB + 8192, 300 << 10)] {
+        let mut cmd = Command::new(&blkdiscard);
+        if z {
+            cmd.arg("-z");
+        }
+        run(cmd.args(["-o", &off.to_string(), "-l", &len.to_string()]).arg(dev.block())).success();
+        expect[off as usize..(off + len) as usize].fill(0);
+    }
+    assert!(
+        read_direct(&dev.block(), 0, size) == expect,
+        "{what}: the device does not read back as expected"
+    );
+    del(dev.id);
+    assert_gone(&dev);
+    let after = fs::read(&path).expect("the user's file is still there");
+    assert_eq!(after.len() as u64, size, "{what}: the file's size changed");
+    if let Some(at) = after.iter().zip(&expect).position(|(a, b)| a != b) {
+        panic!("{what}: byte {at} of the file is {:#04x}, expected {:#04x}", after[at], expect[at]);
+    }
+}
+
+/// The file backend in each data path: zero copy (AUTO_BUF_REG, and the
+/// explicit REGISTER chain), copy mode, and O_DIRECT; on tmpfs (/dev/shm)
+/// and on the filesystem of the temporary folder.
+#[test]
+fn file_backend_serves_the_file_and_leaves_it() {
+    let Some(_h) = harness() else { return };
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a folder in /dev/shm");
+    let tmp = tempfile::tempdir().expect("a temporary folder");
+    file_serves(shm.path(), &[], "zero");
+    file_serves(shm.path(), &["--explicit-buf-reg"], "zero");
+    file_serves(shm.path(), &["--copy-mode", "copy"], "copy");
+    file_serves(shm.path(), &["--direct", "-q", "2"], "zero");
+    file_serves(tmp.path(), &[], "zero");
+}
+
+/// fio's CRC32C verification on `file` and on `ram` in zero copy (auto and
+/// explicit registration), all at once.
+#[test]
+fn fio_verify_file_and_ram_zero_copy() {
+    let Some(_h) = harness() else { return };
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a folder in /dev/shm");
+    let (path, _) = user_file(shm.path(), 32 * MIB, 1);
+    let file = add(&["file", "--path", &path.to_string_lossy()]);
+    let ram = add(&["ram", "--size", "32M"]);
+    let explicit = add(&["ram", "--size", "32M", "--explicit-buf-reg", "-q", "2"]);
+    for d in [&file, &ram, &explicit] {
+        assert_eq!(d.json["copy_mode"], "zero", "auto picks zero copy on this kernel: {}", d.json);
+    }
+    fio_verify_devices(&[("file", &file), ("ram", &ram), ("ram-explicit", &explicit)], 32 * MIB);
+    for d in [&file, &ram, &explicit] {
+        del(d.id);
+        assert_gone(d);
+    }
+}
+
+/// Whether process `pid` maps `path` (`/proc/PID/maps`).
+fn maps(pid: i32, path: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.lines().any(|l| l.ends_with(path)))
+}
+
+/// In zero copy neither the server nor its hot standby maps the RAM store;
+/// in user copy the server does (so the check can see a mapping).
+#[test]
+fn ram_zero_copy_maps_no_store() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["ram", "--size", "16M", "--standby"]);
+    let store = dev.json["store"].as_str().expect("a store").to_string();
+    assert_eq!(dev.json["copy_mode"], "zero", "{}", dev.json);
+    run(&mut dd_direct(&dev.block(), 0, MIB)).success();
+    // The standby is a second ublk-bench process with a queue thread.
+    let q0 = format!("ublk{}q0", dev.id);
+    let with_queue =
+        || servers().into_iter().filter(|p| threads(p.pid).iter().any(|(_, c)| *c == q0)).count();
+    wait_until("the standby's queue thread", Duration::from_secs(60), || with_queue() >= 2);
+    for p in servers() {
+        assert!(!maps(p.pid, &store), "ublk-bench pid {} ({}) maps the store {store}", p.pid, p.comm);
+    }
+    let user = add(&["ram", "--size", "16M", "--copy-mode", "user"]);
+    let user_store = user.json["store"].as_str().expect("a store").to_string();
+    assert!(maps(user.pid, &user_store), "a user-copy server does not map its store");
+    for d in [&dev, &user] {
+        del(d.id);
+        assert_gone(d);
+    }
+}
+
+/// The io-wq workers of device `id`'s queue threads (`iou-wrk-<tid>` of a
+/// `ublk{id}q{q}` thread); the control thread has its own, for control
+/// commands, which io_uring always hands to a worker.
+fn io_workers(dev: &Dev) -> usize {
+    let all = threads(dev.pid);
+    let queue = format!("ublk{}q", dev.id);
+    let workers: Vec<String> =
+        all.iter().filter(|(_, c)| c.starts_with(&queue)).map(|(t, _)| format!("iou-wrk-{t}")).collect();
+    all.iter().filter(|(_, c)| workers.contains(c)).count()
+}
+
+/// tmpfs READ and WRITE stay in the queue thread: after 4 KiB random
+/// reads and writes at depth 32 the server has no io-wq worker, where a
+/// DISCARD (fallocate, which io_uring always hands to a worker) makes one,
+/// so the count can see them. Workers idle for seconds before they exit.
+#[test]
+fn tmpfs_io_runs_inline() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["ram", "--size", "64M"]);
+    for rw in ["randwrite", "randread"] {
+        fio(
+            &dev.block(),
+            &[
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--bs=4k",
+                "--iodepth=32",
+                &format!("--rw={rw}"),
+                "--runtime=2",
+                "--time_based",
+                "--size=64M",
+            ],
+        );
+        assert_eq!(
+            io_workers(&dev),
+            0,
+            "{rw}: the server's store I/O went to io-wq workers: {:?}",
+            threads(dev.pid)
+        );
+    }
+    run(Command::new(need_tool("blkdiscard")).args(["-o", "0", "-l", "1048576"]).arg(dev.block())).success();
+    assert!(
+        io_workers(&dev) > 0,
+        "a DISCARD made no io-wq worker: the count sees nothing: {:?}",
+        threads(dev.pid)
+    );
+    del(dev.id);
+    assert_gone(&dev);
+}
+
 // ---------------------------------------------------------------- errors
 
 fn assert_all_rejected(cases: &[(&[&str], &[&str])]) {
@@ -255,6 +437,47 @@ fn bad_input_is_rejected_and_leaves_nothing() {
         (&["add", "null", "-b", "3000"], &["block size"]),
         (&["del", "-n", "3"], &["3", "list"]),
     ]);
+}
+
+/// `add file` with a file it cannot serve: too small, --size beyond the
+/// file, a read-only file (a read-only bind mount, so root cannot write it
+/// either), --store. Each is refused with its own message before any device
+/// exists, makes nothing (`check_rejected`), and leaves the file as it was.
+#[test]
+fn file_bad_input_is_rejected_and_leaves_the_file_alone() {
+    let Some(_h) = harness() else { return };
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let (tiny, img, ro) = (dir.path().join("tiny"), dir.path().join("img"), dir.path().join("ro"));
+    fs::write(&tiny, [1u8; 100]).expect("write tiny");
+    fs::write(&img, random_bytes(MIB as usize, 3)).expect("write img");
+    fs::write(&ro, random_bytes(MIB as usize, 4)).expect("write ro");
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let (tiny_s, img_s, ro_s) = (s(&tiny), s(&img), s(&ro));
+    let mounted = run(Command::new("mount").args(["--bind", &ro_s, &ro_s])).ok()
+        && run(Command::new("mount").args(["-o", "remount,bind,ro", &ro_s])).ok();
+    let before: Vec<(Vec<u8>, Option<std::time::SystemTime>)> = [&tiny, &img, &ro]
+        .iter()
+        .map(|p| (fs::read(p).expect("read"), fs::metadata(p).and_then(|m| m.modified()).ok()))
+        .collect();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["add", "file", "--path", &tiny_s], &["100 bytes", "less than one 512-byte block"]),
+        (&["add", "file", "--path", &img_s, "--size", "2M"], &["exceeds", "give at most 1048576"]),
+        (&["add", "file", "--path", &ro_s], &["cannot be opened read-write", "writes to it"]),
+        (&["add", "file", "--path", &img_s, "--store", "/dev/shm/x"], &["--store", "ram backend"]),
+    ];
+    let failures: Vec<String> = cases.iter().filter_map(|(a, h)| check_rejected(a, h)).collect();
+    let _ = run(Command::new("umount").arg(&ro_s));
+    assert!(mounted, "could not make {ro_s} a read-only bind mount");
+    assert!(
+        failures.is_empty(),
+        "{} bad input(s) not handled well:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    for (p, (data, mtime)) in [&tiny, &img, &ro].iter().zip(before) {
+        assert!(fs::read(p).expect("read") == data, "{} changed", p.display());
+        assert_eq!(fs::metadata(p).and_then(|m| m.modified()).ok(), mtime, "{} was written", p.display());
+    }
 }
 
 /// A device id that is taken is refused, and the device that has it is
@@ -364,7 +587,13 @@ fn static_errors_come_before_driver_checks() {
     let cases: &[(&[&str], &[&str])] = &[
         (&["add", "null", "--supervise", "--foreground"], &["drop --foreground"]),
         (&["add", "ram", "--standby", "--foreground"], &["drop --foreground"]),
-        (&["add", "ram", "--copy-mode", "zero"], &["zero copy", "--copy-mode user"]),
+        (&["add", "file", "--path", "/", "--copy-mode", "user"], &["user copy", "--copy-mode zero"]),
+        (&["add", "file"], &["--path"]),
+        (&["add", "file", "--path", "/"], &["is a directory"]),
+        (&["add", "file", "--path", "/dev/null"], &["neither a regular file nor a block device"]),
+        (&["add", "file", "--path", "/nonexistent-ublk-bench"], &["--path", "existing"]),
+        (&["add", "ram", "--path", "/etc/passwd"], &["--path", "file backend", "--store"]),
+        (&["add", "null", "--direct"], &["--direct", "file backend"]),
         (&["add", "nvme", "--dev", "/dev/null", "--copy-mode", "user"], &["user copy", "--copy-mode zero"]),
         (&["add", "null", "--explicit-buf-reg"], &["--explicit-buf-reg", "zero copy"]),
         (&["add", "ram", "--copy-mode", "user", "--explicit-buf-reg"], &["--explicit-buf-reg", "zero copy"]),

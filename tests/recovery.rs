@@ -643,7 +643,7 @@ const CYCLES: usize = 20;
 const DEV_MIB: u64 = 4;
 const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// `ram -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
+/// `BACKEND -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
 /// server CYCLES times in the middle of the load (a request seen in flight
 /// when we can, see [`wait_load`]) and bring it back by `method`. fio sees no error, every pass verifies the whole device, and a
 /// final `--verify_only` pass reads it all back. Each recovery writes one
@@ -651,13 +651,14 @@ const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 /// the new server is its child and the supervisor logged exactly our kills
 /// (no other crash, no failed standby); with `--standby`, the standby that
 /// watched the killed server is the one that took over, every time.
-/// `extra` goes to `add` (`--batch`: every server serves it in batch mode).
-fn kill_cycles(method: Method, extra: &[&str]) {
+/// `backend` is the backend and its options (`ram`: zero copy where the
+/// kernel has it; `file --path P`), plus `--batch` to serve in batch mode.
+fn kill_cycles(method: Method, backend: &[&str]) {
     let Some(_g) = guard() else { return };
     let t0 = Instant::now();
     let size = format!("{DEV_MIB}M");
-    let mut args = vec!["ram", "-r", "-i", "--size", &size];
-    args.extend_from_slice(extra);
+    let mut args = backend.to_vec();
+    args.extend(["-r", "-i", "--size", &size]);
     match method {
         Method::Recover => {}
         Method::Supervise => args.push("--supervise"),
@@ -665,7 +666,7 @@ fn kill_cycles(method: Method, extra: &[&str]) {
     }
     let log_start = log_len();
     let dev = add(&args);
-    assert_batch(&dev, extra);
+    assert_batch(&dev, backend);
     let id = dev.id;
     let block = dev.block();
     let supervisor = (method != Method::Recover).then(|| supervisor_pid(id));
@@ -798,7 +799,7 @@ fn kill_cycles(method: Method, extra: &[&str]) {
     }
     let (state, pid) = dev_state(id).expect("listed");
     assert_eq!((state.as_str(), pid as i32), ("LIVE", server), "device {id} after the cycles");
-    assert_batch(&Dev { json: list_one(id).expect("listed"), ..dev.clone() }, extra);
+    assert_batch(&Dev { json: list_one(id).expect("listed"), ..dev.clone() }, backend);
     if method != Method::Recover {
         // The supervisor saw exactly our kills: no server died otherwise.
         let log = log_since(log_start);
@@ -836,41 +837,67 @@ fn kill_cycles(method: Method, extra: &[&str]) {
 
 #[test]
 fn reissue_kill_cycles_recover() {
-    kill_cycles(Method::Recover, &[]);
+    kill_cycles(Method::Recover, &["ram"]);
 }
 
 #[test]
 fn reissue_kill_cycles_supervise() {
-    kill_cycles(Method::Supervise, &[]);
+    kill_cycles(Method::Supervise, &["ram"]);
 }
 
 #[test]
 fn reissue_kill_cycles_standby() {
-    kill_cycles(Method::Standby, &[]);
+    kill_cycles(Method::Standby, &["ram"]);
 }
 
 #[test]
 fn batch_reissue_kill_cycles_recover() {
-    kill_cycles(Method::Recover, &["--batch"]);
+    kill_cycles(Method::Recover, &["ram", "--batch"]);
 }
 
 #[test]
 fn batch_reissue_kill_cycles_supervise() {
-    kill_cycles(Method::Supervise, &["--batch"]);
+    kill_cycles(Method::Supervise, &["ram", "--batch"]);
 }
 
 #[test]
 fn batch_reissue_kill_cycles_standby() {
-    kill_cycles(Method::Standby, &["--batch"]);
+    kill_cycles(Method::Standby, &["ram", "--batch"]);
 }
 
-/// With `--batch` in `extra` the device has UBLK_F_BATCH_IO and `list` says
+/// With `--batch` among the `add` options the device has UBLK_F_BATCH_IO and `list` says
 /// batch; without, neither.
-fn assert_batch(dev: &Dev, extra: &[&str]) {
-    let want = extra.contains(&"--batch");
+fn assert_batch(dev: &Dev, opts: &[&str]) {
+    let want = opts.contains(&"--batch");
     let flags = dev.json["flags"].as_array().cloned().unwrap_or_default();
     assert_eq!(flags.iter().any(|f| f == "BATCH_IO"), want, "device {}: {}", dev.id, dev.json);
     assert_eq!(dev.json["batch"], want, "device {}: {}", dev.id, dev.json);
+}
+
+/// A user's file on tmpfs for the `file` backend, DEV_MIB long; the test
+/// checks at the end that ublk-bench left it in place, at its size.
+fn user_file() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir_in("/dev/shm").expect("a folder in /dev/shm");
+    let path = dir.path().join("img");
+    fs::write(&path, vec![0u8; (DEV_MIB * MIB) as usize]).expect("write the user's file");
+    (dir, path.to_string_lossy().into_owned())
+}
+
+fn file_kill_cycles(method: Method) {
+    let (_dir, path) = user_file();
+    kill_cycles(method, &["file", "--path", &path]);
+    let len = fs::metadata(&path).map(|m| m.len());
+    assert_eq!(len.as_ref().ok(), Some(&(DEV_MIB * MIB)), "the user's file {path} after del: {len:?}");
+}
+
+#[test]
+fn file_kill_cycles_recover() {
+    file_kill_cycles(Method::Recover);
+}
+
+#[test]
+fn file_kill_cycles_standby() {
+    file_kill_cycles(Method::Standby);
 }
 
 // ---------------------------------------------------------------- acknowledged data

@@ -4,10 +4,12 @@
 //!
 //! A backend object is made per queue thread and used only by that thread.
 //! The request's data is reached through [`Data`]: a per-tag buffer that the
-//! kernel copies to or from the bio (copy mode), or the `/dev/ublkcN` file
+//! kernel copies to or from the bio (copy mode), the `/dev/ublkcN` file
 //! position of the request (user copy), where the backend moves the bytes
-//! itself with one pread/pwrite and no copy of its own.
+//! itself with one pread/pwrite and no copy of its own, or the request's own
+//! pages as a fixed buffer of the queue ring (zero copy: nvme, file, ram).
 
+pub mod file;
 pub mod null;
 pub mod nvme;
 pub mod ram;
@@ -16,7 +18,7 @@ use std::fs::File;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use crate::config::{BackendKind, DeviceConfig};
+use crate::config::{BackendKind, CopyMode, DeviceConfig};
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
 use io_uring::{SubmissionQueue, cqueue, squeue};
@@ -127,7 +129,10 @@ fn neg_errno(n: isize) -> i32 {
 /// queue layer makes one [`QueueBackend`] from it per queue thread.
 pub enum DeviceBackend {
     Null,
+    /// A mapped RAM store (user and copy modes).
     Ram(Arc<ram::RamStore>),
+    /// A file served by io_uring commands: `file`, and `ram` in zero copy.
+    File(Arc<file::Backing>),
     Nvme(Arc<nvme::Namespace>, Arc<File>),
 }
 
@@ -146,15 +151,21 @@ impl DeviceBackend {
                 };
                 Ok(DeviceBackend::Nvme(Arc::new(ns), Arc::new(file)))
             }
-            BackendKind::Ram => {
-                let path =
-                    cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
-                let store = match create {
-                    true => ram::RamStore::create(path, cfg.size)?,
-                    false => ram::RamStore::open(path, cfg.size)?,
-                };
-                Ok(DeviceBackend::Ram(Arc::new(store)))
-            }
+            BackendKind::Ram => Self::ram(cfg, create),
+            BackendKind::File => Ok(DeviceBackend::File(Arc::new(file::Backing::open(cfg)?))),
         }
+    }
+
+    /// The RAM store, created or opened; mapped only for user and copy modes.
+    fn ram(cfg: &DeviceConfig, create: bool) -> Result<Self> {
+        let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
+        let file = match create {
+            true => ram::create_file(path, cfg.size)?,
+            false => ram::open_file(path, cfg.size)?,
+        };
+        Ok(match cfg.copy_mode {
+            CopyMode::Zero => DeviceBackend::File(Arc::new(file::Backing::store(file, path, cfg.size))),
+            _ => DeviceBackend::Ram(Arc::new(ram::RamStore::map(file, path, cfg.size)?)),
+        })
     }
 }

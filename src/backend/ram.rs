@@ -1,6 +1,12 @@
-//! `ram`: the store is a shared-memory file mapped MAP_SHARED, so its bytes
-//! outlive the server process and a recovered server finds every
-//! acknowledged write where it left it.
+//! `ram`: the store is a file on shared memory (`/dev/shm` by default) that
+//! ublk-bench creates and owns, so its bytes outlive the server process and a
+//! recovered server finds every acknowledged write where it left it.
+//!
+//! With zero copy (the default where the kernel has it) the store is served
+//! like any file by `file::FileQueue`, and no server maps it: a dying server
+//! has no store pages to unmap, and a standby maps nothing either. This module
+//! keeps the store's creation and ownership, and the mapped path of the user
+//! and copy modes (kept for older kernels and for comparison).
 //!
 //! Queue threads touch disjoint byte ranges only because the block layer
 //! never has two overlapping requests in flight that both complete
@@ -27,47 +33,58 @@ pub struct RamStore {
     path: PathBuf,
 }
 
+/// Creates a fresh zeroed store file of `size` bytes at `path`, mode 0600.
+/// The path must not exist (O_EXCL, and O_NOFOLLOW for a dangling link):
+/// ublk-bench never truncates a file it did not make.
+pub fn create_file(path: &Path, size: u64) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::invalid(format!(
+                "RAM store {} already exists: pick another --store, remove it, or add --reuse-store to serve its contents",
+                path.display()
+            )),
+            _ => Error::io(format!("create RAM store {}", path.display()), e),
+        })?;
+    if let Err(e) = file.set_len(size) {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::io(format!("size RAM store {} to {size} bytes", path.display()), e));
+    }
+    Ok(file)
+}
+
+/// Opens an existing store file, as a recovering server or `--reuse-store`
+/// does; it must be a regular file (not a link) of exactly `size` bytes.
+pub fn open_file(path: &Path, size: u64) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io(format!("open RAM store {} (was it removed?)", path.display()), e))?;
+    let meta = file.metadata().map_err(|e| Error::io("stat RAM store", e))?;
+    check_existing(path, &meta, Some(size))?;
+    Ok(file)
+}
+
 impl RamStore {
-    /// Creates a fresh zeroed store of `size` bytes at `path`, mode 0600.
-    /// The path must not exist (O_EXCL, and O_NOFOLLOW for a dangling
-    /// link): ublk-bench never truncates a file it did not make.
+    /// A fresh store at `path`, mapped (user and copy modes).
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => Error::invalid(format!(
-                    "RAM store {} already exists: pick another --store, remove it, or add --reuse-store to serve its contents",
-                    path.display()
-                )),
-                _ => Error::io(format!("create RAM store {}", path.display()), e),
-            })?;
-        if let Err(e) = file.set_len(size) {
-            let _ = std::fs::remove_file(path);
-            return Err(Error::io(format!("size RAM store {} to {size} bytes", path.display()), e));
-        }
-        Self::map(file, path, size)
+        Self::map(create_file(path, size)?, path, size)
     }
 
-    /// Opens an existing store, as a recovering server or `--reuse-store`
-    /// does; it must be a regular file (not a link) of exactly `size` bytes.
+    /// An existing store at `path`, mapped.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| Error::io(format!("open RAM store {} (was it removed?)", path.display()), e))?;
-        let meta = file.metadata().map_err(|e| Error::io("stat RAM store", e))?;
-        check_existing(path, &meta, Some(size))?;
-        Self::map(file, path, size)
+        Self::map(open_file(path, size)?, path, size)
     }
 
-    fn map(file: File, path: &Path, size: u64) -> Result<Self> {
+    /// Maps `file` MAP_SHARED: the user and copy modes move bytes through the map.
+    pub fn map(file: File, path: &Path, size: u64) -> Result<Self> {
         let map = MmapOptions::new()
             .len(size as usize)
             .map_raw(&file)
@@ -209,7 +226,8 @@ impl RamQueue {
 
 impl SyncBackend for RamQueue {
     fn serve(&mut self, req: &Request, data: Data<'_>) -> i32 {
-        if !self.store.in_range(req) {
+        // A FLUSH carries no range (its sector may be -1).
+        if req.op != sys::UBLK_IO_OP_FLUSH && !self.store.in_range(req) {
             return -libc::EINVAL;
         }
         match req.op {

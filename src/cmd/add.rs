@@ -54,7 +54,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
     let default_size = match args.backend {
         BackendKind::Null => 250 << 30,
         BackendKind::Ram => 256 << 20,
-        BackendKind::Nvme => 0,
+        BackendKind::Nvme | BackendKind::File => 0,
     };
     let (store, store_size) = store_from(args)?;
     let (queues, depth) = args.queue.checked()?;
@@ -63,7 +63,10 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         backend: args.backend,
         size: args.size.or(store_size).unwrap_or(default_size),
         store,
-        store_created: !args.reuse_store,
+        // Only a store we make is ours to remove; `file` never makes one.
+        store_created: !args.reuse_store && args.backend == BackendKind::Ram,
+        path: None,
+        direct: false,
         nvme_dev: None,
         queues,
         depth,
@@ -78,11 +81,61 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         stats: args.queue.stats == OnOff::On,
     };
     check_copy_mode(args.copy_mode, args.backend, args.explicit_buf_reg)?;
+    if args.backend != BackendKind::File {
+        file_options_absent(args)?;
+    }
     match args.backend {
         BackendKind::Nvme => nvme_config(cfg, args),
         _ if args.dev.is_some() => Err(Error::invalid("--dev is for the nvme backend only")),
+        BackendKind::File => file_config(cfg, args),
         _ => Ok(cfg),
     }
+}
+
+/// `--path` and `--direct` belong to `file`.
+fn file_options_absent(args: &AddArgs) -> Result<()> {
+    let name = args.backend.name();
+    let hint = match args.backend {
+        BackendKind::Ram => " (ram keeps its data in --store)",
+        _ => "",
+    };
+    if args.path.is_some() {
+        return Err(Error::invalid(format!(
+            "--path is an option of the file backend, not {name}: drop it{hint}, or use `add file --path`"
+        )));
+    }
+    if args.direct {
+        return Err(Error::invalid(format!(
+            "--direct is an option of the file backend, not {name}: drop it"
+        )));
+    }
+    Ok(())
+}
+
+/// The file's size by default; --size may be smaller, never larger. A block
+/// device opened O_DIRECT needs requests of its own block size at least.
+fn file_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
+    let path = args.path.as_deref().ok_or_else(|| {
+        Error::invalid("the file backend needs --path FILE: a regular file or block device to serve")
+    })?;
+    let probe = crate::backend::file::probe(path, args.direct, cfg.block_size)?;
+    if let Some(size) = args.size.filter(|&s| s > probe.size) {
+        return Err(Error::invalid(format!(
+            "--size {size} exceeds --path {} ({} bytes): give at most {}, or leave --size out to serve the whole file",
+            probe.path.display(),
+            probe.size,
+            probe.size
+        )));
+    }
+    if let Some(lbs) = probe.logical_block.filter(|&b| args.direct && b > cfg.block_size) {
+        cfg.block_size = lbs;
+    }
+    let bs = cfg.block_size as u64;
+    // A tail shorter than a block is not served.
+    cfg.size = args.size.unwrap_or(probe.size) / bs * bs;
+    cfg.path = Some(probe.path);
+    cfg.direct = args.direct;
+    Ok(cfg)
 }
 
 /// Size, block size and request size come from the namespace.
@@ -106,8 +159,9 @@ fn nvme_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
 fn store_from(args: &AddArgs) -> Result<(Option<PathBuf>, Option<u64>)> {
     let Some(path) = &args.store else { return Ok((None, None)) };
     if args.backend != BackendKind::Ram {
+        let hint = if args.backend == BackendKind::File { " (file serves --path)" } else { "" };
         return Err(Error::invalid(format!(
-            "--store is an option of the ram backend, not {}: drop it",
+            "--store is an option of the ram backend, not {}: drop it{hint}",
             args.backend.name()
         )));
     }
@@ -250,7 +304,7 @@ mod tests {
         let cases: [(&[&str], &str); 5] = [
             (&["null", "--supervise", "--foreground"], "drop --foreground"),
             (&["ram", "--standby", "--foreground"], "drop --foreground"),
-            (&["ram", "--copy-mode", "zero"], "zero copy cannot reach a RAM store"),
+            (&["file", "--path", "/nonexistent", "--copy-mode", "user"], "user copy would add a bounce copy"),
             (&["null", "--explicit-buf-reg"], "--explicit-buf-reg applies to zero copy"),
             (&["nvme", "--dev", "/nonexistent", "--copy-mode", "user"], "user copy would add a bounce copy"),
         ];
@@ -265,5 +319,74 @@ mod tests {
         let msg = |q: &str| config_from(&args(&["null", "-q", q])).unwrap_err().to_string();
         let (a, b) = (msg("4096"), msg("70000"));
         assert_eq!(a.replace("4096", "N"), b.replace("70000", "N"));
+    }
+
+    #[test]
+    fn file_options_belong_to_the_file_backend() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["file"], "the file backend needs --path FILE"),
+            (&["ram", "--path", "/etc/passwd"], "--path is an option of the file backend, not ram"),
+            (&["null", "--path", "/etc/passwd"], "--path is an option of the file backend, not null"),
+            (&["null", "--direct"], "--direct is an option of the file backend"),
+            (
+                &["file", "--path", "/etc/passwd", "--store", "/tmp/x"],
+                "--store is an option of the ram backend",
+            ),
+            (&["file", "--path", "/nonexistent/ublk-bench"], "give an existing regular file or block device"),
+        ];
+        for (argv, want) in cases {
+            let err = config_from(&args(argv)).unwrap_err().to_string();
+            assert!(err.contains(want), "add {}: {err}", argv.join(" "));
+        }
+    }
+
+    #[test]
+    fn a_file_is_checked_and_sized_without_being_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let err = config_from(&args(&["file", "--path", d])).unwrap_err().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        let tiny = dir.path().join("tiny");
+        std::fs::write(&tiny, [7u8; 100]).unwrap();
+        let err = config_from(&args(&["file", "--path", tiny.to_str().unwrap()])).unwrap_err().to_string();
+        assert!(err.contains("holds 100 bytes, less than one 512-byte block"), "{err}");
+        let img = dir.path().join("img");
+        std::fs::write(&img, vec![5u8; (1 << 20) + 700]).unwrap();
+        let p = img.to_str().unwrap();
+        let cfg = config_from(&args(&["file", "--path", p])).unwrap();
+        assert_eq!(
+            (cfg.size, &cfg.store, cfg.store_created),
+            ((1 << 20) + 512, &None, false),
+            "tail cut to a block"
+        );
+        assert_eq!(cfg.path, Some(img.canonicalize().unwrap()));
+        assert!(cfg.validate().is_ok());
+        let cfg = config_from(&args(&["file", "--path", p, "--size", "4k"])).unwrap();
+        assert_eq!(cfg.size, 4096);
+        let err = config_from(&args(&["file", "--path", p, "--size", "2M"])).unwrap_err().to_string();
+        assert!(err.contains("--size 2097152 exceeds") && err.contains("give at most 1049276"), "{err}");
+        assert_eq!(std::fs::read(&img).unwrap(), vec![5u8; (1 << 20) + 700], "the file is left as it was");
+    }
+
+    /// A read-only file is refused before anything else happens. As root,
+    /// mode bits do not stop a write, so the file is a read-only sysfs
+    /// attribute (0444 there holds for root too); otherwise a file of mode 0444.
+    #[test]
+    fn a_read_only_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o444)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let ro = match root {
+            true => std::path::PathBuf::from("/sys/kernel/uevent_seqnum"),
+            false => img,
+        };
+        assert!(ro.exists(), "{} is missing", ro.display());
+        let err = config_from(&args(&["file", "--path", ro.to_str().unwrap(), "-b", "4096"])).unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("cannot be opened read-write") && err.contains("writes to it"), "{err}");
     }
 }

@@ -10,7 +10,8 @@ use crate::fault;
 use crate::server::resolve_copy_mode;
 use crate::sys;
 
-const BACKENDS: [BackendKind; 3] = [BackendKind::Null, BackendKind::Ram, BackendKind::Nvme];
+const BACKENDS: [BackendKind; 4] =
+    [BackendKind::Null, BackendKind::Ram, BackendKind::File, BackendKind::Nvme];
 const MODES: [CopyMode; 3] = [CopyMode::Copy, CopyMode::User, CopyMode::Zero];
 
 /// (backend, auto's pick, every mode this kernel allows for it)

@@ -1,0 +1,457 @@
+//! `file`: serves a regular file or block device by io_uring commands on the
+//! queue's own ring, and so does `ram` in zero-copy mode (its store is such a
+//! file, on shared memory, that ublk-bench created).
+//!
+//! Data: READ and WRITE become READ_FIXED / WRITE_FIXED on the file with the
+//! request's own pages as fixed buffer `tag` (zero copy): the kernel copies
+//! once between the file's page cache (or, with `--direct`, the disk) and the
+//! bio, and this process maps nothing. With UBLK_F_AUTO_BUF_REG the pages are
+//! registered before the request reaches us; otherwise a hard-linked chain
+//! REGISTER_IO_BUF → READ/WRITE_FIXED → UNREGISTER_IO_BUF does it, as for nvme.
+//! In copy mode plain READ / WRITE use the tag's buffer instead.
+//!
+//! DISCARD punches a hole (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE); WRITE_ZEROES
+//! does too, or zeroes the range in place (ZERO_RANGE) when the block layer
+//! asked to keep the blocks allocated (NOUNMAP), as the loop driver does.
+//! FLUSH is an fsync (datasync) and a FUA write carries RWF_DSYNC, except on
+//! a RAM store, whose medium is memory: FLUSH is then a no-op.
+//!
+//! A read or write that moves fewer bytes than asked fails the request with
+//! -EIO: inside the file's size only a vanished or shrunk file does that, and
+//! no retry would bring the bytes back.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types};
+
+use super::{KIND_MASK, QueueBackend};
+use crate::config::DeviceConfig;
+use crate::error::{Error, Result};
+use crate::request::{Data, Request};
+use crate::sys;
+
+/// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 104)`: a block device's logical block size.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+/// The file a device serves, opened read-write once per server process.
+pub struct Backing {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    /// FLUSH and FUA reach the file (fsync, RWF_DSYNC); false for a RAM store.
+    durable: bool,
+    /// tmpfs has no FALLOC_FL_ZERO_RANGE: WRITE_ZEROES punches there too.
+    tmpfs: bool,
+}
+
+/// What `add file` learns about `--path` before any device exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Absolute, every link resolved, so `recover` finds the same file.
+    pub path: PathBuf,
+    /// Bytes the file (or block device) holds.
+    pub size: u64,
+    /// The block device's logical block size; None for a regular file.
+    pub logical_block: Option<u32>,
+}
+
+/// Checks `--path` for the file backend: a regular file or block device that
+/// opens read-write and holds at least one `block_size` block. Nothing is
+/// created, truncated or written.
+pub fn probe(path: &Path, direct: bool, block_size: u32) -> Result<Probe> {
+    let full = path.canonicalize().map_err(|e| {
+        Error::io(format!("--path {}: give an existing regular file or block device", path.display()), e)
+    })?;
+    let meta = std::fs::metadata(&full).map_err(|e| Error::io(format!("stat {}", full.display()), e))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(Error::invalid(format!(
+            "--path {} is a directory: give a regular file or a block device",
+            full.display()
+        )));
+    }
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(Error::invalid(format!(
+            "--path {} is neither a regular file nor a block device: give one of those",
+            full.display()
+        )));
+    }
+    let file = open_rw(&full, direct)?;
+    let (size, logical_block) = match ft.is_block_device() {
+        true => (bdev_u64(&file, BLKGETSIZE64, &full)?, Some(bdev_block(&file, &full)?)),
+        false => (meta.len(), None),
+    };
+    if size < block_size as u64 {
+        return Err(Error::invalid(format!(
+            "--path {} holds {size} bytes, less than one {block_size}-byte block: give a larger file",
+            full.display()
+        )));
+    }
+    Ok(Probe { path: full, size, logical_block })
+}
+
+/// Opens `path` read-write (O_DIRECT with `direct`), never creating it.
+fn open_rw(path: &Path, direct: bool) -> Result<File> {
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    OpenOptions::new().read(true).write(true).custom_flags(flags).open(path).map_err(|e| {
+        let why = match e.raw_os_error() {
+            Some(libc::EACCES | libc::EROFS | libc::EPERM | libc::ETXTBSY) => {
+                "the file backend writes to it: give a file this user may write, on a writable filesystem"
+            }
+            Some(libc::EINVAL) if direct => "its filesystem refuses O_DIRECT: drop --direct",
+            _ => "give a regular file or block device that opens read-write",
+        };
+        Error::io(format!("--path {} cannot be opened read-write ({why})", path.display()), e)
+    })
+}
+
+fn bdev_u64(file: &File, req: libc::c_ulong, path: &Path) -> Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+    if unsafe { libc::ioctl(file.as_raw_fd(), req, &mut v as *mut u64) } != 0 {
+        return Err(Error::io(
+            format!("BLKGETSIZE64 on {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(v)
+}
+
+fn bdev_block(file: &File, path: &Path) -> Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which is valid.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut v as *mut libc::c_int) } != 0 {
+        return Err(Error::io(format!("BLKSSZGET on {}", path.display()), std::io::Error::last_os_error()));
+    }
+    Ok(v as u32)
+}
+
+/// The cache attributes of a `file` device. Writes may sit in the page cache
+/// (or a disk's cache) until an fsync, so the device has a volatile cache and
+/// FUA; only `--direct` on a block device whose own cache is write-through
+/// has none. A cache the kernel does not report is assumed there.
+pub fn cache_attrs(cfg: &DeviceConfig) -> u32 {
+    let with_cache = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+    let Some(path) = cfg.path.as_deref().filter(|_| cfg.direct) else { return with_cache };
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() && bdev_write_through(m.rdev()) => 0,
+        _ => with_cache,
+    }
+}
+
+/// `queue/write_cache` of the device `rdev` (a partition's is its disk's).
+fn bdev_write_through(rdev: u64) -> bool {
+    let dir = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
+    ["queue/write_cache", "../queue/write_cache"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(format!("{dir}/{f}")).ok())
+        .is_some_and(|s| s.trim() == "write through")
+}
+
+impl Backing {
+    /// Opens a `file` device's `--path` for serving; it must still hold the
+    /// device's size (a recovering server finds it as `add` left it).
+    pub fn open(cfg: &DeviceConfig) -> Result<Self> {
+        let path = cfg.path.as_deref().ok_or_else(|| Error::invalid("file backend without --path"))?;
+        Self::open_path(path, cfg.size, cfg.direct)
+    }
+
+    /// Opens `path` to serve its first `size` bytes.
+    pub fn open_path(path: &Path, size: u64, direct: bool) -> Result<Self> {
+        let file = open_rw(path, direct)?;
+        let meta = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        let held = match meta.file_type().is_block_device() {
+            true => bdev_u64(&file, BLKGETSIZE64, path)?,
+            false => meta.len(),
+        };
+        if held < size {
+            return Err(Error::invalid(format!(
+                "{} now holds {held} bytes, less than the device's {size}: restore the file or delete the device",
+                path.display()
+            )));
+        }
+        Ok(Self::new(file, path, size, true))
+    }
+
+    /// Serves a RAM store by zero copy: no mapping; FLUSH has nothing to do.
+    pub fn store(file: File, path: &Path, size: u64) -> Self {
+        Self::new(file, path, size, false)
+    }
+
+    fn new(file: File, path: &Path, size: u64, durable: bool) -> Self {
+        let tmpfs = on_tmpfs(&file);
+        // The variable is for measuring what keeping tmpfs I/O inline saves.
+        if tmpfs && std::env::var_os(TMPFS_PUNT_ENV).is_none() {
+            keep_inline(&file, path);
+        }
+        Backing { file, path: path.to_owned(), size, durable, tmpfs }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the open file's status flags include `flag` (O_DIRECT, O_NONBLOCK).
+    pub fn has_flag(&self, flag: i32) -> bool {
+        // SAFETY: F_GETFL on an fd we own.
+        unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETFL) & flag != 0 }
+    }
+
+    fn in_range(&self, req: &Request) -> bool {
+        req.offset.checked_add(req.len as u64).is_some_and(|end| end <= self.size)
+    }
+}
+
+fn on_tmpfs(file: &File) -> bool {
+    // SAFETY: statfs is plain data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on an fd we own, writing into st.
+    let ok = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0;
+    ok && st.f_type == libc::TMPFS_MAGIC
+}
+
+/// Set (to anything) in a server's environment, tmpfs files are left as
+/// opened, so their I/O goes through io-wq: for measuring [`keep_inline`].
+pub const TMPFS_PUNT_ENV: &str = "UBLK_BENCH_TMPFS_PUNT";
+
+/// Keeps io_uring READ and WRITE on a tmpfs file in the queue thread.
+///
+/// shmem's file has neither FMODE_NOWAIT nor FOP_BUFFER_WASYNC, so io_uring
+/// cannot try it non-blocking and punts every READ and WRITE to an io-wq
+/// worker thread (io_uring/rw.c: `io_file_supports_nowait`, and io_write's
+/// WASYNC check). O_NONBLOCK on the file makes io_uring take it as
+/// NOWAIT-capable (`io_file_get_flags`) and O_DIRECT passes the write check;
+/// shmem's read_iter and write_iter look at neither flag (tmpfs allows
+/// O_DIRECT since 6.6 and serves it from the page cache), so the I/O is the
+/// same page-cache copy, done inline. Failing to set them costs speed only.
+fn keep_inline(file: &File, path: &Path) {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL / F_SETFL on an fd we own.
+    let ok = unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_DIRECT | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        crate::log!(
+            "{}: could not set O_DIRECT|O_NONBLOCK ({}); its I/O goes through io-wq workers",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// One queue's handle on the file.
+pub struct FileQueue {
+    file: Arc<Backing>,
+    /// Bytes each request must move (0 for FLUSH, DISCARD, WRITE_ZEROES).
+    lens: Vec<u32>,
+    /// CQEs still due for each tag's chain, and its result so far.
+    pending: Vec<u8>,
+    results: Vec<i32>,
+}
+
+/// The kinds of this backend's commands, within [`KIND_MASK`]: the file
+/// command, and the REGISTER / UNREGISTER around it with explicit registration.
+pub const KIND_IO: u64 = 0;
+pub const KIND_REG: u64 = 1 << 16;
+pub const KIND_UNREG: u64 = 2 << 16;
+const _: () = assert!((KIND_REG | KIND_UNREG) & !KIND_MASK == 0);
+
+impl FileQueue {
+    pub fn new(file: Arc<Backing>, depth: u16) -> Self {
+        let d = depth as usize;
+        FileQueue { file, lens: vec![0; d], pending: vec![0; d], results: vec![0; d] }
+    }
+
+    /// The one file command a request needs, or its result if it needs none.
+    fn command(&self, req: &Request, data: &Data<'_>) -> std::result::Result<squeue::Entry, i32> {
+        let fd = types::Fd(self.file.file.as_raw_fd());
+        let (off, len) = (req.offset, req.len);
+        let dsync = match req.flags & sys::UBLK_IO_F_FUA != 0 && self.file.durable {
+            true => libc::RWF_DSYNC,
+            false => 0,
+        };
+        Ok(match (req.op, data) {
+            (sys::UBLK_IO_OP_READ, Data::Registered { index } | Data::Fixed { index, .. }) => {
+                // A ublk buffer is addressed from 0, not by a user address.
+                opcode::ReadFixed::new(fd, std::ptr::null_mut(), len, *index).offset(off).build()
+            }
+            (sys::UBLK_IO_OP_WRITE, Data::Registered { index } | Data::Fixed { index, .. }) => {
+                opcode::WriteFixed::new(fd, std::ptr::null(), len, *index).offset(off).rw_flags(dsync).build()
+            }
+            (sys::UBLK_IO_OP_READ, Data::Buf(b)) if b.len() >= len as usize => {
+                opcode::Read::new(fd, b.as_ptr() as *mut u8, len).offset(off).build()
+            }
+            (sys::UBLK_IO_OP_WRITE, Data::Buf(b)) if b.len() >= len as usize => {
+                opcode::Write::new(fd, b.as_ptr(), len).offset(off).rw_flags(dsync).build()
+            }
+            (sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE, _) => return Err(-libc::EINVAL),
+            (sys::UBLK_IO_OP_FLUSH, _) if !self.file.durable => return Err(0),
+            (sys::UBLK_IO_OP_FLUSH, _) => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            (sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES, _) => {
+                opcode::Fallocate::new(fd, len as u64).offset(off).mode(self.zero_mode(req)).build()
+            }
+            _ => return Err(-libc::EOPNOTSUPP),
+        })
+    }
+
+    /// fallocate mode for DISCARD / WRITE_ZEROES (see the module doc).
+    fn zero_mode(&self, req: &Request) -> i32 {
+        let keep_blocks = req.op == sys::UBLK_IO_OP_WRITE_ZEROES && req.flags & sys::UBLK_IO_F_NOUNMAP != 0;
+        match keep_blocks && !self.file.tmpfs {
+            true => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            false => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        }
+    }
+}
+
+impl QueueBackend for FileQueue {
+    type Sqe = squeue::Entry;
+    type Cqe = io_uring::cqueue::Entry;
+
+    /// Pushes the file command for `tag`, inside a REGISTER/UNREGISTER chain
+    /// when zero copy registers buffers explicitly; Some(result) if the
+    /// request needs no command or cannot be served.
+    fn submit(
+        &mut self,
+        tag: u16,
+        req: &Request,
+        data: Data<'_>,
+        sq: &mut io_uring::SubmissionQueue<'_, squeue::Entry>,
+        ud: u64,
+    ) -> Option<i32> {
+        // A FLUSH carries no range: its sector is whatever the block layer
+        // left there (blk_rq_init sets it to -1).
+        if req.op != sys::UBLK_IO_OP_FLUSH && !self.file.in_range(req) {
+            return Some(-libc::EINVAL);
+        }
+        let io = match self.command(req, &data) {
+            Ok(sqe) => sqe.user_data(ud | KIND_IO),
+            Err(res) => return Some(res),
+        };
+        let t = tag as usize;
+        let rw = matches!(req.op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE);
+        self.lens[t] = if rw { req.len } else { 0 };
+        self.results[t] = 0;
+        let sqes = match data {
+            Data::Fixed { index, char_fd, qid } if rw => {
+                let link = squeue::Flags::IO_HARDLINK;
+                [
+                    Some(
+                        buf_cmd(char_fd, sys::UBLK_U_IO_REGISTER_IO_BUF, (qid, tag), index, ud | KIND_REG)
+                            .flags(link),
+                    ),
+                    Some(io.flags(link)),
+                    Some(buf_cmd(
+                        char_fd,
+                        sys::UBLK_U_IO_UNREGISTER_IO_BUF,
+                        (qid, tag),
+                        index,
+                        ud | KIND_UNREG,
+                    )),
+                ]
+            }
+            _ => [Some(io), None, None],
+        };
+        let n = sqes.iter().flatten().count();
+        if sq.capacity() - sq.len() < n {
+            return Some(-libc::EBUSY);
+        }
+        self.pending[t] = n as u8;
+        for sqe in sqes.iter().flatten() {
+            // SAFETY: the command's memory (the tag's buffer, or the request's
+            // pages registered at slot `tag`) stays valid until its CQE: the
+            // tag is not reused before we COMMIT it, after the last CQE.
+            unsafe { sq.push(sqe) }.expect("room checked above");
+        }
+        None
+    }
+
+    /// Takes one CQE of `tag`'s chain; the COMMIT result once all are in.
+    fn complete(&mut self, tag: u16, kind: u64, res: i32) -> Option<i32> {
+        let t = tag as usize;
+        let r = &mut self.results[t];
+        if kind == KIND_IO {
+            *r = match res {
+                e if e < 0 => e,
+                n if n as u32 == self.lens[t] => n,
+                _ => -libc::EIO, // short: see the module doc
+            };
+        } else if res < 0 && *r >= 0 {
+            *r = -libc::EIO;
+        }
+        self.pending[t] -= 1;
+        (self.pending[t] == 0).then_some(*r)
+    }
+}
+
+/// REGISTER_IO_BUF / UNREGISTER_IO_BUF of `(qid, tag)` at buffer slot `index`.
+fn buf_cmd(fd: i32, op: u32, (qid, tag): (u16, u16), index: u16, ud: u64) -> squeue::Entry {
+    let c = sys::IoCmd { q_id: qid, tag, result: 0, addr: index as u64 };
+    let mut payload = [0u8; 16];
+    // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
+    unsafe { std::ptr::copy_nonoverlapping(&c as *const _ as *const u8, payload.as_mut_ptr(), 16) };
+    opcode::UringCmd16::new(types::Fd(fd), op).cmd(payload).build().user_data(ud)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendKind, CopyMode, Recovery};
+
+    fn cfg(path: &Path, direct: bool) -> DeviceConfig {
+        DeviceConfig {
+            dev_id: None,
+            backend: BackendKind::File,
+            size: 4096,
+            store: None,
+            store_created: false,
+            path: Some(path.to_owned()),
+            direct,
+            nvme_dev: None,
+            queues: 1,
+            depth: 4,
+            cpus: vec![],
+            poll: false,
+            batch: false,
+            stats: true,
+            block_size: 512,
+            max_io_bytes: 1 << 20,
+            copy_mode: CopyMode::Zero,
+            explicit_buf_reg: false,
+            recovery: Recovery::None,
+        }
+    }
+
+    #[test]
+    fn a_file_has_a_volatile_cache_and_fua_even_with_direct() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let both = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+        assert_eq!(cache_attrs(&cfg(f.path(), false)), both);
+        // The filesystem's metadata and the disk under it may cache writes.
+        assert_eq!(cache_attrs(&cfg(f.path(), true)), both);
+    }
+
+    #[test]
+    fn probe_resolves_links_and_reads_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        std::fs::write(&img, vec![0u8; 3000]).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        let p = probe(&link, false, 512).unwrap();
+        assert_eq!((p.path, p.size, p.logical_block), (img.canonicalize().unwrap(), 3000, None));
+        let err = probe(&img, false, 4096).unwrap_err().to_string();
+        assert!(err.contains("less than one 4096-byte block"), "{err}");
+    }
+}
