@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::config::DeviceConfig;
+use crate::config::{self, DeviceConfig};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::run_files;
@@ -25,6 +25,8 @@ pub struct DeviceView {
     pub poll: Option<bool>,
     pub cpus: Vec<usize>,
     pub store: Option<String>,
+    /// The queue's active I/O scheduler (sysfs); None before START_DEV.
+    pub scheduler: Option<String>,
 }
 
 pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
@@ -34,10 +36,10 @@ pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
         Some(c) => c.size,
         None => ctrl.get_params(dev_id).map(|p| p.basic.dev_sectors << 9).unwrap_or(0),
     };
-    Ok(make_view(&info, cfg.as_ref(), size))
+    Ok(make_view(&info, cfg.as_ref(), size, config::active_scheduler(dev_id)))
 }
 
-fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64) -> DeviceView {
+fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: Option<String>) -> DeviceView {
     DeviceView {
         dev_id: info.dev_id,
         state: sys::state_name(info.state),
@@ -53,6 +55,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64) -> DeviceVie
         poll: cfg.map(|c| c.poll),
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
         store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
+        scheduler,
     }
 }
 
@@ -62,7 +65,7 @@ pub fn dump(v: &DeviceView) -> String {
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
          \tmax rq size {} daemon pid {} flags {}\n\
          \tstate {}\n\
-         \tbackend {} copy {} poll {} cpus [{}]{}\n",
+         \tbackend {} copy {} poll {} cpus [{}] scheduler {}{}\n",
         v.dev_id,
         v.queues,
         v.depth,
@@ -75,7 +78,8 @@ pub fn dump(v: &DeviceView) -> String {
         v.backend,
         v.copy_mode.unwrap_or("?"),
         v.poll.map_or("?".into(), |p| p.to_string()),
-        crate::config::format_cpus(&v.cpus),
+        config::format_cpus(&v.cpus),
+        v.scheduler.as_deref().unwrap_or("-"),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
     )
 }
