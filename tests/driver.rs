@@ -372,7 +372,7 @@ fn bad_input_is_rejected_and_leaves_nothing() {
         (&["add", "null", "-q", "0"], &["-q", "range"]),
         (&["add", "null", "-q", "4097"], &["-q", "range", "4096"]),
         (&["add", "null", "--scheduler", "No/Such"], &["scheduler name", "keep"]),
-        (&["add", "null", "--scheduler", "no-such-elevator"], &["no-such-elevator", "offers", "keep"]),
+        (&["add", "null", "--scheduler", "nosuchsched"], &["nosuchsched", "offers", "keep"]),
         (&["add", "foo"], &["foo", "null", "ram"]),
         (&["add", "null", "--cpus", "99"], &["cpu", "99"]),
         (&["add", "null", "--cpus", "x"], &["cpu"]),
