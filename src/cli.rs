@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{BackendKind, CopyMode, check_depth, check_queues, parse_cpus, parse_size};
+use crate::config::{
+    BackendKind, CopyMode, SchedulerChoice, check_depth, check_queues, parse_cpus, parse_scheduler,
+    parse_size,
+};
 use crate::error::Result;
 
 /// A whole `--cpus` list: an alias, so clap takes the parser's Vec as one value.
@@ -81,7 +84,19 @@ pub enum Command {
     },
 }
 
+/// `add --help`, after the options: where queue threads run and why.
+const PLACEMENT_HELP: &str = "\
+CPU placement (without --cpus): each queue thread is pinned to the last online CPU of the \
+queue's affinity set (GET_QUEUE_AFFINITY), away from CPU 0 where clients tend to start; with one \
+queue on two CPUs that is CPU 1. Queues whose set has no online CPU (more queues than online CPUs) \
+take the online CPUs round robin and share them; with --poll, add warns that spinning threads share \
+a CPU. With --cpus LIST queue q runs on LIST[q % len].
+
+I/O scheduler: the device's queue is put on `none` once it starts (a ublk server does its own \
+queueing; mq-deadline costs a quarter of the throughput); --scheduler keep leaves the kernel's choice.";
+
 #[derive(Debug, Args)]
+#[command(after_help = PLACEMENT_HELP)]
 pub struct AddArgs {
     /// Backend: null (ublk cost alone), ram (shared-memory store that survives a crash), file (a file or
     /// block device, like loop) or nvme (passthrough).
@@ -92,7 +107,8 @@ pub struct AddArgs {
     pub id: Option<i64>,
     #[command(flatten)]
     pub queue: QueueArgs,
-    /// CPUs for the queue threads, e.g. 0,1 or 0-3; default: the kernel's queue affinity.
+    /// CPUs for the queue threads, e.g. 0,1 or 0-3 (queue q on the (q % len)-th); default: the last
+    /// online CPU of each queue's kernel affinity set (see below).
     #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<CpuList>,
     /// Busy-poll the queue rings instead of sleeping in io_uring_enter.
@@ -156,12 +172,17 @@ pub struct AddArgs {
 /// (`downtime` words the help for the device it creates).
 #[derive(Debug, Clone, Args)]
 pub struct QueueArgs {
-    /// Hardware queues (one pinned thread each).
+    /// Hardware queues (one pinned thread each), 1 to 4096; the kernel makes at most one per
+    /// possible CPU.
     #[arg(short = 'q', long = "queues", default_value_t = 1)]
     pub queues: u32,
     /// Queue depth (tags per queue).
     #[arg(short = 'd', long = "depth", default_value_t = 128)]
     pub depth: u32,
+    /// I/O scheduler of the device's queue, set once it starts: `keep` leaves the kernel's choice
+    /// (mq-deadline for one queue), a NAME must be one the kernel offers.
+    #[arg(long, value_name = "keep|NAME", value_parser = parse_scheduler, default_value = "none")]
+    pub scheduler: SchedulerChoice,
     /// Batch I/O (UBLK_F_BATCH_IO, Linux 7.0+): each queue takes requests as arrays of tags from one
     /// multishot FETCH and commits them in one command per pass; refused where the kernel lacks it.
     #[arg(long)]
@@ -315,6 +336,7 @@ mod tests {
         assert_eq!(a.cpus, Some(vec![0, 1]));
         assert_eq!(a.size, Some(64 << 20));
         assert!(a.recovery && a.reissue && !a.fail_io);
+        assert_eq!(a.queue.scheduler, SchedulerChoice(Some("none".into())), "none by default");
         assert!(!a.queue.batch);
         let Command::Add(a) = parse(&["add", "null", "--batch"]).unwrap().cmd else { panic!("not add") };
         assert!(a.queue.batch);
@@ -332,6 +354,18 @@ mod tests {
         assert_eq!(a.queue.stats, OnOff::Off);
         assert!(parse(&["add", "null", "--stats", "maybe"]).is_err());
         assert!(parse(&["downtime", "--stats", "off"]).is_ok());
+    }
+
+    #[test]
+    fn scheduler_is_a_queue_option_of_add_and_downtime() {
+        let Command::Add(a) = parse(&["add", "null", "--scheduler", "keep"]).unwrap().cmd else { panic!() };
+        assert_eq!(a.queue.scheduler, SchedulerChoice(None));
+        let Command::Downtime(d) = parse(&["downtime", "--scheduler", "kyber"]).unwrap().cmd else {
+            panic!()
+        };
+        assert_eq!(d.queue.scheduler.to_string(), "kyber");
+        let err = parse(&["add", "null", "--scheduler", "No/Such"]).unwrap_err().to_string();
+        assert!(err.contains("not an I/O scheduler name"), "{err}");
     }
 
     #[test]

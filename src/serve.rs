@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::backend::DeviceBackend;
 use crate::backend::nvme::Namespace;
 use crate::clock::now_ns;
-use crate::config::{BackendKind, DeviceConfig};
+use crate::config::{self, BackendKind, DeviceConfig};
 use crate::daemon::Notifier;
 use crate::error::Result;
 use crate::fault::{self, Fault};
@@ -33,6 +33,7 @@ pub fn new_device(
         }
     };
     notify.added(server.dev_id);
+    note_queues(&mut server.cfg, server.info.nr_hw_queues);
     if server.cfg.backend == BackendKind::Ram && server.cfg.store.is_none() {
         server.cfg.store = Some(format!("/dev/shm/ublk-bench-{}", server.dev_id).into());
     }
@@ -41,6 +42,11 @@ pub fn new_device(
         server.prepare(&backend)?;
         server.attach()?;
         server.start()?;
+        // After START_DEV the queue exists; a failed write abandons the
+        // device below like any other failed start.
+        if let Some(name) = &server.cfg.scheduler {
+            config::set_scheduler(server.dev_id, name)?;
+        }
         Ok(backend)
     });
     let _backend = match started {
@@ -62,6 +68,22 @@ pub fn new_device(
     let stop = server.wait();
     log!("device {}: {:?}", server.dev_id, stop);
     server.shutdown(stop == Stop::Signal)
+}
+
+/// The queues ADD_DEV made (the kernel clamps them to the possible CPUs)
+/// become the settings' own; the server log says when polling threads share CPUs.
+fn note_queues(cfg: &mut DeviceConfig, made: u16) {
+    if made != cfg.queues {
+        log!(
+            "device {}: the kernel made {made} queue(s) of the {} asked",
+            cfg.dev_id.unwrap_or(0),
+            cfg.queues
+        );
+        cfg.queues = made;
+    }
+    if let Some(warning) = cfg.poll_sharing(made) {
+        log!("device {}: {warning}", cfg.dev_id.unwrap_or(0));
+    }
 }
 
 /// A new store is created (and only then marked ours, so a failed start

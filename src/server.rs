@@ -179,16 +179,13 @@ impl Server {
     }
 
     fn queue_setup(&mut self, qid: u16, stats: &Arc<StatsFile>) -> Result<QueueSetup> {
-        let cpu = match self.cfg.cpu_for(qid) {
-            Some(c) => c,
-            None => self
-                .ctrl
-                .queue_affinity(self.dev_id, qid)
-                .map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?
-                .first()
-                .copied()
-                .unwrap_or(0),
+        let affinity = match self.cfg.cpu_for(qid) {
+            Some(_) => vec![],
+            None => {
+                self.ctrl.queue_affinity(self.dev_id, qid).map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?
+            }
         };
+        let cpu = self.cfg.queue_cpu(qid, &affinity, &config::online_cpus());
         Ok(QueueSetup {
             dev_id: self.dev_id,
             qid,

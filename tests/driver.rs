@@ -136,6 +136,130 @@ fn cpus_pin_queue_threads() {
     assert_gone(&dev);
 }
 
+/// The I/O scheduler sysfs shows for device `id`'s queue (the bracketed name).
+fn sysfs_scheduler(id: u32) -> String {
+    let path = format!("/sys/block/ublkb{id}/queue/scheduler");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    let active = text.split_whitespace().find(|w| w.starts_with('['));
+    active
+        .unwrap_or_else(|| panic!("no [active] scheduler in {path}: {text}"))
+        .trim_matches(['[', ']'])
+        .into()
+}
+
+/// `add` puts the queue on `none` unless told otherwise; `--scheduler keep`
+/// leaves the kernel's choice (mq-deadline for one queue where built in),
+/// a NAME the kernel offers is used; `list` (JSON and text) shows sysfs's
+/// answer; a kill -9 and `recover` keep the scheduler.
+#[test]
+fn scheduler_is_none_by_default_and_chosen_with_a_flag() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["null", "-r"]);
+    assert_eq!(sysfs_scheduler(dev.id), "none", "`add null` left the queue on another scheduler");
+    assert_eq!(dev.json["scheduler"], "none", "{}", dev.json);
+    let text = ublk(&["list", "-n", &dev.id.to_string()]).success().stdout;
+    assert!(text.contains("scheduler none"), "`list` does not show the scheduler:\n{text}");
+    signal(dev.pid, libc::SIGKILL);
+    wait_until("the device to be QUIESCED", SETTLE, || {
+        list_one(dev.id).is_some_and(|j| j["state"] == "QUIESCED")
+    });
+    ublk(&["recover", "-n", &dev.id.to_string()]).success();
+    wait_until("the device to be LIVE again", SETTLE, || {
+        list_one(dev.id).is_some_and(|j| j["state"] == "LIVE")
+    });
+    assert_eq!(sysfs_scheduler(dev.id), "none", "recovery changed the queue's scheduler");
+    del(dev.id);
+
+    let kept = add(&["null", "--scheduler", "keep"]);
+    let offered = fs::read_to_string(format!("/sys/block/ublkb{}/queue/scheduler", kept.id)).expect("sysfs");
+    let kernel_choice = sysfs_scheduler(kept.id);
+    assert_eq!(kept.json["scheduler"], kernel_choice.as_str(), "{}", kept.json);
+    if offered.contains("mq-deadline") {
+        assert_eq!(kernel_choice, "mq-deadline", "--scheduler keep: the kernel gives one queue mq-deadline");
+    }
+    del(kept.id);
+    let other = offered.split_whitespace().map(|w| w.trim_matches(['[', ']'])).find(|&w| w != "none");
+    let Some(other) = other else { return };
+    let dev = add(&["null", "--scheduler", other]);
+    assert_eq!(sysfs_scheduler(dev.id), other, "--scheduler {other} was not applied");
+    del(dev.id);
+}
+
+/// The CPUs the kernel may make queues for (ADD_DEV clamps -q to nr_cpu_ids).
+fn possible_cpus() -> usize {
+    let text = fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    let last = text.trim().rsplit([',', '-']).next().expect("a CPU").parse::<usize>().expect("a CPU id");
+    last + 1
+}
+
+/// `-q 4` on fewer CPUs is allowed: the device gets the queues the kernel
+/// makes (min of 4 and the possible CPUs), each thread on one online CPU,
+/// and fio's verify from every online CPU moves I/O through every queue.
+#[test]
+fn more_queues_than_cpus_serve_io_on_every_queue() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["ram", "-q", "4", "--size", "32M"]);
+    let made = 4.min(possible_cpus());
+    assert_eq!(dev.json["queues"], made, "-q 4 with {} possible CPUs: {}", possible_cpus(), dev.json);
+    for q in 0..made as u32 {
+        let cpus = queue_cpus(&dev, q);
+        assert!(cpus.parse::<usize>().is_ok_and(|c| c < online_cpus()), "queue {q} runs on {cpus}");
+    }
+    let per = 32 * MIB / online_cpus() as u64;
+    let jobs: Vec<(String, Vec<String>)> = (0..online_cpus())
+        .map(|c| {
+            let opts = vec![
+                format!("--cpus_allowed={c}"),
+                format!("--offset={}", c as u64 * per),
+                format!("--size={per}"),
+                "--bs=4k".into(),
+            ];
+            (format!("cpu{c}"), opts)
+        })
+        .collect();
+    let json = fio_jobs(Some(&dev.block()), &FIO_CRC_VERIFY, &jobs);
+    assert_eq!(fio_bytes(&json, "write"), per * online_cpus() as u64, "fio did not write every region");
+    let out = ublk(&["stats", "-n", &dev.id.to_string(), "--json"]).success();
+    let stats: Value = serde_json::from_str(&out.stdout).expect("stats --json is JSON");
+    let queues = stats["queues"].as_array().expect("per-queue stats");
+    assert_eq!(queues.len(), made, "{stats}");
+    // blk-mq maps each online CPU to one queue: those queues all saw I/O.
+    let busy = queues.iter().filter(|q| q["ios"].as_u64().unwrap_or(0) > 0).count();
+    assert_eq!(busy, made.min(online_cpus()), "queues without I/O: {stats}");
+    del(dev.id);
+    assert_gone(&dev);
+}
+
+/// Two busy-polling queues on one CPU work, and `add` warns that the
+/// spinning threads share it (stderr and the server log).
+#[test]
+fn polling_queues_sharing_a_cpu_are_warned_about() {
+    let Some(_h) = harness() else { return };
+    if online_cpus() < 2 || possible_cpus() < 2 {
+        skip("two queues need two CPUs");
+        return;
+    }
+    let out = ublk(&["add", "ram", "-q", "2", "--cpus", "1", "--poll", "--size", "16M"]).success();
+    assert!(
+        out.stderr.contains("share a CPU"),
+        "no warning for two spinning threads on CPU 1:\n{}",
+        out.describe()
+    );
+    let id = parse_dev_id(&out.stdout).expect("dev id");
+    let log = fs::read_to_string(run_dir().join("server.log")).unwrap_or_default();
+    let said = format!("device {id}: warning: 2 busy-polling");
+    assert!(log.contains(&said), "the server log does not say `{said}`:\n{}", tail(&log, 2000));
+    let dev = Dev {
+        id,
+        pid: list_one(id).expect("listed")["pid"].as_i64().expect("pid") as i32,
+        json: Value::Null,
+    };
+    assert_eq!((queue_cpus(&dev, 0), queue_cpus(&dev, 1)), ("1".into(), "1".into()));
+    let json = fio(&dev.block(), &[&FIO_CRC_VERIFY[..], &["--bs=4k", "--size=16M"]].concat());
+    assert_eq!(fio_bytes(&json, "read"), 16 * MIB, "verify did not read the device back");
+    del(id);
+}
+
 /// `del -a` with three devices of mixed kinds leaves an empty list.
 #[test]
 fn del_all_removes_mixed_devices() {
@@ -416,7 +540,6 @@ fn assert_all_rejected(cases: &[(&[&str], &[&str])]) {
 #[test]
 fn bad_input_is_rejected_and_leaves_nothing() {
     let Some(_h) = harness() else { return };
-    let too_many = (online_cpus() + 1).to_string();
     assert_all_rejected(&[
         (&["add", "null", "--size", "0"], &["--size", "range"]),
         (&["add", "null", "--size", "2P"], &["--size", "range"]),
@@ -429,7 +552,9 @@ fn bad_input_is_rejected_and_leaves_nothing() {
         (&["add", "null", "-d", "0"], &["-d", "range"]),
         (&["add", "null", "-d", "5000"], &["-d", "range"]),
         (&["add", "null", "-q", "0"], &["-q", "range"]),
-        (&["add", "null", "-q", &too_many], &["-q", "range"]),
+        (&["add", "null", "-q", "4097"], &["-q", "range", "4096"]),
+        (&["add", "null", "--scheduler", "No/Such"], &["scheduler name", "keep"]),
+        (&["add", "null", "--scheduler", "nosuchsched"], &["nosuchsched", "offers", "keep"]),
         (&["add", "foo"], &["foo", "null", "ram"]),
         (&["add", "null", "--cpus", "99"], &["cpu", "99"]),
         (&["add", "null", "--cpus", "x"], &["cpu"]),
@@ -602,7 +727,8 @@ fn static_errors_come_before_driver_checks() {
         (&["add", "null", "--size", "99999999999999999999"], &["too large"]),
         (&["add", "null", "--size", "2000001"], &["multiple", "block size"]),
         (&["add", "null", "-q", "0"], &["-q", "range"]),
-        (&["add", "null", "-q", "4096"], &["-q", "range"]),
+        (&["add", "null", "--scheduler", "Bad/Name"], &["scheduler name", "keep"]),
+        (&["add", "null", "-q", "4097"], &["-q", "range", "4096"]),
         (&["add", "null", "-q", "70000"], &["-q", "range"]),
         (&["add", "null", "-d", "70000"], &["-d", "range"]),
         (&["add", "null", "-n", "2000000"], &["-n", "range"]),
@@ -643,7 +769,9 @@ fn static_errors_come_before_driver_checks() {
 
     // One limit and one message for -q, whatever the value.
     let q = |n: &str| ublk(&["add", "null", "-q", n]).stderr.replace(n, "N");
-    assert_eq!(q("4096"), q("70000"), "-q 4096 and -q 70000 get different messages");
+    assert_eq!(q("4097"), q("70000"), "-q 4097 and -q 70000 get different messages");
+    let zero = ublk(&["add", "null", "-q", "0"]).stderr;
+    assert!(zero.contains("between 1 and 4096"), "-q 0: {zero}");
 }
 
 /// `downtime -n ID` creates device ID and refuses one that exists (that

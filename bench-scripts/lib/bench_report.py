@@ -16,10 +16,11 @@ top-level fields every report starts with, the optional note, and writing the
 file whole (lib/report_file.py). Per kind: where the rows and the guest facts
 come from, the row fields, the figures derived from the rows, and the table.
 
-perf-null  ROWS.tsv, one run a line, tab-separated:
-               name device status(ok|failed) fio_json device_json error
-           (NAME.sched beside it holds the I/O scheduler); run in the guest,
-           so the guest facts are read from this machine.
+perf-null  ROWS.tsv, one row a line, tab-separated:
+               round name device status(ok|failed) qd32_fio_json qd1_fio_json
+               device_json server_cpu_ticks ios io_uring_enters error
+           (ROUND-NAME.sched beside it holds the I/O scheduler); run in the
+           guest, so the guest facts are read from this machine.
 perf-nvme  DIR/rows.tsv: name workload device status fio_json dev_json error round;
            DIR/r<ROUND>-<NAME>.sched; DIR/meta/ one file per guest fact.
 matrix     DIR/rows.tsv: job target mode status device fio_json add_json
@@ -189,14 +190,44 @@ def null_blk_params():
     return out
 
 
-def null_row(folder, line):
-    name, device, status, fio_json, dev_json, error = (line.split("\t") + [""] * 6)[:6]
-    row = {"name": name, "device": device, "status": status,
+NULL_ROW_FIELDS = ("round", "name", "device", "status", "fio_json", "qd1_json", "dev_json", "cpu_ticks", "ios",
+                   "enters", "error")
+
+
+def null_row(folder, line, clk_tck):
+    """One rows.tsv line as a report row: the QD32 figures, the QD1 latency,
+    the server's CPU time and io_uring_enter calls per I/O, the device facts."""
+    f = dict(zip(NULL_ROW_FIELDS, (line.split("\t") + [""] * len(NULL_ROW_FIELDS))[:len(NULL_ROW_FIELDS)]))
+    row = {"round": f["round"] or "tuned", "name": f["name"], "device": f["device"], "status": f["status"],
            "iops": None, "p50_us": None, "p99_us": None, "ratio_to_null_blk": None}
-    if error:
-        row["error"] = error
-    row["scheduler"] = text_of(os.path.join(folder, name + ".sched"))
-    return finish_row(row, fio_json, null_fio_figures, dev_json, NULL_UBLK_KEYS)
+    if f["error"]:
+        row["error"] = f["error"]
+    row["scheduler"] = text_of(os.path.join(folder, f"{row['round']}-{row['name']}.sched"))
+    row = finish_row(row, f["fio_json"], null_fio_figures, f["dev_json"], NULL_UBLK_KEYS)
+    row.update(qd1_figures(f["qd1_json"] if row["status"] == "ok" else ""))
+    row.update(per_io(num(f["cpu_ticks"]), num(f["ios"]), num(f["enters"]), clk_tck))
+    return row
+
+
+def qd1_figures(path):
+    """QD1 latency (mean, p50, p99) of one fio JSON; None figures without one."""
+    keys = ("qd1_mean_us", "qd1_p50_us", "qd1_p99_us")
+    if not path:
+        return dict.fromkeys(keys)
+    try:
+        r = fio_run(path)[1].get("read") or {}
+    except (OSError, fio_summary.FioOutputError):
+        return dict.fromkeys(keys)
+    return dict(zip(keys, (r.get("clat_mean_us"), r.get("p50_us"), r.get("p99_us"))))
+
+
+def per_io(ticks, ios, enters, clk_tck):
+    """Server CPU microseconds and io_uring_enter calls per I/O over the QD32
+    run; None where a figure is missing (null_blk has no server, other
+    servers no enter count)."""
+    cpu = round(ticks / clk_tck * 1e6 / ios, 2) if ticks is not None and ios and clk_tck else None
+    calls = round(enters / ios, 3) if enters is not None and ios else None
+    return {"window_ios": ios, "server_cpu_us_per_io": cpu, "enters_per_io": calls}
 
 
 def null_fio_figures(path):
@@ -232,7 +263,7 @@ def finish_row(row, fio_json, figures_of, dev_json, ublk_keys):
 def null_bar(rows):
     bar = {}
     for key, (row_name, minimum) in NULL_BAR.items():
-        row = next((r for r in rows if r["name"] == row_name), None)
+        row = next((r for r in rows if r["name"] == row_name and r["round"] == "tuned"), None)
         value = row["ratio_to_null_blk"] if row else None
         bar[f"{key}_ratio"] = value
         bar[f"{key}_min"] = minimum
@@ -241,36 +272,62 @@ def null_bar(rows):
     return bar
 
 
+def default_vs_tuned(rows):
+    """Per row name measured in both rounds: default IOPS / tuned IOPS (the
+    target is >= 0.9: fast as it comes)."""
+    iops = {(r["round"], r["name"]): r["iops"] for r in rows if r["status"] == "ok"}
+    names = dict.fromkeys(r["name"] for r in rows)
+    return {n: ratio(iops.get(("default", n)), iops.get(("tuned", n))) for n in names
+            if ("default", n) in iops and ("tuned", n) in iops}
+
+
 def null_build(a, env):
     folder = os.path.dirname(a.rows)
-    rows = [null_row(folder, line) for line in read_lines(a.rows)]
-    ref = next((r for r in rows if r["name"] == REFERENCE and r["status"] == "ok"), None)
-    for r in rows:
-        r["ratio_to_null_blk"] = ratio(r["iops"], ref["iops"] if ref else None)
+    rows = [null_row(folder, line, a.clk_tck) for line in read_lines(a.rows)]
+    for rnd in dict.fromkeys(r["round"] for r in rows):
+        ref = next((r for r in rows if r["name"] == REFERENCE and r["round"] == rnd and r["status"] == "ok"), None)
+        for r in rows:
+            if r["round"] == rnd:
+                r["ratio_to_null_blk"] = ratio(r["iops"], ref["iops"] if ref else None)
     git_rev, dirty = guest_facts.git_state(a.root)
     head = {"kind": "perf-null", "timestamp": a.timestamp, "git_rev": git_rev, "git_dirty": dirty,
             "binary": a.binary, "binary_version": guest_facts.cmd_out([a.binary, "--version"]),
             **null_local_facts(), "host": null_host(env)}
     body = {"null_blk": null_blk_params(),
-            "config": {"runtime_s": a.runtime, "ramp_s": a.ramp, "bs": a.bs, "iodepth": a.iodepth,
-                       "numjobs": 1, "rw": "randread", "ioengine": "io_uring", "direct": 1,
-                       "fio_cpu": a.fio_cpu, "ublk_queue_cpu": a.queue_cpu, "fio_args": a.fio_args},
-            "rows": rows, "bar": null_bar(rows)}
+            "config": {"runtime_s": a.runtime, "qd1_runtime_s": a.qd1_runtime, "ramp_s": a.ramp, "bs": a.bs,
+                       "iodepth": a.iodepth, "numjobs": 1, "rw": "randread", "ioengine": "io_uring",
+                       "direct": 1, "rounds": a.rounds, "fio_cpu": a.fio_cpu, "ublk_queue_cpu": a.queue_cpu,
+                       "fio_args": a.fio_args},
+            "rows": rows, "bar": null_bar(rows), "default_vs_tuned": default_vs_tuned(rows)}
     return assemble(head, body, all(r["status"] == "ok" for r in rows), a.note)
+
+
+def cell(v, width, prec):
+    """A table cell: the number right-aligned, or "-" in its place."""
+    return f"{'-':>{width}}" if v is None else f"{v:{width}.{prec}f}"
 
 
 def null_table(report, out):
     c, bar = report["config"], report["bar"]
     lines = [f"perf-null: {report['kernel']}, {report['emulation']}, {report['vcpus']} vCPUs, "
-             f"git {report['git_rev']}, fio randread {c['bs']} qd{c['iodepth']} {c['runtime_s']}s "
-             f"(ramp {c['ramp_s']}s), fio on CPU {c['fio_cpu']}, ublk queue on CPU {c['ublk_queue_cpu']}",
-             f"{'row':<20} {'IOPS':>10} {'p50 us':>9} {'p99 us':>9} {'vs null_blk':>12}"]
+             f"git {report['git_rev']}, fio randread {c['bs']} qd{c['iodepth']} {c['runtime_s']}s and qd1 "
+             f"{c['qd1_runtime_s']}s (ramp {c['ramp_s']}s); tuned: fio on CPU {c['fio_cpu']}, server on CPU "
+             f"{c['ublk_queue_cpu']}; default: no pinning",
+             f"{'round':<8} {'row':<25} {'IOPS':>8} {'mean':>7} {'p50':>7} {'p99':>7} {'qd1 mean':>8} "
+             f"{'p50':>7} {'p99':>7} {'cpu/io':>7} {'ent/io':>6} {'vs null':>7} {'sched':<11}"]
     for r in report["rows"]:
-        line = (f"{r['name']:<20} {fmt(r['iops'], '10.0f')} {fmt(r['p50_us'], '9.1f')} "
-                f"{fmt(r['p99_us'], '9.1f')} {fmt(r['ratio_to_null_blk'], '12.3f')}")
+        line = (f"{r['round']:<8} {r['name']:<25} {cell(r['iops'], 8, 0)} {cell(r.get('clat_mean_us'), 7, 1)} "
+                f"{cell(r['p50_us'], 7, 1)} {cell(r['p99_us'], 7, 1)} {cell(r.get('qd1_mean_us'), 8, 1)} "
+                f"{cell(r.get('qd1_p50_us'), 7, 1)} {cell(r.get('qd1_p99_us'), 7, 1)} "
+                f"{cell(r.get('server_cpu_us_per_io'), 7, 2)} {cell(r.get('enters_per_io'), 6, 2)} "
+                f"{cell(r['ratio_to_null_blk'], 7, 3)} {r.get('scheduler') or '-':<11}")
         if r["status"] != "ok":
             line += f"   FAILED: {r.get('error', '')}"
         lines.append(line)
+    lines.append("latency in us (QD32 mean/p50/p99, then QD1); cpu/io: server CPU us per I/O; "
+                 "ent/io: io_uring_enter calls per I/O")
+    for name, v in report.get("default_vs_tuned", {}).items():
+        lines.append(f"default/tuned {name:<25} {fmt(v, '.3f')}  {'ok' if v is not None and v >= 0.9 else 'below 0.9'}")
     for key in NULL_BAR:
         lines.append(f"bar {key:<8}: {fmt(bar[key + '_ratio'], '.3f')} >= {bar[key + '_min']:.2f}  "
                      f"{'PASS' if bar[key + '_pass'] else 'FAIL'}")
@@ -289,6 +346,9 @@ def null_args(p):
     p.add_argument("--ramp", type=int, required=True)
     p.add_argument("--bs", required=True)
     p.add_argument("--iodepth", type=int, required=True)
+    p.add_argument("--qd1-runtime", type=int, required=True)
+    p.add_argument("--clk-tck", type=int, required=True, help="clock ticks per second (getconf CLK_TCK)")
+    p.add_argument("--rounds", default="tuned", help="the rounds run (tuned,default)")
     p.add_argument("--fio-cpu", required=True)
     p.add_argument("--queue-cpu", required=True)
     p.add_argument("--fio-args", required=True, help="the common fio arguments, as run")
@@ -673,10 +733,10 @@ def matrix_table(report, out):
              f"git {report['git_rev']}{'+dirty' if report['git_dirty'] else ''}, {report['fio_version']}, "
              f"{c['runtime_s']}s + {c['ramp_s']}s ramp per row; host load {h['loadavg_start']} -> "
              f"{h['loadavg_end']} on {h['cpus']} CPUs",
-             f"{'job':<18} {'target':<16} {'mode':<8} {'IOPS':>9} {'MB/s':>8} {'p50 us':>9} {'p99 us':>9} "
+             f"{'job':<18} {'target':<16} {'mode':<10} {'IOPS':>9} {'MB/s':>8} {'p50 us':>9} {'p99 us':>9} "
              f"{'p99.9 us':>9} {'fio u/s %':>10} {'srv %':>6} {'/null_blk':>9}"]
     for r in report["rows"]:
-        who = f"{r['job']:<18} {r['target']:<16} {r['mode']:<8}"
+        who = f"{r['job']:<18} {r['target']:<16} {r['mode']:<10}"
         if r["status"] != "ok":
             lines.append(f"{who} {r['status'].upper()}: {r.get('error', '')[:110]}")
             continue
@@ -701,7 +761,8 @@ def _no_check(p, a):
 # Each kind: its options, its report builder (a, env) -> dict, and its table.
 KINDS = {
     "perf-null": SimpleNamespace(add_args=null_args, check=_no_check, build=null_build, table=null_table,
-                                 help="fio 4k randread: null_blk vs ublk-bench null (blocking, --poll)"),
+                                 help="fio 4k randread: null_blk vs ublk-bench null (blocking, --poll, --batch, "
+                                 "--stats off) and peers, tuned and default rounds"),
     "perf-nvme": SimpleNamespace(add_args=nvme_args, check=nvme_check, build=nvme_build, table=nvme_table,
                                  help="raw NVMe vs ublk-bench nvme zero-copy/copy, ram user/copy"),
     "matrix": SimpleNamespace(add_args=matrix_args, check=_no_check, build=matrix_build, table=matrix_table,

@@ -63,13 +63,17 @@ def _subtitle(report, extra):
 
 
 def chart_perf_null(report):
+    """One group per round (tuned, default; reports before rounds have one)."""
     cfg = report.get("config", {})
-    group = Group(f"{cfg.get('rw', '')} {cfg.get('bs', '')} qd{cfg.get('iodepth', '')}")
+    job = f"{cfg.get('rw', '')} {cfg.get('bs', '')} qd{cfg.get('iodepth', '')}"
+    groups = {}
     for row in report["rows"]:
+        rnd = row.get("round")
+        group = groups.setdefault(rnd, Group(f"{job} {rnd}" if rnd else job))
         target = group.refs if row["name"] == "null_blk" else group.bars
         target.append(_bar(row["name"], row, "p99_us"))
     return Chart("ublk-bench perf-null: ublk null vs null_blk", _subtitle(
-        report, f"{cfg.get('runtime_s', '?')} s per run"), [group])
+        report, f"{cfg.get('runtime_s', '?')} s per run"), list(groups.values()))
 
 
 def chart_perf_nvme(report):

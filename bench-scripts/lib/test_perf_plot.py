@@ -31,15 +31,18 @@ def titles(elems):
 
 class ChartFromExamples(unittest.TestCase):
     def test_perf_null_reference_is_null_blk(self):
+        """One group per round (tuned, default), each against its own null_blk."""
         report = example("perf-null")
         chart = perf_plot.chart_of(report)
-        self.assertEqual(len(chart.groups), 1)
-        g = chart.groups[0]
-        ref = next(r for r in report["rows"] if r["name"] == "null_blk")
-        self.assertEqual([(r.label, r.iops, r.p99_us) for r in g.refs],
-                         [("null_blk", ref["iops"], ref["p99_us"])])
-        self.assertEqual([b.label for b in g.bars],
-                         [r["name"] for r in report["rows"] if r["name"] != "null_blk"])
+        rounds = list(dict.fromkeys(r.get("round") for r in report["rows"]))
+        self.assertEqual(len(chart.groups), len(rounds))
+        for g, rnd in zip(chart.groups, rounds):
+            rows = [r for r in report["rows"] if r.get("round") == rnd]
+            ref = next(r for r in rows if r["name"] == "null_blk")
+            self.assertEqual([(r.label, r.iops, r.p99_us) for r in g.refs],
+                             [("null_blk", ref["iops"], ref["p99_us"])])
+            self.assertEqual([b.label for b in g.bars], [r["name"] for r in rows if r["name"] != "null_blk"])
+            self.assertTrue(rnd is None or g.name.endswith(rnd), g.name)
 
     def test_perf_nvme_groups_by_workload_reference_raw(self):
         report = example("perf-nvme")

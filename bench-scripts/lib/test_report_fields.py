@@ -41,21 +41,34 @@ def row_keys(rows):
 
 
 class PerfNullFields(unittest.TestCase):
-    def build(self, d):
+    ROWS = (("null_blk", 90000.0), ("ublk-null-blocking", 60000.0), ("ublk-null-poll", 80000.0),
+            ("kublk", 50000.0))
+
+    def build(self, d, rounds=("tuned", "default"), batch_unknown=True):
         lines = []
-        for name, iops in (("null_blk", 90000.0), ("ublk-null-blocking", 60000.0), ("ublk-null-poll", 80000.0)):
-            fio = write(os.path.join(d, f"{name}.json"), json.dumps(fio_doc(iops, iops * 4096)))
-            write(os.path.join(d, f"{name}.sched"), "none\n")
-            dev = "" if name == "null_blk" else write(os.path.join(d, f"{name}.dev.json"), json.dumps([UBLK_DEV]))
-            lines.append("\t".join([name, "/dev/x", "ok", fio, dev, ""]) + "\t")
+        for rnd in rounds:
+            scale = 1.0 if rnd == "tuned" else 0.5
+            for name, iops in self.ROWS:
+                base = os.path.join(d, f"{rnd}-{name}")
+                fio = write(base + ".json", json.dumps(fio_doc(iops * scale, iops * scale * 4096)))
+                qd1 = write(base + ".qd1.json", json.dumps(fio_doc(20000.0, 20000.0 * 4096)))
+                write(base + ".sched", "none\n")
+                dev = "" if name == "null_blk" else write(base + ".dev.json", json.dumps([UBLK_DEV]))
+                ticks, enters = ("", "") if name == "null_blk" else ("100", "" if name == "kublk" else "500000")
+                lines.append("\t".join([rnd, name, "/dev/x", "ok", fio, qd1, dev, ticks, "1000000", enters, ""]))
+            if batch_unknown:
+                lines.append("\t".join([rnd, "ublk-null-batch", "", "failed", "", "", "", "", "", "",
+                                        "ublk-bench add null --batch failed: unexpected argument '--batch'"]))
         rows = write(os.path.join(d, "rows.tsv"), "\n".join(lines) + "\n")
         out = os.path.join(d, "perf-null-T.json")
         p = run_module("bench_report.py", ["perf-null",
             "--rows", rows, "--out", out, "--root", d, "--timestamp", "T", "--binary", "/bin/true",
-            "--runtime", "10", "--ramp", "2", "--bs", "4k", "--iodepth", "32", "--fio-cpu", "0",
-            "--queue-cpu", "blocking:1,poll:1", "--fio-args", "fio ..."],
+            "--runtime", "10", "--qd1-runtime", "5", "--ramp", "2", "--bs", "4k", "--iodepth", "32",
+            "--clk-tck", "100", "--rounds", ",".join(rounds), "--fio-cpu", "0",
+            "--queue-cpu", "1", "--fio-args", "fio ...", "--note", "canned"],
             {"UBLK_BENCH_HOST_LOADAVG": "1 1 1", "UBLK_BENCH_HOST_QEMUS": "0", "UBLK_BENCH_HOST_CPUS": "2"})
         self.assertEqual(p.returncode, 0, p.stderr)
+        self.table = p.stdout
         with open(out, encoding="utf-8") as f:
             return json.load(f)
 
@@ -66,8 +79,36 @@ class PerfNullFields(unittest.TestCase):
         self.assertEqual(set(got), set(want))
         for section in ("host", "config", "bar"):
             self.assertEqual(key_shape(got[section]), key_shape(want[section]), section)
-        self.assertEqual(row_keys(got["rows"]), row_keys(want["rows"]))
+        ok_want = [r for r in want["rows"] if r["status"] == "ok"]
+        self.assertEqual(row_keys([r for r in got["rows"] if r["status"] == "ok"]), row_keys(ok_want))
         self.assertEqual(got["bar"]["poll_ratio"], round(80000.0 / 90000.0, 3))
+
+    def test_rounds_per_io_figures_and_unknown_flags(self):
+        with tempfile.TemporaryDirectory() as d:
+            got = self.build(d)
+        by = {(r["round"], r["name"]): r for r in got["rows"]}
+        poll = by[("tuned", "ublk-null-poll")]
+        # 100 ticks at 100/s = 1 s of CPU over 1e6 reads; 5e5 enters over 1e6 reads.
+        self.assertEqual((poll["server_cpu_us_per_io"], poll["enters_per_io"]), (1.0, 0.5))
+        self.assertEqual(by[("tuned", "kublk")]["enters_per_io"], None, "peers do not count enters")
+        self.assertEqual(by[("tuned", "null_blk")]["server_cpu_us_per_io"], None, "null_blk has no server")
+        self.assertEqual(poll["qd1_mean_us"], fio_doc(20000.0, 1)["jobs"][0]["read"]["clat_ns"]["mean"] / 1000)
+        # Each round against its own null_blk; default/tuned per row.
+        self.assertEqual(by[("default", "ublk-null-poll")]["ratio_to_null_blk"], round(80000 / 90000, 3))
+        self.assertEqual(got["default_vs_tuned"]["ublk-null-poll"], 0.5)
+        batch = by[("tuned", "ublk-null-batch")]
+        self.assertEqual(batch["status"], "failed")
+        self.assertIn("unexpected argument '--batch'", batch["error"])
+        self.assertFalse(got["complete"])
+        self.assertIn("FAILED: ublk-bench add null --batch", self.table)
+        self.assertIn("default/tuned ublk-null-poll", self.table)
+
+    def test_old_rows_without_a_round_are_tuned(self):
+        with tempfile.TemporaryDirectory() as d:
+            got = self.build(d, rounds=("tuned",), batch_unknown=False)
+        self.assertEqual({r["round"] for r in got["rows"]}, {"tuned"})
+        self.assertEqual(got["default_vs_tuned"], {})
+        self.assertTrue(got["complete"])
 
 
 class MatrixFields(unittest.TestCase):

@@ -425,6 +425,7 @@ mod tests {
             poll: false,
             batch: false,
             stats: true,
+            scheduler: None,
             block_size: 512,
             max_io_bytes: 1 << 20,
             copy_mode: CopyMode::Zero,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{AddArgs, OnOff};
-use crate::config::{BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode};
+use crate::config::{self, BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode};
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier};
 use crate::error::{Error, Result};
@@ -79,6 +79,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         recovery: recovery_from(args)?,
         batch: args.queue.batch,
         stats: args.queue.stats == OnOff::On,
+        scheduler: args.queue.scheduler.0.clone(),
     };
     check_copy_mode(args.copy_mode, args.backend, args.explicit_buf_reg)?;
     if args.backend != BackendKind::File {
@@ -196,6 +197,19 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
     }
     if cfg.backend == BackendKind::Ram {
         check_store_space(cfg)?;
+    }
+    if let Some(name) = &cfg.scheduler {
+        config::check_scheduler(name, &config::offered_schedulers())?;
+    }
+    let queues = config::kernel_queues(cfg.queues);
+    if queues < cfg.queues {
+        eprintln!(
+            "note: the kernel makes at most one queue per possible CPU: the device gets {queues} queues, not {}",
+            cfg.queues
+        );
+    }
+    if let Some(warning) = cfg.poll_sharing(queues) {
+        eprintln!("{warning}");
     }
     Ok(())
 }
@@ -317,8 +331,9 @@ mod tests {
     #[test]
     fn out_of_range_queue_counts_share_one_message() {
         let msg = |q: &str| config_from(&args(&["null", "-q", q])).unwrap_err().to_string();
-        let (a, b) = (msg("4096"), msg("70000"));
-        assert_eq!(a.replace("4096", "N"), b.replace("70000", "N"));
+        let (a, b) = (msg("4097"), msg("70000"));
+        assert_eq!(a.replace("4097", "N"), b.replace("70000", "N"));
+        assert_eq!(config_from(&args(&["null", "-q", "4096"])).unwrap().queues, 4096);
     }
 
     #[test]

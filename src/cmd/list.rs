@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::config::DeviceConfig;
+use crate::config::{self, DeviceConfig};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::run_files;
@@ -27,6 +27,8 @@ pub struct DeviceView {
     pub batch: bool,
     pub cpus: Vec<usize>,
     pub store: Option<String>,
+    /// The queue's active I/O scheduler (sysfs); None before START_DEV.
+    pub scheduler: Option<String>,
 }
 
 pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
@@ -36,10 +38,10 @@ pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
         Some(c) => c.size,
         None => ctrl.get_params(dev_id).map(|p| p.basic.dev_sectors << 9).unwrap_or(0),
     };
-    Ok(make_view(&info, cfg.as_ref(), size))
+    Ok(make_view(&info, cfg.as_ref(), size, config::active_scheduler(dev_id)))
 }
 
-fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64) -> DeviceView {
+fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: Option<String>) -> DeviceView {
     DeviceView {
         dev_id: info.dev_id,
         state: sys::state_name(info.state),
@@ -56,6 +58,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64) -> DeviceVie
         batch: info.flags & sys::UBLK_F_BATCH_IO != 0,
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
         store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
+        scheduler,
     }
 }
 
@@ -65,7 +68,7 @@ pub fn dump(v: &DeviceView) -> String {
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
          \tmax rq size {} daemon pid {} flags {}\n\
          \tstate {}\n\
-         \tbackend {} copy {} poll {} batch {} cpus [{}]{}\n",
+         \tbackend {} copy {} poll {} batch {} cpus [{}] scheduler {}{}\n",
         v.dev_id,
         v.queues,
         v.depth,
@@ -79,7 +82,8 @@ pub fn dump(v: &DeviceView) -> String {
         v.copy_mode.unwrap_or("?"),
         v.poll.map_or("?".into(), |p| p.to_string()),
         v.batch,
-        crate::config::format_cpus(&v.cpus),
+        config::format_cpus(&v.cpus),
+        v.scheduler.as_deref().unwrap_or("-"),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
     )
 }

@@ -283,6 +283,8 @@ impl Device {
             a.queue.queues.to_string(),
             "-d".into(),
             a.queue.depth.to_string(),
+            "--scheduler".into(),
+            a.queue.scheduler.to_string(),
             "--json".into(),
         ];
         if let Some(id) = a.id {
