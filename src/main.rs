@@ -45,7 +45,7 @@ fn serve_daemon(a: ServeArgs) -> Result<()> {
     match (a.recover, a.config) {
         (Some(id), _) => {
             let watch = a.watch_pid.zip(a.watch_start).map(|(pid, start)| ProcId { pid, start });
-            serve::takeover(id, &a.method, a.crash_seen_ns, watch, notify)
+            serve::takeover(id, &a.method, a.crash_seen_ns, watch, None, notify)
         }
         (None, Some(c)) => serve::new_device(parse_config(&c)?, notify, |_| Ok(())),
         (None, None) => Err(Error::invalid("__serve needs --config or --recover")),
