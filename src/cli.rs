@@ -254,6 +254,11 @@ pub struct DowntimeArgs {
     /// (hot standby takes over), `restart` (planned handover, no SIGKILL).
     #[arg(long, value_enum, default_value_t = RecoverMethod::Supervise)]
     pub method: RecoverMethod,
+    /// With `--method recover` on a `--reuse` device: the shell command that brings the server back
+    /// after the kill, instead of `ublk-bench recover -n ID`. For measuring another ublk server
+    /// (e.g. kublk) the same way: its server is whichever process holds /dev/ublkcN.
+    #[arg(long, requires = "reuse")]
+    pub recover_cmd: Option<String>,
     /// Crash cycles.
     #[arg(long, default_value_t = 10)]
     pub cycles: u32,

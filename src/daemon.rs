@@ -7,12 +7,16 @@
 //! `err MESSAGE`. EOF without
 //! `ok` means the child died; the parent then reaps it and deletes the
 //! half-made device, so a failed `add` leaves nothing behind.
+//!
+//! `recover` forks its server instead ([`fork_server`]): the child is this
+//! very process image, already loaded and past its argument parsing, so a
+//! cold recovery pays for one process start rather than two.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::DeviceConfig;
@@ -82,7 +86,7 @@ pub fn spawn_server(args: &[String], timeout: Duration) -> Result<u32> {
 
 /// A child `ublk-bench` process that reports on a pipe.
 pub struct Spawned {
-    pub child: Child,
+    pub child: Proc,
     pipe: File,
     text: String,
     pub dev_id: Option<u32>,
@@ -94,11 +98,15 @@ impl Spawned {
         let (read_end, write_end) = pipe()?;
         let child = spawn_child(args, &write_end)?;
         drop(write_end);
-        Ok(Spawned { child, pipe: File::from(read_end), text: String::new(), dev_id: None })
+        Ok(Spawned::new(Proc::Exec(child), read_end))
+    }
+
+    fn new(child: Proc, read_end: OwnedFd) -> Self {
+        Spawned { child, pipe: File::from(read_end), text: String::new(), dev_id: None }
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.child.id()
     }
 
     /// Waits for `id N` (the device exists) or for what ends `wait_live`.
@@ -155,6 +163,123 @@ impl Spawned {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A child process: started by exec, or forked from this one.
+pub enum Proc {
+    Exec(Child),
+    Fork(i32),
+}
+
+impl Proc {
+    pub fn id(&self) -> i32 {
+        match self {
+            Proc::Exec(c) => c.id() as i32,
+            Proc::Fork(pid) => *pid,
+        }
+    }
+
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match self {
+            Proc::Exec(c) => c.try_wait(),
+            Proc::Fork(pid) => waitpid(*pid, libc::WNOHANG),
+        }
+    }
+
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            Proc::Exec(c) => c.wait(),
+            Proc::Fork(pid) => waitpid(*pid, 0).map(|s| s.expect("waitpid without WNOHANG returns a status")),
+        }
+    }
+
+    /// SIGKILL; the child is ours and unreaped, so its pid is still its own.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            Proc::Exec(c) => c.kill(),
+            // SAFETY: kill takes plain integers.
+            Proc::Fork(pid) => match unsafe { libc::kill(*pid, libc::SIGKILL) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            },
+        }
+    }
+}
+
+fn waitpid(pid: i32, flags: i32) -> std::io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: status is a valid int for the call.
+        match unsafe { libc::waitpid(pid, &mut status, flags) } {
+            0 => return Ok(None),
+            p if p == pid => return Ok(Some(ExitStatus::from_raw(status))),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Starts a detached server that runs `serve` in a child forked from this
+/// process, with no exec: the same daemon as [`Spawned::start`] gives
+/// (own session, working folder `/`, output in the server log, the notify
+/// pipe), without a second process start. None when this process has more
+/// than one thread, where a fork is unsafe: then use [`Spawned::start`].
+pub fn fork_server(serve: impl FnOnce(Notifier) -> Result<()>) -> Result<Option<Spawned>> {
+    if !single_threaded() {
+        return Ok(None);
+    }
+    let (read_end, write_end) = pipe()?;
+    run_files::ensure_run_dir()?;
+    let log = run_files::open_append(&run_files::log_path()).map_err(|e| Error::io("open server log", e))?;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: this process has one thread (checked above), so the child's
+    // copy of every lock and of the allocator is consistent.
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io("fork the server process", std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            run_forked(log, write_end, serve)
+        }
+        pid => Ok(Some(Spawned::new(Proc::Fork(pid), read_end))),
+    }
+}
+
+/// The forked child: becomes the daemon, serves, and exits; it never
+/// returns into its parent's caller.
+fn run_forked(log: File, write_end: OwnedFd, serve: impl FnOnce(Notifier) -> Result<()>) -> ! {
+    let null = File::open("/dev/null");
+    // SAFETY: dup2 onto the standard descriptors, from files we hold open.
+    unsafe {
+        if let Ok(n) = &null {
+            libc::dup2(n.as_raw_fd(), 0);
+        }
+        libc::dup2(log.as_raw_fd(), 1);
+        libc::dup2(log.as_raw_fd(), 2);
+    }
+    drop((null, log));
+    detach();
+    set_cloexec(write_end.as_raw_fd(), true);
+    let notify = Notifier(Some(File::from(write_end)));
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(notify)));
+    let code = match res {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("ublk-bench: error: {e}");
+            1
+        }
+        Err(_) => 101,
+    };
+    std::process::exit(code)
+}
+
+/// True when this process runs one thread (`/proc/self/task` has one entry).
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1)
 }
 
 fn spawn_child(args: &[String], write_end: &OwnedFd) -> Result<Child> {

@@ -11,8 +11,8 @@ use ublk_bench::process::ProcId;
 use ublk_bench::{downtime, serve, supervisor};
 
 fn main() {
-    let cli = Cli::parse();
-    if let Err(e) = dispatch(cli.cmd) {
+    let cmd = quick_recover(std::env::args()).unwrap_or_else(|| Cli::parse().cmd);
+    if let Err(e) = dispatch(cmd) {
         eprintln!("ublk-bench: error: {e}");
         std::process::exit(1);
     }
@@ -45,13 +45,70 @@ fn serve_daemon(a: ServeArgs) -> Result<()> {
     match (a.recover, a.config) {
         (Some(id), _) => {
             let watch = a.watch_pid.zip(a.watch_start).map(|(pid, start)| ProcId { pid, start });
-            serve::takeover(id, &a.method, a.crash_seen_ns, watch, notify)
+            serve::takeover(id, &a.method, a.crash_seen_ns, watch, None, notify)
         }
         (None, Some(c)) => serve::new_device(parse_config(&c)?, notify, |_| Ok(())),
         (None, None) => Err(Error::invalid("__serve needs --config or --recover")),
     }
 }
 
+/// `recover -n ID` exactly, parsed without building the whole command
+/// line parser: it runs right after a crash while the client waits, and
+/// under emulation clap's set-up is a measurable part of a process start.
+/// Any other form (and any bad id) goes to clap, which has the messages.
+fn quick_recover(args: impl Iterator<Item = String>) -> Option<Command> {
+    let args: Vec<String> = args.skip(1).collect();
+    match args.as_slice() {
+        [cmd, flag, id] if cmd == "recover" && (flag == "-n" || flag == "--number") => {
+            Some(Command::Recover { id: id.parse().ok()? })
+        }
+        _ => None,
+    }
+}
+
 fn parse_config(json: &str) -> Result<DeviceConfig> {
     serde_json::from_str(json).map_err(|e| Error::invalid(format!("bad --config: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quick(argv: &[&str]) -> Option<u32> {
+        match quick_recover(argv.iter().map(|s| s.to_string()))? {
+            Command::Recover { id } => Some(id),
+            _ => None,
+        }
+    }
+
+    fn clap_id(argv: &[&str]) -> Option<u32> {
+        match Cli::try_parse_from(argv).ok()?.cmd {
+            Command::Recover { id } => Some(id),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn quick_recover_agrees_with_clap_or_leaves_it_to_clap() {
+        let cases: [&[&str]; 9] = [
+            &["ublk-bench", "recover", "-n", "3"],
+            &["ublk-bench", "recover", "--number", "12"],
+            &["ublk-bench", "recover", "-n", "-1"],
+            &["ublk-bench", "recover", "-n", "x"],
+            &["ublk-bench", "recover", "-n3"],
+            &["ublk-bench", "recover", "--number=4"],
+            &["ublk-bench", "recover", "-n", "3", "extra"],
+            &["ublk-bench", "restart", "-n", "3"],
+            &["ublk-bench", "recover"],
+        ];
+        // Whatever the quick path takes, clap would have read the same way.
+        for argv in cases {
+            if let Some(id) = quick(argv) {
+                assert_eq!(Some(id), clap_id(argv), "{argv:?}");
+            }
+        }
+        assert_eq!(quick(&["ublk-bench", "recover", "-n", "3"]), Some(3));
+        assert_eq!(quick(&["ublk-bench", "recover", "--number", "12"]), Some(12));
+        assert_eq!(quick(&["ublk-bench", "recover", "-n", "x"]), None, "a bad id is clap's to refuse");
+    }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::DeviceBackend;
 use crate::clock::now_ns;
+use crate::config::DeviceConfig;
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
 use crate::process;
@@ -38,7 +39,12 @@ impl Takeover {
     /// Loads the settings, maps the backend and readies every queue thread.
     pub fn prepare(dev_id: u32, method: &str) -> Result<Self> {
         let began_ns = now_ns();
-        let cfg = run_files::load(dev_id)?;
+        Takeover::prepare_with(dev_id, run_files::load(dev_id)?, method, began_ns)
+    }
+
+    /// [`Takeover::prepare`] with the settings already loaded (by the
+    /// `recover` process this server was forked from).
+    pub fn prepare_with(dev_id: u32, cfg: DeviceConfig, method: &str, began_ns: u64) -> Result<Self> {
         let backend = DeviceBackend::new(&cfg, false, None)?;
         let mut server = Server::adopt(dev_id, cfg)?;
         server.prepare(&backend)?;
@@ -67,6 +73,7 @@ impl Takeover {
         let pid = std::process::id() as i32;
         self.server.ctrl.end_recovery(dev_id, pid).map_err(|e| Error::io("END_USER_RECOVERY", e))?;
         self.phases.end_recovery_ns = now_ns();
+        self.server.publish_stats();
         Ok(())
     }
 
@@ -76,7 +83,8 @@ impl Takeover {
         let deadline = Instant::now() + wait;
         let first = &self.server.first_served;
         while first.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
+            // Coarse: this runs while the client's held I/O is being served.
+            std::thread::sleep(Duration::from_millis(1));
         }
         let t = first.load(Ordering::Relaxed);
         self.phases.first_served_ns = (t != 0).then_some(t);
@@ -123,7 +131,9 @@ pub fn wait_recoverable(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Resu
     }
 }
 
-/// START_USER_RECOVERY, retrying -EBUSY with a short backoff (100 µs to 2 ms).
+/// START_USER_RECOVERY, retrying -EBUSY with a short backoff (100 µs to
+/// 500 µs): the dead server's file is released within milliseconds of
+/// QUIESCED, and every sleep past that moment is added to the client's gap.
 pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_micros(100);
@@ -132,7 +142,7 @@ pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result
             Ok(()) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_millis(2));
+                backoff = (backoff * 2).min(Duration::from_micros(500));
             }
             Err(e) => return Err(Error::io("START_USER_RECOVERY", e)),
         }

@@ -47,6 +47,7 @@ pub fn new_device(
         if let Some(name) = &server.cfg.scheduler {
             config::set_scheduler(server.dev_id, name)?;
         }
+        server.publish_stats();
         Ok(backend)
     });
     let _backend = match started {
@@ -109,15 +110,17 @@ fn create(cfg: &DeviceConfig) -> Result<(Server, Option<(Namespace, File)>)> {
 
 /// The recovering server. With `watch` it is a successor (a hot standby,
 /// or `restart`'s new server): it gets everything ready, says `ready`, then
-/// waits for that process to die before taking over.
+/// waits for that process to die before taking over. `cfg` is the device's
+/// settings where the caller has them, else they are read from the run file.
 pub fn takeover(
     dev_id: u32,
     method: &str,
     crash_seen_ns: Option<u64>,
     watch: Option<ProcId>,
+    cfg: Option<DeviceConfig>,
     mut notify: Notifier,
 ) -> Result<()> {
-    let result = take_over(dev_id, method, crash_seen_ns, watch, &mut notify);
+    let result = take_over(dev_id, method, crash_seen_ns, watch, cfg, &mut notify);
     let mut t = match result {
         Ok(t) => t,
         Err(e) => {
@@ -140,13 +143,17 @@ fn take_over(
     method: &str,
     crash_seen_ns: Option<u64>,
     watch: Option<ProcId>,
+    cfg: Option<DeviceConfig>,
     notify: &mut Notifier,
 ) -> Result<Takeover> {
     // Opened before the slow preparation: a server that dies meanwhile is
     // still seen, and one already gone (or its pid now another process's)
     // means take over at once.
     let watched = watch.map(|id| (id.pid, id.open()));
-    let mut t = Takeover::prepare(dev_id, method)?;
+    let mut t = match cfg {
+        Some(cfg) => Takeover::prepare_with(dev_id, cfg, method, now_ns())?,
+        None => Takeover::prepare(dev_id, method)?,
+    };
     let crash_seen = match watched {
         Some((pid, fd)) => {
             t.phases.old_pid = Some(pid);

@@ -40,7 +40,7 @@ pub struct Server {
     ready: Option<mpsc::Receiver<Result<()>>>,
     /// Monotonic ns of the first request served by any queue (0: none yet).
     pub first_served: Arc<AtomicU64>,
-    /// Made by `prepare` under no name; `attach` publishes it.
+    /// Made by `prepare` under no name; `publish_stats` names it.
     stats: Option<Arc<StatsFile>>,
     /// The test-only fault hook (`queue` module doc); never set on a takeover.
     panic_after: Option<u64>,
@@ -146,16 +146,22 @@ impl Server {
     }
 
     /// Opens `/dev/ublkcN`, hands it to every queue thread and returns once
-    /// each has posted FETCH for all its tags; then publishes our stats file.
-    /// A takeover calls it after START_USER_RECOVERY (the old server is
-    /// gone), a new device before START_DEV.
+    /// each has posted FETCH for all its tags. A takeover calls it after
+    /// START_USER_RECOVERY (the old server is gone), a new device before
+    /// START_DEV.
     pub fn attach(&mut self) -> Result<()> {
         let char_dev = Arc::new(open_char_dev(self.dev_id)?);
         self.char_dev = Some(char_dev.clone());
         for b in self.binds.drain(..) {
             let _ = b.send(char_dev.clone());
         }
-        self.wait_ready()?;
+        self.wait_ready()
+    }
+
+    /// Gives our stats file the device's name, once the device is ours
+    /// (after START_DEV or END_USER_RECOVERY: a takeover does not make the
+    /// client wait for it).
+    pub fn publish_stats(&self) {
         if let Some(Err(e)) = self.stats.as_ref().map(|s| s.publish()) {
             // Serving the device matters more than its figures.
             crate::log!(
@@ -163,7 +169,6 @@ impl Server {
                 self.dev_id
             );
         }
-        Ok(())
     }
 
     fn wait_ready(&mut self) -> Result<()> {

@@ -1087,7 +1087,7 @@ fn fail_io_fails_fast_without_server_and_recovers() {
 
 #[derive(Clone, Copy, Debug)]
 enum When {
-    /// As soon as the `__serve --recover` process appears (exec'd).
+    /// As soon as the server process appears (forked by `recover`).
     OnSight,
     /// Once it has its queue thread (prepared, about to wait for QUIESCED).
     Prepared,
@@ -1101,7 +1101,7 @@ enum When {
 ///
 /// Timing, from outside: `recover -n ID` is started in the background and
 /// this thread scans `/proc/<recover>/task/*/children` in a tight loop for
-/// its `__serve --recover` child; it then kills it with SIGKILL at one of
+/// its server, the one child it forks; it then kills it with SIGKILL at one of
 /// three moments ([`When`]), the last by watching the child's fd table for
 /// `/dev/ublkcN`, which the server opens right after START_USER_RECOVERY
 /// returns and before FETCH and END_USER_RECOVERY. Whether the kill came
@@ -1135,16 +1135,12 @@ fn killing_the_recovering_server_then_recover_again() {
         let mut cli = Bg::start(Command::new(BIN).args(["recover", "-n", &id.to_string()]));
         let cli_pid = cli.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
-        // The child appears as a fork of `recover` first, then execs __serve.
+        // `recover` forks its server (no exec): its one child.
         let srv = loop {
-            let kids = children(cli_pid);
-            if let Some(&k) = kids.iter().find(|&&k| cmdline(k).iter().any(|a| a == "__serve")) {
+            if let Some(&k) = children(cli_pid).first() {
                 break k;
             }
-            assert!(
-                Instant::now() < deadline && cli.running(),
-                "attempt {n}: `recover` started no __serve child"
-            );
+            assert!(Instant::now() < deadline && cli.running(), "attempt {n}: `recover` started no server");
         };
         let mut char_open = false;
         loop {

@@ -1,16 +1,19 @@
 //! `recover -n ID`: start a new daemonized server for a device whose server
-//! died, and the `__serve --recover` side that does the takeover.
+//! died, and wait until it reports the device LIVE.
+//!
+//! The server is forked from this process ([`daemon::fork_server`]) and
+//! takes the settings read here, so a cold recovery starts one process, not
+//! two, and reads its settings once.
 
 use std::time::Duration;
 
 use crate::clock::now_ns;
 use crate::cmd::list::print_one;
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
-use crate::daemon::Spawned;
+use crate::daemon::{self, Spawned};
 use crate::error::{Error, Result};
-use crate::process;
 use crate::supervisor::recover_args;
-use crate::{run_files, sys};
+use crate::{process, run_files, serve, sys};
 
 const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -19,7 +22,7 @@ pub fn run(dev_id: u32) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
     check_recoverable(&info)?;
-    run_files::load(dev_id)?;
+    let cfg = run_files::load(dev_id)?;
     if info.state == sys::UBLK_S_DEV_LIVE && process::server_of(dev_id, info.ublksrv_pid).is_some() {
         return Err(Error::invalid(format!(
             "device {dev_id} is LIVE, served by pid {}: nothing to recover",
@@ -27,12 +30,13 @@ pub fn run(dev_id: u32) -> Result<()> {
         )));
     }
     drop(ctrl);
-    spawn_recovering(dev_id, "recover", began)?;
+    let forked = daemon::fork_server(|notify| {
+        serve::takeover(dev_id, "recover", Some(began), None, Some(cfg), notify)
+    })?;
+    let mut server = match forked {
+        Some(s) => s,
+        None => Spawned::start(&recover_args(dev_id, "recover", Some(began), None))?,
+    };
+    server.wait_live(LIVE_TIMEOUT).inspect_err(|_| server.kill_and_reap())?;
     print_one(dev_id, false)
-}
-
-/// Starts `__serve --recover` and waits until it reports the device LIVE.
-pub fn spawn_recovering(dev_id: u32, method: &str, crash_seen: u64) -> Result<u32> {
-    let mut s = Spawned::start(&recover_args(dev_id, method, Some(crash_seen), None))?;
-    s.wait_live(LIVE_TIMEOUT).inspect_err(|_| s.kill_and_reap())
 }

@@ -135,10 +135,25 @@ fn validate(a: &DowntimeArgs) -> Result<Duration> {
         return Err(Error::invalid(format!("--jobs {} is out of range: give 1..256", a.jobs)));
     }
     check_client_memory(a, interval)?;
+    check_recover_cmd(a)?;
     if !a.reuse {
         validate_new_device(a)?;
     }
     Ok(interval)
+}
+
+/// `--recover-cmd` replaces `ublk-bench recover`, so it needs that method.
+fn check_recover_cmd(a: &DowntimeArgs) -> Result<()> {
+    match &a.recover_cmd {
+        Some(c) if c.trim().is_empty() => {
+            Err(Error::invalid("--recover-cmd is empty: give the command that recovers the device"))
+        }
+        Some(_) if a.method != RecoverMethod::Recover => Err(Error::invalid(format!(
+            "--recover-cmd replaces `ublk-bench recover`: it needs --method recover, not {:?}",
+            a.method
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The settings of the device the run creates, checked as `add` would.
@@ -216,6 +231,23 @@ fn run_self(exe: &Path, args: &[String]) -> Result<String> {
         out.status,
         err.trim().trim_start_matches("ublk-bench: error: ")
     )))
+}
+
+/// Runs `sh -c CMD` in its own process group (`--recover-cmd`).
+fn run_shell(cmd: &str) -> Result<()> {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .output()
+        .map_err(|e| Error::io("run sh for --recover-cmd", e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Err(Error::invalid(format!("--recover-cmd `{cmd}` failed ({}): {}", out.status, err.trim())))
 }
 
 /// The device under test; deletes it on drop if the run made it.
@@ -334,6 +366,8 @@ impl Drop for Device {
 #[derive(Debug, Default)]
 struct Timeline {
     kills: Vec<u64>,
+    /// `--method recover`: when the killed server was seen gone.
+    exits: Vec<u64>,
     lives: Vec<u64>,
     old_pids: Vec<i32>,
     new_pids: Vec<i32>,
@@ -510,7 +544,7 @@ impl Run<'_> {
             run_self(&self.exe, &["restart".into(), "-n".into(), id])?;
             return Ok(k);
         }
-        let (_, fd) = process::server_of(self.dev_id, old).ok_or_else(|| {
+        let fd = self.server_of(old).ok_or_else(|| {
             Error::invalid(format!("server pid {old} of device {} is not running", self.dev_id))
         })?;
         let k = now_ns();
@@ -521,9 +555,23 @@ impl Run<'_> {
         if self.a.method == RecoverMethod::Recover {
             // `recover` refuses a LIVE device whose server still runs.
             process::wait_pidfd(&fd, Some(Duration::from_secs(30)));
-            run_self(&self.exe, &["recover".into(), "-n".into(), id])?;
+            self.tl.exits.push(now_ns());
+            match &self.a.recover_cmd {
+                Some(cmd) => run_shell(cmd)?,
+                None => drop(run_self(&self.exe, &["recover".into(), "-n".into(), id])?),
+            }
         }
         Ok(k)
+    }
+
+    /// A pidfd for `pid` if it serves the device: a ublk-bench server, or
+    /// with `--recover-cmd` any process that holds `/dev/ublkcN` open.
+    fn server_of(&self, pid: i32) -> Option<std::os::fd::OwnedFd> {
+        if self.a.recover_cmd.is_none() {
+            return process::server_of(self.dev_id, pid).map(|(_, fd)| fd);
+        }
+        let fd = process::ProcId::of(pid)?.open()?;
+        process::holds_file(pid, &ctrl::char_path(self.dev_id)).then_some(fd)
     }
 
     /// Polls GET_DEV_INFO every millisecond until the device is LIVE under a
@@ -534,11 +582,7 @@ impl Run<'_> {
         loop {
             let info = ctrl.info(self.dev_id).map_err(|e| Error::io("GET_DEV_INFO", e))?;
             let pid = info.ublksrv_pid;
-            if info.state == sys::UBLK_S_DEV_LIVE
-                && pid > 0
-                && pid != old
-                && process::server_of(self.dev_id, pid).is_some()
-            {
+            if info.state == sys::UBLK_S_DEV_LIVE && pid > 0 && pid != old && self.server_of(pid).is_some() {
                 return Ok((now_ns(), pid));
             }
             check_interrupt()?;
@@ -641,6 +685,7 @@ fn build_report(
             max_latency_at_kill_us: g.max_latency_at_kill_ns.map(|n| n as f64 / 1e3),
             inflight_at_kill: g.spanning,
             errors: g.errors,
+            old_exit_us: tl.exits.get(i).map(|&t| rel(t)),
             live_us: tl.lives.get(i).map(|&l| rel(l)),
             phases: event.map(|e| e.offsets(k)),
         });
@@ -682,6 +727,7 @@ fn build_report(
         git_rev: report::git_rev(),
         config: RunConfig {
             method: a.method,
+            recover_cmd: a.recover_cmd.clone(),
             recovery: a.recovery.clone(),
             dev_id: run.dev_id,
             device_created: !a.reuse,
@@ -832,6 +878,17 @@ mod tests {
         let a = args(&["--reuse", "-n", "3", "--backend", "nvme"]).unwrap();
         assert!(a.reuse && a.id == Some(3));
         assert!(validate(&a).is_ok());
+    }
+
+    #[test]
+    fn recover_cmd_needs_reuse_and_the_recover_method() {
+        assert!(args(&["--recover-cmd", "true"]).is_err(), "--recover-cmd without --reuse parsed");
+        let ok = args(&["--reuse", "-n", "3", "--method", "recover", "--recover-cmd", "kublk recover"]);
+        assert!(validate(&ok.unwrap()).is_ok());
+        let err = refused(&["--reuse", "-n", "3", "--method", "standby", "--recover-cmd", "x"]);
+        assert!(err.contains("needs --method recover"), "{err}");
+        let err = refused(&["--reuse", "-n", "3", "--method", "recover", "--recover-cmd", " "]);
+        assert!(err.contains("--recover-cmd is empty"), "{err}");
     }
 
     #[test]

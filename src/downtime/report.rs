@@ -43,6 +43,8 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunConfig {
     pub method: RecoverMethod,
+    /// The `--recover-cmd` that brought another server back, if any.
+    pub recover_cmd: Option<String>,
     /// reissue, plain or fail-io.
     pub recovery: String,
     pub dev_id: u32,
@@ -91,6 +93,9 @@ pub struct CycleReport {
     pub inflight_at_kill: u32,
     /// Failed completions (negative result or short) after this kill.
     pub errors: u64,
+    /// With `--method recover`: when the killed server had exited (its
+    /// pidfd said so) and the recover command was started.
+    pub old_exit_us: Option<f64>,
     /// When the run saw the device LIVE under the new server.
     pub live_us: Option<f64>,
     pub phases: Option<PhaseOffsets>,
@@ -349,6 +354,7 @@ mod tests {
                 max_latency_at_kill_us: Some(990.0 * i as f64),
                 inflight_at_kill: 16,
                 errors: 0,
+                old_exit_us: None,
                 live_us: Some(900.0),
                 phases: Some(
                     Event { method: "supervise".into(), crash_seen_ns: Some(1_050), ..Default::default() }
@@ -365,6 +371,7 @@ mod tests {
             git_rev: "abc1234".into(),
             config: RunConfig {
                 method: RecoverMethod::Supervise,
+                recover_cmd: None,
                 recovery: "reissue".into(),
                 dev_id: 0,
                 device_created: true,
