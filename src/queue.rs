@@ -124,8 +124,6 @@ struct State<B: QueueBackend> {
     /// The time of the current pass (stats on; else 0): the one clock read
     /// that stamps both the requests the pass hands out and those it commits.
     now: u64,
-    always_enter: bool,
-    block_spin: u32,
 }
 
 type Sq<'a, B> = SubmissionQueue<'a, <B as QueueBackend>::Sqe>;
@@ -191,8 +189,6 @@ impl<B: QueueBackend> Queue<B> {
             panic_countdown,
             counters: QueueCounters::new(),
             now: 0,
-            always_enter: std::env::var_os("UBLK_BENCH_POLL_ALWAYS_ENTER").is_some(),
-            block_spin: std::env::var("UBLK_BENCH_BLOCK_SPIN").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
         };
         Ok(Queue { ring, state })
     }
@@ -319,11 +315,9 @@ impl<B: QueueBackend> State<B> {
     /// a CQ overflow to flush, and then returns at once (min_complete 0);
     /// otherwise the pass just looks at the CQ. True if it entered.
     fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
-        let res = if !self.setup.poll && self.block_spin > 0 {
-            self.hybrid(sub, sq)
-        } else if !self.setup.poll {
+        let res = if !self.setup.poll {
             sub.submit_and_wait(1)
-        } else if self.always_enter || !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
+        } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // SAFETY: no argument pointer is passed; the ring is ours.
             unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }
         } else {
@@ -339,25 +333,6 @@ impl<B: QueueBackend> State<B> {
             }
             Err(e) => Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e)),
         }
-    }
-
-    /// Experiment: submit without sleeping; with nothing to submit, spin on
-    /// the TASKRUN flag a while before sleeping.
-    fn hybrid(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> std::io::Result<usize> {
-        let go = |n: u32, w: u32| {
-            // SAFETY: no argument pointer is passed; the ring is ours.
-            unsafe { sub.enter::<libc::sigset_t>(n, w, IORING_ENTER_GETEVENTS, None) }
-        };
-        if !sq.is_empty() {
-            return go(sq.len() as u32, 0);
-        }
-        for _ in 0..self.block_spin {
-            if sq.taskrun() {
-                return go(0, 0);
-            }
-            std::hint::spin_loop();
-        }
-        go(0, 1)
     }
 
     /// Submits and waits up to `timeout` for a completion; false if none came.
