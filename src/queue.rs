@@ -144,6 +144,21 @@ pub fn ring_entries(depth: u16, per_request: u32) -> u32 {
     (depth as u32 * per_request.max(1)).next_power_of_two()
 }
 
+/// A queue's ring of `entries` SQEs and as many CQEs.
+fn build_ring<B: QueueBackend>(entries: u32, qid: u16) -> Result<Ring<B>> {
+    // TASKRUN_FLAG: the kernel sets IORING_SQ_TASKRUN in the SQ flags when
+    // it queues deferred task work (a new request for us), so a polling
+    // queue sees without a syscall when it must enter.
+    IoUring::<B::Sqe, B::Cqe>::builder()
+        .setup_cqsize(entries)
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+        .map_err(|e| Error::io(format!("io_uring setup for queue {qid}"), e))
+}
+
 impl<B: QueueBackend> Queue<B> {
     /// Pins the calling thread, maps the descriptors and builds the ring.
     pub fn new(setup: QueueSetup, backend: B) -> Result<Self> {
@@ -157,18 +172,7 @@ impl<B: QueueBackend> Queue<B> {
             ),
             _ => None,
         };
-        let entries = ring_entries(setup.depth, B::MAX_COMMANDS);
-        // TASKRUN_FLAG: the kernel sets IORING_SQ_TASKRUN in the SQ flags
-        // when it queues deferred task work (a new request for us), so a
-        // polling queue sees without a syscall when it must enter.
-        let ring = IoUring::<B::Sqe, B::Cqe>::builder()
-            .setup_cqsize(entries)
-            .setup_coop_taskrun()
-            .setup_taskrun_flag()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-            .map_err(|e| Error::io(format!("io_uring setup for queue {}", setup.qid), e))?;
+        let ring = build_ring::<B>(ring_entries(setup.depth, B::MAX_COMMANDS), setup.qid)?;
         if setup.copy == CopyMode::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)
@@ -577,5 +581,32 @@ mod tests {
         // NVMe zero copy chains three commands per request.
         assert_eq!(ring_entries(128, 3), 512);
         assert_eq!(ring_entries(sys::UBLK_MAX_QUEUE_DEPTH as u16, 3), 16384);
+    }
+
+    /// The ring as a queue builds it (its flags, CQ no larger than the SQ)
+    /// is accepted by the kernel, takes exactly `entries` commands, and
+    /// round-trips them through one borrow of each queue with a registered
+    /// ring fd, as `run` uses it.
+    #[test]
+    fn a_queue_ring_round_trips_through_one_borrow() {
+        let mut ring = build_ring::<NullQueue>(ring_entries(4, 0), 0).unwrap();
+        let (mut sub, mut sq, mut cq) = ring.split();
+        sub.register_ring_fd().unwrap();
+        for round in 0..3u64 {
+            for i in 0..4 {
+                // SAFETY: a NOP points at nothing.
+                unsafe { sq.push(&opcode::Nop::new().build().user_data(round * 4 + i)) }.unwrap();
+            }
+            // SAFETY: as above.
+            assert!(unsafe { sq.push(&opcode::Nop::new().build()) }.is_err(), "more than 4 entries");
+            sq.sync();
+            sub.submit_and_wait(4).unwrap();
+            sq.sync();
+            cq.sync();
+            let got: Vec<u64> = cq.by_ref().map(|c| c.user_data()).collect();
+            assert_eq!(got, (round * 4..round * 4 + 4).collect::<Vec<_>>());
+            cq.sync();
+        }
+        sub.unregister_ring_fd().unwrap();
     }
 }
