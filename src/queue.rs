@@ -318,6 +318,11 @@ impl<B: QueueBackend> State<B> {
     /// new request reaches the CQ only through an enter with GETEVENTS) or
     /// a CQ overflow to flush, and then returns at once (min_complete 0);
     /// otherwise the pass just looks at the CQ. True if it entered.
+    ///
+    /// Measured in one guest boot (7.3.4 TCG, null, fio 4k randread qd32 on
+    /// CPU 0, queue on CPU 1, scheduler none): entering only when needed gave
+    /// 70.8k IOPS at 1.96 enters per I/O; entering on every pass (GETEVENTS,
+    /// min_complete 0) 63.5k at 28.5 enters per I/O.
     fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
         let res = if !self.setup.poll {
             sub.submit_and_wait(1)
