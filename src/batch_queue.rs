@@ -37,24 +37,19 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use io_uring::squeue::{self, EntryMarker as _};
 use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut};
 
-use crate::backend::file::FileQueue;
-use crate::backend::null::NullQueue;
-use crate::backend::nvme::NvmeQueue;
-use crate::backend::ram::RamQueue;
-use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend};
+use crate::backend::{KIND_MASK, QueueBackend};
 use crate::clock::now_ns;
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
 use crate::queue::{
-    BACKEND_BIT, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, QueueChannels, QueueSetup,
-    Ring, TAG_MASK, map_descs, page_size, pin, ring_entries, run_queue,
+    BACKEND_BIT, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, PlaneKind, QueueSetup, Ring,
+    TAG_MASK, build_ring, map_descs, page_size, pin, ring_entries,
 };
 use crate::request::{Data, Request};
 use crate::stats::QueueCounters;
@@ -84,35 +79,11 @@ const SQE_BUF_GROUP: usize = 40;
 const IORING_URING_CMD_MULTISHOT: u32 = 1 << 1;
 const _: () = assert!(size_of::<squeue::Entry>() == 64);
 
-/// Starts the thread `ublk{dev}q{qid}` with the batch data plane; otherwise
-/// as `queue::spawn_queue`.
-pub fn spawn_batch_queue(
-    backend: &DeviceBackend,
-    setup: QueueSetup,
-    io: QueueChannels,
-) -> Result<JoinHandle<Result<()>>> {
-    let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
-    let spawn = |f: Box<dyn FnOnce() -> Result<()> + Send>| {
-        std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(f)
-            .map_err(|e| Error::io("spawn queue thread", e))
-    };
-    match backend {
-        DeviceBackend::Null => spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, NullQueue, io))),
-        DeviceBackend::Ram(store) => {
-            let q = RamQueue::new(store.clone());
-            spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, q, io)))
-        }
-        DeviceBackend::File(f) => {
-            let q = FileQueue::new(f.clone(), setup.depth);
-            spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, q, io)))
-        }
-        DeviceBackend::Nvme(ns, file) => {
-            let q = NvmeQueue::new(ns.clone(), file.clone(), setup.depth);
-            spawn(Box::new(move || run_queue::<_, BatchQueue<_>>(setup, q, io)))
-        }
-    }
+/// The batch data plane, for [`crate::queue::spawn_queue`].
+pub struct Batch;
+
+impl PlaneKind for Batch {
+    type Plane<B: QueueBackend> = BatchQueue<B>;
 }
 
 pub struct BatchQueue<B: QueueBackend> {
@@ -172,14 +143,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         // The SQ holds the backend's commands, a few COMMITs and FETCH
         // re-arms; the CQ also FETCH CQEs (at most one per tag we hold).
         let entries = ring_entries(setup.depth + 8, B::MAX_COMMANDS);
-        let ring = IoUring::<B::Sqe, B::Cqe>::builder()
-            .setup_cqsize(entries * 2)
-            .setup_coop_taskrun()
-            .setup_taskrun_flag()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-            .map_err(|e| Error::io(format!("io_uring setup for queue {}", setup.qid), e))?;
+        let ring = build_ring::<B>(entries, entries * 2, setup.qid)?;
         if setup.copy == CopyMode::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use crate::backend::DeviceBackend;
 use crate::backend::nvme::Namespace;
-use crate::batch_queue::spawn_batch_queue;
+use crate::batch_queue::Batch;
 use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
 use crate::ctrl::{self, Ctrl, no_device};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
-use crate::queue::{QueueChannels, QueueSetup, spawn_queue};
+use crate::queue::{PerTag, QueueChannels, QueueSetup, spawn_queue};
 use crate::stats::StatsFile;
 use crate::sys::{self, DevInfo, Params};
 use crate::{run_files, teardown};
@@ -134,8 +134,8 @@ impl Server {
             let (bind_tx, bind_rx) = mpsc::channel();
             // The kernel's flags decide: a takeover serves the device as it was made.
             let spawn = match self.info.flags & sys::UBLK_F_BATCH_IO {
-                0 => spawn_queue,
-                _ => spawn_batch_queue,
+                0 => spawn_queue::<PerTag>,
+                _ => spawn_queue::<Batch>,
             };
             let handle = spawn(backend, setup, QueueChannels { bind: bind_rx, ready: tx.clone() })?;
             self.threads.push(handle);

@@ -318,6 +318,9 @@ impl FileQueue {
 impl QueueBackend for FileQueue {
     type Sqe = squeue::Entry;
     type Cqe = io_uring::cqueue::Entry;
+    /// REGISTER_IO_BUF, the read or write, UNREGISTER_IO_BUF (explicit
+    /// registration); one command otherwise.
+    const MAX_COMMANDS: u32 = 3;
 
     /// Pushes the file command for `tag`, inside a REGISTER/UNREGISTER chain
     /// when zero copy registers buffers explicitly; Some(result) if the
