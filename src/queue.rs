@@ -296,6 +296,9 @@ impl<B: QueueBackend> State<B> {
         let mut stopping = false;
         while live > 0 {
             sq.sync();
+            // Publish the CQ head the last pass advanced: the kernel counts a
+            // blocking wait from it and would return at once on old CQEs.
+            cq.sync();
             let entered = if stopping {
                 if !self.wait_for(sub, cq, LINGER)? && self.held == 0 {
                     break;
