@@ -294,7 +294,7 @@ pub fn stack(c: &PlotCycle) -> Vec<(usize, f64, f64)> {
 
 /// The phase colours, six to a row, under the bottom panel.
 fn phase_legend(s: &mut String, names: &[String]) {
-    let (x0, y0) = (LEFT, H - 6.0);
+    let (x0, y0) = (LEFT, H + 6.0);
     for (k, name) in names.iter().enumerate() {
         let x = x0 + (k % 6) as f64 * 150.0;
         let y = y0 + (k / 6) as f64 * 18.0;
