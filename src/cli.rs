@@ -280,6 +280,14 @@ pub struct DowntimeArgs {
     /// Where downtime-<UTC>.json, .csv and .svg go.
     #[arg(long, default_value = "results")]
     pub out: PathBuf,
+    /// Split each gap into kernel-side phases with tracefs and kprobes, and refuse to run where
+    /// they are missing (not root, no tracefs, no CONFIG_KPROBE_EVENTS). Without --trace the run
+    /// traces whenever it can and says in the JSON why not when it cannot.
+    #[arg(long, conflicts_with = "no_trace")]
+    pub trace: bool,
+    /// Do not trace, even where tracefs is available.
+    #[arg(long)]
+    pub no_trace: bool,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ pub mod client;
 pub mod gap;
 pub mod plot;
 pub mod report;
+pub mod trace;
 
 use std::io::Write as _;
 use std::os::unix::process::CommandExt;
@@ -371,6 +372,8 @@ struct Timeline {
     lives: Vec<u64>,
     old_pids: Vec<i32>,
     new_pids: Vec<i32>,
+    /// The killed server's threads, per cycle (for the trace).
+    tids: Vec<Vec<i32>>,
 }
 
 struct Run<'a> {
@@ -382,6 +385,9 @@ struct Run<'a> {
     jobs: Vec<JoinHandle<Result<JobResult>>>,
     t0: u64,
     tl: Timeline,
+    tracer: Option<trace::Tracer>,
+    /// Every trace record drained so far; cycles take theirs by time.
+    records: Vec<trace::Record>,
 }
 
 pub fn run(a: &DowntimeArgs) -> Result<()> {
@@ -394,6 +400,7 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find own executable", e))?;
     let mut ctrl = Ctrl::open()?;
     check_out(&a.out)?;
+    let (tracer, trace_note) = start_trace(a)?;
     let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let stamp = report::utc_stamp(unix);
 
@@ -416,8 +423,18 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
     let max_ms = bucket_ms(a.cycles, interval);
     let shared = Arc::new(Shared::new(cycles, a.jobs as usize));
     let t0 = now_ns();
-    let mut run =
-        Run { a, interval, exe, dev_id: dev.id, shared, jobs: Vec::new(), t0, tl: Timeline::default() };
+    let mut run = Run {
+        a,
+        interval,
+        exe,
+        dev_id: dev.id,
+        shared,
+        jobs: Vec::new(),
+        t0,
+        tl: Timeline::default(),
+        tracer,
+        records: Vec::new(),
+    };
     let mut outcome = Ok(());
     for index in 0..a.jobs as usize {
         let cfg = JobConfig {
@@ -455,11 +472,12 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
         }
     }
     let events = read_events(dev.id, &run.tl, outcome.is_ok());
+    run.drain_trace();
     let flags = dev.flags;
     drop(dev);
     if results.len() == a.jobs as usize && !run.tl.kills.is_empty() {
         let complete = outcome.is_ok() && run.tl.lives.len() == cycles;
-        let rep = build_report(&run, &results, &events, &stamp, complete, flags);
+        let rep = build_report(&run, &results, &events, &stamp, complete, flags, trace_note);
         write_outputs(&run, &rep, &results, end_ns, &stamp)?;
     } else if outcome.is_ok() {
         outcome = Err(Error::invalid("no result: a client job failed"));
@@ -497,6 +515,10 @@ impl Run<'_> {
             }
             let old = info.ublksrv_pid;
             self.tl.old_pids.push(old);
+            if self.tracer.is_some() {
+                self.drain_trace();
+                self.tl.tids.push(trace::threads(old));
+            }
             let kill = self.hit(i, old)?;
             self.tl.kills.push(kill);
             let (live, pid) = self.wait_live(ctrl, old)?;
@@ -508,6 +530,33 @@ impl Run<'_> {
         sleep_until(last_live + self.interval)?;
         self.progress_line(self.a.cycles as usize - 1, &mut last_line);
         Ok(())
+    }
+
+    /// Takes what the trace instance recorded since the last call, so that
+    /// its buffer never fills.
+    fn drain_trace(&mut self) {
+        if let Some(t) = self.tracer.as_mut() {
+            self.records.extend(t.drain());
+        }
+    }
+
+    /// The kernel marks and phases of cycle `i` (killed at `k`), with the
+    /// server's first request and the client's gap end added.
+    fn cycle_trace(
+        &self,
+        i: usize,
+        k: u64,
+        first_served: Option<u64>,
+        gap_end: Option<u64>,
+    ) -> report::CycleTrace {
+        let next = self.tl.kills.get(i + 1).copied().unwrap_or(u64::MAX);
+        let recs: Vec<trace::Record> =
+            self.records.iter().filter(|r| r.ts_ns >= k && r.ts_ns < next).cloned().collect();
+        let tids = self.tl.tids.get(i).map_or(&[][..], Vec::as_slice);
+        let mut marks = trace::cycle_marks(&recs, k, tids);
+        marks.extend(first_served.map(|t| (trace::Mark::FirstServed, t)));
+        marks.extend(gap_end.map(|t| (trace::Mark::GapEnd, t)));
+        report::CycleTrace::new(&marks, k)
     }
 
     fn check_jobs(&self) -> Result<()> {
@@ -637,6 +686,22 @@ impl Run<'_> {
     }
 }
 
+/// Sets up tracing as asked: `--trace` refuses to run without it, the
+/// default traces where it can; returns what the JSON says about it.
+fn start_trace(a: &DowntimeArgs) -> Result<(Option<trace::Tracer>, report::TraceInfo)> {
+    if a.no_trace {
+        return Ok((None, report::TraceInfo::off("off (--no-trace)")));
+    }
+    match trace::Tracer::open() {
+        Ok(t) => {
+            let info = report::TraceInfo { enabled: true, note: "on".into(), events: t.events.clone() };
+            Ok((Some(t), info))
+        }
+        Err(e) if a.trace => Err(e),
+        Err(e) => Ok((None, report::TraceInfo::off(&format!("unavailable: {e}")))),
+    }
+}
+
 /// The takeover events of the device; waits a little for the last cycle's.
 fn read_events(dev_id: u32, tl: &Timeline, wait: bool) -> Vec<report::Event> {
     let path = run_files::events_path(dev_id);
@@ -662,6 +727,7 @@ fn build_report(
     stamp: &str,
     complete: bool,
     flags: u64,
+    trace_info: report::TraceInfo,
 ) -> Report {
     let a = run.a;
     let tl = &run.tl;
@@ -688,6 +754,9 @@ fn build_report(
             old_exit_us: tl.exits.get(i).map(|&t| rel(t)),
             live_us: tl.lives.get(i).map(|&l| rel(l)),
             phases: event.map(|e| e.offsets(k)),
+            trace: run.tracer.as_ref().map(|_| {
+                run.cycle_trace(i, k, event.and_then(|e| e.first_served_ns), g.stall.map(|(_, e)| e))
+            }),
         });
     }
     let errors: u64 = results.iter().map(|r| r.tracker.errors).sum();
@@ -749,8 +818,18 @@ fn build_report(
         cycles,
         summary,
         complete,
+        trace: trace_info,
         notes,
     }
+}
+
+/// A cycle's traced phases for the plot: (index in `names`, start, end).
+fn plot_phases(c: &CycleReport, names: &[&str], at: impl Fn(f64) -> f64) -> Vec<(usize, f64, f64)> {
+    let Some(t) = &c.trace else { return Vec::new() };
+    t.phases
+        .iter()
+        .filter_map(|p| Some((names.iter().position(|n| *n == p.name)?, at(p.start_us), at(p.end_us))))
+        .collect()
 }
 
 fn write_outputs(run: &Run, rep: &Report, results: &[JobResult], end_ns: u64, stamp: &str) -> Result<()> {
@@ -769,6 +848,7 @@ fn write_outputs(run: &Run, rep: &Report, results: &[JobResult], end_ns: u64, st
     report::write(&json, &report::to_json(rep))?;
     report::write(&csv, &report::csv(&ok_ms))?;
     let ms = |t: u64| (t - run.t0) as f64 / 1e6;
+    let names: Vec<&str> = rep.summary.phases_us.iter().map(|p| p.name).collect();
     let cycles = rep
         .cycles
         .iter()
@@ -781,6 +861,7 @@ fn write_outputs(run: &Run, rep: &Report, results: &[JobResult], end_ns: u64, st
                 kill_ms: ms(k),
                 live_ms: live.map(from_kill),
                 gap: c.gap_start_us.zip(c.gap_end_us).map(|(s, e)| (from_kill(s), from_kill(e))),
+                phases: plot_phases(c, &names, from_kill),
             }
         })
         .collect();
@@ -811,6 +892,7 @@ fn write_outputs(run: &Run, rep: &Report, results: &[JobResult], end_ns: u64, st
         },
         ok_ms,
         cycles,
+        phase_names: names.iter().map(|n| n.to_string()).collect(),
     };
     report::write(&svg, &plot::render(&d))?;
     println!();

@@ -1,7 +1,8 @@
 //! The downtime run's picture, hand-written SVG: the top panel is the
 //! client's IOPS over time with every kill (red, dashed), every LIVE moment
 //! (green) and every measured gap (shaded); the bottom panel has one bar per
-//! cycle with its gap.
+//! cycle with its gap, stacked by phase when the run was traced (the part of
+//! the gap no phase covers stays orange), with a legend of the phases.
 
 use std::fmt::Write as _;
 
@@ -15,6 +16,8 @@ pub struct PlotData {
     /// Successful completions per millisecond.
     pub ok_ms: Vec<u32>,
     pub cycles: Vec<PlotCycle>,
+    /// The phase names the cycles' segments index, in stacking order.
+    pub phase_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -23,7 +26,17 @@ pub struct PlotCycle {
     pub live_ms: Option<f64>,
     /// The gap's start and end (ms since the run's start), if measured.
     pub gap: Option<(f64, f64)>,
+    /// Phases as (index into `phase_names`, start, end), ms since the run's start.
+    pub phases: Vec<(usize, f64, f64)>,
 }
+
+/// Phase colours, in stacking order (repeating after 12).
+const PHASE_COLOURS: [&str; 12] = [
+    "#1f77b4", "#aec7e8", "#9467bd", "#c5b0d5", "#d62728", "#ff9896", "#8c564b", "#c49c94", "#2ca02c",
+    "#98df8a", "#17becf", "#7f7f7f",
+];
+/// Height added under the bottom panel for the phase legend.
+const LEGEND_H: f64 = 50.0;
 
 const W: f64 = 1000.0;
 const H: f64 = 660.0;
@@ -112,21 +125,23 @@ fn y_grid(
 
 pub fn render(d: &PlotData) -> String {
     let mut s = String::with_capacity(64 * 1024);
+    let h = if d.phase_names.is_empty() { H } else { H + LEGEND_H };
     let _ = writeln!(s, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
     let _ = writeln!(
         s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif">"#
     );
     s.push_str(
         "<style>.t{font-size:16px;font-weight:bold}.s{font-size:12px;fill:#444}.a{font-size:11px;fill:#333}\
          .k{stroke:#d62728;stroke-width:1;stroke-dasharray:4 3}.l{stroke:#2ca02c;stroke-width:1}\
          .g{fill:#ff7f0e;fill-opacity:0.25}.grid{stroke:#ddd;stroke-width:1}.ax{stroke:#333;stroke-width:1}</style>\n",
     );
-    let _ = writeln!(s, r##"<rect x="0" y="0" width="{W}" height="{H}" fill="#fff"/>"##);
+    let _ = writeln!(s, r##"<rect x="0" y="0" width="{W}" height="{h}" fill="#fff"/>"##);
     text(&mut s, W / 2.0, 24.0, "middle", "t", &d.title);
     text(&mut s, W / 2.0, 44.0, "middle", "s", &d.subtitle);
     iops_panel(&mut s, d);
     gap_panel(&mut s, d);
+    phase_legend(&mut s, &d.phase_names);
     s.push_str("</svg>\n");
     s
 }
@@ -244,6 +259,17 @@ fn gap_panel(s: &mut String, d: &PlotData) {
                     cx - bw / 2.0,
                     BOT2 - y
                 );
+                let c = &d.cycles[i];
+                for (k, from, to) in stack(c) {
+                    let (y0, y1) = (ys(to), ys(from));
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{:.2}" y="{y0:.2}" width="{bw:.2}" height="{:.2}" fill="{}"/>"#,
+                        cx - bw / 2.0,
+                        y1 - y0,
+                        PHASE_COLOURS[k % PHASE_COLOURS.len()]
+                    );
+                }
                 text(s, cx, y - 4.0, "middle", "a", &format!("{g:.1}"));
             }
             None => text(s, cx, BOT2 - 4.0, "middle", "a", "n/a"),
@@ -253,6 +279,33 @@ fn gap_panel(s: &mut String, d: &PlotData) {
     let _ = writeln!(s, r#"<line class="ax" x1="{LEFT}" y1="{BOT2}" x2="{x1}" y2="{BOT2}"/>"#);
     let _ = writeln!(s, r#"<line class="ax" x1="{LEFT}" y1="{TOP2}" x2="{LEFT}" y2="{BOT2}"/>"#);
     text(s, LEFT + pw / 2.0, BOT2 + 34.0, "middle", "a", "cycle: client-visible gap per kill (ms)");
+}
+
+/// A cycle's phases as bar segments (index, from, to) in ms from the gap's
+/// start, clipped to the gap; empty phases and phases outside it dropped.
+pub fn stack(c: &PlotCycle) -> Vec<(usize, f64, f64)> {
+    let Some((a, b)) = c.gap else { return Vec::new() };
+    c.phases
+        .iter()
+        .map(|&(k, from, to)| (k, from.clamp(a, b) - a, to.clamp(a, b) - a))
+        .filter(|&(_, from, to)| to > from)
+        .collect()
+}
+
+/// The phase colours, six to a row, under the bottom panel.
+fn phase_legend(s: &mut String, names: &[String]) {
+    let (x0, y0) = (LEFT, H + 6.0);
+    for (k, name) in names.iter().enumerate() {
+        let x = x0 + (k % 6) as f64 * 150.0;
+        let y = y0 + (k / 6) as f64 * 18.0;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x:.1}" y="{:.1}" width="12" height="10" fill="{}"/>"#,
+            y - 9.0,
+            PHASE_COLOURS[k % PHASE_COLOURS.len()]
+        );
+        text(s, x + 16.0, y, "start", "a", name);
+    }
 }
 
 #[cfg(test)]
@@ -310,9 +363,15 @@ mod tests {
             kill_label: "kill".into(),
             ok_ms,
             cycles: vec![
-                PlotCycle { kill_ms: 2000.0, live_ms: Some(2140.0), gap: Some((1999.9, 2150.2)) },
-                PlotCycle { kill_ms: 4000.0, live_ms: None, gap: None },
+                PlotCycle {
+                    kill_ms: 2000.0,
+                    live_ms: Some(2140.0),
+                    gap: Some((1999.9, 2150.2)),
+                    phases: vec![(0, 2000.0, 2010.0), (1, 2010.0, 2140.0)],
+                },
+                PlotCycle { kill_ms: 4000.0, live_ms: None, gap: None, phases: vec![] },
             ],
+            phase_names: vec!["signal".into(), "ring_teardown".into()],
         };
         let svg = render(&d);
         well_formed(&svg).unwrap();
@@ -321,6 +380,22 @@ mod tests {
         assert!(svg.contains(">K1<") && svg.contains(">K2<"));
         assert!(svg.contains(">n/a<"));
         assert!(svg.contains("150.3"));
+        assert!(svg.contains(">ring_teardown<"), "legend");
+        assert!(svg.contains(r##"fill="#aec7e8""##), "second phase segment");
+    }
+
+    #[test]
+    fn phases_stack_inside_the_gap() {
+        let c = PlotCycle {
+            kill_ms: 100.0,
+            live_ms: None,
+            gap: Some((99.5, 130.0)),
+            phases: vec![(0, 100.0, 101.0), (1, 101.0, 101.0), (2, 101.0, 125.0), (3, 125.0, 140.0)],
+        };
+        // The empty phase goes, the last is cut at the gap's end, and every
+        // segment starts where the one before ended.
+        assert_eq!(stack(&c), [(0, 0.5, 1.5), (2, 1.5, 25.5), (3, 25.5, 30.5)]);
+        assert!(stack(&PlotCycle { gap: None, ..c }).is_empty());
     }
 
     #[test]

@@ -12,9 +12,16 @@
 //!   `inflight_at_kill` (the I/Os in flight across the kill itself),
 //!   `errors`, `live_us` (when the run saw
 //!   the device LIVE again, from the kill) and `phases` (the server's
-//!   timestamps from `/run/ublk-bench/<id>.events`, µs from the kill);
+//!   timestamps from `/run/ublk-bench/<id>.events`, µs from the kill) and,
+//!   when traced, `trace`: `marks[]` (`mark`, `t_ns` CLOCK_MONOTONIC,
+//!   `at_us` from the kill) and `phases[]` (`name`, `until` (the mark that
+//!   ends it), `start_us`, `end_us`, `dur_us`; consecutive from the kill, see
+//!   [`super::trace::phases`]);
 //! - `summary`: `cycles`, `recovered`, `errors`, `ios`, `gap_us.{p50,p99,max,
-//!   min,mean}`, `max_latency_us`.
+//!   min,mean}`, `max_latency_us`, `phases_us[]` (`name`, `until`, `cycles`,
+//!   `p50`, `max` of each phase's duration);
+//! - `trace`: `enabled`, `note` (on, off, or why it is unavailable),
+//!   `events` (what was recorded).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -22,6 +29,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::gap::percentile;
+use super::trace::{self, Mark, Phase};
 use crate::cli::RecoverMethod;
 use crate::error::{Error, Result};
 
@@ -37,7 +45,84 @@ pub struct Report {
     pub summary: Summary,
     /// False when the run was interrupted or failed after some cycles.
     pub complete: bool,
+    pub trace: TraceInfo,
     pub notes: Vec<String>,
+}
+
+/// Whether the run traced the kernel, and with what.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TraceInfo {
+    pub enabled: bool,
+    /// "on", "off (--no-trace)", or "unavailable: <why>".
+    pub note: String,
+    /// The events recorded: `sched:sched_process_exit`, `p:func`, `r:func`.
+    pub events: Vec<String>,
+}
+
+impl TraceInfo {
+    pub fn off(note: &str) -> Self {
+        TraceInfo { enabled: false, note: note.into(), events: Vec::new() }
+    }
+}
+
+/// One kernel (or server, or client) mark of a cycle.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MarkAt {
+    pub mark: Mark,
+    pub t_ns: u64,
+    pub at_us: f64,
+}
+
+/// A cycle's marks and the phases between them, from the kill.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CycleTrace {
+    pub marks: Vec<MarkAt>,
+    pub phases: Vec<Phase>,
+}
+
+impl CycleTrace {
+    pub fn new(marks: &[(Mark, u64)], kill_ns: u64) -> Self {
+        let mut sorted = marks.to_vec();
+        sorted.sort_by_key(|m| m.0);
+        let marks = sorted
+            .iter()
+            .map(|&(mark, t_ns)| MarkAt { mark, t_ns, at_us: (t_ns as f64 - kill_ns as f64) / 1e3 })
+            .collect();
+        CycleTrace { marks, phases: trace::phases(&sorted, kill_ns) }
+    }
+}
+
+/// A phase's duration over the cycles that have it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseStat {
+    pub name: &'static str,
+    pub until: &'static str,
+    pub cycles: usize,
+    pub p50: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// Per-phase median and max, phases in [`Mark::ALL`]'s order.
+pub fn phase_stats(cycles: &[CycleReport]) -> Vec<PhaseStat> {
+    let mut out = Vec::new();
+    for m in Mark::ALL {
+        let mut d: Vec<f64> = cycles
+            .iter()
+            .filter_map(|c| c.trace.as_ref()?.phases.iter().find(|p| p.until == m.name()).map(|p| p.dur_us))
+            .collect();
+        if d.is_empty() {
+            continue;
+        }
+        d.sort_by(f64::total_cmp);
+        out.push(PhaseStat {
+            name: m.phase(),
+            until: m.name(),
+            cycles: d.len(),
+            p50: percentile(&d, 50.0),
+            max: d.last().copied(),
+        });
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,6 +184,8 @@ pub struct CycleReport {
     /// When the run saw the device LIVE under the new server.
     pub live_us: Option<f64>,
     pub phases: Option<PhaseOffsets>,
+    /// Kernel-side marks and phases (None: the run did not trace).
+    pub trace: Option<CycleTrace>,
 }
 
 /// A takeover's phases in µs from the kill (negative: before it, as a hot
@@ -128,6 +215,8 @@ pub struct Summary {
     pub ios: u64,
     pub gap_us: GapStats,
     pub max_latency_us: Option<f64>,
+    /// Per-phase duration statistics of the traced cycles.
+    pub phases_us: Vec<PhaseStat>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -157,6 +246,7 @@ impl Summary {
                 mean,
             },
             max_latency_us: cycles.iter().filter_map(|c| c.max_latency_us).max_by(f64::total_cmp),
+            phases_us: phase_stats(cycles),
         }
     }
 }
@@ -330,6 +420,21 @@ pub fn table(r: &Report) -> String {
         r.summary.errors,
         r.summary.ios
     );
+    s.push_str(&phase_table(&r.summary.phases_us));
+    s
+}
+
+/// The per-phase table: median and max duration over the traced cycles.
+pub fn phase_table(stats: &[PhaseStat]) -> String {
+    let mut s = String::new();
+    if stats.is_empty() {
+        return s;
+    }
+    let _ = writeln!(s, "{:<16} {:<16} {:>6} {:>9} {:>9}", "phase", "until", "cycles", "p50_ms", "max_ms");
+    for p in stats {
+        let _ =
+            writeln!(s, "{:<16} {:<16} {:>6} {:>9} {:>9}", p.name, p.until, p.cycles, ms(p.p50), ms(p.max));
+    }
     s
 }
 
@@ -360,6 +465,10 @@ mod tests {
                     Event { method: "supervise".into(), crash_seen_ns: Some(1_050), ..Default::default() }
                         .offsets(1_000),
                 ),
+                trace: Some(CycleTrace::new(
+                    &[(Mark::ExitFirst, 1_010), (Mark::ChRelease, 1_000 + 20_000 * i as u64)],
+                    1_000,
+                )),
             })
             .collect();
         let summary = Summary::new(&cycles, 0, 12345);
@@ -393,6 +502,7 @@ mod tests {
             cycles,
             summary,
             complete: true,
+            trace: TraceInfo { enabled: true, note: "on".into(), events: vec!["p:ublk_ch_release".into()] },
             notes: vec![],
         }
     }
@@ -424,6 +534,26 @@ mod tests {
         assert_eq!(g["max"].as_f64(), Some(3000.0));
         assert_eq!(v["summary"]["errors"], 0);
         assert_eq!(v["summary"]["recovered"], 3);
+        assert_eq!(v["trace"]["enabled"], true);
+        let p = &cycles[1]["trace"]["phases"];
+        assert_eq!(p[0]["name"], "signal");
+        assert_eq!(p[1]["name"], "ring_teardown");
+        assert_eq!(p[1]["until"], "ch_release");
+        assert_eq!(p[1]["end_us"].as_f64(), Some(40.0));
+        assert_eq!(cycles[1]["trace"]["marks"][1]["mark"], "ch_release");
+        let stats = &v["summary"]["phases_us"];
+        assert_eq!(stats[1]["name"], "ring_teardown");
+        assert_eq!(stats[1]["p50"].as_f64(), Some(39.99));
+        assert_eq!(stats[1]["max"].as_f64(), Some(59.99));
+    }
+
+    #[test]
+    fn the_text_report_has_a_phase_table() {
+        let t = table(&sample());
+        let row = t.lines().find(|l| l.starts_with("ring_teardown")).expect("phase row");
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols, ["ring_teardown", "ch_release", "3", "0.0", "0.1"]);
+        assert_eq!(phase_table(&[]), "");
     }
 
     #[test]
