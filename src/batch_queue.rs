@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::squeue::{self, EntryMarker as _};
-use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
+use io_uring::{CompletionQueue, IoUring, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut};
 
 use crate::backend::{KIND_MASK, QueueBackend};
@@ -48,8 +48,8 @@ use crate::clock::now_ns;
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
 use crate::queue::{
-    BACKEND_BIT, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, PlaneKind, QueueSetup, Ring,
-    TAG_MASK, build_ring, map_descs, page_size, pin, ring_entries,
+    BACKEND_BIT, Cq, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, PlaneKind, QueueSetup,
+    Ring, Sq, TAG_MASK, build_ring, map_descs, page_size, pin, ring_entries, run_split,
 };
 use crate::request::{Data, Request};
 use crate::stats::QueueCounters;
@@ -122,9 +122,6 @@ struct State<B: QueueBackend> {
     /// The time of the current pass (stats on; else 0).
     now: u64,
 }
-
-type Sq<'a, B> = SubmissionQueue<'a, <B as QueueBackend>::Sqe>;
-type Cq<'a, B> = CompletionQueue<'a, <B as QueueBackend>::Cqe>;
 
 impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
     /// Pins the thread, builds the ring and registers its fetch buffers.
@@ -216,19 +213,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
     /// completion queues are borrowed once for the whole run.
     fn run(mut self) -> Result<()> {
         let BatchQueue { ring, state } = &mut self;
-        let (mut submitter, mut sq, mut cq) = ring.split();
-        let registered = submitter.register_ring_fd().is_ok();
-        let res = state.serve(&submitter, &mut sq, &mut cq);
-        if res.is_ok() {
-            // Hand back the requests committed since the last enter.
-            sq.sync();
-            let _ = submitter.submit();
-        }
-        // Dropping the ring must close it (see queue.rs): undo the registration.
-        if registered {
-            let _ = submitter.unregister_ring_fd();
-        }
-        res
+        run_split::<B>(ring, |sub, sq, cq| state.serve(sub, sq, cq))
     }
 }
 

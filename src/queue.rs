@@ -127,8 +127,8 @@ struct State<B: QueueBackend> {
     now: u64,
 }
 
-type Sq<'a, B> = SubmissionQueue<'a, <B as QueueBackend>::Sqe>;
-type Cq<'a, B> = CompletionQueue<'a, <B as QueueBackend>::Cqe>;
+pub(crate) type Sq<'a, B> = SubmissionQueue<'a, <B as QueueBackend>::Sqe>;
+pub(crate) type Cq<'a, B> = CompletionQueue<'a, <B as QueueBackend>::Cqe>;
 
 pub(crate) const IORING_ENTER_GETEVENTS: u32 = 1;
 /// How long a stopping queue waits for more aborts or late requests.
@@ -270,24 +270,32 @@ impl<B: QueueBackend> Queue<B> {
     /// atomic loads and stores) instead of borrowing them again per entry.
     pub fn run(mut self) -> Result<()> {
         let Queue { ring, state } = &mut self;
-        let (mut submitter, mut sq, mut cq) = ring.split();
-        // Each enter then names the ring by its registered index and skips
-        // the file lookup; without it (old kernel) enters work as before.
-        let registered = submitter.register_ring_fd().is_ok();
-        let res = state.serve(&submitter, &mut sq, &mut cq);
-        if res.is_ok() {
-            // Hand back the requests committed since the last enter.
-            sq.sync();
-            let _ = submitter.submit();
-        }
-        // The registration holds a reference to the ring: without undoing
-        // it, dropping the ring would not close it (and cancel its commands)
-        // before the buffers go, only the thread's exit would.
-        if registered {
-            let _ = submitter.unregister_ring_fd();
-        }
-        res
+        run_split::<B>(ring, |sub, sq, cq| state.serve(sub, sq, cq))
     }
+}
+
+/// Splits `ring` once for a whole run and calls `serve` with its parts;
+/// then hands back what `serve` committed since its last enter.
+pub(crate) fn run_split<B: QueueBackend>(
+    ring: &mut Ring<B>,
+    serve: impl FnOnce(&Submitter<'_>, &mut Sq<'_, B>, &mut Cq<'_, B>) -> Result<()>,
+) -> Result<()> {
+    let (mut submitter, mut sq, mut cq) = ring.split();
+    // Each enter then names the ring by its registered index and skips
+    // the file lookup; without it (old kernel) enters work as before.
+    let registered = submitter.register_ring_fd().is_ok();
+    let res = serve(&submitter, &mut sq, &mut cq);
+    if res.is_ok() {
+        sq.sync();
+        let _ = submitter.submit();
+    }
+    // The registration holds a reference to the ring: without undoing
+    // it, dropping the ring would not close it (and cancel its commands)
+    // before the buffers go, only the thread's exit would.
+    if registered {
+        let _ = submitter.unregister_ring_fd();
+    }
+    res
 }
 
 impl<B: QueueBackend> State<B> {
