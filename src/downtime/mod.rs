@@ -159,11 +159,17 @@ fn check_recover_cmd(a: &DowntimeArgs) -> Result<()> {
 
 /// The settings of the device the run creates, checked as `add` would.
 fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
-    if a.backend == BackendKind::Nvme {
-        return Err(Error::invalid(
-            "downtime cannot create an nvme device (it needs --dev): make one with \
-             `ublk-bench add nvme --dev ... -r -i` and pass --reuse -n ID",
-        ));
+    let (needs, add) = match a.backend {
+        BackendKind::Nvme => ("--dev", "nvme --dev"),
+        BackendKind::File => ("--path", "file --path"),
+        _ => ("", ""),
+    };
+    if !needs.is_empty() {
+        return Err(Error::invalid(format!(
+            "downtime cannot create {} devices (they need {needs}): make one with \
+             `ublk-bench add {add} ... -r -i` and pass --reuse -n ID",
+            a.backend.name()
+        )));
     }
     if let Some(id) = a.id.filter(|&id| id >= 1 << 20) {
         return Err(Error::invalid(format!("device id {id} is out of range: give -n between 0 and 1048575")));
@@ -933,7 +939,7 @@ mod tests {
     #[test]
     fn every_argument_is_bounded_before_any_device() {
         assert!(validate(&args(&[]).unwrap()).is_ok());
-        let cases: [(&[&str], &str); 12] = [
+        let cases: [(&[&str], &str); 13] = [
             (&["--cycles", "4000000000"], "--cycles 4000000000 is out of range"),
             (&["--cycles", "0"], "--cycles 0 is out of range"),
             (&["--interval", "0s"], "--interval"),
@@ -945,7 +951,8 @@ mod tests {
             (&["--jobs", "256", "--iodepth", "4096", "--bs", "1M"], "the client would need"),
             (&["-q", "70000"], "queues is out of range"),
             (&["--size", "1000"], "--size 1000 is out of range"),
-            (&["--backend", "nvme"], "cannot create an nvme device"),
+            (&["--backend", "nvme"], "cannot create nvme devices (they need --dev)"),
+            (&["--backend", "file"], "cannot create file devices (they need --path)"),
         ];
         for (extra, want) in cases {
             let err = refused(extra);
