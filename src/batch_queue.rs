@@ -48,8 +48,8 @@ use crate::clock::now_ns;
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
 use crate::queue::{
-    BACKEND_BIT, Cq, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, PlaneKind, QueueSetup,
-    Ring, Sq, TAG_MASK, build_ring, map_descs, page_size, pin, ring_entries, run_split,
+    Arrivals, BACKEND_BIT, Cq, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, PlaneKind,
+    QueueSetup, Ring, Sq, TAG_MASK, build_ring, map_descs, page_size, pin, ring_entries, run_split,
 };
 use crate::request::{Data, Request};
 use crate::stats::QueueCounters;
@@ -111,13 +111,11 @@ struct State<B: QueueBackend> {
     /// Multishot FETCHes armed and not yet ended.
     fetches_live: u16,
     stopping: bool,
-    served_any: bool,
+    arrivals: Arrivals,
     /// Requests handed to us and not yet committed.
     held: u32,
     /// Each tag's request and the pass time it arrived at (stats on).
     inflight: Vec<(Request, u64)>,
-    /// Requests left before the fault hook panics (u64::MAX: never, in practice).
-    panic_countdown: u64,
     counters: QueueCounters,
     /// The time of the current pass (stats on; else 0).
     now: u64,
@@ -158,10 +156,9 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
             commits_unsent: 0,
             fetches_live: 0,
             stopping: false,
-            served_any: false,
+            arrivals: Arrivals::new(&setup),
             held: 0,
             inflight: vec![(Request::default(), 0); depth],
-            panic_countdown: setup.panic_after.unwrap_or(u64::MAX),
             counters: QueueCounters::new(),
             now: 0,
             setup,
@@ -322,19 +319,8 @@ impl<B: QueueBackend> State<B> {
         if tag >= self.setup.depth {
             return Err(Error::invalid(format!("queue {}: FETCH delivered tag {tag}", self.setup.qid)));
         }
-        if self.panic_countdown == 0 {
-            panic!(
-                "{}: queue {} panics as asked, holding tag {tag}",
-                crate::fault::FAULT_ENV,
-                self.setup.qid
-            );
-        }
-        self.panic_countdown -= 1;
+        self.arrivals.arrive(&self.setup, tag);
         self.held += 1;
-        if !self.served_any {
-            self.served_any = true;
-            self.setup.first_served.store(now_ns(), Ordering::Relaxed);
-        }
         let req = Request::from_desc(&self.desc(tag));
         if self.setup.stats_on {
             self.inflight[tag as usize] = (req, self.now);

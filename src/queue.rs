@@ -114,13 +114,11 @@ struct State<B: QueueBackend> {
     char_fd: i32,
     descs: Option<Mmap>,
     bufs: Option<MmapMut>,
-    served_any: bool,
+    arrivals: Arrivals,
     /// Requests handed to us and not yet committed.
     held: u32,
     /// Each tag's request and the pass time it was seen at (stats on).
     inflight: Vec<(Request, u64)>,
-    /// Requests left before the fault hook panics (u64::MAX: never, in practice).
-    panic_countdown: u64,
     counters: QueueCounters,
     /// The time of the current pass (stats on; else 0): the one clock read
     /// that stamps both the requests the pass hands out and those it commits.
@@ -153,6 +151,32 @@ pub(crate) trait DataPlane<B>: Sized {
     /// Hands every tag to the kernel; START_DEV or END_USER_RECOVERY may follow.
     fn fetch_all(&mut self) -> Result<()>;
     fn run(self) -> Result<()>;
+}
+
+/// What every request's arrival does in either loop: the fault hook's
+/// countdown, and the time of the first request served.
+pub(crate) struct Arrivals {
+    /// Requests left before the fault hook panics (u64::MAX: never, in practice).
+    panic_countdown: u64,
+    served_any: bool,
+}
+
+impl Arrivals {
+    pub(crate) fn new(setup: &QueueSetup) -> Self {
+        Arrivals { panic_countdown: setup.panic_after.unwrap_or(u64::MAX), served_any: false }
+    }
+
+    /// Counts one request; panics when the fault hook says so.
+    pub(crate) fn arrive(&mut self, setup: &QueueSetup, tag: u16) {
+        if self.panic_countdown == 0 {
+            panic!("{}: queue {} panics as asked, holding tag {tag}", crate::fault::FAULT_ENV, setup.qid);
+        }
+        self.panic_countdown -= 1;
+        if !self.served_any {
+            self.served_any = true;
+            setup.first_served.store(now_ns(), Ordering::Relaxed);
+        }
+    }
 }
 
 /// Which data plane a queue thread runs, whatever the backend.
@@ -218,7 +242,7 @@ impl<B: QueueBackend> Queue<B> {
                 .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
         }
         let inflight = vec![(Request::default(), 0); setup.depth as usize];
-        let panic_countdown = setup.panic_after.unwrap_or(u64::MAX);
+        let arrivals = Arrivals::new(&setup);
         let state = State {
             setup,
             backend,
@@ -226,10 +250,9 @@ impl<B: QueueBackend> Queue<B> {
             char_fd: -1,
             descs: None,
             bufs,
-            served_any: false,
+            arrivals,
             held: 0,
             inflight,
-            panic_countdown,
             counters: QueueCounters::new(),
             now: 0,
         };
@@ -412,19 +435,8 @@ impl<B: QueueBackend> State<B> {
     }
 
     fn handle(&mut self, tag: u16, sq: &mut Sq<'_, B>) -> Result<()> {
-        if self.panic_countdown == 0 {
-            panic!(
-                "{}: queue {} panics as asked, holding tag {tag}",
-                crate::fault::FAULT_ENV,
-                self.setup.qid
-            );
-        }
-        self.panic_countdown -= 1;
+        self.arrivals.arrive(&self.setup, tag);
         self.held += 1;
-        if !self.served_any {
-            self.served_any = true;
-            self.setup.first_served.store(now_ns(), Ordering::Relaxed);
-        }
         let req = Request::from_desc(&self.desc(tag));
         if self.setup.stats_on {
             self.inflight[tag as usize] = (req, self.now);
