@@ -34,14 +34,13 @@
 //! nothing and nothing has come for [`LINGER`].
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::squeue::{self, EntryMarker as _};
 use io_uring::{CompletionQueue, IoUring, Submitter, cqueue, opcode, types};
-use memmap2::{Mmap, MmapMut};
+use memmap2::MmapMut;
 
 use crate::backend::{KIND_MASK, QueueBackend};
 use crate::clock::now_ns;
@@ -49,11 +48,11 @@ use crate::config::CopyMode;
 use crate::error::{Error, Result};
 use crate::queue::{
     Arrivals, BACKEND_BIT, Cq, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, PlaneKind,
-    QueueSetup, Ring, Sq, TAG_MASK, build_ring, map_descs, page_size, pin, ring_entries, run_split,
+    QueueSetup, Ring, Sq, TAG_MASK, TagIo, build_ring, page_size, pin, ring_entries, run_split,
 };
-use crate::request::{Data, Request};
+use crate::request::Request;
 use crate::stats::QueueCounters;
-use crate::sys::{self, BatchElem, BatchIo, IoDesc};
+use crate::sys::{self, BatchElem, BatchIo};
 
 /// Multishot FETCH_IO_CMDS armed per queue (see the module doc).
 const FETCHES: u16 = 2;
@@ -98,11 +97,7 @@ pub struct BatchQueue<B: QueueBackend> {
 struct State<B: QueueBackend> {
     setup: QueueSetup,
     backend: B,
-    char_dev: Option<Arc<File>>,
-    char_fd: i32,
-    descs: Option<Mmap>,
-    /// Copy mode: `max_io_bytes` per tag.
-    bufs: Option<MmapMut>,
+    tags: TagIo,
     fetch: FetchRing,
     commits: Commits,
     /// COMMITs pushed since the last enter: each completes at once, so a
@@ -128,13 +123,6 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
             pin(cpu)?;
         }
         let depth = setup.depth as usize;
-        let bufs = match setup.copy {
-            CopyMode::Copy => Some(
-                MmapMut::map_anon(depth * setup.max_io_bytes as usize)
-                    .map_err(|e| Error::io("allocate per-tag buffers", e))?,
-            ),
-            _ => None,
-        };
         // The SQ holds the backend's commands, a few COMMITs and FETCH
         // re-arms; the CQ also FETCH CQEs (at most one per tag we hold).
         let entries = ring_entries(setup.depth + 8, B::MAX_COMMANDS);
@@ -147,10 +135,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         let fetch = FetchRing::new(&ring, setup.depth)?;
         let state = State {
             backend,
-            char_dev: None,
-            char_fd: -1,
-            descs: None,
-            bufs,
+            tags: TagIo::new(&setup)?,
             fetch,
             commits: Commits::new(depth, setup.copy == CopyMode::Copy),
             commits_unsent: 0,
@@ -168,9 +153,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
 
     fn bind(&mut self, char_dev: Arc<File>) -> Result<()> {
         let s = &mut self.state;
-        s.descs = Some(map_descs(&s.setup, &char_dev, page_size())?);
-        s.char_fd = char_dev.as_raw_fd();
-        s.char_dev = Some(char_dev);
+        s.tags.bind(&s.setup, char_dev)?;
         Ok(())
     }
 
@@ -182,7 +165,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         let slot = s.commits.filling;
         for tag in 0..s.setup.depth {
             let elem = s.elem(tag, 0);
-            s.commits.push(elem, s.buf_addr(tag));
+            s.commits.push(elem, s.tags.buf_addr(&s.setup, tag));
         }
         let sqe = s.batch_cmd(sys::UBLK_U_IO_PREP_IO_CMDS, PREP, slot);
         push::<B>(&mut ring.submission(), &sqe, qid)?;
@@ -321,7 +304,7 @@ impl<B: QueueBackend> State<B> {
         }
         self.arrivals.arrive(&self.setup, tag);
         self.held += 1;
-        let req = Request::from_desc(&self.desc(tag));
+        let req = Request::from_desc(&self.tags.desc(tag));
         if self.setup.stats_on {
             self.inflight[tag as usize] = (req, self.now);
         }
@@ -340,7 +323,7 @@ impl<B: QueueBackend> State<B> {
             self.counters.record(req, result, self.now.saturating_sub(*t0));
         }
         let elem = self.elem(tag, result);
-        self.commits.push(elem, self.buf_addr(tag));
+        self.commits.push(elem, self.tags.buf_addr(&self.setup, tag));
     }
 
     /// Sends the array filled this pass, if a free one can take its place.
@@ -357,13 +340,6 @@ impl<B: QueueBackend> State<B> {
         BatchElem { tag, buf_index: if self.setup.auto_buf_reg { tag } else { 0 }, result }
     }
 
-    fn buf_addr(&self, tag: u16) -> u64 {
-        match &self.bufs {
-            Some(b) => b.as_ptr() as u64 + tag as u64 * self.setup.max_io_bytes as u64,
-            None => 0,
-        }
-    }
-
     /// PREP or COMMIT of what commit array `slot` has not had consumed yet.
     fn batch_cmd(&self, op: u32, kind: u64, slot: usize) -> B::Sqe {
         let (addr, nr_elem) = self.commits.pending(slot);
@@ -374,8 +350,10 @@ impl<B: QueueBackend> State<B> {
             elem_bytes: self.commits.elem_bytes(),
             ..Default::default()
         };
-        let sqe =
-            opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(cmd.bytes()).addr(Some(addr)).build();
+        let sqe = opcode::UringCmd16::new(types::Fd(self.tags.char_fd), op)
+            .cmd(cmd.bytes())
+            .addr(Some(addr))
+            .build();
         let mut sqe = B::Sqe::from(sqe);
         sqe.set_user_data(kind << KIND_SHIFT | slot as u64);
         sqe
@@ -389,7 +367,7 @@ impl<B: QueueBackend> State<B> {
             elem_bytes: 2,
             ..Default::default()
         };
-        let sqe = opcode::UringCmd16::new(types::Fd(self.char_fd), sys::UBLK_U_IO_FETCH_IO_CMDS)
+        let sqe = opcode::UringCmd16::new(types::Fd(self.tags.char_fd), sys::UBLK_U_IO_FETCH_IO_CMDS)
             .cmd(cmd.bytes())
             .build()
             .flags(squeue::Flags::BUFFER_SELECT);
@@ -401,25 +379,8 @@ impl<B: QueueBackend> State<B> {
     }
 
     fn submit(&mut self, tag: u16, req: &Request, sq: &mut Sq<'_, B>) -> Option<i32> {
-        let data = match self.setup.copy {
-            CopyMode::Copy => {
-                let len = self.setup.max_io_bytes as usize;
-                let bufs = self.bufs.as_mut().expect("copy mode has buffers");
-                let off = tag as usize * len;
-                Data::Buf(&mut bufs[off..off + len])
-            }
-            CopyMode::Zero if self.setup.auto_buf_reg => Data::Registered { index: tag },
-            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
-            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
-        };
+        let data = self.tags.data(&self.setup, tag);
         self.backend.submit(tag, req, data, sq, BACKEND_BIT | tag as u64)
-    }
-
-    fn desc(&self, tag: u16) -> IoDesc {
-        let base = self.descs.as_ref().expect("bound before FETCH").as_ptr() as *const IoDesc;
-        // SAFETY: tag < depth (checked in handle), and the map holds depth
-        // descriptors; the kernel writes it, so read it volatile.
-        unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
     }
 
     /// Blocking: one `io_uring_enter` that submits and sleeps until a CQE

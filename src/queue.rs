@@ -110,10 +110,7 @@ pub struct Queue<B: QueueBackend> {
 struct State<B: QueueBackend> {
     setup: QueueSetup,
     backend: B,
-    char_dev: Option<Arc<File>>,
-    char_fd: i32,
-    descs: Option<Mmap>,
-    bufs: Option<MmapMut>,
+    tags: TagIo,
     arrivals: Arrivals,
     /// Requests handed to us and not yet committed.
     held: u32,
@@ -227,13 +224,7 @@ impl<B: QueueBackend> Queue<B> {
         if let Some(cpu) = setup.cpu {
             pin(cpu)?;
         }
-        let bufs = match setup.copy {
-            CopyMode::Copy => Some(
-                MmapMut::map_anon(setup.depth as usize * setup.max_io_bytes as usize)
-                    .map_err(|e| Error::io("allocate per-tag buffers", e))?,
-            ),
-            _ => None,
-        };
+        let tags = TagIo::new(&setup)?;
         let entries = ring_entries(setup.depth, B::MAX_COMMANDS);
         let ring = build_ring::<B>(entries, entries, setup.qid)?;
         if setup.copy == CopyMode::Zero {
@@ -246,10 +237,7 @@ impl<B: QueueBackend> Queue<B> {
         let state = State {
             setup,
             backend,
-            char_dev: None,
-            char_fd: -1,
-            descs: None,
-            bufs,
+            tags,
             arrivals,
             held: 0,
             inflight,
@@ -262,9 +250,7 @@ impl<B: QueueBackend> Queue<B> {
     /// Maps this queue's descriptors from `/dev/ublkcN`.
     pub fn bind(&mut self, char_dev: Arc<File>) -> Result<()> {
         let s = &mut self.state;
-        s.descs = Some(map_descs(&s.setup, &char_dev, page_size())?);
-        s.char_fd = char_dev.as_raw_fd();
-        s.char_dev = Some(char_dev);
+        s.tags.bind(&s.setup, char_dev)?;
         Ok(())
     }
 
@@ -437,7 +423,7 @@ impl<B: QueueBackend> State<B> {
     fn handle(&mut self, tag: u16, sq: &mut Sq<'_, B>) -> Result<()> {
         self.arrivals.arrive(&self.setup, tag);
         self.held += 1;
-        let req = Request::from_desc(&self.desc(tag));
+        let req = Request::from_desc(&self.tags.desc(tag));
         if self.setup.stats_on {
             self.inflight[tag as usize] = (req, self.now);
         }
@@ -460,17 +446,7 @@ impl<B: QueueBackend> State<B> {
     }
 
     fn submit(&mut self, tag: u16, req: &Request, sq: &mut Sq<'_, B>) -> Option<i32> {
-        let data = match self.setup.copy {
-            CopyMode::Copy => {
-                let len = self.setup.max_io_bytes as usize;
-                let bufs = self.bufs.as_mut().expect("copy mode has buffers");
-                let off = tag as usize * len;
-                Data::Buf(&mut bufs[off..off + len])
-            }
-            CopyMode::Zero if self.setup.auto_buf_reg => Data::Registered { index: tag },
-            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: self.setup.qid },
-            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(self.setup.qid, tag, 0) },
-        };
+        let data = self.tags.data(&self.setup, tag);
         self.backend.submit(tag, req, data, sq, BACKEND_BIT | tag as u64)
     }
 
@@ -479,11 +455,11 @@ impl<B: QueueBackend> State<B> {
     /// way to build an entry in the ring's own slot, so it is built here and
     /// copied in by `push`.
     fn io_cmd(&self, op: u32, tag: u16, result: i32) -> B::Sqe {
-        let cmd = IoCmd { q_id: self.setup.qid, tag, result, addr: self.buf_addr(tag) };
+        let cmd = IoCmd { q_id: self.setup.qid, tag, result, addr: self.tags.buf_addr(&self.setup, tag) };
         let mut payload = [0u8; 16];
         // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
         unsafe { std::ptr::copy_nonoverlapping(&cmd as *const IoCmd as *const u8, payload.as_mut_ptr(), 16) };
-        let mut sqe = opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(payload);
+        let mut sqe = opcode::UringCmd16::new(types::Fd(self.tags.char_fd), op).cmd(payload);
         if self.setup.auto_buf_reg {
             sqe = sqe.addr(Some(sys::auto_buf_reg(tag, 0)));
         }
@@ -491,18 +467,67 @@ impl<B: QueueBackend> State<B> {
         sqe.set_user_data(tag as u64);
         sqe
     }
+}
 
-    fn buf_addr(&self, tag: u16) -> u64 {
+/// What a queue reaches its tags' requests through, in either loop: the
+/// per-tag buffers (copy mode) and, once bound, `/dev/ublkcN` and its
+/// descriptor map.
+pub(crate) struct TagIo {
+    char_dev: Option<Arc<File>>,
+    pub(crate) char_fd: i32,
+    descs: Option<Mmap>,
+    bufs: Option<MmapMut>,
+}
+
+impl TagIo {
+    /// Allocates the per-tag buffers of copy mode; nothing is bound yet.
+    pub(crate) fn new(setup: &QueueSetup) -> Result<Self> {
+        let bufs = match setup.copy {
+            CopyMode::Copy => Some(
+                MmapMut::map_anon(setup.depth as usize * setup.max_io_bytes as usize)
+                    .map_err(|e| Error::io("allocate per-tag buffers", e))?,
+            ),
+            _ => None,
+        };
+        Ok(TagIo { char_dev: None, char_fd: -1, descs: None, bufs })
+    }
+
+    /// Maps the queue's descriptors from `/dev/ublkcN`.
+    pub(crate) fn bind(&mut self, setup: &QueueSetup, char_dev: Arc<File>) -> Result<()> {
+        self.descs = Some(map_descs(setup, &char_dev, page_size())?);
+        self.char_fd = char_dev.as_raw_fd();
+        self.char_dev = Some(char_dev);
+        Ok(())
+    }
+
+    /// The tag's buffer address (copy mode), else 0.
+    pub(crate) fn buf_addr(&self, setup: &QueueSetup, tag: u16) -> u64 {
         match &self.bufs {
-            Some(b) => b.as_ptr() as u64 + tag as u64 * self.setup.max_io_bytes as u64,
+            Some(b) => b.as_ptr() as u64 + tag as u64 * setup.max_io_bytes as u64,
             None => 0,
         }
     }
 
-    fn desc(&self, tag: u16) -> IoDesc {
+    /// Where the request of `tag` has its bytes, by the queue's copy mode.
+    pub(crate) fn data(&mut self, setup: &QueueSetup, tag: u16) -> Data<'_> {
+        match setup.copy {
+            CopyMode::Copy => {
+                let len = setup.max_io_bytes as usize;
+                let bufs = self.bufs.as_mut().expect("copy mode has buffers");
+                let off = tag as usize * len;
+                Data::Buf(&mut bufs[off..off + len])
+            }
+            CopyMode::Zero if setup.auto_buf_reg => Data::Registered { index: tag },
+            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid },
+            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(setup.qid, tag, 0) },
+        }
+    }
+
+    /// The descriptor of `tag`, which must be below the queue depth.
+    pub(crate) fn desc(&self, tag: u16) -> IoDesc {
         let base = self.descs.as_ref().expect("bound before FETCH").as_ptr() as *const IoDesc;
-        // SAFETY: tag < depth, and the map holds depth descriptors; the kernel
-        // writes it, so read it volatile.
+        // SAFETY: tag < depth (callers check or the kernel gave it), and the
+        // map holds depth descriptors; the kernel writes it, so read it volatile.
         unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
     }
 }
