@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::{KIND_MASK, QueueBackend};
+use super::{KIND_MASK, QueueBackend, buf_cmd};
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
@@ -351,8 +351,14 @@ impl QueueBackend for FileQueue {
                 let link = squeue::Flags::IO_HARDLINK;
                 [
                     Some(
-                        buf_cmd(char_fd, sys::UBLK_U_IO_REGISTER_IO_BUF, (qid, tag), index, ud | KIND_REG)
-                            .flags(link),
+                        buf_cmd::<squeue::Entry>(
+                            char_fd,
+                            sys::UBLK_U_IO_REGISTER_IO_BUF,
+                            (qid, tag),
+                            index,
+                            ud | KIND_REG,
+                        )
+                        .flags(link),
                     ),
                     Some(io.flags(link)),
                     Some(buf_cmd(
@@ -396,15 +402,6 @@ impl QueueBackend for FileQueue {
         self.pending[t] -= 1;
         (self.pending[t] == 0).then_some(*r)
     }
-}
-
-/// REGISTER_IO_BUF / UNREGISTER_IO_BUF of `(qid, tag)` at buffer slot `index`.
-fn buf_cmd(fd: i32, op: u32, (qid, tag): (u16, u16), index: u16, ud: u64) -> squeue::Entry {
-    let c = sys::IoCmd { q_id: qid, tag, result: 0, addr: index as u64 };
-    let mut payload = [0u8; 16];
-    // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
-    unsafe { std::ptr::copy_nonoverlapping(&c as *const _ as *const u8, payload.as_mut_ptr(), 16) };
-    opcode::UringCmd16::new(types::Fd(fd), op).cmd(payload).build().user_data(ud)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::{KIND_MASK, QueueBackend};
+use super::{KIND_MASK, QueueBackend, buf_cmd};
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
@@ -435,7 +435,14 @@ impl QueueBackend for NvmeQueue {
             Some((index, fd, qid)) => {
                 let link = squeue::Flags::IO_HARDLINK;
                 vec_of3(
-                    buf_cmd(fd, sys::UBLK_U_IO_REGISTER_IO_BUF, (qid, tag), index, ud | KIND_REG).flags(link),
+                    buf_cmd::<squeue::Entry128>(
+                        fd,
+                        sys::UBLK_U_IO_REGISTER_IO_BUF,
+                        (qid, tag),
+                        index,
+                        ud | KIND_REG,
+                    )
+                    .flags(link),
                     nvme.flags(link),
                     buf_cmd(fd, sys::UBLK_U_IO_UNREGISTER_IO_BUF, (qid, tag), index, ud | KIND_UNREG),
                 )
@@ -491,15 +498,6 @@ fn nvme_payload(cmd: &NvmeUringCmd) -> [u8; 80] {
     // SAFETY: NvmeUringCmd is repr(C), 72 bytes of plain data.
     unsafe { std::ptr::copy_nonoverlapping(cmd as *const _ as *const u8, payload.as_mut_ptr(), 72) };
     payload
-}
-
-/// REGISTER_IO_BUF / UNREGISTER_IO_BUF of `(qid, tag)` at buffer slot `index`.
-fn buf_cmd(fd: i32, op: u32, (qid, tag): (u16, u16), index: u16, ud: u64) -> squeue::Entry128 {
-    let c = sys::IoCmd { q_id: qid, tag, result: 0, addr: index as u64 };
-    let mut payload = [0u8; 80];
-    // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
-    unsafe { std::ptr::copy_nonoverlapping(&c as *const _ as *const u8, payload.as_mut_ptr(), 16) };
-    opcode::UringCmd80::new(types::Fd(fd), op).cmd(payload).build().user_data(ud)
 }
 
 #[cfg(test)]
