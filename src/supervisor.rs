@@ -2,7 +2,8 @@
 //! its child, watches it through a pidfd and, when it dies while the device
 //! still exists, brings up a new server at once.
 //!
-//! - Cold (`--supervise`): after the crash it starts `__serve --recover`.
+//! - Cold (`--supervise`): after the crash it forks a recovering server
+//!   (no exec, as `recover` does).
 //! - Hot (`--standby`): a standby child has already mapped the backend and
 //!   built its queue rings; it watches the server's pidfd itself and takes
 //!   over the moment the server dies. The supervisor then makes the next
@@ -23,7 +24,7 @@ use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier, Spawned};
 use crate::error::{Error, Result};
 use crate::process::{self, ProcId};
-use crate::{log, run_files, sys};
+use crate::{log, run_files, serve, sys};
 
 /// Give up after this many crashes within [`CRASH_WINDOW`].
 pub const MAX_CRASHES: usize = 50;
@@ -150,12 +151,30 @@ impl Supervisor {
                 }
             }
         }
-        let args = recover_args(self.dev_id, "supervise", Some(crash_seen), None);
-        let mut fresh = Spawned::start(&args)?;
+        let mut fresh = self.start_cold(crash_seen)?;
         fresh.wait_live(LIVE_TIMEOUT).inspect_err(|_| fresh.kill_and_reap())?;
         log!("supervisor of device {}: new server pid {} LIVE", self.dev_id, fresh.pid());
         self.server = fresh;
         Ok(())
+    }
+
+    /// A cold server, forked from this process as `recover` forks its own:
+    /// an exec would add a whole program start to every crash's gap. Where
+    /// a fork is unsafe (more than one thread) it is started with exec.
+    fn start_cold(&self, crash_seen: u64) -> Result<Spawned> {
+        // Read now, not at start-up: settings may change while we watch.
+        let cfg = run_files::load(self.dev_id).ok();
+        let (dev_id, signals) = (self.dev_id, self.signals.as_raw_fd());
+        let forked = daemon::fork_server(move |notify| {
+            // SAFETY: the child's copy of our signalfd, closed once here;
+            // the server waits for its stop signals itself.
+            unsafe { libc::close(signals) };
+            serve::takeover(dev_id, "supervise", Some(crash_seen), None, cfg, notify)
+        })?;
+        match forked {
+            Some(server) => Ok(server),
+            None => Spawned::start(&recover_args(self.dev_id, "supervise", Some(crash_seen), None)),
+        }
     }
 
     fn refresh_standby(&mut self) {
