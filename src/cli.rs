@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    BackendKind, CopyMode, SchedulerChoice, check_depth, check_queues, parse_cpus, parse_scheduler,
-    parse_size,
+    BackendKind, CopyMode, SchedulerChoice, check_copy_mode, check_depth, check_queues, parse_cpus,
+    parse_scheduler, parse_size,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A whole `--cpus` list: an alias, so clap takes the parser's Vec as one value.
 pub type CpuList = Vec<usize>;
@@ -125,26 +125,8 @@ pub struct AddArgs {
     /// must match --size (default: the file's size). `del` leaves it in place.
     #[arg(long, requires = "store")]
     pub reuse_store: bool,
-    /// File or block device the file backend serves (it must exist and open read-write; ublk-bench never
-    /// creates, truncates or removes it). The size defaults to the file's.
-    #[arg(long)]
-    pub path: Option<PathBuf>,
-    /// file backend: open --path with O_DIRECT (no page cache).
-    #[arg(long)]
-    pub direct: bool,
-    /// NVMe namespace for the nvme backend: /dev/ngXnY (or /dev/nvmeXnY).
-    #[arg(long)]
-    pub dev: Option<PathBuf>,
-    /// Logical block size in bytes.
-    #[arg(short = 'b', long = "block-size", default_value_t = 512)]
-    pub block_size: u32,
-    /// How data moves between the bio and the server.
-    #[arg(long, value_enum, default_value_t = CopyMode::Auto)]
-    pub copy_mode: CopyMode,
-    /// Zero copy: register each request's pages with REGISTER_IO_BUF commands
-    /// even where the kernel has UBLK_F_AUTO_BUF_REG (6.15 behaviour; for comparing).
-    #[arg(long)]
-    pub explicit_buf_reg: bool,
+    #[command(flatten)]
+    pub dev_opts: DeviceOptions,
     /// Stay in the foreground; SIGTERM/SIGINT stop and delete the device.
     #[arg(long)]
     pub foreground: bool,
@@ -166,6 +148,107 @@ pub struct AddArgs {
     /// Like --supervise, with a hot standby server ready to take over; implies -r.
     #[arg(long)]
     pub standby: bool,
+}
+
+/// The options of `add` that say what a device serves and how its data moves,
+/// shared with `downtime` so that it can create every device `add` can.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceOptions {
+    /// File or block device the file backend serves (it must exist and open read-write; ublk-bench never
+    /// creates, truncates or removes it). The size defaults to the file's.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// file backend: open --path with O_DIRECT (no page cache).
+    #[arg(long)]
+    pub direct: bool,
+    /// NVMe namespace for the nvme backend: /dev/ngXnY (or /dev/nvmeXnY).
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    /// Logical block size in bytes.
+    #[arg(short = 'b', long = "block-size", default_value_t = 512)]
+    pub block_size: u32,
+    /// How data moves between the bio and the server.
+    #[arg(long, value_enum, default_value_t = CopyMode::Auto)]
+    pub copy_mode: CopyMode,
+    /// Zero copy: register each request's pages with REGISTER_IO_BUF commands
+    /// even where the kernel has UBLK_F_AUTO_BUF_REG (6.15 behaviour; for comparing).
+    #[arg(long)]
+    pub explicit_buf_reg: bool,
+}
+
+impl DeviceOptions {
+    /// The checks that need neither the driver nor the file: the copy mode
+    /// fits the backend, each option belongs to it, and the one it needs is
+    /// given. Opening --path or --dev is left to `add`.
+    pub fn check(&self, backend: BackendKind) -> Result<()> {
+        check_copy_mode(self.copy_mode, backend, self.explicit_buf_reg)?;
+        if backend != BackendKind::File {
+            self.file_options_absent(backend)?;
+        }
+        match backend {
+            BackendKind::Nvme if self.dev.is_none() => {
+                Err(Error::invalid("the nvme backend needs --dev /dev/ngXnY"))
+            }
+            BackendKind::Nvme => Ok(()),
+            _ if self.dev.is_some() => Err(Error::invalid("--dev is for the nvme backend only")),
+            BackendKind::File if self.path.is_none() => Err(Error::invalid(
+                "the file backend needs --path FILE: a regular file or block device to serve",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `--path` and `--direct` belong to `file`.
+    fn file_options_absent(&self, backend: BackendKind) -> Result<()> {
+        let name = backend.name();
+        let hint = match backend {
+            BackendKind::Ram => " (ram keeps its data in --store)",
+            _ => "",
+        };
+        if self.path.is_some() {
+            return Err(Error::invalid(format!(
+                "--path is an option of the file backend, not {name}: drop it{hint}, or use `add file --path`"
+            )));
+        }
+        if self.direct {
+            return Err(Error::invalid(format!(
+                "--direct is an option of the file backend, not {name}: drop it"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The options set away from their defaults, as flags.
+    pub fn given(&self) -> Vec<&'static str> {
+        let set = [
+            ("--path", self.path.is_some()),
+            ("--direct", self.direct),
+            ("--dev", self.dev.is_some()),
+            ("--block-size", self.block_size != 512),
+            ("--copy-mode", self.copy_mode != CopyMode::Auto),
+            ("--explicit-buf-reg", self.explicit_buf_reg),
+        ];
+        set.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect()
+    }
+
+    /// The same options as `add` arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--copy-mode".to_string(),
+            self.copy_mode.name().into(),
+            "--block-size".into(),
+            self.block_size.to_string(),
+        ];
+        let paths = [("--path", &self.path), ("--dev", &self.dev)];
+        for (flag, p) in paths {
+            if let Some(p) = p {
+                args.extend([flag.to_string(), p.display().to_string()]);
+            }
+        }
+        let switches = [("--direct", self.direct), ("--explicit-buf-reg", self.explicit_buf_reg)];
+        args.extend(switches.iter().filter(|(_, on)| *on).map(|(flag, _)| flag.to_string()));
+        args
+    }
 }
 
 /// Queue count and depth of a device, as `add` and `downtime` take them
@@ -220,7 +303,8 @@ pub enum RecoverMethod {
 #[derive(Debug, Clone, Args)]
 #[command(
     mut_arg("queues", |a| a.help("Queues of the device to create")),
-    mut_arg("depth", |a| a.help("Queue depth of the device to create"))
+    mut_arg("depth", |a| a.help("Queue depth of the device to create")),
+    mut_arg("block_size", |a| a.help("Logical block size of the device to create (the client's is --bs)"))
 )]
 pub struct DowntimeArgs {
     /// Create the device with this id (refused if it exists); with --reuse,
@@ -234,13 +318,16 @@ pub struct DowntimeArgs {
     /// Backend of the device to create.
     #[arg(long, value_enum, default_value_t = BackendKind::Ram)]
     pub backend: BackendKind,
-    /// Size of the device to create.
-    #[arg(long, value_parser = parse_size, default_value = "256M")]
-    pub size: u64,
+    /// Size of the device to create (default: 256M for null and ram, the whole --path or --dev for
+    /// file and nvme).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
     /// RAM store file of the device to create (default /dev/shm/ublk-bench-<id>). On a tmpfs
     /// mounted with huge=within_size a killed server exits, and so hands over, sooner.
     #[arg(long)]
     pub store: Option<PathBuf>,
+    #[command(flatten)]
+    pub dev_opts: DeviceOptions,
     #[command(flatten)]
     pub queue: QueueArgs,
     /// Create the device with busy-polling queue threads.

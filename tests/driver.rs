@@ -740,7 +740,9 @@ fn static_errors_come_before_driver_checks() {
         (&["downtime", "--bs", "1000"], &["--bs"]),
         (&["downtime", "--jobs", "0"], &["--jobs"]),
         (&["downtime", "-q", "70000"], &["-q", "range"]),
-        (&["downtime", "--backend", "nvme"], &["nvme", "--reuse"]),
+        (&["downtime", "--backend", "nvme"], &["nvme", "--dev"]),
+        (&["downtime", "--backend", "file", "--path", "/nonexistent/dt"], &["--path", "existing"]),
+        (&["downtime", "--reuse", "-n", "3", "--copy-mode", "user"], &["--copy-mode", "--reuse", "drop"]),
         (&["downtime", "--reuse"], &["--number"]),
     ];
     let failures: Vec<String> = cases

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{AddArgs, OnOff};
-use crate::config::{self, BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery, check_copy_mode};
+use crate::config::{self, BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery};
 use crate::ctrl::Ctrl;
 use crate::daemon::{self, Notifier};
 use crate::error::{Error, Result};
@@ -72,54 +72,29 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         depth,
         cpus: args.cpus.clone().unwrap_or_default(),
         poll: args.poll,
-        block_size: args.block_size,
+        block_size: args.dev_opts.block_size,
         max_io_bytes: DEFAULT_MAX_IO_BYTES,
-        copy_mode: args.copy_mode,
-        explicit_buf_reg: args.explicit_buf_reg,
+        copy_mode: args.dev_opts.copy_mode,
+        explicit_buf_reg: args.dev_opts.explicit_buf_reg,
         recovery: recovery_from(args)?,
         batch: args.queue.batch,
         stats: args.queue.stats == OnOff::On,
         scheduler: args.queue.scheduler.0.clone(),
     };
-    check_copy_mode(args.copy_mode, args.backend, args.explicit_buf_reg)?;
-    if args.backend != BackendKind::File {
-        file_options_absent(args)?;
-    }
+    args.dev_opts.check(args.backend)?;
     match args.backend {
         BackendKind::Nvme => nvme_config(cfg, args),
-        _ if args.dev.is_some() => Err(Error::invalid("--dev is for the nvme backend only")),
         BackendKind::File => file_config(cfg, args),
         _ => Ok(cfg),
     }
 }
 
-/// `--path` and `--direct` belong to `file`.
-fn file_options_absent(args: &AddArgs) -> Result<()> {
-    let name = args.backend.name();
-    let hint = match args.backend {
-        BackendKind::Ram => " (ram keeps its data in --store)",
-        _ => "",
-    };
-    if args.path.is_some() {
-        return Err(Error::invalid(format!(
-            "--path is an option of the file backend, not {name}: drop it{hint}, or use `add file --path`"
-        )));
-    }
-    if args.direct {
-        return Err(Error::invalid(format!(
-            "--direct is an option of the file backend, not {name}: drop it"
-        )));
-    }
-    Ok(())
-}
-
 /// The file's size by default; --size may be smaller, never larger. A block
 /// device opened O_DIRECT needs requests of its own block size at least.
 fn file_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
-    let path = args.path.as_deref().ok_or_else(|| {
-        Error::invalid("the file backend needs --path FILE: a regular file or block device to serve")
-    })?;
-    let probe = crate::backend::file::probe(path, args.direct, cfg.block_size)?;
+    let opts = &args.dev_opts;
+    let path = opts.path.as_deref().expect("DeviceOptions::check wants --path for file");
+    let probe = crate::backend::file::probe(path, opts.direct, cfg.block_size)?;
     if let Some(size) = args.size.filter(|&s| s > probe.size) {
         return Err(Error::invalid(format!(
             "--size {size} exceeds --path {} ({} bytes): give at most {}, or leave --size out to serve the whole file",
@@ -128,20 +103,20 @@ fn file_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
             probe.size
         )));
     }
-    if let Some(lbs) = probe.logical_block.filter(|&b| args.direct && b > cfg.block_size) {
+    if let Some(lbs) = probe.logical_block.filter(|&b| opts.direct && b > cfg.block_size) {
         cfg.block_size = lbs;
     }
     let bs = cfg.block_size as u64;
     // A tail shorter than a block is not served.
     cfg.size = args.size.unwrap_or(probe.size) / bs * bs;
     cfg.path = Some(probe.path);
-    cfg.direct = args.direct;
+    cfg.direct = opts.direct;
     Ok(cfg)
 }
 
 /// Size, block size and request size come from the namespace.
 fn nvme_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
-    let dev = args.dev.as_deref().ok_or_else(|| Error::invalid("the nvme backend needs --dev /dev/ngXnY"))?;
+    let dev = args.dev_opts.dev.as_deref().expect("DeviceOptions::check wants --dev for nvme");
     let (ns, _) = crate::backend::nvme::Namespace::probe(dev)?;
     if args.size.is_some_and(|s| s > ns.size) {
         return Err(Error::invalid(format!("--size exceeds the namespace ({} bytes)", ns.size)));

@@ -1,9 +1,9 @@
 //! `list`: the kernel's view of each device (GET_DEV_INFO) joined with our
-//! persisted settings (backend, size, store).
+//! persisted settings (backend, size, store, a file device's path).
 
 use serde::Serialize;
 
-use crate::config::{self, DeviceConfig};
+use crate::config::{self, BackendKind, DeviceConfig};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::run_files;
@@ -27,6 +27,8 @@ pub struct DeviceView {
     pub batch: bool,
     pub cpus: Vec<usize>,
     pub store: Option<String>,
+    /// The file a file device serves (absolute); None for other backends.
+    pub path: Option<String>,
     /// The queue's active I/O scheduler (sysfs); None before START_DEV.
     pub scheduler: Option<String>,
 }
@@ -58,6 +60,10 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
         batch: info.flags & sys::UBLK_F_BATCH_IO != 0,
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
         store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
+        path: cfg
+            .filter(|c| c.backend == BackendKind::File)
+            .and_then(|c| c.path.as_ref())
+            .map(|p| p.display().to_string()),
         scheduler,
     }
 }
@@ -68,7 +74,7 @@ pub fn dump(v: &DeviceView) -> String {
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
          \tmax rq size {} daemon pid {} flags {}\n\
          \tstate {}\n\
-         \tbackend {} copy {} poll {} batch {} cpus [{}] scheduler {}{}\n",
+         \tbackend {} copy {} poll {} batch {} cpus [{}] scheduler {}{}{}\n",
         v.dev_id,
         v.queues,
         v.depth,
@@ -85,6 +91,7 @@ pub fn dump(v: &DeviceView) -> String {
         config::format_cpus(&v.cpus),
         v.scheduler.as_deref().unwrap_or("-"),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
+        v.path.as_ref().map_or(String::new(), |p| format!(" path {p}")),
     )
 }
 
@@ -123,4 +130,52 @@ pub fn run(id: Option<u32>, json: bool) -> Result<()> {
         views.iter().for_each(|v| print!("{}", dump(v)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CopyMode, DEFAULT_MAX_IO_BYTES, Recovery};
+
+    fn settings(backend: BackendKind, path: Option<&str>) -> DeviceConfig {
+        DeviceConfig {
+            dev_id: Some(3),
+            backend,
+            size: 64 << 20,
+            store: None,
+            store_created: false,
+            path: path.map(Into::into),
+            direct: false,
+            nvme_dev: None,
+            queues: 1,
+            depth: 64,
+            cpus: vec![],
+            poll: false,
+            block_size: 512,
+            max_io_bytes: DEFAULT_MAX_IO_BYTES,
+            copy_mode: CopyMode::Zero,
+            explicit_buf_reg: false,
+            recovery: Recovery::Reissue,
+            batch: false,
+            stats: true,
+            scheduler: None,
+        }
+    }
+
+    /// A file device shows the file it serves, in the dump and the JSON;
+    /// other devices show none, even with a stray path in their settings.
+    #[test]
+    fn a_file_device_shows_its_path() {
+        let info = DevInfo { dev_id: 3, ..Default::default() };
+        let file = settings(BackendKind::File, Some("/dev/shm/dt-file"));
+        let v = make_view(&info, Some(&file), file.size, None);
+        assert!(dump(&v).contains(" path /dev/shm/dt-file\n"), "{}", dump(&v));
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["path"], "/dev/shm/dt-file", "{json}");
+        let ram = settings(BackendKind::Ram, Some("/stray"));
+        let v = make_view(&info, Some(&ram), ram.size, None);
+        assert!(!dump(&v).contains("path"), "{}", dump(&v));
+        assert!(serde_json::to_value(&v).unwrap()["path"].is_null());
+        assert!(make_view(&info, None, 0, None).path.is_none(), "no settings, no path");
+    }
 }

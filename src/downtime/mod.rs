@@ -137,10 +137,26 @@ fn validate(a: &DowntimeArgs) -> Result<Duration> {
     }
     check_client_memory(a, interval)?;
     check_recover_cmd(a)?;
-    if !a.reuse {
-        validate_new_device(a)?;
+    match a.reuse {
+        true => check_reuse(a)?,
+        false => validate_new_device(a)?,
     }
     Ok(interval)
+}
+
+/// `--reuse` measures a device as it was added: options that describe a
+/// device to create would be silently ignored, so they are refused.
+fn check_reuse(a: &DowntimeArgs) -> Result<()> {
+    let given = a.dev_opts.given();
+    if given.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{} describe the device to create, but --reuse measures device {} as it was added: \
+         drop them, or drop --reuse (and -n of an existing device) to create one",
+        given.join(", "),
+        a.id.map_or("-n".into(), |id| id.to_string())
+    )))
 }
 
 /// `--recover-cmd` replaces `ublk-bench recover`, so it needs that method.
@@ -157,29 +173,55 @@ fn check_recover_cmd(a: &DowntimeArgs) -> Result<()> {
     }
 }
 
-/// The settings of the device the run creates, checked as `add` would.
-fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
-    let (needs, add) = match a.backend {
-        BackendKind::Nvme => ("--dev", "nvme --dev"),
-        BackendKind::File => ("--path", "file --path"),
-        _ => ("", ""),
-    };
-    if !needs.is_empty() {
-        return Err(Error::invalid(format!(
-            "downtime cannot create {} devices (they need {needs}): make one with \
-             `ublk-bench add {add} ... -r -i` and pass --reuse -n ID",
-            a.backend.name()
-        )));
+/// Size of a null or ram device when --size is not given.
+const DEFAULT_SIZE: u64 = 256 << 20;
+
+/// The size the run asks `add` for: null and ram get DEFAULT_SIZE unless
+/// told; file and nvme serve the whole file or namespace unless told.
+fn device_size(a: &DowntimeArgs) -> Option<u64> {
+    match a.backend {
+        BackendKind::Null | BackendKind::Ram => Some(a.size.unwrap_or(DEFAULT_SIZE)),
+        BackendKind::File | BackendKind::Nvme => a.size,
     }
+}
+
+/// The settings of the device the run creates, checked as `add` checks
+/// them. `add` itself probes --path and --dev again, fully.
+fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
     if let Some(id) = a.id.filter(|&id| id >= 1 << 20) {
         return Err(Error::invalid(format!("device id {id} is out of range: give -n between 0 and 1048575")));
     }
     a.queue.checked()?;
-    if a.size < config::MIN_SIZE || a.size > config::MAX_SIZE || !a.size.is_multiple_of(512) {
+    a.dev_opts.check(a.backend)?;
+    // A file or namespace is sized, and its --size checked, by `add` against it.
+    let sized = matches!(a.backend, BackendKind::Null | BackendKind::Ram);
+    let in_range = |s: &u64| (config::MIN_SIZE..=config::MAX_SIZE).contains(s) && s.is_multiple_of(512);
+    if let Some(size) = device_size(a).filter(|s| sized && !in_range(s)) {
         return Err(Error::invalid(format!(
-            "--size {} is out of range: give a multiple of 512 between 1M and 1P",
-            a.size
+            "--size {size} is out of range: give a multiple of 512 between 1M and 1P"
         )));
+    }
+    check_exists(a)
+}
+
+/// A missing --path or --dev is refused here, before the run sets up
+/// tracing; `add` checks the rest (type, read-write, size) before it makes
+/// the device.
+fn check_exists(a: &DowntimeArgs) -> Result<()> {
+    let opts = &a.dev_opts;
+    let given = [
+        (
+            "--path",
+            &opts.path,
+            "an existing regular file or block device (`truncate -s 1G FILE` makes a file)",
+        ),
+        ("--dev", &opts.dev, "an existing NVMe namespace, /dev/ngXnY"),
+    ];
+    for (flag, p, want) in given {
+        let Some(p) = p else { continue };
+        if let Err(e) = std::fs::metadata(p) {
+            return Err(Error::invalid(format!("{flag} {}: {e}: give {want}", p.display())));
+        }
     }
     Ok(())
 }
@@ -262,13 +304,26 @@ struct Device {
     id: u32,
     created: bool,
     exe: PathBuf,
+    facts: DeviceFacts,
+}
+
+/// What the report says about the device, read while it exists.
+#[derive(Debug, Clone, Default)]
+struct DeviceFacts {
     flags: u64,
+    /// Bytes, as the kernel has the device.
+    size: u64,
+    /// The settings ublk-bench keeps for a device it added (copy mode as
+    /// the server chose it, file path); None for another server's device.
+    settings: Option<config::DeviceConfig>,
 }
 
 impl Device {
     fn acquire(a: &DowntimeArgs, exe: &Path, ctrl: &mut Ctrl) -> Result<Device> {
         let mut dev = match a.id {
-            Some(id) if a.reuse => Device { id, created: false, exe: exe.into(), flags: 0 },
+            Some(id) if a.reuse => {
+                Device { id, created: false, exe: exe.into(), facts: DeviceFacts::default() }
+            }
             Some(id) if ctrl.info(id).is_ok() => {
                 return Err(Error::invalid(format!(
                     "device {id} already exists: pass --reuse to measure it, or pick another -n"
@@ -277,7 +332,11 @@ impl Device {
             _ => Device::create(a, exe)?,
         };
         let info = ctrl.info(dev.id).map_err(|e| ctrl::no_device(dev.id, e))?;
-        dev.flags = info.flags;
+        dev.facts = DeviceFacts {
+            flags: info.flags,
+            size: ctrl.get_params(dev.id).map_or(0, |p| p.basic.dev_sectors << 9),
+            settings: run_files::load(dev.id).ok(),
+        };
         ctrl::check_recoverable(&info)?;
         if info.state != sys::UBLK_S_DEV_LIVE {
             return Err(Error::invalid(format!(
@@ -313,48 +372,55 @@ impl Device {
     }
 
     fn create(a: &DowntimeArgs, exe: &Path) -> Result<Device> {
-        let mut args: Vec<String> = vec![
-            "add".into(),
-            a.backend.name().into(),
-            "--size".into(),
-            a.size.to_string(),
-            "-q".into(),
-            a.queue.queues.to_string(),
-            "-d".into(),
-            a.queue.depth.to_string(),
-            "--scheduler".into(),
-            a.queue.scheduler.to_string(),
-            "--json".into(),
-        ];
-        if let Some(id) = a.id {
-            args.extend(["-n".into(), id.to_string()]);
-        }
-        if a.poll {
-            args.push("--poll".into());
-        }
-        if a.queue.batch {
-            args.push("--batch".into());
-        }
-        if a.queue.stats == OnOff::Off {
-            args.extend(["--stats".into(), "off".into()]);
-        }
-        if let Some(store) = &a.store {
-            args.extend(["--store".into(), store.display().to_string()]);
-        }
-        args.extend(recovery_flags(&a.recovery)?.iter().map(|s| s.to_string()));
-        match a.method {
-            RecoverMethod::Supervise => args.push("--supervise".into()),
-            RecoverMethod::Standby => args.push("--standby".into()),
-            _ => {}
-        }
+        let args = add_argv(a)?;
         let out = run_self(exe, &args)?;
         let v: serde_json::Value = serde_json::from_str(&out)
             .map_err(|e| Error::invalid(format!("cannot read `add --json` output ({e}): {out}")))?;
         let id = v["dev_id"]
             .as_u64()
             .ok_or_else(|| Error::invalid(format!("no dev_id in `add` output: {out}")))?;
-        Ok(Device { id: id as u32, created: true, exe: exe.into(), flags: 0 })
+        Ok(Device { id: id as u32, created: true, exe: exe.into(), facts: DeviceFacts::default() })
     }
+}
+
+/// The `add` command line of the device the run creates.
+fn add_argv(a: &DowntimeArgs) -> Result<Vec<String>> {
+    let mut args: Vec<String> = vec!["add".into(), a.backend.name().into()];
+    if let Some(size) = device_size(a) {
+        args.extend(["--size".into(), size.to_string()]);
+    }
+    args.extend([
+        "-q".into(),
+        a.queue.queues.to_string(),
+        "-d".into(),
+        a.queue.depth.to_string(),
+        "--scheduler".into(),
+        a.queue.scheduler.to_string(),
+        "--json".into(),
+    ]);
+    args.extend(a.dev_opts.to_args());
+    if let Some(id) = a.id {
+        args.extend(["-n".into(), id.to_string()]);
+    }
+    if a.poll {
+        args.push("--poll".into());
+    }
+    if a.queue.batch {
+        args.push("--batch".into());
+    }
+    if a.queue.stats == OnOff::Off {
+        args.extend(["--stats".into(), "off".into()]);
+    }
+    if let Some(store) = &a.store {
+        args.extend(["--store".into(), store.display().to_string()]);
+    }
+    args.extend(recovery_flags(&a.recovery)?.iter().map(|s| s.to_string()));
+    match a.method {
+        RecoverMethod::Supervise => args.push("--supervise".into()),
+        RecoverMethod::Standby => args.push("--standby".into()),
+        _ => {}
+    }
+    Ok(args)
 }
 
 impl Drop for Device {
@@ -479,11 +545,11 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
     }
     let events = read_events(dev.id, &run.tl, outcome.is_ok());
     run.drain_trace();
-    let flags = dev.flags;
+    let facts = dev.facts.clone();
     drop(dev);
     if results.len() == a.jobs as usize && !run.tl.kills.is_empty() {
         let complete = outcome.is_ok() && run.tl.lives.len() == cycles;
-        let rep = build_report(&run, &results, &events, &stamp, complete, flags, trace_note);
+        let rep = build_report(&run, &results, &events, &stamp, complete, &facts, trace_note);
         write_outputs(&run, &rep, &results, end_ns, &stamp)?;
     } else if outcome.is_ok() {
         outcome = Err(Error::invalid("no result: a client job failed"));
@@ -732,10 +798,9 @@ fn build_report(
     events: &[report::Event],
     stamp: &str,
     complete: bool,
-    flags: u64,
+    facts: &DeviceFacts,
     trace_info: report::TraceInfo,
 ) -> Report {
-    let a = run.a;
     let tl = &run.tl;
     let mut cycles = Vec::new();
     for (i, &k) in tl.kills.iter().enumerate() {
@@ -800,32 +865,43 @@ fn build_report(
         started_utc: stamp.to_string(),
         kernel: report::kernel_release(),
         git_rev: report::git_rev(),
-        config: RunConfig {
-            method: a.method,
-            recover_cmd: a.recover_cmd.clone(),
-            recovery: a.recovery.clone(),
-            dev_id: run.dev_id,
-            device_created: !a.reuse,
-            device_flags: sys::flag_names(flags),
-            backend: a.backend.name().into(),
-            size: a.size,
-            store: a.store.as_ref().map(|p| p.display().to_string()),
-            queues: a.queue.queues,
-            depth: a.queue.depth,
-            poll: a.poll,
-            cycles: a.cycles,
-            interval_ms: run.interval.as_millis() as u64,
-            rwmix: a.rwmix,
-            bs: a.bs,
-            iodepth: a.iodepth,
-            jobs: a.jobs,
-            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        },
+        config: run_config(run, facts),
         cycles,
         summary,
         complete,
         trace: trace_info,
         notes,
+    }
+}
+
+/// The run's settings, the device's as it was measured where it says.
+fn run_config(run: &Run, facts: &DeviceFacts) -> RunConfig {
+    let a = run.a;
+    let settings = facts.settings.as_ref();
+    RunConfig {
+        method: a.method,
+        recover_cmd: a.recover_cmd.clone(),
+        recovery: a.recovery.clone(),
+        dev_id: run.dev_id,
+        device_created: !a.reuse,
+        device_flags: sys::flag_names(facts.flags),
+        backend: settings.map_or(a.backend, |s| s.backend).name().into(),
+        size: facts.size,
+        store: a.store.as_ref().map(|p| p.display().to_string()),
+        copy_mode_requested: (!a.reuse).then(|| a.dev_opts.copy_mode.name().into()),
+        copy_mode: settings.map(|s| s.copy_mode.name().into()),
+        explicit_buf_reg: settings.map_or(a.dev_opts.explicit_buf_reg, |s| s.explicit_buf_reg),
+        path: settings.and_then(|s| s.path.as_ref()).map(|p| p.display().to_string()),
+        queues: a.queue.queues,
+        depth: a.queue.depth,
+        poll: a.poll,
+        cycles: a.cycles,
+        interval_ms: run.interval.as_millis() as u64,
+        rwmix: a.rwmix,
+        bs: a.bs,
+        iodepth: a.iodepth,
+        jobs: a.jobs,
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
     }
 }
 
@@ -939,7 +1015,7 @@ mod tests {
     #[test]
     fn every_argument_is_bounded_before_any_device() {
         assert!(validate(&args(&[]).unwrap()).is_ok());
-        let cases: [(&[&str], &str); 13] = [
+        let cases: [(&[&str], &str); 21] = [
             (&["--cycles", "4000000000"], "--cycles 4000000000 is out of range"),
             (&["--cycles", "0"], "--cycles 0 is out of range"),
             (&["--interval", "0s"], "--interval"),
@@ -951,14 +1027,123 @@ mod tests {
             (&["--jobs", "256", "--iodepth", "4096", "--bs", "1M"], "the client would need"),
             (&["-q", "70000"], "queues is out of range"),
             (&["--size", "1000"], "--size 1000 is out of range"),
-            (&["--backend", "nvme"], "cannot create nvme devices (they need --dev)"),
-            (&["--backend", "file"], "cannot create file devices (they need --path)"),
+            (&["--backend", "nvme"], "the nvme backend needs --dev /dev/ngXnY"),
+            (&["--backend", "file"], "the file backend needs --path FILE"),
+            (&["--path", "/etc/passwd"], "--path is an option of the file backend, not ram"),
+            (&["--backend", "null", "--direct"], "--direct is an option of the file backend, not null"),
+            (&["--dev", "/dev/ng0n1"], "--dev is for the nvme backend only"),
+            (&["--backend", "file", "--path", "/etc/passwd", "--dev", "/dev/ng0n1"], "--dev is for the nvme"),
+            (&["--backend", "file", "--path", "/etc/passwd", "--copy-mode", "user"], "user copy would add"),
+            (&["--backend", "null", "--explicit-buf-reg"], "--explicit-buf-reg applies to zero copy"),
+            (&["--backend", "file", "--path", "/nonexistent/dt"], "--path /nonexistent/dt: No such file"),
+            (&["--backend", "nvme", "--dev", "/nonexistent/ng9n9"], "give an existing NVMe namespace"),
         ];
         for (extra, want) in cases {
             let err = refused(extra);
             assert!(err.contains(want), "downtime {extra:?}: {err}");
         }
         assert!(refused(&["-n", "2000000"]).contains("-n between 0 and 1048575"));
+    }
+
+    /// `--reuse` measures a device as it is: the options that would shape a
+    /// new one are refused, not ignored.
+    #[test]
+    fn reuse_refuses_the_options_of_a_device_to_create() {
+        let cases: [(&[&str], &str); 3] = [
+            (&["--path", "/etc/passwd"], "--path describe the device to create"),
+            (&["--copy-mode", "user", "--explicit-buf-reg"], "--copy-mode, --explicit-buf-reg describe"),
+            (&["--dev", "/dev/ng0n1", "--direct", "-b", "4096"], "--direct, --dev, --block-size describe"),
+        ];
+        for (extra, want) in cases {
+            let argv: Vec<&str> = ["--reuse", "-n", "3"].iter().chain(extra).copied().collect();
+            let err = refused(&argv);
+            assert!(err.contains(want) && err.contains("drop them"), "downtime {argv:?}: {err}");
+        }
+        assert!(validate(&args(&["--reuse", "-n", "3", "--copy-mode", "auto"]).unwrap()).is_ok());
+    }
+
+    /// The `add` line of each row of the recovery-gap matrix, exactly.
+    #[test]
+    fn the_add_argv_carries_the_device_options() {
+        let argv = |extra: &[&str]| add_argv(&args(extra).unwrap()).unwrap();
+        let common = ["-q", "1", "-d", "128", "--scheduler", "none", "--json"];
+        let want = |head: &[&str], tail: &[&str]| -> Vec<String> {
+            head.iter().chain(&common).chain(tail).map(|s| s.to_string()).collect()
+        };
+        assert_eq!(
+            argv(&["--backend", "file", "--path", "/dev/shm/f", "--direct", "--method", "standby"]),
+            want(
+                &["add", "file"],
+                &[
+                    "--copy-mode",
+                    "auto",
+                    "--block-size",
+                    "512",
+                    "--path",
+                    "/dev/shm/f",
+                    "--direct",
+                    "-r",
+                    "-i",
+                    "--standby"
+                ]
+            ),
+            "a file device is the whole file unless --size says otherwise"
+        );
+        assert_eq!(
+            argv(&["--copy-mode", "user", "--method", "recover", "--recovery", "plain"]),
+            want(
+                &["add", "ram", "--size", "268435456"],
+                &["--copy-mode", "user", "--block-size", "512", "-r"]
+            )
+        );
+        assert_eq!(
+            argv(&["--backend", "nvme", "--dev", "/dev/ng0n1", "--copy-mode", "zero", "--explicit-buf-reg"]),
+            want(
+                &["add", "nvme"],
+                &[
+                    "--copy-mode",
+                    "zero",
+                    "--block-size",
+                    "512",
+                    "--dev",
+                    "/dev/ng0n1",
+                    "--explicit-buf-reg",
+                    "-r",
+                    "-i",
+                    "--supervise"
+                ]
+            )
+        );
+        let null = argv(&["--backend", "null", "--size", "1G", "-b", "4096"]);
+        assert!(null.windows(2).any(|w| w == ["--size", "1073741824"]), "{null:?}");
+        assert!(null.windows(2).any(|w| w == ["--block-size", "4096"]), "{null:?}");
+    }
+
+    /// What the run hands `add` is what `add` itself accepts and means the
+    /// same by: a file device on a file that exists.
+    #[test]
+    fn add_takes_the_file_device_as_downtime_describes_it() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+        let p = img.to_str().unwrap();
+        let a =
+            args(&["--backend", "file", "--path", p, "--copy-mode", "zero", "--explicit-buf-reg"]).unwrap();
+        validate(&a).unwrap();
+        let argv = add_argv(&a).unwrap();
+        let crate::cli::Command::Add(add) =
+            crate::cli::Cli::try_parse_from(["ublk-bench".to_string()].into_iter().chain(argv)).unwrap().cmd
+        else {
+            panic!("not add")
+        };
+        let cfg = crate::cmd::add::config_from(&add).unwrap();
+        assert_eq!(
+            (cfg.backend, cfg.size, cfg.path),
+            (BackendKind::File, 4 << 20, Some(img.canonicalize().unwrap()))
+        );
+        assert_eq!((cfg.copy_mode, cfg.explicit_buf_reg), (config::CopyMode::Zero, true));
+        assert_eq!(cfg.recovery, config::Recovery::Reissue);
     }
 
     #[test]

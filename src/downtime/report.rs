@@ -140,6 +140,13 @@ pub struct RunConfig {
     pub size: u64,
     /// The RAM store file, when not the default.
     pub store: Option<String>,
+    /// The `--copy-mode` the device was created with (None with `--reuse`).
+    pub copy_mode_requested: Option<String>,
+    /// The copy mode the server chose (None: a device ublk-bench did not add).
+    pub copy_mode: Option<String>,
+    pub explicit_buf_reg: bool,
+    /// The file the file backend serves (absolute), None for other backends.
+    pub path: Option<String>,
     pub queues: u32,
     pub depth: u32,
     pub poll: bool,
@@ -488,6 +495,10 @@ mod tests {
                 backend: "ram".into(),
                 size: 256 << 20,
                 store: None,
+                copy_mode_requested: Some("auto".into()),
+                copy_mode: Some("zero".into()),
+                explicit_buf_reg: false,
+                path: None,
                 queues: 1,
                 depth: 128,
                 poll: false,
