@@ -126,7 +126,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         // The SQ holds the backend's commands, a few COMMITs and FETCH
         // re-arms; the CQ also FETCH CQEs (at most one per tag we hold).
         let entries = ring_entries(setup.depth + 8, B::MAX_COMMANDS);
-        let ring = build_ring::<B>(entries, entries * 2, setup.qid)?;
+        let ring = build_ring::<B>(entries, entries * 2, setup.qid, setup.copy)?;
         if setup.copy == CopyMode::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)

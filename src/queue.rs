@@ -204,18 +204,26 @@ impl<B: QueueBackend> DataPlane<B> for Queue<B> {
 }
 
 /// A queue's ring of `entries` SQEs and `cq_entries` CQEs.
-pub(crate) fn build_ring<B: QueueBackend>(entries: u32, cq_entries: u32, qid: u16) -> Result<Ring<B>> {
+pub(crate) fn build_ring<B: QueueBackend>(
+    entries: u32,
+    cq_entries: u32,
+    qid: u16,
+    copy: CopyMode,
+) -> Result<Ring<B>> {
     // TASKRUN_FLAG: the kernel sets IORING_SQ_TASKRUN in the SQ flags when
-    // it queues deferred task work (a new request for us), so a polling
-    // queue sees without a syscall when it must enter.
-    IoUring::<B::Sqe, B::Cqe>::builder()
-        .setup_cqsize(cq_entries)
-        .setup_coop_taskrun()
-        .setup_taskrun_flag()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(entries)
-        .map_err(|e| Error::io(format!("io_uring setup for queue {qid}"), e))
+    // it queues task work (a new request for us), so a polling queue sees
+    // without a syscall when it must enter.
+    let mut b = IoUring::<B::Sqe, B::Cqe>::builder();
+    b.setup_cqsize(cq_entries).setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer();
+    // Zero copy goes without DEFER_TASKRUN: torn down after its server
+    // died, a DEFER_TASKRUN ring waits an RCU grace period
+    // (synchronize_rcu in io_ring_exit_work) before it frees its buffer
+    // table, and the requests registered there hold the driver's release
+    // work, so the recovery, until then (README, "Where the gap goes").
+    if copy != CopyMode::Zero {
+        b.setup_defer_taskrun();
+    }
+    b.build(entries).map_err(|e| Error::io(format!("io_uring setup for queue {qid}"), e))
 }
 
 impl<B: QueueBackend> Queue<B> {
@@ -226,7 +234,7 @@ impl<B: QueueBackend> Queue<B> {
         }
         let tags = TagIo::new(&setup)?;
         let entries = ring_entries(setup.depth, B::MAX_COMMANDS);
-        let ring = build_ring::<B>(entries, entries, setup.qid)?;
+        let ring = build_ring::<B>(entries, entries, setup.qid, setup.copy)?;
         if setup.copy == CopyMode::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)
@@ -373,8 +381,8 @@ impl<B: QueueBackend> State<B> {
 
     /// Blocking: one `io_uring_enter` that submits and sleeps for a
     /// completion. Polling: enters only when there is something to submit,
-    /// deferred task work to run (IORING_SQ_TASKRUN: with DEFER_TASKRUN a
-    /// new request reaches the CQ only through an enter with GETEVENTS) or
+    /// task work to run (IORING_SQ_TASKRUN: a new request reaches the CQ
+    /// only through task work, which runs in an enter) or
     /// a CQ overflow to flush, and then returns at once (min_complete 0);
     /// otherwise the pass just looks at the CQ. True if it entered.
     ///
@@ -685,7 +693,32 @@ mod tests {
     /// ring fd, as `run` uses it.
     #[test]
     fn a_queue_ring_round_trips_through_one_borrow() {
-        let mut ring = build_ring::<NullQueue>(ring_entries(4, 0), ring_entries(4, 0), 0).unwrap();
+        for copy in [CopyMode::Copy, CopyMode::Zero] {
+            round_trip(build_ring::<NullQueue>(ring_entries(4, 0), ring_entries(4, 0), 0, copy).unwrap());
+        }
+    }
+
+    /// A zero-copy queue's ring has no DEFER_TASKRUN, the others do (see
+    /// `build_ring`). Told apart by where task work runs: a timeout's
+    /// completion is task work, which a plain ring runs on the way back
+    /// from any syscall and a DEFER_TASKRUN ring only in io_uring_enter.
+    #[test]
+    fn only_zero_copy_rings_run_task_work_outside_enter() {
+        for (copy, deferred) in [(CopyMode::Copy, true), (CopyMode::User, true), (CopyMode::Zero, false)] {
+            let mut ring = build_ring::<NullQueue>(4, 4, 0, copy).unwrap();
+            let ts = types::Timespec::new().nsec(1_000_000);
+            // SAFETY: ts outlives the timeout: it is waited for below.
+            unsafe { ring.submission().push(&opcode::Timeout::new(&ts).build()) }.unwrap();
+            ring.submit().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let seen = ring.completion().len();
+            assert_eq!(seen, usize::from(!deferred), "{copy:?}: {seen} CQE(s) before an enter");
+            ring.submit_and_wait(1).unwrap();
+            assert_eq!(ring.completion().len(), 1, "{copy:?}: the timeout never completed");
+        }
+    }
+
+    fn round_trip(mut ring: Ring<NullQueue>) {
         let (mut sub, mut sq, mut cq) = ring.split();
         sub.register_ring_fd().unwrap();
         for round in 0..3u64 {
