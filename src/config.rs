@@ -464,10 +464,11 @@ pub fn format_cpus(cpus: &[usize]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub fn sample() -> DeviceConfig {
+    /// A valid ram device's settings, for tests to vary.
+    pub(crate) fn sample() -> DeviceConfig {
         DeviceConfig {
             dev_id: None,
             backend: BackendKind::Ram,

@@ -135,31 +135,12 @@ pub fn run(id: Option<u32>, json: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CopyMode, DEFAULT_MAX_IO_BYTES, Recovery};
+    use crate::config::CopyMode;
+    use crate::config::tests::sample;
 
     fn settings(backend: BackendKind, path: Option<&str>) -> DeviceConfig {
-        DeviceConfig {
-            dev_id: Some(3),
-            backend,
-            size: 64 << 20,
-            store: None,
-            store_created: false,
-            path: path.map(Into::into),
-            direct: false,
-            nvme_dev: None,
-            queues: 1,
-            depth: 64,
-            cpus: vec![],
-            poll: false,
-            block_size: 512,
-            max_io_bytes: DEFAULT_MAX_IO_BYTES,
-            copy_mode: CopyMode::Zero,
-            explicit_buf_reg: false,
-            recovery: Recovery::Reissue,
-            batch: false,
-            stats: true,
-            scheduler: None,
-        }
+        let path = path.map(Into::into);
+        DeviceConfig { dev_id: Some(3), backend, path, copy_mode: CopyMode::Zero, ..sample() }
     }
 
     /// A file device shows the file it serves, in the dump and the JSON;
