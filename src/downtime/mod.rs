@@ -194,9 +194,9 @@ fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
     a.queue.checked()?;
     a.dev_opts.check(a.backend)?;
     // A file or namespace is sized, and its --size checked, by `add` against it.
-    let sized = matches!(a.backend, BackendKind::Null | BackendKind::Ram);
-    let in_range = |s: &u64| (config::MIN_SIZE..=config::MAX_SIZE).contains(s) && s.is_multiple_of(512);
-    if let Some(size) = device_size(a).filter(|s| sized && !in_range(s)) {
+    if let (BackendKind::Null | BackendKind::Ram, Some(size)) = (a.backend, device_size(a))
+        && !((config::MIN_SIZE..=config::MAX_SIZE).contains(&size) && size.is_multiple_of(512))
+    {
         return Err(Error::invalid(format!(
             "--size {size} is out of range: give a multiple of 512 between 1M and 1P"
         )));
