@@ -159,7 +159,8 @@ fn ram_store_keeps_data_across_reopen() {
 
 use io_uring::IoUring;
 use ublk_bench::backend::QueueBackend;
-use ublk_bench::backend::file::{Backing, FileQueue, KIND_IO, KIND_REG, KIND_UNREG};
+use ublk_bench::backend::chain::{KIND_IO, KIND_REG, KIND_UNREG};
+use ublk_bench::backend::file::{Backing, FileQueue};
 
 /// The queue's `user_data` for a backend command of `tag` (bit 63, as in queue.rs).
 const BACKEND_BIT: u64 = 1 << 63;

@@ -295,7 +295,7 @@ def null_build(a, env):
             **null_local_facts(), "host": null_host(env)}
     body = {"null_blk": null_blk_params(),
             "config": {"runtime_s": a.runtime, "qd1_runtime_s": a.qd1_runtime, "ramp_s": a.ramp, "bs": a.bs,
-                       "iodepth": a.iodepth, "numjobs": 1, "rw": "randread", "ioengine": "io_uring",
+                       "iodepth": a.iodepth, "submit_batch": a.submit_batch, "numjobs": 1, "rw": "randread", "ioengine": "io_uring",
                        "direct": 1, "rounds": a.rounds, "fio_cpu": a.fio_cpu, "ublk_queue_cpu": a.queue_cpu,
                        "fio_args": a.fio_args},
             "rows": rows, "bar": null_bar(rows), "default_vs_tuned": default_vs_tuned(rows)}
@@ -352,6 +352,7 @@ def null_args(p):
     p.add_argument("--fio-cpu", required=True)
     p.add_argument("--queue-cpu", required=True)
     p.add_argument("--fio-args", required=True, help="the common fio arguments, as run")
+    p.add_argument("--submit-batch", type=int, default=1, help="I/Os fio submits per io_uring_enter at qd32")
 
 
 # ------------------------------------------------------------------- perf-nvme

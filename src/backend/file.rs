@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::{KIND_MASK, QueueBackend, buf_cmd};
+use super::QueueBackend;
+use super::chain::{Chains, KIND_IO, Registration};
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
@@ -253,24 +254,14 @@ fn keep_inline(file: &File, path: &Path) {
 /// One queue's handle on the file.
 pub struct FileQueue {
     file: Arc<Backing>,
-    /// Bytes each request must move (0 for FLUSH, DISCARD, WRITE_ZEROES).
-    lens: Vec<u32>,
-    /// CQEs still due for each tag's chain, and its result so far.
-    pending: Vec<u8>,
-    results: Vec<i32>,
+    /// Each tag's commands in flight; a request moves no bytes for FLUSH,
+    /// DISCARD and WRITE_ZEROES.
+    chains: Chains,
 }
-
-/// The kinds of this backend's commands, within [`KIND_MASK`]: the file
-/// command, and the REGISTER / UNREGISTER around it with explicit registration.
-pub const KIND_IO: u64 = 0;
-pub const KIND_REG: u64 = 1 << 16;
-pub const KIND_UNREG: u64 = 2 << 16;
-const _: () = assert!((KIND_REG | KIND_UNREG) & !KIND_MASK == 0);
 
 impl FileQueue {
     pub fn new(file: Arc<Backing>, depth: u16) -> Self {
-        let d = depth as usize;
-        FileQueue { file, lens: vec![0; d], pending: vec![0; d], results: vec![0; d] }
+        FileQueue { file, chains: Chains::new(depth) }
     }
 
     /// The one file command a request needs, or its result if it needs none.
@@ -342,65 +333,24 @@ impl QueueBackend for FileQueue {
             Ok(sqe) => sqe.user_data(ud | KIND_IO),
             Err(res) => return Some(res),
         };
-        let t = tag as usize;
         let rw = matches!(req.op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE);
-        self.lens[t] = if rw { req.len } else { 0 };
-        self.results[t] = 0;
-        let sqes = match data {
-            Data::Fixed { index, char_fd, qid } if rw => {
-                let link = squeue::Flags::IO_HARDLINK;
-                [
-                    Some(
-                        buf_cmd::<squeue::Entry>(
-                            char_fd,
-                            sys::UBLK_U_IO_REGISTER_IO_BUF,
-                            (qid, tag),
-                            index,
-                            ud | KIND_REG,
-                        )
-                        .flags(link),
-                    ),
-                    Some(io.flags(link)),
-                    Some(buf_cmd(
-                        char_fd,
-                        sys::UBLK_U_IO_UNREGISTER_IO_BUF,
-                        (qid, tag),
-                        index,
-                        ud | KIND_UNREG,
-                    )),
-                ]
-            }
-            _ => [Some(io), None, None],
+        let reg = match data {
+            Data::Fixed { index, char_fd, qid } if rw => Some(Registration { char_fd, qid, tag, index }),
+            _ => None,
         };
-        let n = sqes.iter().flatten().count();
-        if sq.capacity() - sq.len() < n {
-            return Some(-libc::EBUSY);
-        }
-        self.pending[t] = n as u8;
-        for sqe in sqes.iter().flatten() {
-            // SAFETY: the command's memory (the tag's buffer, or the request's
-            // pages registered at slot `tag`) stays valid until its CQE: the
-            // tag is not reused before we COMMIT it, after the last CQE.
-            unsafe { sq.push(sqe) }.expect("room checked above");
-        }
-        None
+        // SAFETY: the command's memory (the tag's buffer, or the request's
+        // pages registered at slot `tag`) stays valid until its CQE: the
+        // tag is not reused before we COMMIT it, after the last CQE.
+        unsafe { self.chains.push(sq, (tag, if rw { req.len } else { 0 }), io, reg, ud) }
     }
 
     /// Takes one CQE of `tag`'s chain; the COMMIT result once all are in.
     fn complete(&mut self, tag: u16, kind: u64, res: i32) -> Option<i32> {
-        let t = tag as usize;
-        let r = &mut self.results[t];
-        if kind == KIND_IO {
-            *r = match res {
-                e if e < 0 => e,
-                n if n as u32 == self.lens[t] => n,
-                _ => -libc::EIO, // short: see the module doc
-            };
-        } else if res < 0 && *r >= 0 {
-            *r = -libc::EIO;
-        }
-        self.pending[t] -= 1;
-        (self.pending[t] == 0).then_some(*r)
+        self.chains.complete(tag, kind, res, |res, len| match res {
+            e if e < 0 => e,
+            n if n as u32 == len => n,
+            _ => -libc::EIO, // short: see the module doc
+        })
     }
 }
 

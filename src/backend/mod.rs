@@ -9,6 +9,7 @@
 //! itself with one pread/pwrite and no copy of its own, or the request's own
 //! pages as a fixed buffer of the queue ring (zero copy: nvme, file, ram).
 
+pub mod chain;
 pub mod file;
 pub mod null;
 pub mod nvme;
@@ -83,16 +84,6 @@ impl<T: SyncBackend> QueueBackend for T {
     ) -> Option<i32> {
         Some(self.serve(req, data))
     }
-}
-
-/// REGISTER_IO_BUF / UNREGISTER_IO_BUF of `(qid, tag)` at buffer slot
-/// `index`: 16 bytes of command, widened to the ring's entry size `S`.
-pub fn buf_cmd<S: squeue::EntryMarker>(fd: RawFd, op: u32, (qid, tag): (u16, u16), index: u16, ud: u64) -> S {
-    let c = crate::sys::IoCmd { q_id: qid, tag, result: 0, addr: index as u64 };
-    let mut payload = [0u8; 16];
-    // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
-    unsafe { std::ptr::copy_nonoverlapping(&c as *const _ as *const u8, payload.as_mut_ptr(), 16) };
-    S::from(io_uring::opcode::UringCmd16::new(io_uring::types::Fd(fd), op).cmd(payload).build().user_data(ud))
 }
 
 /// Completion value for a request that moved `len` bytes.

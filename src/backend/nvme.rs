@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::{KIND_MASK, QueueBackend, buf_cmd};
+use super::QueueBackend;
+use super::chain::{Chains, KIND_IO, Registration};
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
@@ -306,24 +307,15 @@ pub struct NvmeQueue {
     ns: Arc<Namespace>,
     file: Arc<File>,
     ranges: Vec<DsmRange>,
-    /// Bytes each request moved, returned at completion.
-    lens: Vec<u32>,
-    /// CQEs still due for each tag's chain, and its result so far.
-    pending: Vec<u8>,
-    results: Vec<i32>,
+    /// Each tag's commands in flight; the bytes a request moved are its
+    /// result at completion.
+    chains: Chains,
 }
 
 impl NvmeQueue {
     pub fn new(ns: Arc<Namespace>, file: Arc<File>, depth: u16) -> Self {
         let d = depth as usize;
-        NvmeQueue {
-            ns,
-            file,
-            ranges: vec![DsmRange::default(); d],
-            lens: vec![0; d],
-            pending: vec![0; d],
-            results: vec![0; d],
-        }
+        NvmeQueue { ns, file, ranges: vec![DsmRange::default(); d], chains: Chains::new(depth) }
     }
 
     fn command(
@@ -411,86 +403,39 @@ impl QueueBackend for NvmeQueue {
             Ok(c) => c,
             Err(e) => return Some(e),
         };
-        self.lens[tag as usize] = match req.op {
+        let len = match req.op {
             sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => req.len,
             _ => 0,
         };
-        self.results[tag as usize] = 0;
-        let chain = match data {
-            // Only READ and WRITE carry pages to register.
-            Data::Fixed { index, char_fd, qid } if self.lens[tag as usize] > 0 => Some((index, char_fd, qid)),
+        // Only READ and WRITE carry pages to register.
+        let reg = match data {
+            Data::Fixed { index, char_fd, qid } if len > 0 => Some(Registration { char_fd, qid, tag, index }),
             _ => None,
         };
         let registered = match data {
-            Data::Registered { index } if self.lens[tag as usize] > 0 => Some(index),
+            Data::Registered { index } if len > 0 => Some(index),
             _ => None,
         };
         let mut nvme = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), NVME_URING_CMD_IO)
             .cmd(nvme_payload(&cmd));
-        if let Some(index) = chain.map(|c| c.0).or(registered) {
+        if let Some(index) = reg.map(|r| r.index).or(registered) {
             nvme = nvme.buf_index(Some(index));
         }
-        let nvme = nvme.build().user_data(ud | KIND_NVME);
-        let sqes = match chain {
-            Some((index, fd, qid)) => {
-                let link = squeue::Flags::IO_HARDLINK;
-                vec_of3(
-                    buf_cmd::<squeue::Entry128>(
-                        fd,
-                        sys::UBLK_U_IO_REGISTER_IO_BUF,
-                        (qid, tag),
-                        index,
-                        ud | KIND_REG,
-                    )
-                    .flags(link),
-                    nvme.flags(link),
-                    buf_cmd(fd, sys::UBLK_U_IO_UNREGISTER_IO_BUF, (qid, tag), index, ud | KIND_UNREG),
-                )
-            }
-            None => [Some(nvme), None, None],
-        };
-        let n = sqes.iter().flatten().count();
-        if sq.capacity() - sq.len() < n {
-            return Some(-libc::EBUSY);
-        }
-        self.pending[tag as usize] = n as u8;
-        for sqe in sqes.iter().flatten() {
-            // SAFETY: the command's data (tag buffer, kernel-registered request
-            // pages, or this queue's DSM range slot) stays valid until its CQE:
-            // the tag is not reused before we COMMIT it, after the last CQE.
-            unsafe { sq.push(sqe) }.expect("room checked above");
-        }
-        None
+        let nvme = nvme.build().user_data(ud | KIND_IO);
+        // SAFETY: the command's data (tag buffer, kernel-registered request
+        // pages, or this queue's DSM range slot) stays valid until its CQE:
+        // the tag is not reused before we COMMIT it, after the last CQE.
+        unsafe { self.chains.push(sq, (tag, len), nvme, reg, ud) }
     }
 
     /// Takes one CQE of `tag`'s chain; the COMMIT result once all are in.
     fn complete(&mut self, tag: u16, kind: u64, res: i32) -> Option<i32> {
-        let tag = tag as usize;
-        let r = &mut self.results[tag];
-        if kind == KIND_NVME {
-            *r = match res {
-                0 => self.lens[tag] as i32,
-                s if s > 0 => status_to_errno(s),
-                e => e,
-            };
-        } else if res < 0 && *r >= 0 {
-            // A failed register or unregister fails the request even if the
-            // NVMe command's own result looked fine.
-            *r = -libc::EIO;
-        }
-        self.pending[tag] -= 1;
-        (self.pending[tag] == 0).then_some(*r)
+        self.chains.complete(tag, kind, res, |res, len| match res {
+            0 => len as i32,
+            s if s > 0 => status_to_errno(s),
+            e => e,
+        })
     }
-}
-
-// Within the backend's KIND_MASK.
-const KIND_NVME: u64 = 0;
-const KIND_REG: u64 = 1 << 16;
-const KIND_UNREG: u64 = 2 << 16;
-const _: () = assert!((KIND_REG | KIND_UNREG) & !KIND_MASK == 0);
-
-fn vec_of3(a: squeue::Entry128, b: squeue::Entry128, c: squeue::Entry128) -> [Option<squeue::Entry128>; 3] {
-    [Some(a), Some(b), Some(c)]
 }
 
 fn nvme_payload(cmd: &NvmeUringCmd) -> [u8; 80] {
