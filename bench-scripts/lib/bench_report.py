@@ -144,6 +144,7 @@ def common_args(p):
 
 # ------------------------------------------------------------------- perf-null
 
+PEERS = ("kublk", "rublk")
 NULL_BAR = {"poll": ("ublk-null-poll", 0.40), "blocking": ("ublk-null-blocking", 0.30)}
 NULL_UBLK_KEYS = ("dev_id", "queues", "depth", "poll", "cpus", "copy_mode", "flags", "backend")
 NULL_BLK_PARAMS = ("queue_mode", "irqmode", "submit_queues", "hw_queue_depth", "bs", "gb", "completion_nsec")
@@ -272,6 +273,26 @@ def null_bar(rows):
     return bar
 
 
+def round_targets(rows, rnd):
+    """One round's figures for the fast-path targets: IOPS over the better
+    peer's (blocking >= 1.2, poll >= 2.0), --poll QD1 mean over null_blk's
+    (<= 2.0), --batch over per-request blocking (IOPS >= 1.15 or enters per
+    I/O <= 0.5). None where a row is missing or failed."""
+    ok = {r["name"]: r for r in rows if r["round"] == rnd and r["status"] == "ok"}
+    peers = [ok[p]["iops"] for p in PEERS if p in ok and ok[p]["iops"]]
+    best = max(peers) if peers else None
+
+    def get(name, key):
+        return ok[name].get(key) if name in ok else None
+
+    return {"blocking_vs_best_peer": ratio(get("ublk-null-blocking", "iops"), best),
+            "poll_vs_best_peer": ratio(get("ublk-null-poll", "iops"), best),
+            "poll_qd1_vs_null_blk": ratio(get("ublk-null-poll", "qd1_mean_us"), get(REFERENCE, "qd1_mean_us")),
+            "batch_vs_blocking": ratio(get("ublk-null-batch", "iops"), get("ublk-null-blocking", "iops")),
+            "batch_enters_vs_blocking": ratio(get("ublk-null-batch", "enters_per_io"),
+                                              get("ublk-null-blocking", "enters_per_io"))}
+
+
 def default_vs_tuned(rows):
     """Per row name measured in both rounds: default IOPS / tuned IOPS (the
     target is >= 0.9: fast as it comes)."""
@@ -295,10 +316,11 @@ def null_build(a, env):
             **null_local_facts(), "host": null_host(env)}
     body = {"null_blk": null_blk_params(),
             "config": {"runtime_s": a.runtime, "qd1_runtime_s": a.qd1_runtime, "ramp_s": a.ramp, "bs": a.bs,
-                       "iodepth": a.iodepth, "submit_batch": a.submit_batch, "numjobs": 1, "rw": "randread", "ioengine": "io_uring",
+                       "iodepth": a.iodepth, "burst": a.burst, "numjobs": 1, "rw": "randread", "ioengine": "io_uring",
                        "direct": 1, "rounds": a.rounds, "fio_cpu": a.fio_cpu, "ublk_queue_cpu": a.queue_cpu,
                        "fio_args": a.fio_args},
-            "rows": rows, "bar": null_bar(rows), "default_vs_tuned": default_vs_tuned(rows)}
+            "rows": rows, "bar": null_bar(rows), "default_vs_tuned": default_vs_tuned(rows),
+            "targets": {rnd: round_targets(rows, rnd) for rnd in dict.fromkeys(r["round"] for r in rows)}}
     return assemble(head, body, all(r["status"] == "ok" for r in rows), a.note)
 
 
@@ -312,7 +334,8 @@ def null_table(report, out):
     lines = [f"perf-null: {report['kernel']}, {report['emulation']}, {report['vcpus']} vCPUs, "
              f"git {report['git_rev']}, fio randread {c['bs']} qd{c['iodepth']} {c['runtime_s']}s and qd1 "
              f"{c['qd1_runtime_s']}s (ramp {c['ramp_s']}s); tuned: fio on CPU {c['fio_cpu']}, server on CPU "
-             f"{c['ublk_queue_cpu']}; default: no pinning",
+             f"{c['ublk_queue_cpu']}; default: no pinning; burst: tuned, qd32 fio in bursts of "
+             f"{c.get('burst', '-')}",
              f"{'round':<8} {'row':<25} {'IOPS':>8} {'mean':>7} {'p50':>7} {'p99':>7} {'qd1 mean':>8} "
              f"{'p50':>7} {'p99':>7} {'cpu/io':>7} {'ent/io':>6} {'vs null':>7} {'sched':<11}"]
     for r in report["rows"]:
@@ -328,6 +351,12 @@ def null_table(report, out):
                  "ent/io: io_uring_enter calls per I/O")
     for name, v in report.get("default_vs_tuned", {}).items():
         lines.append(f"default/tuned {name:<25} {fmt(v, '.3f')}  {'ok' if v is not None and v >= 0.9 else 'below 0.9'}")
+    for rnd, t in report.get("targets", {}).items():
+        lines.append(f"{rnd}: blocking/best peer {fmt(t['blocking_vs_best_peer'], '.2f')} (>= 1.2), "
+                     f"poll/best peer {fmt(t['poll_vs_best_peer'], '.2f')} (>= 2.0), "
+                     f"poll qd1/null_blk {fmt(t['poll_qd1_vs_null_blk'], '.2f')} (<= 2.0), "
+                     f"batch/blocking {fmt(t['batch_vs_blocking'], '.2f')} (>= 1.15) "
+                     f"enters {fmt(t['batch_enters_vs_blocking'], '.2f')} (<= 0.5)")
     for key in NULL_BAR:
         lines.append(f"bar {key:<8}: {fmt(bar[key + '_ratio'], '.3f')} >= {bar[key + '_min']:.2f}  "
                      f"{'PASS' if bar[key + '_pass'] else 'FAIL'}")
@@ -348,11 +377,11 @@ def null_args(p):
     p.add_argument("--iodepth", type=int, required=True)
     p.add_argument("--qd1-runtime", type=int, required=True)
     p.add_argument("--clk-tck", type=int, required=True, help="clock ticks per second (getconf CLK_TCK)")
-    p.add_argument("--rounds", default="tuned", help="the rounds run (tuned,default)")
+    p.add_argument("--rounds", default="tuned", help="the rounds run (tuned,default,burst)")
     p.add_argument("--fio-cpu", required=True)
     p.add_argument("--queue-cpu", required=True)
     p.add_argument("--fio-args", required=True, help="the common fio arguments, as run")
-    p.add_argument("--submit-batch", type=int, default=1, help="I/Os fio submits per io_uring_enter at qd32")
+    p.add_argument("--burst", type=int, default=16, help="the burst round's I/Os per fio reap and submit")
 
 
 # ------------------------------------------------------------------- perf-nvme

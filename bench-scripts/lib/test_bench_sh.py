@@ -91,6 +91,20 @@ class Options(unittest.TestCase):
         self.assertEqual((rc, out.strip()), (0, "usage: t [--runtime SECS]"))
 
 
+class PerfNullOptions(unittest.TestCase):
+    """perf-null's own options are checked before anything runs."""
+
+    def test_bad_burst_and_rounds_are_usage_errors(self):
+        script = os.path.join(LIB, "..", "perf-null")
+        for args, msg in ((["--burst", "0"], "--burst wants a whole number from 1 to 32"),
+                          (["--burst=33"], "--burst wants a whole number from 1 to 32"),
+                          (["--rounds", "tuned,fast"], "unknown round 'fast' (tuned, default, burst)")):
+            with self.subTest(args=args):
+                p = subprocess.run([script, "--no-build", *args], capture_output=True, text=True, timeout=60)
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertIn(msg, p.stderr)
+
+
 class Devices(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp()

@@ -104,6 +104,17 @@ class PerfNullFields(unittest.TestCase):
         self.assertIn("FAILED: ublk-bench add null --batch", self.table)
         self.assertIn("default/tuned ublk-null-poll", self.table)
 
+    def test_targets_per_round(self):
+        with tempfile.TemporaryDirectory() as d:
+            got = self.build(d, rounds=("tuned", "burst"))
+        t = got["targets"]["tuned"]
+        # kublk is the only (so the better) peer: 60k and 80k over its 50k.
+        self.assertEqual((t["blocking_vs_best_peer"], t["poll_vs_best_peer"]), (1.2, 1.6))
+        self.assertEqual(t["poll_qd1_vs_null_blk"], 1.0, "the same canned qd1 run everywhere")
+        self.assertEqual((t["batch_vs_blocking"], t["batch_enters_vs_blocking"]), (None, None), "batch failed")
+        self.assertEqual(set(got["targets"]), {"tuned", "burst"})
+        self.assertIn("burst: blocking/best peer 1.20 (>= 1.2)", self.table)
+
     def test_old_rows_without_a_round_are_tuned(self):
         with tempfile.TemporaryDirectory() as d:
             got = self.build(d, rounds=("tuned",), batch_unknown=False)
