@@ -646,6 +646,47 @@ pub fn fio_jobs(dev: Option<&Path>, global: &[&str], jobs: &[(String, Vec<String
     run_fio(cmd)
 }
 
+/// What a stalled fio run leaves to look at, printed before the test
+/// fails: each ublk disk's in-flight reads and writes and its server's
+/// counts (`stats --json`), each ublk-bench thread's kernel wait channel
+/// and stack, and the kernel log's tail.
+fn print_stall() {
+    println!("--- stall: /sys/block/ublkb*/inflight (reads writes)");
+    for dev in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = dev.file_name().to_string_lossy().into_owned();
+        if name.starts_with("ublkb") {
+            let inflight = fs::read_to_string(dev.path().join("inflight")).unwrap_or_default();
+            println!("{name}: {}", inflight.split_whitespace().collect::<Vec<_>>().join(" "));
+            let id = name.trim_start_matches("ublkb");
+            if let Ok(out) = Command::new(BIN).args(["stats", "-n", id, "--json"]).output() {
+                println!("  stats: {}", String::from_utf8_lossy(&out.stdout).trim());
+            }
+        }
+    }
+    println!("--- stall: ublk-bench threads (comm, wchan, stack)");
+    for proc in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let comm = fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
+        if comm.trim() != COMM {
+            continue;
+        }
+        for task in fs::read_dir(proc.path().join("task")).into_iter().flatten().flatten() {
+            let read = |f: &str| fs::read_to_string(task.path().join(f)).unwrap_or_default();
+            println!(
+                "{}: {} in {}\n{}",
+                task.path().display(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            );
+        }
+    }
+    if let Ok(out) = Command::new("dmesg").output() {
+        let log = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = log.lines().collect();
+        println!("--- stall: dmesg tail\n{}", lines[lines.len().saturating_sub(20)..].join("\n"));
+    }
+}
+
 /// fio's JSON document (fio may print notes before it).
 pub fn fio_json(out: &Out) -> Result<Value, String> {
     let start = if out.stdout.starts_with('{') { 0 } else { out.stdout.find("\n{").map_or(0, |i| i + 1) };
@@ -657,7 +698,11 @@ fn run_fio(mut cmd: Command) -> Value {
     let running = spawn(&mut cmd);
     let pgid = running.pid();
     FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).push(pgid);
-    let out = running.finish(CMD_TIMEOUT);
+    let what = running.what.clone();
+    let out = running.wait(CMD_TIMEOUT).unwrap_or_else(|| {
+        print_stall();
+        panic!("{what} did not finish within {CMD_TIMEOUT:?}; killed it (state above)")
+    });
     FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).retain(|&g| g != pgid);
     let out = out.success();
     let json = fio_json(&out).unwrap_or_else(|e| panic!("{}: {e}:\n{}", out.what, out.describe()));
