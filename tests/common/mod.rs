@@ -664,20 +664,12 @@ fn print_stall() {
         }
     }
     println!("--- stall: ublk-bench threads (comm, wchan, stack)");
-    for proc in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let comm = fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
-        if comm.trim() != COMM {
-            continue;
-        }
-        for task in fs::read_dir(proc.path().join("task")).into_iter().flatten().flatten() {
-            let read = |f: &str| fs::read_to_string(task.path().join(f)).unwrap_or_default();
-            println!(
-                "{}: {} in {}\n{}",
-                task.path().display(),
-                read("comm").trim(),
-                read("wchan"),
-                read("stack")
-            );
+    for server in servers() {
+        for (tid, name) in threads(server.pid) {
+            let read = |f: &str| {
+                fs::read_to_string(format!("/proc/{}/task/{tid}/{f}", server.pid)).unwrap_or_default()
+            };
+            println!("{}/{tid}: {name} in {}\n{}", server.pid, read("wchan"), read("stack"));
         }
     }
     if let Ok(out) = Command::new("dmesg").output() {
