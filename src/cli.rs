@@ -52,7 +52,8 @@ pub enum Command {
         #[arg(short = 'n', long = "number")]
         id: u32,
     },
-    /// Planned handover: the server drains and exits, a new one takes over (6.16+).
+    /// Planned handover: the server drains and exits, a new one takes over (6.16+;
+    /// a --batch device with -i is handed over by SIGKILL: see the README).
     Restart {
         /// Id of the LIVE device to hand over to a new server.
         #[arg(short = 'n', long = "number")]

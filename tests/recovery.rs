@@ -1343,7 +1343,7 @@ fn recover_refuses_clearly() {
 
 const RESTARTS: usize = 6;
 
-/// `restart -n ID` (QUIESCE_DEV handover) RESTARTS times in the middle of
+/// `restart -n ID` (QUIESCE_DEV handover; SIGKILL for --batch) RESTARTS times in the middle of
 /// the load ([`wait_load`]), under verifying fio random writes ([`Writer`]): fio sees no error
 /// and every pass and a final `--verify_only` pass verify the whole device;
 /// each restart exits 0, prints and leaves the device LIVE under a new pid

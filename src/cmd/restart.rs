@@ -4,6 +4,15 @@
 //! drain, commit and exit, and the new one takes over at once. Clients see
 //! a short stall and no error. A supervised device's supervisor (or its
 //! standby) brings up the new server itself.
+//!
+//! A `--batch` device with -i is handed over by SIGKILL instead, once the
+//! new server is ready: on 7.x, QUIESCE_DEV cancels a batch queue through
+//! `ublk_batch_cancel_queue`, which sets `force_abort`, and until the new
+//! server's first FETCH clears it the driver fails every new request with
+//! EIO (ublk_drv.c, `ublk_prep_req`). The crash path cancels through
+//! `ublk_batch_cancel_fn`, which only marks the queue canceling, so new
+//! requests wait; -i reissues what the old server held. Without -i a kill
+//! would fail the held requests, so such a device keeps QUIESCE_DEV.
 
 use std::time::{Duration, Instant};
 
@@ -43,12 +52,26 @@ pub fn run(dev_id: u32) -> Result<()> {
         (Some((id, _)), false) => Some(prepared_successor(dev_id, *id)?),
         _ => None,
     };
-    if let Err(e) = ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS) {
-        successor.iter_mut().for_each(Spawned::kill_and_reap);
-        return Err(Error::io("QUIESCE_DEV", e));
-    }
-    if let Some((_, fd)) = &old_server {
-        wait_drained(fd, old);
+    match &old_server {
+        Some((_, fd)) if hand_over_by_kill(info.flags) => {
+            process::signal(fd, libc::SIGKILL);
+            process::wait_pidfd(fd, Some(HANDOVER_TIMEOUT));
+        }
+        _ => {
+            if info.flags & sys::UBLK_F_BATCH_IO != 0 {
+                crate::log!(
+                    "restart: device {dev_id} is --batch without -i: QUIESCE_DEV can fail a request \
+                     submitted during the handover with EIO (kernel); a device made with -i hands over losslessly"
+                );
+            }
+            if let Err(e) = ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS) {
+                successor.iter_mut().for_each(Spawned::kill_and_reap);
+                return Err(Error::io("QUIESCE_DEV", e));
+            }
+            if let Some((_, fd)) = &old_server {
+                wait_drained(fd, old);
+            }
+        }
     }
     match &mut successor {
         Some(s) => {
@@ -57,6 +80,12 @@ pub fn run(dev_id: u32) -> Result<()> {
         None => wait_new_server(&mut ctrl, dev_id, old)?,
     }
     print_one(dev_id, false)
+}
+
+/// Batch queues with REISSUE: see the module comment.
+fn hand_over_by_kill(flags: u64) -> bool {
+    let both = sys::UBLK_F_BATCH_IO | sys::UBLK_F_USER_RECOVERY_REISSUE;
+    flags & both == both
 }
 
 /// A new server, ready to take over the moment `old` exits.
