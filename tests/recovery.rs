@@ -1452,6 +1452,28 @@ fn batch_restart_under_load_has_no_errors() {
     restart_under_load(false, &["--batch"]);
 }
 
+/// `restart` of a `--batch` device without -i keeps QUIESCE_DEV (a kill
+/// would fail what the server holds) and says on stderr that the kernel can
+/// fail a request submitted during the handover; the device ends LIVE under
+/// a new server.
+#[test]
+fn batch_restart_without_reissue_warns() {
+    let Some(_g) = guard() else { return };
+    let size = format!("{DEV_MIB}M");
+    let dev = add(&["ram", "-r", "--batch", "--size", &size]);
+    assert_batch(&dev, &["--batch"]);
+    let out = run(Command::new(BIN).args(["restart", "-n", &dev.id.to_string()]));
+    assert!(out.ok(), "restart failed:\n{}", out.describe());
+    assert!(out.stderr.contains("without -i"), "no warning about the handover window:\n{}", out.describe());
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("restart printed no pid:\n{}", out.describe()));
+    assert_ne!(new, dev.pid, "the same server still serves");
+    assert!(out.stdout.contains("state LIVE"), "restart printed:\n{}", out.describe());
+    wait_dead(dev.pid);
+    del(dev.id);
+    assert_nothing_left(dev.id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
 // ---------------------------------------------------------------- stats of the live server
 
 /// A long random-read load for `stats` to see, stopped by [`stop_fio`].
