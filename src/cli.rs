@@ -339,7 +339,8 @@ pub struct DowntimeArgs {
     pub recovery: String,
     /// How the server comes back: `recover` (this run calls `ublk-bench recover`
     /// after the kill), `supervise` (cold restart by the supervisor), `standby`
-    /// (hot standby takes over), `restart` (planned handover, no SIGKILL).
+    /// (hot standby takes over), `restart` (planned handover with QUIESCE_DEV; a
+    /// `--batch` device with -i is handed over by SIGKILL, see `restart --help`).
     #[arg(long, value_enum, default_value_t = RecoverMethod::Supervise)]
     pub method: RecoverMethod,
     /// With `--method recover` on a `--reuse` device: the shell command that brings the server back
