@@ -154,9 +154,14 @@ pub fn wait_pidfd(fd: &OwnedFd, timeout: Option<Duration>) -> bool {
 /// it and waits for that too.
 pub fn reap_or_kill(fd: &OwnedFd, timeout: Duration) {
     if !wait_pidfd(fd, Some(timeout)) {
-        signal(fd, libc::SIGKILL);
-        wait_pidfd(fd, Some(Duration::from_secs(5)));
+        kill_and_wait(fd, Duration::from_secs(5));
     }
+}
+
+/// SIGKILLs the process behind `fd` and waits up to `timeout` for it to exit.
+pub fn kill_and_wait(fd: &OwnedFd, timeout: Duration) -> bool {
+    signal(fd, libc::SIGKILL);
+    wait_pidfd(fd, Some(timeout))
 }
 
 /// Set once SIGINT or SIGTERM arrived, after [`catch_interrupts`].

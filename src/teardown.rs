@@ -81,8 +81,7 @@ pub fn del_dev(ctrl: &mut Ctrl, dev_id: u32, cfg: Option<&DeviceConfig>) -> std:
 pub fn delete_half_made(dev_id: u32) {
     for pid in process::openers(&ctrl::char_path(dev_id)) {
         if let Some((_, fd)) = process::server_of(dev_id, pid) {
-            process::signal(&fd, libc::SIGKILL);
-            process::wait_pidfd(&fd, Some(EXIT_TIMEOUT));
+            process::kill_and_wait(&fd, EXIT_TIMEOUT);
         }
     }
     let mut ctrl = match Ctrl::open() {

@@ -54,8 +54,7 @@ pub fn run(dev_id: u32) -> Result<()> {
     };
     match &old_server {
         Some((_, fd)) if hand_over_by_kill(info.flags) => {
-            process::signal(fd, libc::SIGKILL);
-            process::wait_pidfd(fd, Some(HANDOVER_TIMEOUT));
+            process::kill_and_wait(fd, HANDOVER_TIMEOUT);
         }
         _ => {
             if info.flags & sys::UBLK_F_BATCH_IO != 0 {
@@ -104,8 +103,7 @@ fn wait_drained(fd: &std::os::fd::OwnedFd, old: i32) {
         crate::log!(
             "restart: old server {old} did not exit within {DRAIN_TIMEOUT:?} of QUIESCE_DEV; killing it"
         );
-        process::signal(fd, libc::SIGKILL);
-        process::wait_pidfd(fd, Some(HANDOVER_TIMEOUT));
+        process::kill_and_wait(fd, HANDOVER_TIMEOUT);
     }
 }
 
