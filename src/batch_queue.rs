@@ -62,6 +62,8 @@ const COMMIT_BUFS: usize = 4;
 const MAX_TAGS: usize = 128;
 /// The queue's provided-buffer group (each queue has its own ring).
 const BGID: u16 = 0;
+/// A gathering wait's overall timeout (see [`State::wait`]).
+const GATHER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `user_data` of the queue's own commands: kind here, index in bits 0-15.
 /// Backend commands carry [`BACKEND_BIT`] instead.
@@ -114,6 +116,10 @@ struct State<B: QueueBackend> {
     counters: QueueCounters,
     /// The time of the current pass (stats on; else 0).
     now: u64,
+    /// Tags delivered in the current pass.
+    delivered: u32,
+    /// The next blocking wait gathers (see [`State::wait`]).
+    gather: bool,
 }
 
 impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
@@ -146,6 +152,8 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
             inflight: vec![(Request::default(), 0); depth],
             counters: QueueCounters::new(),
             now: 0,
+            delivered: 0,
+            gather: false,
             setup,
         };
         Ok(BatchQueue { ring, state })
@@ -222,9 +230,11 @@ impl<B: QueueBackend> State<B> {
             if busy && self.setup.stats_on {
                 self.now = now_ns();
             }
+            self.delivered = 0;
             for cqe in &mut *cq {
                 self.reap(cqe.into(), sq)?;
             }
+            self.gather = self.setup.batch_wait_us > 0 && self.delivered >= 2;
             self.fetch.publish();
             self.flush(sq)?;
             self.counters.turn(busy);
@@ -265,6 +275,7 @@ impl<B: QueueBackend> State<B> {
         if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
             n = self.fetch.take(bid, cqe.result().max(0) as usize, &mut tags);
         }
+        self.delivered += n as u32;
         for &tag in &tags[..n] {
             self.handle(tag, sq)?;
         }
@@ -385,11 +396,24 @@ impl<B: QueueBackend> State<B> {
 
     /// Blocking: one `io_uring_enter` that submits and sleeps until a CQE
     /// beyond those of the COMMITs it submits (they complete at once).
+    /// After a pass that took two or more requests it gathers instead: it
+    /// waits for two such CQEs, or `--batch-wait` µs if one has come by
+    /// then (io_uring's min_wait, 6.12+; past that the first one ends it).
+    /// Every FETCH delivery wakes the thread (ublk adds its task work
+    /// non-lazily), but the kernel runs it and sleeps again, so under load
+    /// one enter takes two deliveries or more; a quiet pass (QD1) never
+    /// gathers, so a lone request does not wait.
     /// Polling: enters only when there is something to submit, task work
     /// (a new FETCH CQE) or a CQ overflow, and returns at once; otherwise
     /// the pass just looks at the CQ. True if it entered.
     fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
-        let res = if !self.setup.poll {
+        let res = if !self.setup.poll && self.gather {
+            // The min_wait applies only under a general timeout; its
+            // expiry (ETIME, idle for GATHER_TIMEOUT) is a plain return.
+            let ts = types::Timespec::from(GATHER_TIMEOUT);
+            let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(self.setup.batch_wait_us);
+            sub.submit_with_args(2 + self.commits_unsent as usize, &args)
+        } else if !self.setup.poll {
             sub.submit_and_wait(1 + self.commits_unsent as usize)
         } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // SAFETY: no argument pointer is passed; the ring is ours.
@@ -400,7 +424,12 @@ impl<B: QueueBackend> State<B> {
         self.commits_unsent = 0;
         self.counters.entered();
         match res {
-            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+            Err(e)
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
+                ) =>
+            {
                 Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
             }
             _ => Ok(true),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    BackendKind, CopyMode, SchedulerChoice, check_copy_mode, check_depth, check_queues, parse_cpus,
-    parse_scheduler, parse_size,
+    self as config, BackendKind, CopyMode, SchedulerChoice, check_copy_mode, check_depth, check_queues,
+    parse_cpus, parse_scheduler, parse_size,
 };
 use crate::error::{Error, Result};
 
@@ -271,6 +271,13 @@ pub struct QueueArgs {
     /// multishot FETCH and commits them in one command per pass; refused where the kernel lacks it.
     #[arg(long)]
     pub batch: bool,
+    /// With --batch, blocking: after a pass that served two or more requests, a queue waits up to
+    /// USEC microseconds for a second delivery before it serves again (io_uring min_wait), so one
+    /// io_uring_enter takes several; after a quiet pass it returns on the first. 0: always on the
+    /// first, as per-request mode does.
+    #[arg(long, value_name = "USEC", default_value_t = config::BATCH_WAIT_US, requires = "batch",
+          value_parser = clap::value_parser!(u32).range(0..=config::BATCH_WAIT_MAX_US as i64))]
+    pub batch_wait: u32,
     /// Server-side statistics for `ublk-bench stats`: `off` leaves the queue loop without
     /// clock reads or per-request counting (only io_uring_enter calls are counted).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
@@ -446,6 +453,23 @@ mod tests {
             panic!("not downtime")
         };
         assert!(d.queue.batch);
+    }
+
+    /// `--batch-wait`: 50 µs by default, 0 to 10 ms, only with --batch.
+    #[test]
+    fn batch_wait_needs_batch_and_a_bounded_time() {
+        let wait = |args: &[&str]| match parse(args).map(|c| c.cmd) {
+            Ok(Command::Add(a)) => Ok(a.queue.batch_wait),
+            Ok(_) => panic!("not add"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(wait(&["add", "null", "--batch"]), Ok(config::BATCH_WAIT_US));
+        assert_eq!(wait(&["add", "null", "--batch", "--batch-wait", "0"]), Ok(0));
+        assert_eq!(wait(&["add", "null", "--batch", "--batch-wait", "10000"]), Ok(10_000));
+        let e = wait(&["add", "null", "--batch-wait", "20"]).unwrap_err();
+        assert!(e.contains("--batch"), "{e}");
+        let e = wait(&["add", "null", "--batch", "--batch-wait", "10001"]).unwrap_err();
+        assert!(e.contains("10000"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub struct QueueSetup {
     /// `--stats on`: count every request and read the clock once per pass.
     /// Off: no clock read and no per-request work; only enters are counted.
     pub stats_on: bool,
+    /// `--batch-wait` in µs (batch queues only).
+    pub batch_wait_us: u32,
     /// Set to the monotonic time of the first request this queue serves.
     pub first_served: Arc<AtomicU64>,
     /// The fault hook: panic after serving this many requests.

@@ -357,30 +357,19 @@ impl QueueBackend for FileQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendKind, CopyMode, Recovery};
+    use crate::config::{BackendKind, CopyMode};
 
     fn cfg(path: &Path, direct: bool) -> DeviceConfig {
         DeviceConfig {
-            dev_id: None,
             backend: BackendKind::File,
             size: 4096,
-            store: None,
-            store_created: false,
             path: Some(path.to_owned()),
             direct,
-            nvme_dev: None,
-            queues: 1,
             depth: 4,
-            cpus: vec![],
-            poll: false,
-            batch: false,
-            stats: true,
             scheduler: None,
-            block_size: 512,
             max_io_bytes: 1 << 20,
             copy_mode: CopyMode::Zero,
-            explicit_buf_reg: false,
-            recovery: Recovery::None,
+            ..crate::config::tests::sample()
         }
     }
 

@@ -406,7 +406,7 @@ fn add_argv(a: &DowntimeArgs) -> Result<Vec<String>> {
         args.push("--poll".into());
     }
     if a.queue.batch {
-        args.push("--batch".into());
+        args.extend(["--batch".into(), "--batch-wait".into(), a.queue.batch_wait.to_string()]);
     }
     if a.queue.stats == OnOff::Off {
         args.extend(["--stats".into(), "off".into()]);
