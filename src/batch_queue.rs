@@ -116,8 +116,8 @@ struct State<B: QueueBackend> {
     counters: QueueCounters,
     /// The time of the current pass (stats on; else 0).
     now: u64,
-    /// Tags delivered in the current pass.
-    delivered: u32,
+    /// FETCH CQEs with tags in the current pass.
+    deliveries: u32,
     /// The next blocking wait gathers (see [`State::wait`]).
     gather: bool,
 }
@@ -152,7 +152,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
             inflight: vec![(Request::default(), 0); depth],
             counters: QueueCounters::new(),
             now: 0,
-            delivered: 0,
+            deliveries: 0,
             gather: false,
             setup,
         };
@@ -230,11 +230,11 @@ impl<B: QueueBackend> State<B> {
             if busy && self.setup.stats_on {
                 self.now = now_ns();
             }
-            self.delivered = 0;
+            self.deliveries = 0;
             for cqe in &mut *cq {
                 self.reap(cqe.into(), sq)?;
             }
-            self.gather = self.setup.batch_wait_us > 0 && self.delivered >= 2;
+            self.gather = self.setup.batch_wait_us > 0 && self.deliveries >= 2;
             self.fetch.publish();
             self.flush(sq)?;
             self.counters.turn(busy);
@@ -275,7 +275,7 @@ impl<B: QueueBackend> State<B> {
         if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
             n = self.fetch.take(bid, cqe.result().max(0) as usize, &mut tags);
         }
-        self.delivered += n as u32;
+        self.deliveries += (n > 0) as u32;
         for &tag in &tags[..n] {
             self.handle(tag, sq)?;
         }
@@ -396,13 +396,15 @@ impl<B: QueueBackend> State<B> {
 
     /// Blocking: one `io_uring_enter` that submits and sleeps until a CQE
     /// beyond those of the COMMITs it submits (they complete at once).
-    /// After a pass that took two or more requests it gathers instead: it
-    /// waits for two such CQEs, or `--batch-wait` µs if one has come by
-    /// then (io_uring's min_wait, 6.12+; past that the first one ends it).
-    /// Every FETCH delivery wakes the thread (ublk adds its task work
-    /// non-lazily), but the kernel runs it and sleeps again, so under load
-    /// one enter takes two deliveries or more; a quiet pass (QD1) never
-    /// gathers, so a lone request does not wait.
+    /// After a pass that took two FETCH CQEs or more (requests come one by
+    /// one, faster than a pass) it gathers instead: it waits for two such
+    /// CQEs, or `--batch-wait` µs if one has come by then (io_uring's
+    /// min_wait, 6.12+; past that the first one ends it). Every delivery
+    /// wakes the thread (ublk adds its task work non-lazily), but the
+    /// kernel runs it and sleeps again, so one enter takes two deliveries
+    /// or more. A pass with one CQE does not gather: at QD1 a lone request
+    /// would wait, and a burst the client submitted at once (many tags in
+    /// one CQE) has nothing to gain.
     /// Polling: enters only when there is something to submit, task work
     /// (a new FETCH CQE) or a CQ overflow, and returns at once; otherwise
     /// the pass just looks at the CQ. True if it entered.

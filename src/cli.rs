@@ -271,10 +271,10 @@ pub struct QueueArgs {
     /// multishot FETCH and commits them in one command per pass; refused where the kernel lacks it.
     #[arg(long)]
     pub batch: bool,
-    /// With --batch, blocking: after a pass that served two or more requests, a queue waits up to
-    /// USEC microseconds for a second delivery before it serves again (io_uring min_wait), so one
-    /// io_uring_enter takes several; after a quiet pass it returns on the first. 0: always on the
-    /// first, as per-request mode does.
+    /// With --batch, blocking: after a pass that took two or more separate deliveries, a queue waits
+    /// up to USEC microseconds for a second one before it serves again (io_uring min_wait), so one
+    /// io_uring_enter takes several; otherwise it returns on the first. 0: always on the first, as
+    /// per-request mode does.
     #[arg(long, value_name = "USEC", default_value_t = config::BATCH_WAIT_US, requires = "batch",
           value_parser = clap::value_parser!(u32).range(0..=config::BATCH_WAIT_MAX_US as i64))]
     pub batch_wait: u32,
