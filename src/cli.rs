@@ -271,13 +271,13 @@ pub struct QueueArgs {
     /// multishot FETCH and commits them in one command per pass; refused where the kernel lacks it.
     #[arg(long)]
     pub batch: bool,
-    /// With --batch, blocking: after a pass that took two or more separate deliveries, a queue waits
-    /// up to USEC microseconds for a second one before it serves again (io_uring min_wait), so one
-    /// io_uring_enter takes several; otherwise it returns on the first. 0: always on the first, as
-    /// per-request mode does.
-    #[arg(long, value_name = "USEC", default_value_t = config::BATCH_WAIT_US, requires = "batch",
-          value_parser = clap::value_parser!(u32).range(0..=config::BATCH_WAIT_MAX_US as i64))]
-    pub batch_wait: u32,
+    /// Blocking queues (not --poll): after a pass that took two or more separate deliveries, a queue
+    /// waits up to USEC microseconds for a second one before it serves again (io_uring min_wait,
+    /// Linux 6.12+), so one io_uring_enter takes several; otherwise it returns on the first, so a
+    /// lone request never waits. 0: always on the first. [default: 50]
+    #[arg(long, value_name = "USEC",
+          value_parser = clap::value_parser!(u32).range(0..=config::GATHER_WAIT_MAX_US as i64))]
+    pub gather_wait: Option<u32>,
     /// Server-side statistics for `ublk-bench stats`: `off` leaves the queue loop without
     /// clock reads or per-request counting (only io_uring_enter calls are counted).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
@@ -295,6 +295,17 @@ impl QueueArgs {
     /// Queues and depth, each within what the machine and the driver allow.
     pub fn checked(&self) -> Result<(u16, u16)> {
         Ok((check_queues(self.queues)?, check_depth(self.depth)?))
+    }
+
+    /// `--gather-wait` or its default; refused with --poll, whose queues
+    /// never sleep.
+    pub fn gather_wait_us(&self, poll: bool) -> Result<u32> {
+        match (self.gather_wait, poll) {
+            (Some(_), true) => Err(Error::invalid(
+                "--gather-wait is for blocking queues; a --poll queue never waits: drop one of them",
+            )),
+            (w, _) => Ok(w.unwrap_or(config::GATHER_WAIT_US)),
+        }
     }
 }
 
@@ -455,21 +466,22 @@ mod tests {
         assert!(d.queue.batch);
     }
 
-    /// `--batch-wait`: 50 µs by default, 0 to 10 ms, only with --batch.
+    /// `--gather-wait`: 50 µs by default, 0 to 10 ms, refused with --poll.
     #[test]
-    fn batch_wait_needs_batch_and_a_bounded_time() {
+    fn gather_wait_is_bounded_and_for_blocking_queues() {
         let wait = |args: &[&str]| match parse(args).map(|c| c.cmd) {
-            Ok(Command::Add(a)) => Ok(a.queue.batch_wait),
+            Ok(Command::Add(a)) => a.queue.gather_wait_us(a.poll).map_err(|e| e.to_string()),
             Ok(_) => panic!("not add"),
             Err(e) => Err(e.to_string()),
         };
-        assert_eq!(wait(&["add", "null", "--batch"]), Ok(config::BATCH_WAIT_US));
-        assert_eq!(wait(&["add", "null", "--batch", "--batch-wait", "0"]), Ok(0));
-        assert_eq!(wait(&["add", "null", "--batch", "--batch-wait", "10000"]), Ok(10_000));
-        let e = wait(&["add", "null", "--batch-wait", "20"]).unwrap_err();
-        assert!(e.contains("--batch"), "{e}");
-        let e = wait(&["add", "null", "--batch", "--batch-wait", "10001"]).unwrap_err();
+        assert_eq!(wait(&["add", "null"]), Ok(config::GATHER_WAIT_US));
+        assert_eq!(wait(&["add", "null", "--poll"]), Ok(config::GATHER_WAIT_US), "unused, but not refused");
+        assert_eq!(wait(&["add", "null", "--batch", "--gather-wait", "0"]), Ok(0));
+        assert_eq!(wait(&["add", "null", "--gather-wait", "10000"]), Ok(10_000));
+        let e = wait(&["add", "null", "--gather-wait", "10001"]).unwrap_err();
         assert!(e.contains("10000"), "{e}");
+        let e = wait(&["add", "null", "--poll", "--gather-wait", "20"]).unwrap_err();
+        assert!(e.contains("--gather-wait") && e.contains("--poll"), "{e}");
     }
 
     #[test]

@@ -118,10 +118,11 @@ pub struct DeviceConfig {
     /// (recover, standby, restart) serves it so, as the kernel's flags say.
     #[serde(default)]
     pub batch: bool,
-    /// `--batch-wait`: how long (µs) a blocking batch queue that had company
-    /// in its last pass waits for a second delivery (see `batch_queue`).
-    #[serde(default = "batch_wait_default")]
-    pub batch_wait_us: u32,
+    /// `--gather-wait`: how long (µs) a blocking queue whose last pass had
+    /// two deliveries or more waits for a second one (`queue`, `batch_queue`);
+    /// files from before the option get the default.
+    #[serde(default = "gather_wait_default")]
+    pub gather_wait_us: u32,
     /// Server-side statistics (`--stats`); files from before the option have them on.
     #[serde(default = "stats_default")]
     pub stats: bool,
@@ -136,15 +137,15 @@ fn stats_default() -> bool {
     true
 }
 
-/// `--batch-wait`'s default. Under load one delivery came every 30-40 µs in
+/// `--gather-wait`'s default. Under load one delivery came every 30-40 µs in
 /// the test guest: 50 µs gathers two or more per io_uring_enter there, and
 /// on a fast machine the second comes long before it expires.
-pub const BATCH_WAIT_US: u32 = 50;
-/// The longest `--batch-wait` taken: past 10 ms a wait is a stall.
-pub const BATCH_WAIT_MAX_US: u32 = 10_000;
+pub const GATHER_WAIT_US: u32 = 50;
+/// The longest `--gather-wait` taken: past 10 ms a wait is a stall.
+pub const GATHER_WAIT_MAX_US: u32 = 10_000;
 
-fn batch_wait_default() -> u32 {
-    BATCH_WAIT_US
+fn gather_wait_default() -> u32 {
+    GATHER_WAIT_US
 }
 
 pub const MIN_SIZE: u64 = 1 << 20;
@@ -503,19 +504,19 @@ pub(crate) mod tests {
             explicit_buf_reg: false,
             recovery: Recovery::None,
             batch: false,
-            batch_wait_us: BATCH_WAIT_US,
+            gather_wait_us: GATHER_WAIT_US,
             stats: true,
             scheduler: Some("none".into()),
         }
     }
 
-    /// Run files from before `--batch-wait` load with its default.
+    /// Run files from before `--gather-wait` load with its default.
     #[test]
-    fn run_files_without_batch_wait_get_the_default() {
+    fn run_files_without_gather_wait_get_the_default() {
         let mut json = serde_json::to_value(sample()).unwrap();
-        json.as_object_mut().unwrap().remove("batch_wait_us");
+        json.as_object_mut().unwrap().remove("gather_wait_us");
         let cfg: DeviceConfig = serde_json::from_value(json).unwrap();
-        assert_eq!(cfg.batch_wait_us, BATCH_WAIT_US);
+        assert_eq!(cfg.gather_wait_us, GATHER_WAIT_US);
     }
 
     #[test]

@@ -202,7 +202,7 @@ impl Server {
             max_io_bytes: self.info.max_io_buf_bytes,
             stats: Some(stats.clone()),
             stats_on: self.cfg.stats,
-            batch_wait_us: self.cfg.batch_wait_us,
+            gather_wait_us: self.cfg.gather_wait_us,
             first_served: self.first_served.clone(),
             panic_after: self.panic_after,
             on_end: Arc::new(notify_queue_ended),

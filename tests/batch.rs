@@ -18,18 +18,11 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 const FAULT_ENV: &str = "UBLK_BENCH_FAULT";
 
-/// The device is in batch mode: the kernel's flags and `list` say so, with
-/// its `--batch-wait` (`wait_us`).
-fn assert_batch_waiting(dev: &Dev, wait_us: u64) {
+/// The device is in batch mode: the kernel's flags and `list` say so.
+fn assert_batch(dev: &Dev) {
     let flags = dev.json["flags"].as_array().cloned().unwrap_or_default();
     assert!(flags.iter().any(|f| f == "BATCH_IO"), "device {} without UBLK_F_BATCH_IO: {}", dev.id, dev.json);
     assert_eq!(dev.json["batch"], true, "`list` does not say batch for device {}: {}", dev.id, dev.json);
-    assert_eq!(dev.json["batch_wait_us"], wait_us, "`list` of device {}: {}", dev.id, dev.json);
-}
-
-/// [`assert_batch_waiting`] with the default `--batch-wait`, 50 µs.
-fn assert_batch(dev: &Dev) {
-    assert_batch_waiting(dev, 50);
 }
 
 /// `features --json`, with the environment `env` (name, value) pairs.
@@ -43,7 +36,7 @@ fn features(env: &[(&str, &str)]) -> Value {
 /// batch mode: 1 and 2 queues, blocking and busy-poll, one in user copy
 /// and one in copy mode (the per-tag buffers, whose address every commit
 /// carries), the rest in ram's default, zero copy; one blocking device
-/// never gathers (`--batch-wait 0`), the others do. The blocking devices run
+/// never gathers (`--gather-wait 0`), the others do. The blocking devices run
 /// at once; each polling device runs alone, made after the others are gone:
 /// a poller spins even when idle, and three of them on two CPUs left the
 /// blocking servers and fio a sliver of CPU (one run took over 120 s
@@ -58,7 +51,7 @@ fn batch_fio_verify_ram_queues_poll_and_copy() {
             ("1q-user", &["-q", "1", "--copy-mode", "user"]),
             ("2q", &["-q", two]),
             ("1q-copy", &["-q", "1", "--copy-mode", "copy"]),
-            ("1q-nowait", &["-q", "1", "--batch-wait", "0"]),
+            ("1q-nowait", &["-q", "1", "--gather-wait", "0"]),
         ],
         &[("1q-poll", &["-q", "1", "--poll"])],
         &[("2q-poll", &["-q", two, "--poll"])],
@@ -82,9 +75,14 @@ fn verify_batch_ram(shapes: &[(&str, &[&str])]) {
         })
         .collect();
     for (dev, (label, extra)) in devs.iter().zip(shapes) {
-        let wait =
-            extra.iter().position(|a| *a == "--batch-wait").map_or(50, |i| extra[i + 1].parse().unwrap());
-        assert_batch_waiting(dev, wait);
+        assert_batch(dev);
+        // A blocking queue gathers for 50 µs unless told; a polling one never waits.
+        let wait = match extra.iter().position(|a| *a == "--gather-wait") {
+            Some(i) => Value::from(extra[i + 1].parse::<u64>().unwrap()),
+            None if extra.contains(&"--poll") => Value::Null,
+            None => Value::from(50),
+        };
+        assert_eq!(dev.json["gather_wait_us"], wait, "{label}: {}", dev.json);
         assert_eq!(dev.json["poll"], extra.contains(&"--poll"), "{label}: {}", dev.json);
         // ram's default is zero copy, which every batch kernel (7.0+) has.
         let want_copy = match extra.iter().position(|a| *a == "--copy-mode") {

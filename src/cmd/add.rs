@@ -78,7 +78,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         explicit_buf_reg: args.dev_opts.explicit_buf_reg,
         recovery: recovery_from(args)?,
         batch: args.queue.batch,
-        batch_wait_us: args.queue.batch_wait,
+        gather_wait_us: args.queue.gather_wait_us(args.poll)?,
         stats: args.queue.stats == OnOff::On,
         scheduler: args.queue.scheduler.0.clone(),
     };

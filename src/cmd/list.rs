@@ -25,9 +25,9 @@ pub struct DeviceView {
     pub poll: Option<bool>,
     /// UBLK_F_BATCH_IO, as the kernel has the device.
     pub batch: bool,
-    /// `--batch-wait` in µs (batch devices whose settings we have).
+    /// `--gather-wait` in µs (blocking devices whose settings we have).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub batch_wait_us: Option<u32>,
+    pub gather_wait_us: Option<u32>,
     pub cpus: Vec<usize>,
     pub store: Option<String>,
     /// The file a file device serves (absolute); None for other backends.
@@ -61,7 +61,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
         copy_mode: cfg.map(|c| c.copy_mode.name()),
         poll: cfg.map(|c| c.poll),
         batch: info.flags & sys::UBLK_F_BATCH_IO != 0,
-        batch_wait_us: cfg.filter(|_| info.flags & sys::UBLK_F_BATCH_IO != 0).map(|c| c.batch_wait_us),
+        gather_wait_us: cfg.filter(|c| !c.poll).map(|c| c.gather_wait_us),
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
         store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
         path: cfg
@@ -92,7 +92,7 @@ pub fn dump(v: &DeviceView) -> String {
         v.copy_mode.unwrap_or("?"),
         v.poll.map_or("?".into(), |p| p.to_string()),
         v.batch,
-        v.batch_wait_us.map_or(String::new(), |w| format!(" batch-wait {w}us")),
+        v.gather_wait_us.map_or(String::new(), |w| format!(" gather-wait {w}us")),
         config::format_cpus(&v.cpus),
         v.scheduler.as_deref().unwrap_or("-"),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
@@ -165,17 +165,17 @@ mod tests {
         assert!(make_view(&info, None, 0, None).path.is_none(), "no settings, no path");
     }
 
-    /// A batch device shows its `--batch-wait`; others show none.
+    /// A blocking device shows its `--gather-wait`; a polling one none.
     #[test]
-    fn a_batch_device_shows_its_wait() {
-        let batch = DevInfo { dev_id: 3, flags: sys::UBLK_F_BATCH_IO, ..Default::default() };
-        let cfg = DeviceConfig { batch: true, batch_wait_us: 20, ..settings(BackendKind::Null, None) };
-        let v = make_view(&batch, Some(&cfg), cfg.size, None);
-        assert!(dump(&v).contains(" batch true batch-wait 20us "), "{}", dump(&v));
-        assert_eq!(serde_json::to_value(&v).unwrap()["batch_wait_us"], 20);
-        let plain = DevInfo { flags: 0, ..batch };
-        let v = make_view(&plain, Some(&cfg), cfg.size, None);
+    fn a_blocking_device_shows_its_gather_wait() {
+        let info = DevInfo { dev_id: 3, ..Default::default() };
+        let cfg = DeviceConfig { gather_wait_us: 20, ..settings(BackendKind::Null, None) };
+        let v = make_view(&info, Some(&cfg), cfg.size, None);
+        assert!(dump(&v).contains(" batch false gather-wait 20us cpus"), "{}", dump(&v));
+        assert_eq!(serde_json::to_value(&v).unwrap()["gather_wait_us"], 20);
+        let poll = DeviceConfig { poll: true, ..cfg };
+        let v = make_view(&info, Some(&poll), poll.size, None);
         assert!(dump(&v).contains(" batch false cpus"), "{}", dump(&v));
-        assert!(serde_json::to_value(&v).unwrap().get("batch_wait_us").is_none());
+        assert!(serde_json::to_value(&v).unwrap().get("gather_wait_us").is_none());
     }
 }

@@ -192,6 +192,7 @@ fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
         return Err(Error::invalid(format!("device id {id} is out of range: give -n between 0 and 1048575")));
     }
     a.queue.checked()?;
+    a.queue.gather_wait_us(a.poll)?;
     a.dev_opts.check(a.backend)?;
     // A file or namespace is sized, and its --size checked, by `add` against it.
     if let (BackendKind::Null | BackendKind::Ram, Some(size)) = (a.backend, device_size(a))
@@ -406,7 +407,10 @@ fn add_argv(a: &DowntimeArgs) -> Result<Vec<String>> {
         args.push("--poll".into());
     }
     if a.queue.batch {
-        args.extend(["--batch".into(), "--batch-wait".into(), a.queue.batch_wait.to_string()]);
+        args.push("--batch".into());
+    }
+    if let Some(w) = a.queue.gather_wait {
+        args.extend(["--gather-wait".into(), w.to_string()]);
     }
     if a.queue.stats == OnOff::Off {
         args.extend(["--stats".into(), "off".into()]);
