@@ -559,6 +559,8 @@ fn bad_input_is_rejected_and_leaves_nothing() {
         (&["add", "null", "--cpus", "99"], &["cpu", "99"]),
         (&["add", "null", "--cpus", "x"], &["cpu"]),
         (&["add", "null", "-n", "2000000"], &["-n", "range"]),
+        (&["add", "null", "--gather-wait", "10001"], &["--gather-wait", "10000"]),
+        (&["add", "null", "--poll", "--gather-wait", "10"], &["--gather-wait", "--poll"]),
         (&["add", "null", "-b", "3000"], &["block size"]),
         (&["del", "-n", "3"], &["3", "list"]),
     ]);
@@ -737,6 +739,7 @@ fn static_errors_come_before_driver_checks() {
         (&["downtime", "--interval", "0"], &["--interval", "range"]),
         (&["downtime", "--jobs", "256", "--iodepth", "4096", "--bs", "1M"], &["client would need", "--jobs"]),
         (&["downtime", "--rwmix", "101"], &["--rwmix"]),
+        (&["downtime", "--poll", "--gather-wait", "10"], &["--gather-wait", "--poll"]),
         (&["downtime", "--bs", "1000"], &["--bs"]),
         (&["downtime", "--jobs", "0"], &["--jobs"]),
         (&["downtime", "-q", "70000"], &["-q", "range"]),
