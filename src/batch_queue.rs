@@ -47,9 +47,8 @@ use crate::clock::now_ns;
 use crate::config::CopyMode;
 use crate::error::{Error, Result};
 use crate::queue::{
-    Arrivals, BACKEND_BIT, Cq, DataPlane, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER, PlaneKind,
-    QueueSetup, Ring, Sq, TAG_MASK, TagIo, build_ring, gather, gather_usec, page_size, pin, ring_entries,
-    run_split,
+    Arrivals, BACKEND_BIT, Cq, DataPlane, Gather, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER,
+    PlaneKind, QueueSetup, Ring, Sq, TAG_MASK, TagIo, build_ring, page_size, pin, ring_entries, run_split,
 };
 use crate::request::Request;
 use crate::stats::QueueCounters;
@@ -115,15 +114,13 @@ struct State<B: QueueBackend> {
     counters: QueueCounters,
     /// The time of the current pass (stats on; else 0).
     now: u64,
-    /// FETCH CQEs with tags in the current pass.
-    deliveries: u32,
-    /// The next blocking wait gathers (see [`State::wait`]).
-    gather: bool,
+    /// Counts FETCH CQEs with tags as deliveries (see [`State::wait`]).
+    gather: Gather,
 }
 
 impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
     /// Pins the thread, builds the ring and registers its fetch buffers.
-    fn new(mut setup: QueueSetup, backend: B) -> Result<Self> {
+    fn new(setup: QueueSetup, backend: B) -> Result<Self> {
         if let Some(cpu) = setup.cpu {
             pin(cpu)?;
         }
@@ -132,7 +129,6 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         // re-arms; the CQ also FETCH CQEs (at most one per tag we hold).
         let entries = ring_entries(setup.depth + 8, B::MAX_COMMANDS);
         let ring = build_ring::<B>(entries, entries * 2, setup.qid, setup.copy)?;
-        setup.gather_wait_us = gather_usec(&ring, &setup);
         if setup.copy == CopyMode::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)
@@ -152,8 +148,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
             inflight: vec![(Request::default(), 0); depth],
             counters: QueueCounters::new(),
             now: 0,
-            deliveries: 0,
-            gather: false,
+            gather: Gather::new(&ring, &setup),
             setup,
         };
         Ok(BatchQueue { ring, state })
@@ -230,11 +225,10 @@ impl<B: QueueBackend> State<B> {
             if busy && self.setup.stats_on {
                 self.now = now_ns();
             }
-            self.deliveries = 0;
             for cqe in &mut *cq {
                 self.reap(cqe.into(), sq)?;
             }
-            self.gather = self.setup.gather_wait_us > 0 && self.deliveries >= 2;
+            self.gather.end_pass();
             self.fetch.publish();
             self.flush(sq)?;
             self.counters.turn(busy);
@@ -275,7 +269,9 @@ impl<B: QueueBackend> State<B> {
         if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
             n = self.fetch.take(bid, cqe.result().max(0) as usize, &mut tags);
         }
-        self.deliveries += (n > 0) as u32;
+        if n > 0 {
+            self.gather.delivered();
+        }
         for &tag in &tags[..n] {
             self.handle(tag, sq)?;
         }
@@ -397,7 +393,7 @@ impl<B: QueueBackend> State<B> {
     /// Blocking: one `io_uring_enter` that submits and sleeps until a CQE
     /// beyond those of the COMMITs it submits (they complete at once).
     /// After a pass that took two FETCH CQEs or more it gathers, as the
-    /// per-request loop does ([`crate::queue::gather`]). It counts CQEs, not
+    /// per-request loop does ([`Gather`]). It counts CQEs, not
     /// tags: a burst the client submitted at once comes in one CQE and has
     /// nothing to gain, and there the COMMITs' own CQEs would end the
     /// min_wait empty (measured: 0.65x IOPS in perf-null's burst round).
@@ -405,10 +401,8 @@ impl<B: QueueBackend> State<B> {
     /// (a new FETCH CQE) or a CQ overflow, and returns at once; otherwise
     /// the pass just looks at the CQ. True if it entered.
     fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
-        let res = if !self.setup.poll && self.gather {
-            gather(sub, 2 + self.commits_unsent as usize, self.setup.gather_wait_us)
-        } else if !self.setup.poll {
-            sub.submit_and_wait(1 + self.commits_unsent as usize)
+        let res = if !self.setup.poll {
+            self.gather.wait(sub, 1 + self.commits_unsent as usize)
         } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // SAFETY: no argument pointer is passed; the ring is ours.
             unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }

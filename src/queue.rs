@@ -85,7 +85,7 @@ pub struct QueueSetup {
     /// `--stats on`: count every request and read the clock once per pass.
     /// Off: no clock read and no per-request work; only enters are counted.
     pub stats_on: bool,
-    /// `--gather-wait` in µs (batch queues only).
+    /// `--gather-wait` in µs (blocking queues; see [`Gather`]).
     pub gather_wait_us: u32,
     /// Set to the monotonic time of the first request this queue serves.
     pub first_served: Arc<AtomicU64>,
@@ -122,10 +122,7 @@ struct State<B: QueueBackend> {
     /// The time of the current pass (stats on; else 0): the one clock read
     /// that stamps both the requests the pass hands out and those it commits.
     now: u64,
-    /// Requests delivered in the current pass.
-    deliveries: u32,
-    /// The next blocking wait gathers (see [`State::wait`]).
-    gather: bool,
+    gather: Gather,
 }
 
 pub(crate) type Sq<'a, B> = SubmissionQueue<'a, <B as QueueBackend>::Sqe>;
@@ -236,32 +233,63 @@ pub(crate) fn build_ring<B: QueueBackend>(
 /// and its expiry (ETIME, idle that long) is a plain return.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// `--gather-wait` as `ring` can do it: 0 where the kernel has no min_wait
-/// (IORING_FEAT_MIN_TIMEOUT, 6.12), which would refuse the enter.
-pub(crate) fn gather_usec<S: io_uring::squeue::EntryMarker, C: cqueue::EntryMarker>(
-    ring: &IoUring<S, C>,
-    setup: &QueueSetup,
-) -> u32 {
-    if ring.params().is_feature_min_timeout() { setup.gather_wait_us } else { 0 }
+/// A blocking queue's gathering (`--gather-wait`). After a pass that took
+/// two deliveries or more, its enter waits for one CQE more than it needs,
+/// or for `--gather-wait` µs once one has come (io_uring's min_wait), or
+/// past that for the first. ublk wakes the thread for every delivery (its
+/// task work is added non-lazily), but the kernel runs it and sleeps again,
+/// so one enter takes two or more. After a pass with one delivery (QD1) it
+/// does not gather, so a lone request never waits.
+pub(crate) struct Gather {
+    /// 0: never (asked so, or the kernel has no min_wait).
+    usec: u32,
+    /// Deliveries in the current pass.
+    deliveries: u32,
+    /// The next wait gathers.
+    armed: bool,
 }
 
-/// Submits and waits for `want` CQEs, or for `usec` once one has come
-/// (io_uring's min_wait), or past that for the first.
-pub(crate) fn gather(sub: &Submitter<'_>, want: usize, usec: u32) -> std::io::Result<usize> {
-    let ts = types::Timespec::from(GATHER_TIMEOUT);
-    sub.submit_with_args(want, &types::SubmitArgs::new().timespec(&ts).min_wait_usec(usec))
+impl Gather {
+    /// `--gather-wait` as `ring` can do it: off where the kernel has no
+    /// min_wait (IORING_FEAT_MIN_TIMEOUT, 6.12), which would refuse the enter.
+    pub(crate) fn new<S: io_uring::squeue::EntryMarker, C: cqueue::EntryMarker>(
+        ring: &IoUring<S, C>,
+        setup: &QueueSetup,
+    ) -> Self {
+        let usec = if ring.params().is_feature_min_timeout() { setup.gather_wait_us } else { 0 };
+        Gather { usec, deliveries: 0, armed: false }
+    }
+
+    pub(crate) fn delivered(&mut self) {
+        self.deliveries += 1;
+    }
+
+    /// Ends a pass: the next wait gathers if it took two deliveries or more.
+    pub(crate) fn end_pass(&mut self) {
+        self.armed = self.usec > 0 && self.deliveries >= 2;
+        self.deliveries = 0;
+    }
+
+    /// Submits and waits for `want` CQEs, or gathers (see above).
+    pub(crate) fn wait(&self, sub: &Submitter<'_>, want: usize) -> std::io::Result<usize> {
+        if !self.armed {
+            return sub.submit_and_wait(want);
+        }
+        let ts = types::Timespec::from(GATHER_TIMEOUT);
+        sub.submit_with_args(want + 1, &types::SubmitArgs::new().timespec(&ts).min_wait_usec(self.usec))
+    }
 }
 
 impl<B: QueueBackend> Queue<B> {
     /// Pins the calling thread, maps the descriptors and builds the ring.
-    pub fn new(mut setup: QueueSetup, backend: B) -> Result<Self> {
+    pub fn new(setup: QueueSetup, backend: B) -> Result<Self> {
         if let Some(cpu) = setup.cpu {
             pin(cpu)?;
         }
         let tags = TagIo::new(&setup)?;
         let entries = ring_entries(setup.depth, B::MAX_COMMANDS);
         let ring = build_ring::<B>(entries, entries, setup.qid, setup.copy)?;
-        setup.gather_wait_us = gather_usec(&ring, &setup);
+        let gather = Gather::new(&ring, &setup);
         if setup.copy == CopyMode::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)
@@ -278,8 +306,7 @@ impl<B: QueueBackend> Queue<B> {
             inflight,
             counters: QueueCounters::new(),
             now: 0,
-            deliveries: 0,
-            gather: false,
+            gather,
         };
         Ok(Queue { ring, state })
     }
@@ -367,7 +394,6 @@ impl<B: QueueBackend> State<B> {
             if busy && self.setup.stats_on {
                 self.now = now_ns();
             }
-            self.deliveries = 0;
             for cqe in &mut *cq {
                 let cqe: cqueue::Entry = cqe.into();
                 let tag = (cqe.user_data() & TAG_MASK) as u16;
@@ -380,7 +406,7 @@ impl<B: QueueBackend> State<B> {
                 }
                 match cqe.result() {
                     sys::UBLK_IO_RES_OK => {
-                        self.deliveries += 1;
+                        self.gather.delivered();
                         self.handle(tag, sq)?
                     }
                     sys::UBLK_IO_RES_ABORT => {
@@ -390,7 +416,7 @@ impl<B: QueueBackend> State<B> {
                     err => return Err(self.tag_error(tag, err)),
                 }
             }
-            self.gather = self.setup.gather_wait_us > 0 && self.deliveries >= 2;
+            self.gather.end_pass();
             self.counters.turn(busy);
             if busy || entered || self.counters.idle_turns.is_multiple_of(IDLE_PUBLISH_EVERY) {
                 self.publish();
@@ -414,12 +440,8 @@ impl<B: QueueBackend> State<B> {
     }
 
     /// Blocking: one `io_uring_enter` that submits and sleeps for a
-    /// completion; after a pass that took two requests or more it gathers
-    /// ([`gather`]: two CQEs, or `--gather-wait` µs once one has come).
-    /// ublk wakes the thread for every delivery (its task work is added
-    /// non-lazily), but the kernel runs it and sleeps again, so one enter
-    /// takes two or more; after a pass with one request (QD1) it does not
-    /// gather, so a lone request never waits. Polling: enters only when there is something to submit,
+    /// completion, or gathers after a pass with two requests or more
+    /// ([`Gather`]). Polling: enters only when there is something to submit,
     /// task work to run (IORING_SQ_TASKRUN: a new request reaches the CQ
     /// only through task work, which runs in an enter) or
     /// a CQ overflow to flush, and then returns at once (min_complete 0);
@@ -430,10 +452,8 @@ impl<B: QueueBackend> State<B> {
     /// 70.8k IOPS at 1.96 enters per I/O; entering on every pass (GETEVENTS,
     /// min_complete 0) 63.5k at 28.5 enters per I/O.
     fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
-        let res = if !self.setup.poll && self.gather {
-            gather(sub, 2, self.setup.gather_wait_us)
-        } else if !self.setup.poll {
-            sub.submit_and_wait(1)
+        let res = if !self.setup.poll {
+            self.gather.wait(sub, 1)
         } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // SAFETY: no argument pointer is passed; the ring is ours.
             unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }
