@@ -18,9 +18,11 @@ come from, the row fields, the figures derived from the rows, and the table.
 
 perf-null  ROWS.tsv, one row a line, tab-separated:
                round name device status(ok|failed) qd32_fio_json qd1_fio_json
-               device_json server_cpu_ticks ios io_uring_enters error
-           (ROUND-NAME.sched beside it holds the I/O scheduler); run in the
-           guest, so the guest facts are read from this machine.
+               device_json server_cpu_ticks ios io_uring_enters error [repeat]
+           (ROUND-NAME.sched beside it holds the I/O scheduler, rREPEAT-ROUND-NAME.sched
+           for a numbered repeat); run in the guest, so the guest facts are read
+           from this machine. Repeats of one round and row become one row of
+           medians, each repeat's figures under "runs".
 perf-nvme  DIR/rows.tsv: name workload device status fio_json dev_json error round;
            DIR/r<ROUND>-<NAME>.sched; DIR/meta/ one file per guest fact.
 matrix     DIR/rows.tsv: job target mode status device fio_json add_json
@@ -75,6 +77,11 @@ def num(v):
 
 def ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
 
 
 def fmt(v, spec):
@@ -192,7 +199,14 @@ def null_blk_params():
 
 
 NULL_ROW_FIELDS = ("round", "name", "device", "status", "fio_json", "qd1_json", "dev_json", "cpu_ticks", "ios",
-                   "enters", "error")
+                   "enters", "error", "repeat")
+# The figures a row of several repeats gives as the median of its repeats
+# (the rest, device and facts, are the first repeat's).
+NULL_MEDIAN_KEYS = ("iops", "p50_us", "p99_us", "p90_us", "p99_9_us", "clat_mean_us", "bw_mib_s", "fio_usr_cpu",
+                    "fio_sys_cpu", "fio_ctx", "qd1_mean_us", "qd1_p50_us", "qd1_p99_us", "window_ios",
+                    "server_cpu_us_per_io", "enters_per_io")
+# Each repeat's own figures, kept under "runs" to show the spread.
+NULL_RUN_KEYS = ("iops", "qd1_mean_us", "server_cpu_us_per_io", "enters_per_io")
 
 
 def null_row(folder, line, clk_tck):
@@ -203,7 +217,10 @@ def null_row(folder, line, clk_tck):
            "iops": None, "p50_us": None, "p99_us": None, "ratio_to_null_blk": None}
     if f["error"]:
         row["error"] = f["error"]
-    row["scheduler"] = text_of(os.path.join(folder, f"{row['round']}-{row['name']}.sched"))
+    if f["repeat"]:
+        row["repeat"] = int(f["repeat"])
+    prefix = f"r{f['repeat']}-" if f["repeat"] else ""
+    row["scheduler"] = text_of(os.path.join(folder, f"{prefix}{row['round']}-{row['name']}.sched"))
     row = finish_row(row, f["fio_json"], null_fio_figures, f["dev_json"], NULL_UBLK_KEYS)
     row.update(qd1_figures(f["qd1_json"] if row["status"] == "ok" else ""))
     row.update(per_io(num(f["cpu_ticks"]), num(f["ios"]), num(f["enters"]), clk_tck))
@@ -261,6 +278,33 @@ def finish_row(row, fio_json, figures_of, dev_json, ublk_keys):
     return row
 
 
+def merge_repeats(rows):
+    """One row per round and name. Several repeats give the median of each
+    figure (NULL_MEDIAN_KEYS) over the repeats, every repeat's own figures
+    under "runs", and the IOPS spread ((max - min) / median). A row with a
+    failed repeat is failed, with that repeat's error."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["round"], r["name"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        if len(runs) == 1:
+            out.append({k: v for k, v in runs[0].items() if k != "repeat"})
+            continue
+        row = {k: v for k, v in runs[0].items() if k not in ("repeat", "error")}
+        for k in NULL_MEDIAN_KEYS:
+            row[k] = median([r.get(k) for r in runs])
+        failed = next((r for r in runs if r["status"] != "ok"), None)
+        if failed:
+            row["status"] = "failed"
+            row["error"] = f"repeat {failed.get('repeat', '?')}: {failed.get('error', '')}"
+        iops = [r["iops"] for r in runs if r.get("iops") is not None]
+        row["iops_spread"] = round((max(iops) - min(iops)) / row["iops"], 3) if iops and row["iops"] else None
+        row["runs"] = [{"repeat": r.get("repeat"), **{k: r.get(k) for k in NULL_RUN_KEYS}} for r in runs]
+        out.append(row)
+    return out
+
+
 def null_bar(rows):
     bar = {}
     for key, (row_name, minimum) in NULL_BAR.items():
@@ -304,7 +348,7 @@ def default_vs_tuned(rows):
 
 def null_build(a, env):
     folder = os.path.dirname(a.rows)
-    rows = [null_row(folder, line, a.clk_tck) for line in read_lines(a.rows)]
+    rows = merge_repeats([null_row(folder, line, a.clk_tck) for line in read_lines(a.rows)])
     for rnd in dict.fromkeys(r["round"] for r in rows):
         ref = next((r for r in rows if r["name"] == REFERENCE and r["round"] == rnd and r["status"] == "ok"), None)
         for r in rows:
@@ -317,7 +361,7 @@ def null_build(a, env):
     body = {"null_blk": null_blk_params(),
             "config": {"runtime_s": a.runtime, "qd1_runtime_s": a.qd1_runtime, "ramp_s": a.ramp, "bs": a.bs,
                        "iodepth": a.iodepth, "burst": a.burst, "numjobs": 1, "rw": "randread", "ioengine": "io_uring",
-                       "direct": 1, "rounds": a.rounds, "fio_cpu": a.fio_cpu, "ublk_queue_cpu": a.queue_cpu,
+                       "direct": 1, "rounds": a.rounds, "repeat": a.repeat, "fio_cpu": a.fio_cpu, "ublk_queue_cpu": a.queue_cpu,
                        "fio_args": a.fio_args},
             "rows": rows, "bar": null_bar(rows), "default_vs_tuned": default_vs_tuned(rows),
             "targets": {rnd: round_targets(rows, rnd) for rnd in dict.fromkeys(r["round"] for r in rows)}}
@@ -335,7 +379,9 @@ def null_table(report, out):
              f"git {report['git_rev']}, fio randread {c['bs']} qd{c['iodepth']} {c['runtime_s']}s and qd1 "
              f"{c['qd1_runtime_s']}s (ramp {c['ramp_s']}s); tuned: fio on CPU {c['fio_cpu']}, server on CPU "
              f"{c['ublk_queue_cpu']}; default: no pinning; burst: tuned, qd32 fio in bursts of "
-             f"{c.get('burst', '-')}",
+             f"{c.get('burst', '-')}"
+             + (f"; each row the median of {c['repeat']} repeats (spread: IOPS (max - min) / median)"
+                if c.get("repeat", 1) > 1 else ""),
              f"{'round':<8} {'row':<25} {'IOPS':>8} {'mean':>7} {'p50':>7} {'p99':>7} {'qd1 mean':>8} "
              f"{'p50':>7} {'p99':>7} {'cpu/io':>7} {'ent/io':>6} {'vs null':>7} {'sched':<11}"]
     for r in report["rows"]:
@@ -344,6 +390,8 @@ def null_table(report, out):
                 f"{cell(r.get('qd1_p50_us'), 7, 1)} {cell(r.get('qd1_p99_us'), 7, 1)} "
                 f"{cell(r.get('server_cpu_us_per_io'), 7, 2)} {cell(r.get('enters_per_io'), 6, 2)} "
                 f"{cell(r['ratio_to_null_blk'], 7, 3)} {r.get('scheduler') or '-':<11}")
+        if "iops_spread" in r:
+            line += f" spread {fmt(r['iops_spread'], '.2f')}"
         if r["status"] != "ok":
             line += f"   FAILED: {r.get('error', '')}"
         lines.append(line)
@@ -382,6 +430,7 @@ def null_args(p):
     p.add_argument("--queue-cpu", required=True)
     p.add_argument("--fio-args", required=True, help="the common fio arguments, as run")
     p.add_argument("--burst", type=int, default=16, help="the burst round's I/Os per fio reap and submit")
+    p.add_argument("--repeat", type=int, default=1, help="how many times each round ran (rows give medians)")
 
 
 # ------------------------------------------------------------------- perf-nvme
@@ -436,11 +485,6 @@ def get(rows, rnd, name, workload, key):
     r = next((r for r in rows if r["round"] == rnd and r["name"] == name and r["workload"] == workload
               and r["status"] == "ok"), None)
     return r.get(key) if r else None
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 3) if values else None
 
 
 def round_ratios(rows, rnd):

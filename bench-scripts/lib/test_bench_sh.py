@@ -98,7 +98,9 @@ class PerfNullOptions(unittest.TestCase):
         script = os.path.join(LIB, "..", "perf-null")
         for args, msg in ((["--burst", "0"], "--burst wants a whole number from 1 to 32"),
                           (["--burst=33"], "--burst wants a whole number from 1 to 32"),
-                          (["--rounds", "tuned,fast"], "unknown round 'fast' (tuned, default, burst)")):
+                          (["--rounds", "tuned,fast"], "unknown round 'fast' (tuned, default, burst)"),
+                          (["--repeat", "0"], "--repeat wants a whole number from 1 to 20"),
+                          (["--repeat=21"], "--repeat wants a whole number from 1 to 20")):
             with self.subTest(args=args):
                 p = subprocess.run([script, "--no-build", *args], capture_output=True, text=True, timeout=60)
                 self.assertEqual(p.returncode, 2, p.stderr)

@@ -115,6 +115,44 @@ class PerfNullFields(unittest.TestCase):
         self.assertEqual(set(got["targets"]), {"tuned", "burst"})
         self.assertIn("burst: blocking/best peer 1.20 (>= 1.2)", self.table)
 
+    def test_repeats_give_medians_runs_and_spread(self):
+        with tempfile.TemporaryDirectory() as d:
+            lines = []
+            # Three repeats; the ublk row's IOPS 40k, 60k, 90k: median 60k.
+            for rep, iops in ((1, 40000.0), (2, 60000.0), (3, 90000.0)):
+                for name, v in (("null_blk", 100000.0), ("ublk-null-blocking", iops), ("kublk", 50000.0)):
+                    base = os.path.join(d, f"r{rep}-tuned-{name}")
+                    fio = write(base + ".json", json.dumps(fio_doc(v, v * 4096)))
+                    qd1 = write(base + ".qd1.json", json.dumps(fio_doc(20000.0, 20000.0 * 4096)))
+                    write(base + ".sched", f"none{rep}\n")
+                    enters = "" if name != "ublk-null-blocking" else str(250000 * rep)
+                    lines.append("\t".join(["tuned", name, "/dev/x", "ok", fio, qd1, "", "100", "1000000",
+                                            enters, "", str(rep)]))
+            rows = write(os.path.join(d, "rows.tsv"), "\n".join(lines) + "\n")
+            out = os.path.join(d, "perf-null-T.json")
+            p = run_module("bench_report.py", ["perf-null",
+                "--rows", rows, "--out", out, "--root", d, "--timestamp", "T", "--binary", "/bin/true",
+                "--runtime", "10", "--qd1-runtime", "5", "--ramp", "2", "--bs", "4k", "--iodepth", "32",
+                "--clk-tck", "100", "--rounds", "tuned", "--fio-cpu", "0", "--queue-cpu", "1",
+                "--fio-args", "fio ...", "--repeat", "3"])
+            self.assertEqual(p.returncode, 0, p.stderr)
+            with open(out, encoding="utf-8") as f:
+                got = json.load(f)
+        self.assertEqual(len(got["rows"]), 3, "one row per round and name")
+        by = {r["name"]: r for r in got["rows"]}
+        blocking = by["ublk-null-blocking"]
+        self.assertEqual(blocking["iops"], 60000.0)
+        self.assertEqual([r["iops"] for r in blocking["runs"]], [40000.0, 60000.0, 90000.0])
+        self.assertEqual([r["repeat"] for r in blocking["runs"]], [1, 2, 3])
+        self.assertEqual(blocking["enters_per_io"], 0.5, "median of 0.25, 0.5, 0.75")
+        self.assertEqual(blocking["iops_spread"], round(50000 / 60000, 3))
+        self.assertEqual(blocking["scheduler"], "none1", "the first repeat's facts")
+        self.assertEqual(blocking["ratio_to_null_blk"], 0.6)
+        self.assertEqual(got["targets"]["tuned"]["blocking_vs_best_peer"], 1.2, "from the medians")
+        self.assertEqual(got["config"]["repeat"], 3)
+        self.assertIn("median of 3 repeats", p.stdout)
+        self.assertIn("spread 0.83", p.stdout)
+
     def test_old_rows_without_a_round_are_tuned(self):
         with tempfile.TemporaryDirectory() as d:
             got = self.build(d, rounds=("tuned",), batch_unknown=False)
