@@ -159,7 +159,8 @@ pub struct DeviceOptions {
     /// creates, truncates or removes it). The size defaults to the file's.
     #[arg(long)]
     pub path: Option<PathBuf>,
-    /// file backend: open --path with O_DIRECT (no page cache).
+    /// file backend: open --path with O_DIRECT (no page cache); the block size becomes the file's
+    /// O_DIRECT alignment where that is larger.
     #[arg(long)]
     pub direct: bool,
     /// NVMe namespace for the nvme backend: /dev/ngXnY (or /dev/nvmeXnY).

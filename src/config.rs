@@ -101,6 +101,11 @@ pub struct DeviceConfig {
     /// NVMe namespace (`/dev/ngXnY`) for `nvme`.
     #[serde(default)]
     pub nvme_dev: Option<PathBuf>,
+    /// What `path`, `store` or `nvme_dev` was when the device was made:
+    /// every server opens it again by name and refuses another file there.
+    /// None in run files from before the record (those go unchecked).
+    #[serde(default)]
+    pub backing_id: Option<FileId>,
     pub queues: u16,
     pub depth: u16,
     /// CPU per queue (queue q uses `cpus[q % len]`); empty: kernel affinity.
@@ -131,6 +136,76 @@ pub struct DeviceConfig {
     /// only a new device applies it.
     #[serde(default)]
     pub scheduler: Option<String>,
+}
+
+/// A file as a device's servers know it. A regular file is its filesystem
+/// (`st_dev`) and inode; a block or character device is its device number
+/// (`st_rdev`), which names the disk whatever node it is reached through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub kind: FileKind,
+    pub dev: u64,
+    pub ino: u64,
+    /// 0 unless a block or character device.
+    pub rdev: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    File,
+    Block,
+    Char,
+    /// Found only, never recorded: a device is never made on one.
+    Symlink,
+    Other,
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let ft = meta.file_type();
+        let kind = match () {
+            _ if ft.is_file() => FileKind::File,
+            _ if ft.is_block_device() => FileKind::Block,
+            _ if ft.is_char_device() => FileKind::Char,
+            _ if ft.is_symlink() => FileKind::Symlink,
+            _ => FileKind::Other,
+        };
+        let rdev = match kind {
+            FileKind::Block | FileKind::Char => meta.rdev(),
+            _ => 0,
+        };
+        FileId { kind, dev: meta.dev(), ino: meta.ino(), rdev }
+    }
+
+    /// Whether `other` is this same file (or device).
+    pub fn same(&self, other: &FileId) -> bool {
+        self.kind == other.kind
+            && match self.kind {
+                FileKind::File => (self.dev, self.ino) == (other.dev, other.ino),
+                FileKind::Block | FileKind::Char => self.rdev == other.rdev,
+                FileKind::Symlink | FileKind::Other => false,
+            }
+    }
+}
+
+impl std::fmt::Display for FileId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let devno = |d: u64| format!("{}:{}", libc::major(d), libc::minor(d));
+        match self.kind {
+            FileKind::Block => write!(f, "block device {}", devno(self.rdev)),
+            FileKind::Char => write!(f, "character device {}", devno(self.rdev)),
+            k => {
+                let what = match k {
+                    FileKind::File => "regular file",
+                    FileKind::Symlink => "symbolic link",
+                    _ => "file that is no regular file or device",
+                };
+                write!(f, "{what} on device {}, inode {}", devno(self.dev), self.ino)
+            }
+        }
+    }
 }
 
 fn stats_default() -> bool {
@@ -494,6 +569,7 @@ pub(crate) mod tests {
             path: None,
             direct: false,
             nvme_dev: None,
+            backing_id: None,
             queues: 1,
             depth: 64,
             cpus: vec![],
@@ -517,6 +593,39 @@ pub(crate) mod tests {
         json.as_object_mut().unwrap().remove("gather_wait_us");
         let cfg: DeviceConfig = serde_json::from_value(json).unwrap();
         assert_eq!(cfg.gather_wait_us, GATHER_WAIT_US);
+    }
+
+    /// Run files from before the identity record load without one.
+    #[test]
+    fn run_files_without_an_identity_load() {
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json.as_object_mut().unwrap().remove("backing_id");
+        let cfg: DeviceConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(cfg.backing_id, None);
+    }
+
+    #[test]
+    fn a_file_is_its_inode_and_a_device_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let id = |p: &std::path::Path| FileId::of(&std::fs::symlink_metadata(p).unwrap());
+        assert!(id(&a).same(&id(&a)) && !id(&a).same(&id(&b)));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        assert_eq!(id(&link).kind, FileKind::Symlink);
+        assert!(!id(&a).same(&id(&link)) && !id(&link).same(&id(&link)), "a link is never the file");
+        let null = id(std::path::Path::new("/dev/null"));
+        assert_eq!((null.kind, null.to_string().as_str()), (FileKind::Char, "character device 1:3"));
+        let other_node = FileId { dev: 99, ino: 12345, ..null };
+        assert!(null.same(&other_node), "a device is its number, whatever node reaches it");
+        assert!(
+            id(&a).to_string().starts_with("regular file on device ")
+                && id(&a).to_string().contains("inode ")
+        );
+        let json = serde_json::to_value(id(&a)).unwrap();
+        assert_eq!(json["kind"], "file");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::backend::DeviceBackend;
+use crate::backend::claim::{Claim, TAKEOVER_PATIENCE};
 use crate::clock::now_ns;
 use crate::config::DeviceConfig;
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
@@ -66,6 +67,9 @@ impl Takeover {
         let info = wait_recoverable(&mut self.server.ctrl, dev_id, QUIESCE_TIMEOUT)?;
         self.phases.old_pid = self.phases.old_pid.or((info.ublksrv_pid > 0).then_some(info.ublksrv_pid));
         self.phases.quiesced_ns = now_ns();
+        // The old server is gone, and with it its claim on the backing file:
+        // taken before START_USER_RECOVERY, so a refusal leaves the device QUIESCED.
+        self.server.hold(Claim::take(&self.server.cfg, Some(dev_id), TAKEOVER_PATIENCE)?);
         start_recovery(&mut self.server.ctrl, dev_id, START_TIMEOUT)?;
         self.phases.start_recovery_ns = now_ns();
         self.server.attach()?;

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::time::Duration;
 
 use crate::backend::DeviceBackend;
+use crate::backend::claim::Claim;
 use crate::backend::nvme::Namespace;
 use crate::clock::now_ns;
 use crate::config::{self, BackendKind, DeviceConfig};
@@ -38,6 +39,7 @@ pub fn new_device(
         server.cfg.store = Some(format!("/dev/shm/ublk-bench-{}", server.dev_id).into());
     }
     let started = make_backend(&mut server.cfg, ns).and_then(|backend| {
+        server.hold(Claim::take(&server.cfg, Some(server.dev_id), Duration::ZERO)?);
         run_files::save(server.dev_id, &server.cfg)?;
         server.prepare(&backend)?;
         server.attach()?;
@@ -94,6 +96,8 @@ fn make_backend(cfg: &mut DeviceConfig, ns: Option<(Namespace, File)>) -> Result
     cfg.store_created = false;
     let backend = DeviceBackend::new(cfg, create, ns)?;
     cfg.store_created = create;
+    // A store made just now is identified as opened (`add` identified the rest).
+    cfg.backing_id = cfg.backing_id.or_else(|| backend.file_id());
     Ok(backend)
 }
 

@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::DeviceBackend;
+use crate::backend::claim::Claim;
 use crate::backend::nvme::Namespace;
 use crate::batch_queue::Batch;
 use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
@@ -44,6 +45,9 @@ pub struct Server {
     stats: Option<Arc<StatsFile>>,
     /// The test-only fault hook (`queue` module doc); never set on a takeover.
     panic_after: Option<u64>,
+    /// This server's hold on the backing file (`backend::claim`), kept
+    /// until the server is gone.
+    claim: Option<Claim>,
 }
 
 /// Why `wait` returned.
@@ -108,7 +112,13 @@ impl Server {
             first_served: Arc::default(),
             stats: None,
             panic_after: None,
+            claim: None,
         }
+    }
+
+    /// Keeps `claim` for as long as this server lives.
+    pub fn hold(&mut self, claim: Claim) {
+        self.claim = Some(claim);
     }
 
     /// Takes over an existing device (recovery): no ADD_DEV, the kernel's

@@ -20,9 +20,9 @@
 //! -EIO: inside the file's size only a vanished or shrunk file does that, and
 //! no retry would bring the bytes back.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,7 +30,8 @@ use io_uring::{opcode, squeue, types};
 
 use super::QueueBackend;
 use super::chain::{Chains, KIND_IO, Registration};
-use crate::config::DeviceConfig;
+use super::claim;
+use crate::config::{DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
 use crate::sys;
@@ -56,9 +57,13 @@ pub struct Backing {
 pub struct Probe {
     /// Absolute, every link resolved, so `recover` finds the same file.
     pub path: PathBuf,
+    /// What the file is: every later open by name must find the same one.
+    pub id: FileId,
     /// Bytes the file (or block device) holds.
     pub size: u64,
-    /// The block device's logical block size; None for a regular file.
+    /// The smallest I/O the file takes: a block device's logical block
+    /// size; with `direct`, a regular file's O_DIRECT alignment (its
+    /// filesystem's disk's block size). None: any of ours.
     pub logical_block: Option<u32>,
 }
 
@@ -69,24 +74,29 @@ pub fn probe(path: &Path, direct: bool, block_size: u32) -> Result<Probe> {
     let full = path.canonicalize().map_err(|e| {
         Error::io(format!("--path {}: give an existing regular file or block device", path.display()), e)
     })?;
-    let meta = std::fs::metadata(&full).map_err(|e| Error::io(format!("stat {}", full.display()), e))?;
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        return Err(Error::invalid(format!(
-            "--path {} is a directory: give a regular file or a block device",
-            full.display()
-        )));
+    let found = claim::find(&full).map_err(|e| Error::io(format!("open {}", full.display()), e))?;
+    match found.id.kind {
+        FileKind::File | FileKind::Block => {}
+        FileKind::Other if full.is_dir() => {
+            return Err(Error::invalid(format!(
+                "--path {} is a directory: give a regular file or a block device",
+                full.display()
+            )));
+        }
+        _ => {
+            return Err(Error::invalid(format!(
+                "--path {} is neither a regular file nor a block device: give one of those",
+                full.display()
+            )));
+        }
     }
-    if !ft.is_file() && !ft.is_block_device() {
-        return Err(Error::invalid(format!(
-            "--path {} is neither a regular file nor a block device: give one of those",
-            full.display()
-        )));
-    }
-    let file = open_rw(&full, direct)?;
-    let (size, logical_block) = match ft.is_block_device() {
-        true => (bdev_u64(&file, BLKGETSIZE64, &full)?, Some(bdev_block(&file, &full)?)),
-        false => (meta.len(), None),
+    let file = found.open(rw_flags(direct)).map_err(|e| open_error(&full, direct, e))?;
+    let (size, logical_block) = match found.id.kind {
+        FileKind::Block => (bdev_u64(&file, BLKGETSIZE64, &full)?, Some(bdev_block(&file, &full)?)),
+        _ => {
+            let len = file.metadata().map_err(|e| Error::io(format!("stat {}", full.display()), e))?.len();
+            (len, if direct { dio_align(&file, found.id.dev) } else { None })
+        }
     };
     if size < block_size as u64 {
         return Err(Error::invalid(format!(
@@ -94,22 +104,43 @@ pub fn probe(path: &Path, direct: bool, block_size: u32) -> Result<Probe> {
             full.display()
         )));
     }
-    Ok(Probe { path: full, size, logical_block })
+    Ok(Probe { path: full, id: found.id, size, logical_block })
 }
 
-/// Opens `path` read-write (O_DIRECT with `direct`), never creating it.
-fn open_rw(path: &Path, direct: bool) -> Result<File> {
-    let flags = if direct { libc::O_DIRECT } else { 0 };
-    OpenOptions::new().read(true).write(true).custom_flags(flags).open(path).map_err(|e| {
-        let why = match e.raw_os_error() {
-            Some(libc::EACCES | libc::EROFS | libc::EPERM | libc::ETXTBSY) => {
-                "the file backend writes to it: give a file this user may write, on a writable filesystem"
-            }
-            Some(libc::EINVAL) if direct => "its filesystem refuses O_DIRECT: drop --direct",
-            _ => "give a regular file or block device that opens read-write",
-        };
-        Error::io(format!("--path {} cannot be opened read-write ({why})", path.display()), e)
-    })
+/// The O_DIRECT alignment of a regular file: statx's STATX_DIOALIGN (6.1+),
+/// else the logical block size of the disk its filesystem is on; None when
+/// neither says (tmpfs, a network filesystem).
+fn dio_align(file: &File, st_dev: u64) -> Option<u32> {
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx on an fd we own with an empty path (AT_EMPTY_PATH), writing into stx.
+    let ok = unsafe {
+        libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx)
+    } == 0;
+    if ok && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+        return (stx.stx_dio_offset_align > 0).then_some(stx.stx_dio_offset_align);
+    }
+    let dir = format!("/sys/dev/block/{}:{}", libc::major(st_dev), libc::minor(st_dev));
+    ["queue/logical_block_size", "../queue/logical_block_size"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(format!("{dir}/{f}")).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn rw_flags(direct: bool) -> i32 {
+    libc::O_RDWR | libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 }
+}
+
+/// Why `path` did not open read-write, in words that say what to do.
+fn open_error(path: &Path, direct: bool, e: std::io::Error) -> Error {
+    let why = match e.raw_os_error() {
+        Some(libc::EACCES | libc::EROFS | libc::EPERM | libc::ETXTBSY) => {
+            "the file backend writes to it: give a file this user may write, on a writable filesystem"
+        }
+        Some(libc::EINVAL) if direct => "its filesystem refuses O_DIRECT: drop --direct",
+        _ => "give a regular file or block device that opens read-write",
+    };
+    Error::io(format!("--path {} cannot be opened read-write ({why})", path.display()), e)
 }
 
 fn bdev_u64(file: &File, req: libc::c_ulong, path: &Path) -> Result<u64> {
@@ -158,14 +189,35 @@ fn bdev_write_through(rdev: u64) -> bool {
 impl Backing {
     /// Opens a `file` device's `--path` for serving; it must still hold the
     /// device's size (a recovering server finds it as `add` left it).
+    /// It must also be the file the device was made with ([`claim`]).
     pub fn open(cfg: &DeviceConfig) -> Result<Self> {
         let path = cfg.path.as_deref().ok_or_else(|| Error::invalid("file backend without --path"))?;
-        Self::open_path(path, cfg.size, cfg.direct)
+        Self::open_checked(path, cfg.size, cfg.direct, cfg.backing_id.as_ref(), cfg.dev_id)
     }
 
-    /// Opens `path` to serve its first `size` bytes.
+    /// Opens `path` (a link in its last component is not followed) to serve
+    /// its first `size` bytes.
     pub fn open_path(path: &Path, size: u64, direct: bool) -> Result<Self> {
-        let file = open_rw(path, direct)?;
+        Self::open_checked(path, size, direct, None, None)
+    }
+
+    fn open_checked(
+        path: &Path,
+        size: u64,
+        direct: bool,
+        want: Option<&FileId>,
+        dev_id: Option<u32>,
+    ) -> Result<Self> {
+        let found = claim::find(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        found.check(want, dev_id)?;
+        if !matches!(found.id.kind, FileKind::File | FileKind::Block) {
+            return Err(Error::Refused(format!(
+                "{} is now a {}, not a regular file or block device: restore the file or delete the device",
+                path.display(),
+                found.id
+            )));
+        }
+        let file = found.open(rw_flags(direct)).map_err(|e| open_error(path, direct, e))?;
         let meta = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
         let held = match meta.file_type().is_block_device() {
             true => bdev_u64(&file, BLKGETSIZE64, path)?,
@@ -200,6 +252,11 @@ impl Backing {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file as opened.
+    pub fn file_id(&self) -> Option<FileId> {
+        self.file.metadata().ok().map(|m| FileId::of(&m))
     }
 
     /// Whether the open file's status flags include `flag` (O_DIRECT, O_NONBLOCK).
@@ -391,6 +448,10 @@ mod tests {
         std::os::unix::fs::symlink(&img, &link).unwrap();
         let p = probe(&link, false, 512).unwrap();
         assert_eq!((p.path, p.size, p.logical_block), (img.canonicalize().unwrap(), 3000, None));
+        assert!(
+            p.id.same(&FileId::of(&std::fs::metadata(&img).unwrap())),
+            "the file's identity, not the link's"
+        );
         let err = probe(&img, false, 4096).unwrap_err().to_string();
         assert!(err.contains("less than one 4096-byte block"), "{err}");
     }

@@ -10,6 +10,7 @@
 //! pages as a fixed buffer of the queue ring (zero copy: nvme, file, ram).
 
 pub mod chain;
+pub mod claim;
 pub mod file;
 pub mod null;
 pub mod nvme;
@@ -19,7 +20,7 @@ use std::fs::File;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use crate::config::{BackendKind, CopyMode, DeviceConfig};
+use crate::config::{BackendKind, CopyMode, DeviceConfig, FileId};
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
 use io_uring::{SubmissionQueue, cqueue, squeue};
@@ -157,12 +158,22 @@ impl DeviceBackend {
         }
     }
 
+    /// What the device serves, as opened: the file or RAM store; None for
+    /// null and nvme (whose namespace `add` identified).
+    pub fn file_id(&self) -> Option<FileId> {
+        match self {
+            DeviceBackend::Ram(store) => store.file_id(),
+            DeviceBackend::File(file) => file.file_id(),
+            DeviceBackend::Null | DeviceBackend::Nvme(..) => None,
+        }
+    }
+
     /// The RAM store, created or opened; mapped only for user and copy modes.
     fn ram(cfg: &DeviceConfig, create: bool) -> Result<Self> {
         let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
         let file = match create {
             true => ram::create_file(path, cfg.size)?,
-            false => ram::open_file(path, cfg.size)?,
+            false => ram::open_checked(path, cfg.size, cfg.backing_id.as_ref(), cfg.dev_id)?,
         };
         Ok(match cfg.copy_mode {
             CopyMode::Zero => DeviceBackend::File(Arc::new(file::Backing::store(file, path, cfg.size))),

@@ -20,9 +20,8 @@
 //! queue's `user_data` for the tag and the queue loop hands its CQE to
 //! `complete` (see [`QueueBackend`]).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,7 +29,8 @@ use io_uring::{opcode, squeue, types};
 
 use super::QueueBackend;
 use super::chain::{Chains, KIND_IO, Registration};
-use crate::config::DeviceConfig;
+use super::claim;
+use crate::config::{DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
 use crate::sys::{self, Params};
@@ -187,30 +187,35 @@ pub fn generic_path(dev: &Path) -> Result<PathBuf> {
 }
 
 impl Namespace {
-    /// Opens the namespace `cfg` names (`--dev`).
+    /// Opens the namespace `cfg` names: the generic node `add` resolved,
+    /// by that name (a link there is not followed), and only if it is still
+    /// the character device the device was made with.
     pub fn probe_for(cfg: &DeviceConfig) -> Result<(Self, File)> {
         let dev = cfg.nvme_dev.as_deref().ok_or_else(|| Error::invalid("nvme backend without --dev"))?;
-        Self::probe(dev)
+        Self::open_node(dev.to_owned(), cfg.backing_id.as_ref(), cfg.dev_id)
     }
 
+    /// Opens `--dev` (links resolved) as `add` does.
     pub fn probe(dev: &Path) -> Result<(Self, File)> {
-        let char_dev = generic_path(&resolve(dev)?)?;
-        let meta = std::fs::metadata(&char_dev).map_err(|e| {
+        Self::open_node(generic_path(&resolve(dev)?)?, None, None)
+    }
+
+    fn open_node(char_dev: PathBuf, want: Option<&FileId>, dev_id: Option<u32>) -> Result<(Self, File)> {
+        let found = claim::find(&char_dev).map_err(|e| {
             Error::io(
                 format!("{} (is the nvme driver loaded and the namespace present?)", char_dev.display()),
                 e,
             )
         })?;
-        if !meta.file_type().is_char_device() {
+        found.check(want, dev_id)?;
+        if found.id.kind != FileKind::Char {
             return Err(Error::invalid(format!(
                 "{} is not a character device: give the generic namespace node /dev/ngXnY",
                 char_dev.display()
             )));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&char_dev)
+        let file = found
+            .open(libc::O_RDWR | libc::O_CLOEXEC)
             .map_err(|e| Error::io(format!("open {}", char_dev.display()), e))?;
         // SAFETY: NVME_IOCTL_ID takes no argument and returns the nsid.
         let nsid = unsafe { libc::ioctl(file.as_raw_fd(), NVME_IOCTL_ID) };

@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use super::claim;
 use super::{SyncBackend, done, pread_all, pwrite_all};
+use crate::config::{FileId, FileKind};
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
 use crate::sys;
@@ -61,12 +63,21 @@ pub fn create_file(path: &Path, size: u64) -> Result<File> {
 /// Opens an existing store file, as a recovering server or `--reuse-store`
 /// does; it must be a regular file (not a link) of exactly `size` bytes.
 pub fn open_file(path: &Path, size: u64) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    open_checked(path, size, None, None)
+}
+
+/// [`open_file`] of device `dev_id`'s store, which must also be the file
+/// the device was made with, `want` ([`super::claim`]).
+pub fn open_checked(path: &Path, size: u64, want: Option<&FileId>, dev_id: Option<u32>) -> Result<File> {
+    let found = claim::find(path)
         .map_err(|e| Error::io(format!("open RAM store {} (was it removed?)", path.display()), e))?;
+    found.check(want, dev_id)?;
+    let file = match found.id.kind {
+        FileKind::File => found.open(libc::O_RDWR | libc::O_CLOEXEC),
+        _ => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    let file =
+        file.map_err(|e| Error::io(format!("open RAM store {} (is it a regular file?)", path.display()), e))?;
     let meta = file.metadata().map_err(|e| Error::io("stat RAM store", e))?;
     check_existing(path, &meta, Some(size))?;
     Ok(file)
@@ -98,6 +109,11 @@ impl RamStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The store file as opened.
+    pub fn file_id(&self) -> Option<FileId> {
+        self.file.metadata().ok().map(|m| FileId::of(&m))
     }
 
     /// Zeroes `[off, off+len)`: whole pages are punched out of the file, so

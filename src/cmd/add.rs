@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::backend::claim::{self, Claim};
 use crate::cli::{AddArgs, OnOff};
 use crate::config::{self, BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery};
 use crate::ctrl::Ctrl;
@@ -57,6 +58,13 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         BackendKind::Nvme | BackendKind::File => 0,
     };
     let (store, store_size) = store_from(args)?;
+    // A reused store is identified now; a new one by the server that makes it.
+    let store_id = match (&store, args.reuse_store) {
+        (Some(p), true) => {
+            Some(claim::find(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?.id)
+        }
+        _ => None,
+    };
     let (queues, depth) = args.queue.checked()?;
     let cfg = DeviceConfig {
         dev_id,
@@ -68,6 +76,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         path: None,
         direct: false,
         nvme_dev: None,
+        backing_id: store_id,
         queues,
         depth,
         cpus: args.cpus.clone().unwrap_or_default(),
@@ -105,12 +114,19 @@ fn file_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
         )));
     }
     if let Some(lbs) = probe.logical_block.filter(|&b| opts.direct && b > cfg.block_size) {
+        if lbs > 4096 {
+            return Err(Error::invalid(format!(
+                "--direct on {} needs I/O aligned to {lbs} bytes, more than the largest block size (4096): drop --direct",
+                probe.path.display()
+            )));
+        }
         cfg.block_size = lbs;
     }
     let bs = cfg.block_size as u64;
     // A tail shorter than a block is not served.
     cfg.size = args.size.unwrap_or(probe.size) / bs * bs;
     cfg.path = Some(probe.path);
+    cfg.backing_id = Some(probe.id);
     cfg.direct = opts.direct;
     Ok(cfg)
 }
@@ -118,7 +134,9 @@ fn file_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
 /// Size, block size and request size come from the namespace.
 fn nvme_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
     let dev = args.dev_opts.dev.as_deref().expect("DeviceOptions::check wants --dev for nvme");
-    let (ns, _) = crate::backend::nvme::Namespace::probe(dev)?;
+    let (ns, file) = crate::backend::nvme::Namespace::probe(dev)?;
+    let meta = file.metadata().map_err(|e| Error::io(format!("stat {}", ns.char_dev.display()), e))?;
+    cfg.backing_id = Some(config::FileId::of(&meta));
     if args.size.is_some_and(|s| s > ns.size) {
         return Err(Error::invalid(format!("--size exceeds the namespace ({} bytes)", ns.size)));
     }
@@ -173,6 +191,11 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
     }
     if cfg.backend == BackendKind::Ram {
         check_store_space(cfg)?;
+    }
+    // A file or store another device serves, or a block device in use, is
+    // refused here, before ADD_DEV; the server's own claim is the one that holds.
+    if cfg.backend == BackendKind::File || (cfg.backend == BackendKind::Ram && !cfg.store_created) {
+        drop(Claim::take(cfg, None, Duration::ZERO)?);
     }
     if let Some(name) = &cfg.scheduler {
         config::check_scheduler(name, &config::offered_schedulers())?;
