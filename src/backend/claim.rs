@@ -11,11 +11,12 @@
 //! a symlink or for another file is refused with both identities, and the
 //! wrong file is never opened for I/O (opening a device can have effects).
 //!
-//! Claim. A server holds [`Claim`] for as long as it serves the device: a
-//! regular file is flock(LOCK_EX)ed, a block device opened O_EXCL (which
-//! the kernel also refuses while it is mounted or claimed by anyone else).
-//! Both belong to one open file, so they go with the server that made
-//! them; the device's next server takes them again:
+//! Claim. A server holds [`Claim`] for as long as it serves the device: the
+//! inode its backend has open is opened once more (through /proc/self/fd,
+//! not by name) and flock(LOCK_EX)ed, or, for a block device, opened O_EXCL
+//! (which the kernel also refuses while it is mounted or claimed by anyone
+//! else). Both belong to that one open file, so they go with the server
+//! that made them; the device's next server takes them again:
 //! - a new device's server takes it before the device can be used;
 //! - a takeover takes it after the old server is gone (a standby or a
 //!   `restart` successor once the process it watches has exited; a cold
@@ -38,6 +39,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::DeviceBackend;
 use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
@@ -48,6 +50,15 @@ pub struct Found {
     handle: OwnedFd,
     pub id: FileId,
     pub path: PathBuf,
+}
+
+impl Found {
+    /// The file `file` (opened from `path`) as a [`Found`]: a handle on the same inode.
+    pub fn of_open(file: &File, path: &Path) -> std::io::Result<Found> {
+        let handle = file.try_clone()?.into();
+        let id = FileId::of(&file.metadata()?);
+        Ok(Found { handle, id, path: path.to_owned() })
+    }
 }
 
 /// Finds `path` without following a link in its last component.
@@ -135,26 +146,39 @@ pub struct Claim {
 pub const TAKEOVER_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Claim {
-    /// Claims the backing file of `cfg` for device `dev_id` (None: a device
-    /// not made yet, as `add` checks before ADD_DEV). `patience`: how long
-    /// to retry a lock someone holds.
-    pub fn take(cfg: &DeviceConfig, dev_id: Option<u32>, patience: Duration) -> Result<Claim> {
-        let Some(path) = claimed_path(cfg) else { return Ok(Claim { _file: None }) };
+    /// `add`'s check before ADD_DEV: the file at `path` (found as every
+    /// server finds it) is free. The server's own claim is the one that holds.
+    pub fn check_free(path: &Path, want: Option<&FileId>) -> Result<()> {
         let found = find(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-        found.check(cfg.backing_id.as_ref(), dev_id)?;
+        found.check(want, None)?;
+        Self::take_found(&found, None, Duration::ZERO).map(drop)
+    }
+
+    /// Device `dev_id`'s claim on the file its backend has open (the very
+    /// inode, not the name again; none for null and nvme). `patience`: how
+    /// long to retry a lock someone holds.
+    pub fn take(backend: &DeviceBackend, dev_id: u32, patience: Duration) -> Result<Claim> {
+        let Some((file, path)) = backend.served_file() else { return Ok(Claim { _file: None }) };
+        let found =
+            Found::of_open(file, path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        Self::take_found(&found, Some(dev_id), patience)
+    }
+
+    fn take_found(found: &Found, dev_id: Option<u32>, patience: Duration) -> Result<Claim> {
+        let path = &found.path;
         let deadline = Instant::now() + patience;
         let file = loop {
-            match lock(&found) {
+            match lock(found) {
                 Ok(file) => break file,
                 Err(e) if is_busy(&e) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
-                Err(e) if is_busy(&e) => return Err(busy(&found, dev_id)),
+                Err(e) if is_busy(&e) => return Err(busy(found, dev_id)),
                 Err(e) => return Err(Error::io(format!("lock {}", path.display()), e)),
             }
         };
         if let Some(other) = other_device(&found.id, path, dev_id) {
-            return Err(served_by(&found, other));
+            return Err(served_by(found, other));
         }
         Ok(Claim { _file: Some(file) })
     }

@@ -255,8 +255,8 @@ impl Backing {
     }
 
     /// The file as opened.
-    pub fn file_id(&self) -> Option<FileId> {
-        self.file.metadata().ok().map(|m| FileId::of(&m))
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Whether the open file's status flags include `flag` (O_DIRECT, O_NONBLOCK).

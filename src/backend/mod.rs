@@ -158,14 +158,19 @@ impl DeviceBackend {
         }
     }
 
-    /// What the device serves, as opened: the file or RAM store; None for
-    /// null and nvme (whose namespace `add` identified).
-    pub fn file_id(&self) -> Option<FileId> {
+    /// The file the device serves, as opened, and its path: a `file`'s or
+    /// a RAM store; None for null and nvme.
+    pub fn served_file(&self) -> Option<(&File, &std::path::Path)> {
         match self {
-            DeviceBackend::Ram(store) => store.file_id(),
-            DeviceBackend::File(file) => file.file_id(),
+            DeviceBackend::Ram(store) => Some((store.file(), store.path())),
+            DeviceBackend::File(b) => Some((b.file(), b.path())),
             DeviceBackend::Null | DeviceBackend::Nvme(..) => None,
         }
+    }
+
+    /// What [`Self::served_file`] is.
+    pub fn file_id(&self) -> Option<FileId> {
+        self.served_file().and_then(|(f, _)| f.metadata().ok()).map(|m| FileId::of(&m))
     }
 
     /// The RAM store, created or opened; mapped only for user and copy modes.

@@ -111,9 +111,9 @@ impl RamStore {
         &self.path
     }
 
-    /// The store file as opened.
-    pub fn file_id(&self) -> Option<FileId> {
-        self.file.metadata().ok().map(|m| FileId::of(&m))
+    /// The file as opened.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Zeroes `[off, off+len)`: whole pages are punched out of the file, so

@@ -194,8 +194,13 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
     }
     // A file or store another device serves, or a block device in use, is
     // refused here, before ADD_DEV; the server's own claim is the one that holds.
-    if cfg.backend == BackendKind::File || (cfg.backend == BackendKind::Ram && !cfg.store_created) {
-        drop(Claim::take(cfg, None, Duration::ZERO)?);
+    let existing = match cfg.backend {
+        BackendKind::File => cfg.path.as_deref(),
+        BackendKind::Ram if !cfg.store_created => cfg.store.as_deref(),
+        _ => None,
+    };
+    if let Some(path) = existing {
+        Claim::check_free(path, cfg.backing_id.as_ref())?;
     }
     if let Some(name) = &cfg.scheduler {
         config::check_scheduler(name, &config::offered_schedulers())?;
