@@ -71,23 +71,10 @@ pub fn find(path: &Path) -> std::io::Result<Found> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh descriptor owned here.
-    let handle = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: stat is plain data; all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on an fd we own, writing into st.
-    if unsafe { libc::fstat(handle.as_raw_fd(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let kind = match st.st_mode & libc::S_IFMT {
-        libc::S_IFREG => FileKind::File,
-        libc::S_IFBLK => FileKind::Block,
-        libc::S_IFCHR => FileKind::Char,
-        libc::S_IFLNK => FileKind::Symlink,
-        _ => FileKind::Other,
-    };
-    let rdev = if matches!(kind, FileKind::Block | FileKind::Char) { st.st_rdev } else { 0 };
-    let id = FileId { kind, dev: st.st_dev, ino: st.st_ino, rdev };
-    Ok(Found { handle, id, path: path.to_owned() })
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // fstat works on an O_PATH descriptor and does not follow it.
+    let id = FileId::of(&file.metadata()?);
+    Ok(Found { handle: file.into(), id, path: path.to_owned() })
 }
 
 impl Found {
@@ -119,20 +106,6 @@ impl Found {
             .custom_flags(flags & !libc::O_ACCMODE)
             .open(format!("/proc/self/fd/{}", self.handle.as_raw_fd()))
     }
-}
-
-/// Finds `path`, checks it against `want` and opens it with `flags`:
-/// the one way a device's servers open its backing file by name.
-pub fn open_checked(
-    path: &Path,
-    want: Option<&FileId>,
-    dev_id: Option<u32>,
-    flags: i32,
-) -> Result<(File, FileId)> {
-    let found = find(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    found.check(want, dev_id)?;
-    let file = found.open(flags).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    Ok((file, found.id))
 }
 
 /// A device's hold on its backing file; released when dropped (or when
@@ -169,7 +142,16 @@ impl Claim {
         let deadline = Instant::now() + patience;
         let file = loop {
             match lock(found) {
-                Ok(file) => break file,
+                Ok(file) => break Some(file),
+                // A filesystem without flock (some network ones): the
+                // settings still keep a second device of ours away.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::EOPNOTSUPP)) => {
+                    crate::log!(
+                        "{}: no lock on this filesystem ({e}); the settings alone guard it",
+                        path.display()
+                    );
+                    break None;
+                }
                 Err(e) if is_busy(&e) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
@@ -180,7 +162,7 @@ impl Claim {
         if let Some(other) = other_device(&found.id, path, dev_id) {
             return Err(served_by(found, other));
         }
-        Ok(Claim { _file: Some(file) })
+        Ok(Claim { _file: file })
     }
 }
 
@@ -319,6 +301,20 @@ fn flock_holders(id: &FileId) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Finds `path`, checks it against `want` and opens it with `flags`, as
+    /// the backends do.
+    fn open_checked(
+        path: &Path,
+        want: Option<&FileId>,
+        dev_id: Option<u32>,
+        flags: i32,
+    ) -> Result<(File, FileId)> {
+        let found = find(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        found.check(want, dev_id)?;
+        let file = found.open(flags).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        Ok((file, found.id))
+    }
 
     #[test]
     fn a_link_in_place_of_the_file_is_refused_without_following_it() {
