@@ -57,6 +57,7 @@ fn refused(args: &[&str], hints: &[&str]) -> Out {
             out.describe()
         );
     }
+    println!("`ublk-bench {}` refused: {}", args.join(" "), out.stderr.trim_end());
     out
 }
 
@@ -507,12 +508,15 @@ fn a_block_device_in_use_is_refused() {
 /// `recover`'s): each serves the file, and another device is still refused.
 #[test]
 fn takeovers_keep_the_file_and_its_claim() {
+    use std::os::unix::fs::OpenOptionsExt;
     let Some(_h) = harness() else { return };
     let dir = Scratch::new("claim-moves");
     let img = dir.path("img");
     let mine = image(&img, 16 << 20, 7);
+    // The device's server holds the file's lock itself, not only its settings.
     let second = |id: u32| {
         refused(&["add", "file", "--path", ok_str(&img)], &[&format!("ublk device {id}")]);
+        assert!(flocked(&img), "no server of device {id} holds the lock on {}", img.display());
     };
     let dev = add(&["file", "--path", ok_str(&img), "-r", "-i", "--standby"]);
     let id = dev.id.to_string();
@@ -539,6 +543,16 @@ fn takeovers_keep_the_file_and_its_claim() {
     assert_eq!(read_direct(&dev.block(), 0, 64 << 10), mine, "after the supervisor's takeovers");
     del(dev.id);
 
+    // A block device stays opened exclusively across takeovers.
+    let excl = || OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open("/dev/nullb0");
+    let nb = add(&["file", "--path", "/dev/nullb0", "--size", "64M", "-r", "-i", "--supervise"]);
+    signal(nb.pid, libc::SIGKILL);
+    live_again(nb.id, nb.pid);
+    let e = excl().err().map(|e| e.raw_os_error());
+    assert_eq!(e, Some(Some(libc::EBUSY)), "/dev/nullb0 is not held exclusively after the takeover");
+    del(nb.id);
+    assert!(excl().is_ok(), "/dev/nullb0 still held after del");
+
     let dev = add(&["file", "--path", ok_str(&img), "-r", "-i"]);
     let id = dev.id.to_string();
     ublk(&["restart", "-n", &id]).success();
@@ -549,6 +563,15 @@ fn takeovers_keep_the_file_and_its_claim() {
     second(dev.id);
     assert_eq!(read_direct(&dev.block(), 0, 64 << 10), mine, "after restart and recover");
     del(dev.id);
+}
+
+/// Whether another process holds a flock on `path` (ours is refused).
+fn flocked(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path).unwrap();
+    // SAFETY: flock on a file we hold open; closing it drops a lock we got.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }
 
 /// `--direct` on a regular file of a filesystem on a 4 KiB-sector disk: the
