@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::backend::DeviceBackend;
-use crate::backend::claim::{Claim, TAKEOVER_PATIENCE};
+use crate::backend::claim::Claim;
 use crate::clock::now_ns;
 use crate::config::DeviceConfig;
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
@@ -69,7 +69,7 @@ impl Takeover {
         self.phases.quiesced_ns = now_ns();
         // The old server is gone, and with it its claim on the backing file:
         // taken before START_USER_RECOVERY, so a refusal leaves the device QUIESCED.
-        self.server.hold(Claim::take(&self.backend, dev_id, TAKEOVER_PATIENCE)?);
+        self.server.hold(Claim::take_over(&self.backend, dev_id)?);
         start_recovery(&mut self.server.ctrl, dev_id, START_TIMEOUT)?;
         self.phases.start_recovery_ns = now_ns();
         self.server.attach()?;

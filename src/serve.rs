@@ -39,7 +39,7 @@ pub fn new_device(
         server.cfg.store = Some(format!("/dev/shm/ublk-bench-{}", server.dev_id).into());
     }
     let started = make_backend(&mut server.cfg, ns).and_then(|backend| {
-        server.hold(Claim::take(&backend, server.dev_id, Duration::ZERO)?);
+        server.hold(Claim::take_new(&backend, server.dev_id)?);
         run_files::save(server.dev_id, &server.cfg)?;
         server.prepare(&backend)?;
         server.attach()?;

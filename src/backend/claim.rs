@@ -25,10 +25,12 @@
 //!   lock another device holds.
 //!
 //! Between servers (a QUIESCED device nobody recovered yet) no open file
-//! holds it, so the settings do: a claim taken by device N also looks for
-//! another live device whose settings record the same file and refuses if
-//! there is one. That is what refuses a second `add` of a file whose
-//! device waits to be recovered.
+//! holds it, so the settings do: a new device's claim, and `add`'s check
+//! before ADD_DEV, also look for another device that still exists (not
+//! DEAD) whose settings record the same file, and refuse if there is one.
+//! That is what refuses a second `add` of a file whose device waits to be
+//! recovered. A takeover need not look: while its device existed, no other
+//! device could claim the file.
 //!
 //! NVMe namespaces are only identified, not claimed.
 
@@ -115,8 +117,8 @@ pub struct Claim {
     _file: Option<File>,
 }
 
-/// How long a takeover waits for the old server's claim to go.
-pub const TAKEOVER_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a takeover waits for the old server's lock to go.
+const TAKEOVER_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Claim {
     /// `add`'s check before ADD_DEV: the file at `path` (found as every
@@ -124,20 +126,32 @@ impl Claim {
     pub fn check_free(path: &Path, want: Option<&FileId>) -> Result<()> {
         let found = find(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         found.check(want, None)?;
-        Self::take_found(&found, None, Duration::ZERO).map(drop)
+        Self::take_found(&found, None, Duration::ZERO, true).map(drop)
     }
 
-    /// Device `dev_id`'s claim on the file its backend has open (the very
-    /// inode, not the name again; none for null and nvme). `patience`: how
-    /// long to retry a lock someone holds.
-    pub fn take(backend: &DeviceBackend, dev_id: u32, patience: Duration) -> Result<Claim> {
+    /// A new device `dev_id`'s claim on the file its backend has open (the
+    /// very inode, not the name again; none for null and nvme): the lock,
+    /// and no other device of ours whose settings name the file.
+    pub fn take_new(backend: &DeviceBackend, dev_id: u32) -> Result<Claim> {
+        Self::take(backend, dev_id, Duration::ZERO, true)
+    }
+
+    /// A takeover's claim, once the old server is gone: the lock, waited
+    /// for up to [`TAKEOVER_PATIENCE`] while the old server's exit releases
+    /// it. The settings need no look: while this device existed, no other
+    /// device could claim its file.
+    pub fn take_over(backend: &DeviceBackend, dev_id: u32) -> Result<Claim> {
+        Self::take(backend, dev_id, TAKEOVER_PATIENCE, false)
+    }
+
+    fn take(backend: &DeviceBackend, dev_id: u32, patience: Duration, scan: bool) -> Result<Claim> {
         let Some((file, path)) = backend.served_file() else { return Ok(Claim { _file: None }) };
         let found =
             Found::of_open(file, path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
-        Self::take_found(&found, Some(dev_id), patience)
+        Self::take_found(&found, Some(dev_id), patience, scan)
     }
 
-    fn take_found(found: &Found, dev_id: Option<u32>, patience: Duration) -> Result<Claim> {
+    fn take_found(found: &Found, dev_id: Option<u32>, patience: Duration, scan: bool) -> Result<Claim> {
         let path = &found.path;
         let deadline = Instant::now() + patience;
         let file = loop {
@@ -159,10 +173,10 @@ impl Claim {
                 Err(e) => return Err(Error::io(format!("lock {}", path.display()), e)),
             }
         };
-        if let Some(other) = other_device(&found.id, path, dev_id) {
-            return Err(served_by(found, other));
+        match scan.then(|| other_device(&found.id, path, dev_id)).flatten() {
+            Some(other) => Err(served_by(found, other)),
+            None => Ok(Claim { _file: file }),
         }
-        Ok(Claim { _file: file })
     }
 }
 
