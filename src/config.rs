@@ -131,6 +131,10 @@ pub struct DeviceConfig {
     /// only a new device applies it.
     #[serde(default)]
     pub scheduler: Option<String>,
+    /// `ram --sparse`: the store is not reserved at `add` (pages come as
+    /// written; a write on a full file system fails with ENOSPC).
+    #[serde(default)]
+    pub sparse: bool,
 }
 
 fn stats_default() -> bool {
@@ -507,6 +511,7 @@ pub(crate) mod tests {
             gather_wait_us: GATHER_WAIT_US,
             stats: true,
             scheduler: Some("none".into()),
+            sparse: false,
         }
     }
 

@@ -843,3 +843,134 @@ fn list_and_del_all_without_sysfs_fall_back_to_probing() {
     let out = ublk(&["list", "--json"]).success();
     assert_eq!(out.stdout.trim(), "[]", "list with no device");
 }
+
+// ---------------------------------------------------------------- ram store on a full tmpfs
+
+/// A tmpfs of a few MiB mounted on a fresh folder; unmounted (lazily, so a
+/// failed test with the store still open does not leave it) on drop.
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    fn new(mib: u64) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let size = format!("size={mib}m");
+        run(Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &size,
+            "ublk-test",
+            &dir.path().to_string_lossy(),
+        ]))
+        .success();
+        SmallTmpfs { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `name` until the file system is full; returns the bytes written.
+    fn fill(&self, name: &str) -> u64 {
+        let mut f = fs::File::create(self.path(name)).expect("create the filler");
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            match std::io::Write::write(&mut f, &chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling the tmpfs: {e}");
+                    break;
+                }
+            }
+        }
+        written
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// Writes `data` to `dev` at `offset` with O_DIRECT, in 1 MiB requests;
+/// the first error, if any, with the offset it came at.
+fn write_direct(dev: &std::path::Path, offset: u64, data: &[u8]) -> Result<(), (u64, std::io::Error)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("open {} O_DIRECT: {e}", dev.display()));
+    let chunk = 1usize << 20;
+    let mut buf = vec![0u8; chunk + 4096];
+    let at = buf.as_ptr().align_offset(4096);
+    for (i, part) in data.chunks(chunk).enumerate() {
+        let aligned = &mut buf[at..at + part.len()];
+        aligned.copy_from_slice(part);
+        let pos = offset + (i * chunk) as u64;
+        f.write_all_at(aligned, pos).map_err(|e| (pos, e))?;
+    }
+    Ok(())
+}
+
+/// Issue 22 item 6: a RAM store whose tmpfs another file fills after `add`.
+/// By default the store was reserved at `add`, so every write still lands
+/// and reads back. With `--sparse` a write into a hole fails with ENOSPC,
+/// for that request only: the server lives on (no SIGBUS, no crash loop) and
+/// serves the same writes once space is freed. Every copy mode, since each
+/// reaches the store another way (map, map through pread, the kernel's fd).
+#[test]
+fn ram_store_on_a_full_tmpfs_fails_a_write_not_the_server() {
+    let Some(_h) = harness() else { return };
+    let size = 8 * MIB;
+    let data = random_bytes(size as usize, 0x5ba2);
+    for mode in ["copy", "user", "zero"] {
+        for sparse in [false, true] {
+            let what = format!("--copy-mode {mode}{}", if sparse { " --sparse" } else { "" });
+            let fs = SmallTmpfs::new(16);
+            let store = fs.path("store");
+            let store_arg = store.to_string_lossy().into_owned();
+            let mut args = vec!["ram", "--size", "8M", "--store", &store_arg, "--copy-mode", mode];
+            if sparse {
+                args.push("--sparse");
+            }
+            let dev = add(&args);
+            let filled = fs.fill("filler");
+            assert!(filled > 0, "{what}: the filler got no space at all");
+            match write_direct(&dev.block(), 0, &data) {
+                Ok(()) => {
+                    assert!(!sparse, "{what}: writes into a sparse store on a full tmpfs all succeeded")
+                }
+                Err((pos, e)) => {
+                    assert!(sparse, "{what}: a write at {pos} into the reserved store failed: {e}");
+                    assert!(
+                        matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)),
+                        "{what}: the write at {pos} failed with {e}, not ENOSPC or EIO"
+                    );
+                }
+            }
+            // The server lives and serves: after a failed write too.
+            sleep_ms(200);
+            assert!(alive(dev.pid), "{what}: the server (pid {}) died on the full tmpfs", dev.pid);
+            let j = list_one(dev.id).unwrap_or_else(|| panic!("{what}: device {} is gone", dev.id));
+            assert_eq!(j["state"], "LIVE", "{what}: {j}");
+            assert_eq!(j["pid"], dev.pid, "{what}: another server serves the device now (a restart): {j}");
+            if sparse {
+                fs::remove_file(fs.path("filler")).expect("remove the filler");
+                write_direct(&dev.block(), 0, &data)
+                    .unwrap_or_else(|(pos, e)| panic!("{what}: write at {pos} with space free again: {e}"));
+            }
+            assert!(
+                read_direct(&dev.block(), 0, size) == data,
+                "{what}: the device does not read back its writes"
+            );
+            del(dev.id);
+            assert_gone(&dev);
+        }
+    }
+}

@@ -164,9 +164,10 @@ impl DeviceBackend {
             true => ram::create_file(path, cfg.size)?,
             false => ram::open_file(path, cfg.size)?,
         };
+        let reserved = ram::reserve_as_asked(&file, path, cfg.size, create, cfg.sparse)?;
         Ok(match cfg.copy_mode {
             CopyMode::Zero => DeviceBackend::File(Arc::new(file::Backing::store(file, path, cfg.size))),
-            _ => DeviceBackend::Ram(Arc::new(ram::RamStore::map(file, path, cfg.size)?)),
+            _ => DeviceBackend::Ram(Arc::new(ram::RamStore::map(file, path, cfg.size, !reserved)?)),
         })
     }
 }
