@@ -974,3 +974,81 @@ fn ram_store_on_a_full_tmpfs_fails_a_write_not_the_server() {
         }
     }
 }
+
+// ---------------------------------------------------------------- devices started side by side
+
+/// Issue 22 item 10: many `add`s at once, each its own server starting while
+/// the others do (ADD_DEV, open of `/dev/ublkcN`, FETCH, START_DEV and its
+/// partition scan all interleaved): kernel-picked and fixed ids, every copy
+/// mode, with and without -r, in the shape of the report (`-q 2 -d 128`).
+/// Every one must go LIVE and serve a verify, several rounds in a row.
+#[test]
+fn devices_added_side_by_side_all_go_live_and_serve() {
+    let Some(_h) = harness() else { return };
+    let size = 4 * MIB;
+    for round in 0..3 {
+        let mut shapes: Vec<Vec<String>> = vec![];
+        let mut fixed = 40 + round * 20;
+        for mode in ["copy", "user", "zero"] {
+            for recovery in [false, true] {
+                for kernel_id in [true, false] {
+                    let mut a: Vec<String> =
+                        ["add", "ram", "-q", "2", "-d", "128", "--size", "4M", "--copy-mode", mode]
+                            .map(String::from)
+                            .into();
+                    if recovery {
+                        a.push("-r".into());
+                    }
+                    if !kernel_id {
+                        a.extend(["-n".into(), fixed.to_string()]);
+                        fixed += 1;
+                    }
+                    shapes.push(a);
+                }
+            }
+        }
+        let started: Vec<(String, Running)> =
+            shapes.iter().map(|a| (a.join(" "), spawn(Command::new(bin()).args(a)))).collect();
+        let mut devs = vec![];
+        let mut failed = vec![];
+        for (what, r) in started {
+            let out = r.finish(CMD_TIMEOUT);
+            match parse_dev_id(&out.stdout).filter(|_| out.ok() && out.stdout.contains("state LIVE")) {
+                Some(id) => devs.push((what, id)),
+                None => failed.push(format!("`{what}`:\n{}", out.describe())),
+            }
+        }
+        if !failed.is_empty() {
+            let log = fs::read_to_string(run_dir().join("server.log")).unwrap_or_default();
+            panic!(
+                "round {round}: {} of {} adds failed:\n{}\nserver log (tail):\n{}",
+                failed.len(),
+                shapes.len(),
+                failed.join("\n"),
+                tail(&log, 6000)
+            );
+        }
+        let live: Vec<Dev> = devs
+            .iter()
+            .map(|(what, id)| {
+                let j =
+                    list_one(*id).unwrap_or_else(|| panic!("round {round}: `{what}` made {id}, not listed"));
+                assert_eq!(j["state"], "LIVE", "round {round}: `{what}`: {j}");
+                let pid = j["pid"].as_i64().expect("pid") as i32;
+                assert!(alive(pid), "round {round}: the server of `{what}` (device {id}) is gone");
+                Dev { id: *id, pid, json: j }
+            })
+            .collect();
+        let mut ids: Vec<u32> = live.iter().map(|d| d.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), shapes.len(), "round {round}: two adds reported the same device: {devs:?}");
+        let labels: Vec<String> = live.iter().map(|d| format!("dev{}", d.id)).collect();
+        let pairs: Vec<(&str, &Dev)> = labels.iter().map(String::as_str).zip(&live).collect();
+        fio_verify_devices(&pairs, size);
+        for d in &live {
+            del(d.id);
+            assert_gone(d);
+        }
+    }
+}
