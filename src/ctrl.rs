@@ -162,9 +162,10 @@ impl Ctrl {
         Ok(info)
     }
 
-    /// The CPUs blk-mq maps to queue `qid`.
-    pub fn queue_affinity(&mut self, dev_id: u32, qid: u16) -> io::Result<Vec<usize>> {
-        let mut mask = vec![0u64; sys::cpu_mask_words(crate::config::nr_cpu_ids())];
+    /// The CPUs blk-mq maps to queue `qid`, in a mask of `nr_cpu_ids` bits
+    /// at least (shorter ones the kernel refuses).
+    pub fn queue_affinity(&mut self, dev_id: u32, qid: u16, nr_cpu_ids: usize) -> io::Result<Vec<usize>> {
+        let mut mask = vec![0u64; sys::cpu_mask_words(nr_cpu_ids)];
         let len = u16::try_from(mask.len() * 8).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
         let cmd = CtrlCmd {
             dev_id,

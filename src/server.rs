@@ -186,9 +186,10 @@ impl Server {
     fn queue_setup(&mut self, qid: u16, stats: &Arc<StatsFile>) -> Result<QueueSetup> {
         let affinity = match self.cfg.cpu_for(qid) {
             Some(_) => vec![],
-            None => {
-                self.ctrl.queue_affinity(self.dev_id, qid).map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?
-            }
+            None => self
+                .ctrl
+                .queue_affinity(self.dev_id, qid, config::nr_cpu_ids())
+                .map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?,
         };
         let cpu = self.cfg.queue_cpu(qid, &affinity, &config::online_cpus());
         Ok(QueueSetup {
