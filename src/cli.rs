@@ -126,6 +126,11 @@ pub struct AddArgs {
     /// must match --size (default: the file's size). `del` leaves it in place.
     #[arg(long, requires = "store")]
     pub reuse_store: bool,
+    /// ram: leave the store sparse instead of reserving all of it at `add` (fallocate). Memory is then
+    /// taken as blocks are written, and a write that finds the store's file system full fails with
+    /// ENOSPC (an I/O error on the device); the server keeps serving.
+    #[arg(long)]
+    pub sparse: bool,
     #[command(flatten)]
     pub dev_opts: DeviceOptions,
     /// Stay in the foreground; SIGTERM/SIGINT stop and delete the device.

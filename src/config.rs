@@ -136,6 +136,10 @@ pub struct DeviceConfig {
     /// only a new device applies it.
     #[serde(default)]
     pub scheduler: Option<String>,
+    /// `ram --sparse`: the store is not reserved at `add` (pages come as
+    /// written; a write on a full file system fails with ENOSPC).
+    #[serde(default)]
+    pub sparse: bool,
 }
 
 /// A file as a device's servers know it. A regular file is its filesystem
@@ -247,12 +251,21 @@ pub fn check_queues(queues: u32) -> Result<u16> {
 /// How many queues ADD_DEV makes of `queues`: the kernel clamps
 /// nr_hw_queues to nr_cpu_ids, the possible CPUs (ublk_ctrl_add_dev).
 pub fn kernel_queues(queues: u16) -> u16 {
-    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible")
-        .ok()
-        .and_then(|s| parse_cpus(s.trim()).ok())
-        .and_then(|c| c.iter().max().map(|m| m + 1))
-        .unwrap_or(usize::MAX);
+    let possible = possible_cpus().unwrap_or(usize::MAX);
     queues.min(possible.min(u16::MAX as usize) as u16)
+}
+
+/// nr_cpu_ids: one more than the highest possible CPU (sysfs).
+fn possible_cpus() -> Option<usize> {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?;
+    // "0-5119" or "0,2-7": the last number is the highest.
+    let last = s.trim().rsplit([',', '-']).next()?;
+    last.parse::<usize>().ok().map(|m| m + 1)
+}
+
+/// nr_cpu_ids, for sizing CPU masks; MAX_CPUS where sysfs cannot say.
+pub fn nr_cpu_ids() -> usize {
+    possible_cpus().unwrap_or(MAX_CPUS)
 }
 
 /// Queue depth: 1 to UBLK_MAX_QUEUE_DEPTH, one message for every bad value.
@@ -545,9 +558,15 @@ pub fn set_scheduler(dev_id: u32, name: &str) -> Result<()> {
 
 /// CPUs this process may run on.
 pub fn online_cpus() -> Vec<usize> {
-    core_affinity::get_core_ids()
-        .map(|ids| ids.into_iter().map(|c| c.id).collect())
-        .unwrap_or_else(|| vec![0])
+    // A mask of nr_cpu_ids bits: a fixed cpu_set_t (1024) is refused
+    // (EINVAL) on larger machines.
+    let mut mask = vec![0u64; sys::cpu_mask_words(nr_cpu_ids())];
+    // SAFETY: mask is writable for its whole length in bytes.
+    let r = unsafe { libc::sched_getaffinity(0, mask.len() * 8, mask.as_mut_ptr().cast()) };
+    match sys::mask_cpus(&mask) {
+        cpus if r == 0 && !cpus.is_empty() => cpus,
+        _ => vec![0],
+    }
 }
 
 pub fn format_cpus(cpus: &[usize]) -> String {
@@ -583,6 +602,7 @@ pub(crate) mod tests {
             gather_wait_us: GATHER_WAIT_US,
             stats: true,
             scheduler: Some("none".into()),
+            sparse: false,
         }
     }
 

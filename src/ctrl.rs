@@ -162,12 +162,22 @@ impl Ctrl {
         Ok(info)
     }
 
-    /// The CPUs blk-mq maps to queue `qid`.
-    pub fn queue_affinity(&mut self, dev_id: u32, qid: u16) -> io::Result<Vec<usize>> {
-        let mut mask = [0u64; 64]; // 4096 CPUs
-        self.dev_cmd(sys::UBLK_U_CMD_GET_QUEUE_AFFINITY, dev_id, Some(&mut mask), qid as u64)?;
-        let cpus = (0..mask.len() * 64).filter(|c| mask[c / 64] & (1 << (c % 64)) != 0);
-        Ok(cpus.collect())
+    /// The CPUs blk-mq maps to queue `qid`, in a mask of `nr_cpu_ids` bits
+    /// at least (shorter ones the kernel refuses).
+    pub fn queue_affinity(&mut self, dev_id: u32, qid: u16, nr_cpu_ids: usize) -> io::Result<Vec<usize>> {
+        let mut mask = vec![0u64; sys::cpu_mask_words(nr_cpu_ids)];
+        let len = u16::try_from(mask.len() * 8).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: sys::QUEUE_ID_NONE,
+            len,
+            addr: mask.as_mut_ptr() as u64,
+            data: qid as u64,
+            ..Default::default()
+        };
+        // `mask` lives until `cmd` returns, which waits for the completion.
+        self.cmd(sys::UBLK_U_CMD_GET_QUEUE_AFFINITY, cmd)?;
+        Ok(sys::mask_cpus(&mask))
     }
 
     pub fn start_recovery(&mut self, dev_id: u32) -> io::Result<()> {

@@ -719,8 +719,14 @@ pub(crate) fn map_descs(setup: &QueueSetup, char_dev: &File, page: usize) -> Res
 
 /// Pins the calling thread to `cpu` and checks that it took.
 pub fn pin(cpu: usize) -> Result<()> {
-    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-        return Err(Error::invalid(format!("could not pin queue thread to CPU {cpu}")));
+    // A mask long enough for `cpu`, however many CPUs the machine has (a
+    // cpu_set_t stops at 1024).
+    let mut mask = vec![0u64; sys::cpu_mask_words(cpu + 1)];
+    mask[cpu / 64] |= 1 << (cpu % 64);
+    // SAFETY: mask is readable for its whole length in bytes; 0 is this thread.
+    if unsafe { libc::sched_setaffinity(0, mask.len() * 8, mask.as_ptr().cast()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::invalid(format!("could not pin queue thread to CPU {cpu}: {e}")));
     }
     // SAFETY: sched_getcpu has no preconditions.
     let now = unsafe { libc::sched_getcpu() };

@@ -55,8 +55,8 @@ pub fn new_device(
     let _backend = match started {
         Ok(b) => b,
         Err(e) => {
+            let e = server.abandon(e);
             notify.failed(&e);
-            server.abandon();
             return Err(e);
         }
     };

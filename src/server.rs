@@ -93,8 +93,8 @@ impl Server {
         cfg.dev_id = Some(dev_id);
         let mut params = params_for(&cfg, &info, ns);
         if let Err(e) = ctrl.set_params(dev_id, &mut params) {
-            let _ = ctrl.del(dev_id);
-            return Err(Error::io("SET_PARAMS", e));
+            let undo = ctrl.del(dev_id).err();
+            return Err(with_undo(Error::io("SET_PARAMS", e), dev_id, "DEL_DEV", undo));
         }
         Ok(Server { panic_after, ..Server::new(ctrl, cfg, info) })
     }
@@ -196,9 +196,10 @@ impl Server {
     fn queue_setup(&mut self, qid: u16, stats: &Arc<StatsFile>) -> Result<QueueSetup> {
         let affinity = match self.cfg.cpu_for(qid) {
             Some(_) => vec![],
-            None => {
-                self.ctrl.queue_affinity(self.dev_id, qid).map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?
-            }
+            None => self
+                .ctrl
+                .queue_affinity(self.dev_id, qid, config::nr_cpu_ids())
+                .map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?,
         };
         let cpu = self.cfg.queue_cpu(qid, &affinity, &config::online_cpus());
         Ok(QueueSetup {
@@ -262,13 +263,32 @@ impl Server {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Abandons a device whose start failed: DEL_DEV_ASYNC finishes the
-    /// deletion once this process has exited and dropped its references.
-    pub fn abandon(mut self) {
+    /// Abandons a device whose start failed with `cause`: DEL_DEV_ASYNC
+    /// finishes the deletion once this process has exited and dropped its
+    /// references. Returns `cause`, with the undo's failure if it failed:
+    /// then the device and its files stay for `del`. (STOP_DEV may fail on
+    /// a device that never started; only the deletion counts.)
+    pub fn abandon(mut self, cause: Error) -> Error {
         let _ = self.ctrl.stop(self.dev_id);
-        let _ = self.ctrl.del_async(self.dev_id);
-        run_files::remove_all(self.dev_id, Some(&self.cfg));
+        match self.ctrl.del_async(self.dev_id) {
+            Ok(()) => {
+                run_files::remove_all(self.dev_id, Some(&self.cfg));
+                cause
+            }
+            Err(e) => with_undo(cause, self.dev_id, "DEL_DEV_ASYNC", Some(e)),
+        }
     }
+}
+
+/// `cause`, and where undoing a half-made device with `op` failed too, that
+/// failure and what to do about it (the device is left behind).
+fn with_undo(cause: Error, dev_id: u32, op: &str, undo: Option<std::io::Error>) -> Error {
+    let Some(e) = undo else { return cause };
+    crate::log!("device {dev_id}: {op} after a failed start failed: {e}");
+    Error::Refused(format!(
+        "{cause}; deleting the half-made device {dev_id} then failed too ({op}: {e}): \
+         remove it with `ublk-bench del -n {dev_id} --force`"
+    ))
 }
 
 /// Picks the copy mode: `auto` takes the best the kernel offers for the
@@ -474,6 +494,19 @@ mod tests {
         // user and copy stay selectable for ram, for comparison.
         assert_eq!(resolve_copy_mode(CopyMode::User, Ram, LINUX_6_15).unwrap(), CopyMode::User);
         assert_eq!(resolve_copy_mode(CopyMode::Copy, Ram, LINUX_6_15).unwrap(), CopyMode::Copy);
+    }
+
+    /// A failed undo is reported with the failure it undid, not dropped.
+    #[test]
+    fn a_failed_undo_is_reported_with_its_cause() {
+        let cause = || Error::io("SET_PARAMS", std::io::Error::from_raw_os_error(libc::EINVAL));
+        assert_eq!(with_undo(cause(), 4, "DEL_DEV", None).to_string(), cause().to_string());
+        let err =
+            with_undo(cause(), 4, "DEL_DEV_ASYNC", Some(std::io::Error::from_raw_os_error(libc::EBUSY)))
+                .to_string();
+        assert!(err.starts_with(&cause().to_string()), "{err}");
+        assert!(err.contains("DEL_DEV_ASYNC") && err.contains("busy"), "{err}");
+        assert!(err.contains("ublk-bench del -n 4"), "{err}");
     }
 
     #[test]

@@ -319,8 +319,10 @@ unsafe impl Sync for StatsFile {}
 unsafe impl Send for StatsFile {}
 
 impl StatsFile {
-    fn len(queues: usize) -> usize {
-        size_of::<Header>() + queues * size_of::<QueueStats>()
+    /// The file's length for `queues` queues; None where that overflows
+    /// (a corrupt header's count).
+    fn len(queues: u64) -> Option<usize> {
+        usize::try_from(queues).ok()?.checked_mul(size_of::<QueueStats>())?.checked_add(size_of::<Header>())
     }
 
     /// Makes a zeroed, unpublished file for `queues` queues (a new server
@@ -334,7 +336,8 @@ impl StatsFile {
     /// [`Self::create`] in another folder (tests).
     pub(crate) fn create_in(dir: PathBuf, dev_id: u32, queues: usize, on: bool) -> Result<Self> {
         let (file, name) = unnamed_file(&dir, dev_id)?;
-        file.set_len(Self::len(queues) as u64).map_err(|e| Error::io("size stats file", e))?;
+        let len = Self::len(queues as u64).ok_or_else(|| Error::invalid(format!("{queues} queues")))?;
+        file.set_len(len as u64).map_err(|e| Error::io("size stats file", e))?;
         // SAFETY: the file is ours and sized above; other processes only read it.
         let mut map =
             unsafe { MmapOptions::new().map_mut(&file) }.map_err(|e| Error::io("mmap stats file", e))?;
@@ -381,10 +384,11 @@ impl StatsFile {
             return Err(Error::invalid(format!("{} is truncated", path.display())));
         }
         let h = Self::header(&map);
-        let queues = h.queues as usize;
-        if h.magic != MAGIC || map.len() < Self::len(queues) {
+        let fits = Self::len(h.queues).is_some_and(|len| map.len() >= len);
+        if h.magic != MAGIC || !fits {
             return Err(Error::invalid(format!("{} is not a ublk-bench stats file", path.display())));
         }
+        let queues = h.queues as usize;
         Ok(StatsFile { map, queues, dev_id, dir, unpublished: Mutex::new(None) })
     }
 
@@ -438,7 +442,10 @@ fn unnamed_file(dir: &Path, dev_id: u32) -> Result<(File, Option<PathBuf>)> {
         Ok(f) => (f, None),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EISDIR)) => {
             let path = private_path(dir, dev_id);
-            let f = opts.create(true).truncate(true).open(&path);
+            // A stale file of an earlier process with our pid goes first:
+            // then O_EXCL|O_NOFOLLOW, so no link planted there is followed.
+            let _ = std::fs::remove_file(&path);
+            let f = opts.create_new(true).custom_flags(libc::O_NOFOLLOW).open(&path);
             (f.map_err(|e| Error::io(format!("create {}", path.display()), e))?, Some(path))
         }
         Err(e) => return Err(Error::io(format!("create a stats file in {}", dir.display()), e)),
@@ -644,5 +651,25 @@ mod tests {
         let p50 = h.value_at_quantile(0.5);
         assert!((9_000..=10_000).contains(&p50), "{p50}");
         assert!(h.value_at_quantile(0.999) >= 900_000);
+    }
+
+    /// A corrupt header whose queue count times the slot size wraps around
+    /// to a length the file has: refused, not mapped past its end.
+    #[test]
+    fn a_queue_count_that_overflows_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StatsFile::create_in(dir.path().into(), 6, 1, true).unwrap();
+        f.publish().unwrap();
+        drop(f);
+        let path = dir.path().join("6.stats");
+        let slot = size_of::<QueueStats>() as u64;
+        // 2^64 / slot (rounded up): times slot, it wraps to a few bytes.
+        let queues = u64::MAX / slot + 1;
+        assert!(queues.wrapping_mul(slot) < slot, "the count chosen must wrap");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..16].copy_from_slice(&queues.to_ne_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = StatsFile::open_in(dir.path().into(), 6).err().expect("a corrupt count is refused");
+        assert!(err.to_string().contains("not a ublk-bench stats file"), "{err}");
     }
 }

@@ -141,6 +141,19 @@ pub const UBLK_PARAM_TYPE_DISCARD: u32 = 1 << 1;
 pub const UBLK_MAX_QUEUE_DEPTH: u32 = 4096;
 pub const UBLK_MAX_NR_QUEUES: u32 = 4096;
 
+/// u64 words of a CPU mask for a machine of `nr_cpu_ids` possible CPUs.
+/// GET_QUEUE_AFFINITY and sched_getaffinity refuse (EINVAL) a mask shorter
+/// than nr_cpu_ids bits or not a whole number of longs; never less than
+/// 4096 bits, the size used before machines outgrew it.
+pub fn cpu_mask_words(nr_cpu_ids: usize) -> usize {
+    nr_cpu_ids.div_ceil(64).max(64)
+}
+
+/// The CPUs whose bits are set in `mask` (bit c of word c / 64).
+pub fn mask_cpus(mask: &[u64]) -> Vec<usize> {
+    (0..mask.len() * 64).filter(|c| mask[c / 64] & (1 << (c % 64)) != 0).collect()
+}
+
 /// User-copy file positions: `UBLKSRV_IO_BUF_OFFSET + (q << 41) + (tag << 25) + off`.
 pub const UBLKSRV_IO_BUF_OFFSET: u64 = 0x8000_0000;
 pub const UBLK_TAG_OFF: u32 = 25;
@@ -402,6 +415,20 @@ pub fn flag_names(flags: u64) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A machine with more CPUs than 4096 gets a mask with a bit for each.
+    #[test]
+    fn cpu_masks_cover_every_possible_cpu() {
+        for n in [1, 2, 64, 4096, 4097, 5000, 8192] {
+            assert!(cpu_mask_words(n) * 64 >= n, "{n} CPUs");
+            assert!(cpu_mask_words(n) >= 64);
+        }
+        let mut mask = vec![0u64; cpu_mask_words(5000)];
+        for c in [0, 63, 64, 4999] {
+            mask[c / 64] |= 1 << (c % 64);
+        }
+        assert_eq!(mask_cpus(&mask), vec![0, 63, 64, 4999]);
+    }
 
     #[test]
     fn command_numbers_match_the_uapi_header() {

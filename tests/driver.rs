@@ -846,3 +846,212 @@ fn list_and_del_all_without_sysfs_fall_back_to_probing() {
     let out = ublk(&["list", "--json"]).success();
     assert_eq!(out.stdout.trim(), "[]", "list with no device");
 }
+
+// ---------------------------------------------------------------- ram store on a full tmpfs
+
+/// A tmpfs of a few MiB mounted on a fresh folder; unmounted (lazily, so a
+/// failed test with the store still open does not leave it) on drop.
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    fn new(mib: u64) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let size = format!("size={mib}m");
+        run(Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &size,
+            "ublk-test",
+            &dir.path().to_string_lossy(),
+        ]))
+        .success();
+        SmallTmpfs { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `name` until the file system is full; returns the bytes written.
+    fn fill(&self, name: &str) -> u64 {
+        let mut f = fs::File::create(self.path(name)).expect("create the filler");
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            match std::io::Write::write(&mut f, &chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling the tmpfs: {e}");
+                    break;
+                }
+            }
+        }
+        written
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// Writes `data` to `dev` at `offset` with O_DIRECT, in 1 MiB requests;
+/// the first error, if any, with the offset it came at.
+fn write_direct(dev: &std::path::Path, offset: u64, data: &[u8]) -> Result<(), (u64, std::io::Error)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("open {} O_DIRECT: {e}", dev.display()));
+    let chunk = 1usize << 20;
+    let mut buf = vec![0u8; chunk + 4096];
+    let at = buf.as_ptr().align_offset(4096);
+    for (i, part) in data.chunks(chunk).enumerate() {
+        let aligned = &mut buf[at..at + part.len()];
+        aligned.copy_from_slice(part);
+        let pos = offset + (i * chunk) as u64;
+        f.write_all_at(aligned, pos).map_err(|e| (pos, e))?;
+    }
+    Ok(())
+}
+
+/// Issue 22 item 6: a RAM store whose tmpfs another file fills after `add`.
+/// By default the store was reserved at `add`, so every write still lands
+/// and reads back. With `--sparse` a write into a hole fails with ENOSPC,
+/// for that request only: the server lives on (no SIGBUS, no crash loop) and
+/// serves the same writes once space is freed. Every copy mode, since each
+/// reaches the store another way (map, map through pread, the kernel's fd).
+#[test]
+fn ram_store_on_a_full_tmpfs_fails_a_write_not_the_server() {
+    let Some(_h) = harness() else { return };
+    let size = 8 * MIB;
+    let data = random_bytes(size as usize, 0x5ba2);
+    for mode in ["copy", "user", "zero"] {
+        for sparse in [false, true] {
+            let what = format!("--copy-mode {mode}{}", if sparse { " --sparse" } else { "" });
+            let fs = SmallTmpfs::new(16);
+            let store = fs.path("store");
+            let store_arg = store.to_string_lossy().into_owned();
+            let mut args = vec!["ram", "--size", "8M", "--store", &store_arg, "--copy-mode", mode];
+            if sparse {
+                args.push("--sparse");
+            }
+            let dev = add(&args);
+            let filled = fs.fill("filler");
+            assert!(filled > 0, "{what}: the filler got no space at all");
+            match write_direct(&dev.block(), 0, &data) {
+                Ok(()) => {
+                    assert!(!sparse, "{what}: writes into a sparse store on a full tmpfs all succeeded")
+                }
+                Err((pos, e)) => {
+                    assert!(sparse, "{what}: a write at {pos} into the reserved store failed: {e}");
+                    assert!(
+                        matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)),
+                        "{what}: the write at {pos} failed with {e}, not ENOSPC or EIO"
+                    );
+                }
+            }
+            // The server lives and serves: after a failed write too.
+            sleep_ms(200);
+            assert!(alive(dev.pid), "{what}: the server (pid {}) died on the full tmpfs", dev.pid);
+            let j = list_one(dev.id).unwrap_or_else(|| panic!("{what}: device {} is gone", dev.id));
+            assert_eq!(j["state"], "LIVE", "{what}: {j}");
+            assert_eq!(j["pid"], dev.pid, "{what}: another server serves the device now (a restart): {j}");
+            if sparse {
+                fs::remove_file(fs.path("filler")).expect("remove the filler");
+                write_direct(&dev.block(), 0, &data)
+                    .unwrap_or_else(|(pos, e)| panic!("{what}: write at {pos} with space free again: {e}"));
+            }
+            assert!(
+                read_direct(&dev.block(), 0, size) == data,
+                "{what}: the device does not read back its writes"
+            );
+            del(dev.id);
+            assert_gone(&dev);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- devices started side by side
+
+/// Issue 22 item 10: many `add`s at once, each its own server starting while
+/// the others do (ADD_DEV, open of `/dev/ublkcN`, FETCH, START_DEV and its
+/// partition scan all interleaved): kernel-picked and fixed ids, every copy
+/// mode, with and without -r, in the shape of the report (`-q 2 -d 128`).
+/// Every one must go LIVE and serve a verify, several rounds in a row.
+#[test]
+fn devices_added_side_by_side_all_go_live_and_serve() {
+    let Some(_h) = harness() else { return };
+    let size = 4 * MIB;
+    for round in 0..3 {
+        let mut shapes: Vec<Vec<String>> = vec![];
+        let mut fixed = 40 + round * 20;
+        for mode in ["copy", "user", "zero"] {
+            for recovery in [false, true] {
+                for kernel_id in [true, false] {
+                    let mut a: Vec<String> =
+                        ["add", "ram", "-q", "2", "-d", "128", "--size", "4M", "--copy-mode", mode]
+                            .map(String::from)
+                            .into();
+                    if recovery {
+                        a.push("-r".into());
+                    }
+                    if !kernel_id {
+                        a.extend(["-n".into(), fixed.to_string()]);
+                        fixed += 1;
+                    }
+                    shapes.push(a);
+                }
+            }
+        }
+        let started: Vec<(String, Running)> =
+            shapes.iter().map(|a| (a.join(" "), spawn(Command::new(bin()).args(a)))).collect();
+        let mut devs = vec![];
+        let mut failed = vec![];
+        for (what, r) in started {
+            let out = r.finish(CMD_TIMEOUT);
+            match parse_dev_id(&out.stdout).filter(|_| out.ok() && out.stdout.contains("state LIVE")) {
+                Some(id) => devs.push((what, id)),
+                None => failed.push(format!("`{what}`:\n{}", out.describe())),
+            }
+        }
+        if !failed.is_empty() {
+            let log = fs::read_to_string(run_dir().join("server.log")).unwrap_or_default();
+            panic!(
+                "round {round}: {} of {} adds failed:\n{}\nserver log (tail):\n{}",
+                failed.len(),
+                shapes.len(),
+                failed.join("\n"),
+                tail(&log, 6000)
+            );
+        }
+        let live: Vec<Dev> = devs
+            .iter()
+            .map(|(what, id)| {
+                let j =
+                    list_one(*id).unwrap_or_else(|| panic!("round {round}: `{what}` made {id}, not listed"));
+                assert_eq!(j["state"], "LIVE", "round {round}: `{what}`: {j}");
+                let pid = j["pid"].as_i64().expect("pid") as i32;
+                assert!(alive(pid), "round {round}: the server of `{what}` (device {id}) is gone");
+                Dev { id: *id, pid, json: j }
+            })
+            .collect();
+        let mut ids: Vec<u32> = live.iter().map(|d| d.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), shapes.len(), "round {round}: two adds reported the same device: {devs:?}");
+        let labels: Vec<String> = live.iter().map(|d| format!("dev{}", d.id)).collect();
+        let pairs: Vec<(&str, &Dev)> = labels.iter().map(String::as_str).zip(&live).collect();
+        fio_verify_devices(&pairs, size);
+        for d in &live {
+            del(d.id);
+            assert_gone(d);
+        }
+    }
+}

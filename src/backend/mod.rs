@@ -180,9 +180,10 @@ impl DeviceBackend {
             true => ram::create_file(path, cfg.size)?,
             false => ram::open_checked(path, cfg.size, cfg.backing_id.as_ref(), cfg.dev_id)?,
         };
+        let reserved = ram::reserve_as_asked(&file, path, cfg.size, create, cfg.sparse)?;
         Ok(match cfg.copy_mode {
             CopyMode::Zero => DeviceBackend::File(Arc::new(file::Backing::store(file, path, cfg.size))),
-            _ => DeviceBackend::Ram(Arc::new(ram::RamStore::map(file, path, cfg.size)?)),
+            _ => DeviceBackend::Ram(Arc::new(ram::RamStore::map(file, path, cfg.size, !reserved)?)),
         })
     }
 }

@@ -11,12 +11,23 @@
 //! Queue threads touch disjoint byte ranges only because the block layer
 //! never has two overlapping requests in flight that both complete
 //! successfully with defined content; the store itself takes no lock.
+//!
+//! Space: a store on a tmpfs is sparse until written, and a store write
+//! through the map into a hole on a full tmpfs is a SIGBUS that kills the
+//! server (and every recovered server again, on the same write). So `add`
+//! reserves the whole store ([`reserve`], fallocate) and the map is used
+//! only while every page is backed. With `--sparse`, or once a reservation
+//! failed (a discard's hole could not be filled again, a reused store could
+//! not be reserved), the store is *guarded*: every request goes through the
+//! store's fd (pread/pwrite, which tmpfs answers with ENOSPC), never the
+//! map, so a full tmpfs fails that request and nothing else.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -33,7 +44,14 @@ pub struct RamStore {
     map: MmapRaw,
     size: u64,
     path: PathBuf,
+    /// Some page may be a hole: serve through the fd, not the map (module doc).
+    guarded: AtomicBool,
 }
+
+/// Bytes a guarded queue moves per step between `/dev/ublkcN` and the store.
+const BOUNCE: usize = 64 << 10;
+/// A zero page for the unaligned edges of a guarded discard.
+static ZEROES: [u8; 4096] = [0; 4096];
 
 /// Creates a fresh zeroed store file of `size` bytes at `path`, mode 0600.
 /// The path must not exist (O_EXCL, and O_NOFOLLOW for a dangling link):
@@ -60,6 +78,59 @@ pub fn create_file(path: &Path, size: u64) -> Result<File> {
     Ok(file)
 }
 
+/// Allocates every page of the store (fallocate), so that no later write
+/// finds a hole on a full file system. Holes only: existing data stays.
+pub fn reserve(file: &File, path: &Path, size: u64) -> Result<()> {
+    fallocate(file, 0, size).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSPC) => Error::invalid(format!(
+            "RAM store {}: no room to reserve its {size} bytes (ENOSPC): free space there, give a smaller \
+             --size, or add --sparse to serve it unreserved (writes then fail with ENOSPC when it fills)",
+            path.display()
+        )),
+        _ => Error::io(format!("reserve the {size} bytes of RAM store {}", path.display()), e),
+    })
+}
+
+/// Reserves a store as its device asks (`--sparse` or not) and says
+/// whether every page is now backed. A new store that does not fit is
+/// removed and the start fails; an existing one (recovery, `--reuse-store`)
+/// that cannot be reserved is served guarded rather than not at all.
+pub fn reserve_as_asked(file: &File, path: &Path, size: u64, created: bool, sparse: bool) -> Result<bool> {
+    if sparse {
+        return Ok(false);
+    }
+    // A store that already has a block for every byte (the usual case on
+    // recovery) needs no fallocate, which walks every page: a cold
+    // restart would wait for it.
+    use std::os::unix::fs::MetadataExt;
+    if !created && file.metadata().is_ok_and(|m| m.blocks().saturating_mul(512) >= size) {
+        return Ok(true);
+    }
+    match reserve(file, path, size) {
+        Ok(()) => Ok(true),
+        Err(e) if created => {
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
+        Err(e) => {
+            crate::log!("{e}; serving it guarded (ENOSPC when full)");
+            Ok(false)
+        }
+    }
+}
+
+/// fallocate mode 0 of `[off, off+len)`.
+fn fallocate(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscall on an fd we own.
+    match unsafe { libc::fallocate(file.as_raw_fd(), 0, off as i64, len as i64) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// Opens an existing store file, as a recovering server or `--reuse-store`
 /// does; it must be a regular file (not a link) of exactly `size` bytes.
 pub fn open_file(path: &Path, size: u64) -> Result<File> {
@@ -84,23 +155,36 @@ pub fn open_checked(path: &Path, size: u64, want: Option<&FileId>, dev_id: Optio
 }
 
 impl RamStore {
-    /// A fresh store at `path`, mapped (user and copy modes).
+    /// A fresh store at `path`, reserved and mapped (user and copy modes).
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        Self::map(create_file(path, size)?, path, size)
+        let file = create_file(path, size)?;
+        if let Err(e) = reserve(&file, path, size) {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        Self::map(file, path, size, false)
     }
 
-    /// An existing store at `path`, mapped.
+    /// An existing store at `path`, reserved where it can be, and mapped.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
-        Self::map(open_file(path, size)?, path, size)
+        let file = open_file(path, size)?;
+        let reserved = reserve_as_asked(&file, path, size, false, false)?;
+        Self::map(file, path, size, !reserved)
     }
 
-    /// Maps `file` MAP_SHARED: the user and copy modes move bytes through the map.
-    pub fn map(file: File, path: &Path, size: u64) -> Result<Self> {
+    /// Maps `file` MAP_SHARED: the user and copy modes move bytes through
+    /// the map, unless `guarded` (the store may have holes: module doc).
+    pub fn map(file: File, path: &Path, size: u64, guarded: bool) -> Result<Self> {
         let map = MmapOptions::new()
             .len(size as usize)
             .map_raw(&file)
             .map_err(|e| Error::io(format!("mmap RAM store {}", path.display()), e))?;
-        Ok(RamStore { file, map, size, path: path.to_owned() })
+        Ok(RamStore { file, map, size, path: path.to_owned(), guarded: AtomicBool::new(guarded) })
+    }
+
+    /// Requests must not touch the map: some page may be a hole.
+    pub fn guarded(&self) -> bool {
+        self.guarded.load(Ordering::Relaxed)
     }
 
     pub fn size(&self) -> u64 {
@@ -117,28 +201,65 @@ impl RamStore {
     }
 
     /// Zeroes `[off, off+len)`: whole pages are punched out of the file, so
-    /// a device-wide discard frees memory instead of touching every page.
+    /// a device-wide discard is quick. A reserved store gets them back at
+    /// once (the reservation stands); where that fails the store becomes
+    /// guarded, so no later request faults on the hole. A guarded store
+    /// keeps its holes, freeing the memory, and zeroes the unaligned edges
+    /// through the fd.
     fn zero(&self, off: u64, len: u64) -> i32 {
         let page = 4096u64;
         let start = off.next_multiple_of(page).min(off + len);
         let end = ((off + len) / page * page).max(start);
-        self.memset(off, start - off);
-        self.memset(end, off + len - end);
+        let guarded = self.guarded();
+        for (at, n) in [(off, start - off), (end, off + len - end)] {
+            let r = if guarded { self.write_zeroes(at, n) } else { self.memset(at, n) };
+            if r < 0 {
+                return r;
+            }
+        }
         if end > start {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             // SAFETY: plain syscall on an fd we own.
             let r =
                 unsafe { libc::fallocate(self.file.as_raw_fd(), mode, start as i64, (end - start) as i64) };
             if r != 0 {
-                self.memset(start, end - start);
+                return if guarded {
+                    self.write_zeroes(start, end - start)
+                } else {
+                    self.memset(start, end - start)
+                };
+            }
+            if !guarded && fallocate(&self.file, start, end - start).is_err() {
+                self.guarded.store(true, Ordering::Relaxed);
+                crate::log!(
+                    "RAM store {}: a discarded range could not be reserved again; serving it guarded (ENOSPC when full)",
+                    self.path.display()
+                );
             }
         }
         0
     }
 
-    fn memset(&self, off: u64, len: u64) {
+    /// Zeroes a range through the fd (guarded: it may be a hole).
+    fn write_zeroes(&self, mut off: u64, len: u64) -> i32 {
+        let end = off + len;
+        while off < end {
+            let n = (end - off).min(ZEROES.len() as u64) as usize;
+            // SAFETY: ZEROES is static and readable for n <= its length.
+            let r = unsafe { pwrite_all(self.file.as_raw_fd(), ZEROES.as_ptr(), n, off) };
+            if r < 0 {
+                return r;
+            }
+            off += n as u64;
+        }
+        0
+    }
+
+    /// Only on a reserved store (no holes, so no fault).
+    fn memset(&self, off: u64, len: u64) -> i32 {
         // SAFETY: callers checked off+len <= size; the map lives as long as self.
         unsafe { self.map.as_mut_ptr().add(off as usize).write_bytes(0, len as usize) };
+        0
     }
 
     fn in_range(&self, req: &Request) -> bool {
@@ -198,11 +319,58 @@ pub fn resolve_store(path: &Path, reuse: bool, size: Option<u64>) -> Result<(Pat
 /// One queue's handle on the shared store.
 pub struct RamQueue {
     store: Arc<RamStore>,
+    /// A guarded store's staging between `/dev/ublkcN` and the store's fd
+    /// (user copy); made on first use, so a reserved store never pays for it.
+    bounce: Vec<u8>,
 }
 
 impl RamQueue {
     pub fn new(store: Arc<RamStore>) -> Self {
-        RamQueue { store }
+        RamQueue { store, bounce: Vec::new() }
+    }
+
+    /// Read or write through the store's fd: no access to the map, so a
+    /// hole on a full file system is an ENOSPC (write), never a fault.
+    fn guarded_io(&mut self, req: &Request, data: Data<'_>, write: bool) -> i32 {
+        let store = self.store.file.as_raw_fd();
+        let len = req.len as usize;
+        let r = match data {
+            // SAFETY: buf is the tag's own buffer of at least max_io_buf_bytes >= len.
+            Data::Buf(buf) if write => unsafe { pwrite_all(store, buf.as_ptr(), len, req.offset) },
+            // SAFETY: as above, written by the store's pread.
+            Data::Buf(buf) => unsafe { pread_all(store, buf.as_mut_ptr(), len, req.offset) },
+            Data::UserCopy { fd, pos } => {
+                if self.bounce.is_empty() {
+                    self.bounce = vec![0; BOUNCE];
+                }
+                let b = self.bounce.as_mut_ptr();
+                let mut done = 0usize;
+                while done < len {
+                    let n = (len - done).min(BOUNCE);
+                    let (at, p) = (req.offset + done as u64, pos + done as u64);
+                    // SAFETY: bounce is ours and BOUNCE >= n bytes long.
+                    let r = unsafe {
+                        match write {
+                            true => match pread_all(fd, b, n, p) {
+                                r if r < 0 => r,
+                                _ => pwrite_all(store, b, n, at),
+                            },
+                            false => match pread_all(store, b, n, at) {
+                                r if r < 0 => r,
+                                _ => pwrite_all(fd, b, n, p),
+                            },
+                        }
+                    };
+                    if r < 0 {
+                        return r;
+                    }
+                    done += n;
+                }
+                done as i32
+            }
+            Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
+        };
+        if r < 0 { r } else { done(req.len) }
     }
 
     fn read(&self, req: &Request, data: Data<'_>) -> i32 {
@@ -246,7 +414,10 @@ impl SyncBackend for RamQueue {
         if req.op != sys::UBLK_IO_OP_FLUSH && !self.store.in_range(req) {
             return -libc::EINVAL;
         }
+        let guarded = self.store.guarded();
         match req.op {
+            sys::UBLK_IO_OP_READ if guarded => self.guarded_io(req, data, false),
+            sys::UBLK_IO_OP_WRITE if guarded => self.guarded_io(req, data, true),
             sys::UBLK_IO_OP_READ => self.read(req, data),
             sys::UBLK_IO_OP_WRITE => self.write(req, data),
             sys::UBLK_IO_OP_FLUSH => 0,

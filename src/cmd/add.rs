@@ -90,7 +90,14 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         gather_wait_us: args.queue.gather_wait_us(args.poll)?,
         stats: args.queue.stats == OnOff::On,
         scheduler: args.queue.scheduler.0.clone(),
+        sparse: args.sparse,
     };
+    if args.sparse && args.backend != BackendKind::Ram {
+        return Err(Error::invalid(format!(
+            "--sparse is an option of the ram backend (its store), not {}: drop it",
+            args.backend.name()
+        )));
+    }
     args.dev_opts.check(args.backend)?;
     match args.backend {
         BackendKind::Nvme => nvme_config(cfg, args),

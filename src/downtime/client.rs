@@ -242,8 +242,38 @@ impl Buffers {
 
 impl Drop for Buffers {
     fn drop(&mut self) {
+        #[cfg(test)]
+        FREED.fetch_add(1, Ordering::Relaxed);
         // SAFETY: ptr came from alloc_zeroed with this layout.
         unsafe { dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Buffers freed (tests: [`InFlight`] must not free while I/Os are out).
+#[cfg(test)]
+static FREED: AtomicUsize = AtomicUsize::new(0);
+
+/// A job's buffers and how many of its I/Os may still write into them.
+/// Closing a ring does not wait for its reads: the kernel completes them
+/// into these buffers later. So on every way out of a job, the normal end
+/// or an error with I/Os in flight, the buffers are freed only if none is
+/// out, and otherwise left allocated (once, at the end of a run).
+struct InFlight {
+    bufs: Option<Buffers>,
+    count: usize,
+}
+
+impl InFlight {
+    fn slot(&self, i: usize) -> *mut u8 {
+        self.bufs.as_ref().expect("held until drop").slot(i)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.count > 0 {
+            std::mem::forget(self.bufs.take());
+        }
     }
 }
 
@@ -300,9 +330,11 @@ fn run_job(cfg: &JobConfig, shared: &Shared) -> Result<JobResult> {
             cfg.path.display()
         )));
     }
+    // Declared before the ring, so that on every return the ring goes first
+    // and the buffers then only if no I/O is out ([`InFlight`]).
+    let mut bufs = InFlight { bufs: Some(Buffers::new(depth, bs)?), count: 0 };
     let mut ring =
         IoUring::new(depth.next_power_of_two() as u32).map_err(|e| Error::io("io_uring_setup", e))?;
-    let bufs = Buffers::new(depth, bs)?;
     let mut submit_ns = vec![0u64; depth];
     let mut tracker = Tracker::new(now_ns(), cfg.cycles);
     let mut ok_ms = vec![0u32; cfg.max_ms];
@@ -322,15 +354,14 @@ fn run_job(cfg: &JobConfig, shared: &Shared) -> Result<JobResult> {
         // CQE is reaped (or forever, if the job gives up draining), and the
         // fd outlives the ring's use of it.
         unsafe { sq.push(&sqe) }.map_err(|_| Error::invalid("io_uring submission queue full"))?;
+        bufs.count += 1;
     }
     sq.sync();
-
-    let mut inflight = depth;
     let mut drain_deadline = None;
     loop {
         let stopping = shared.stop.load(Ordering::Relaxed);
         if stopping {
-            if inflight == 0 {
+            if bufs.count == 0 {
                 break;
             }
             let d = *drain_deadline.get_or_insert_with(|| Instant::now() + DRAIN_TIMEOUT);
@@ -375,7 +406,7 @@ fn run_job(cfg: &JobConfig, shared: &Shared) -> Result<JobResult> {
                 errs += 1;
             }
             if stopping {
-                inflight -= 1;
+                bufs.count -= 1;
             } else {
                 let sqe = io.prep(slot, bufs.slot(slot));
                 submit_ns[slot] = now_ns();
@@ -395,16 +426,40 @@ fn run_job(cfg: &JobConfig, shared: &Shared) -> Result<JobResult> {
         progress.ok.fetch_add(oks, Ordering::Relaxed);
         progress.errors.fetch_add(errs, Ordering::Relaxed);
     }
-    if inflight > 0 {
-        // The kernel may still write into these buffers: never free them.
-        std::mem::forget(bufs);
-    }
-    Ok(JobResult { tracker, ok_ms, err_ms, late, undrained: inflight as u32 })
+    Ok(JobResult { tracker, ok_ms, err_ms, late, undrained: bufs.count as u32 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read that never completes (an empty pipe) is in flight when the
+    /// job's ring goes, as on an error return: its buffer must outlive the
+    /// ring, never be freed under it. With nothing in flight it is freed.
+    #[test]
+    fn buffers_of_reads_in_flight_are_never_freed() {
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let before = FREED.load(Ordering::Relaxed);
+        {
+            let mut bufs = InFlight { bufs: Some(Buffers::new(1, 4096).unwrap()), count: 0 };
+            let mut ring = IoUring::new(2).unwrap();
+            let sqe = opcode::Read::new(types::Fd(fds[0]), bufs.slot(0), 4096).build();
+            // SAFETY: the buffer is held by `bufs`, which this test checks.
+            unsafe { ring.submission().push(&sqe) }.unwrap();
+            ring.submit().unwrap();
+            bufs.count += 1;
+            drop(ring);
+        }
+        assert_eq!(FREED.load(Ordering::Relaxed), before, "a buffer with a read in flight was freed");
+        drop(InFlight { bufs: Some(Buffers::new(1, 4096).unwrap()), count: 0 });
+        assert_eq!(FREED.load(Ordering::Relaxed), before + 1, "an idle buffer was not freed");
+        // SAFETY: our own pipe's descriptors.
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: as above.
+        unsafe { libc::close(fds[1]) };
+    }
 
     #[test]
     fn xorshift_stays_in_range_and_spreads() {

@@ -338,11 +338,10 @@ pub fn kernel_release() -> String {
     unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy().into_owned()
 }
 
-/// `git rev-parse --short HEAD` of the current folder, or "unknown".
+/// The commit of the tree this binary was built from (`git rev-parse
+/// --short HEAD` there), or "unknown".
 pub fn git_rev() -> String {
-    std::process::Command::new("git")
-        .args(["-c", "safe.directory=*", "rev-parse", "--short", "HEAD"])
-        .stderr(std::process::Stdio::null())
+    git_rev_command()
         .output()
         .ok()
         .filter(|o| o.status.success())
@@ -350,6 +349,20 @@ pub fn git_rev() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// The command [`git_rev`] runs. Only in the binary's own source tree, not
+/// the caller's folder, and with git's ownership check left on: run as root
+/// in a tree someone else owns, git would otherwise obey that tree's config
+/// (hooks, fsmonitor): "unknown" is the answer there.
+fn git_rev_command() -> std::process::Command {
+    let mut c = std::process::Command::new("git");
+    c.arg("-C").arg(env!("CARGO_MANIFEST_DIR")).args(["rev-parse", "--short", "HEAD"]);
+    for var in ["GIT_DIR", "GIT_WORK_TREE", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT"] {
+        c.env_remove(var);
+    }
+    c.stderr(std::process::Stdio::null());
+    c
 }
 
 pub fn to_json(r: &Report) -> String {
@@ -605,6 +618,19 @@ garbage
     #[test]
     fn csv_is_ms_and_iops() {
         assert_eq!(csv(&[0, 3, 12]), "ms,iops\n0,0\n1,3000\n2,12000\n");
+    }
+
+    /// git keeps its ownership check (no `safe.directory`) and reads only
+    /// the binary's own tree, whatever the caller's folder.
+    #[test]
+    fn git_rev_reads_only_the_binarys_tree_with_the_ownership_check_on() {
+        let c = git_rev_command();
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(!args.iter().any(|a| a.contains("safe.directory")), "{args:?}");
+        assert_eq!(args[..2], ["-C".to_string(), env!("CARGO_MANIFEST_DIR").to_string()], "{args:?}");
+        assert_eq!(c.get_current_dir(), None, "{args:?}");
+        let rev = git_rev();
+        assert!(rev == "unknown" || rev.chars().all(|ch| ch.is_ascii_hexdigit()), "{rev}");
     }
 }
 
