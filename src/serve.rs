@@ -131,9 +131,9 @@ pub fn takeover(
     };
     notify.live(dev_id);
     log!("device {dev_id} LIVE again ({method})");
-    t.record_events(Duration::from_secs(5));
+    let stopped = t.record_events(Duration::from_secs(5));
     let (server, _backend) = t.into_server();
-    let stop = server.wait();
+    let stop = stopped.unwrap_or_else(|| server.wait());
     log!("device {dev_id}: {stop:?}");
     server.shutdown(stop == Stop::Signal)
 }

@@ -1749,3 +1749,131 @@ fn bad_fault_hook_is_refused() {
     let left = settled_leftovers();
     assert!(left.is_empty(), "a refused add left: {left:?}");
 }
+
+// ---------------------------------------------------------------- handover and takeover edges
+
+/// `del` right after `recover` on an idle device: the recovered server sees
+/// the stop at once instead of first waiting (up to 5 s) for a request to
+/// time, so the `del` takes as long as any other.
+#[test]
+fn del_right_after_recover_is_prompt() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "--size", "16M"]);
+    let id = dev.id;
+    kill9(dev.pid);
+    wait_serverless(id, "QUIESCED");
+    wait_dead(dev.pid);
+    let out = ublk(&["recover", "-n", &id.to_string()]).success();
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("recover printed no pid:\n{}", out.describe()));
+    let t = Instant::now();
+    del(id);
+    let took = t.elapsed();
+    println!("del right after recover took {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "del right after recover took {took:?}: the recovered server did not react to the stop at once"
+    );
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// `recover` with a settings file that contradicts the kernel's device
+/// (size, depth, copy mode): refused with a message that names the setting
+/// and both values, before START_USER_RECOVERY: the device stays QUIESCED
+/// with no server and no takeover recorded. With the file restored it
+/// recovers, and the data written before reads back.
+#[test]
+fn recover_refuses_settings_that_contradict_the_kernel() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "--size", "16M"]);
+    let id = dev.id;
+    let pattern = random_bytes(MIB as usize, 0x5e77);
+    write_direct(&dev.block(), 0, &pattern);
+    kill9(dev.pid);
+    wait_serverless(id, "QUIESCED");
+    wait_dead(dev.pid);
+    let path = settings_path(id);
+    let orig = fs::read_to_string(&path).expect("settings file");
+    let v: Value = serde_json::from_str(&orig).expect("settings are JSON");
+    let depth = v["depth"].as_u64().expect("depth in the settings");
+    let mode = v["copy_mode"].as_str().expect("copy_mode in the settings").to_string();
+    let other = if mode == "copy" { "user" } else { "copy" };
+    let cases = [
+        ("size", Value::from(32 * MIB), format!("size {} in the file, {} in the kernel", 32 * MIB, 16 * MIB)),
+        ("depth", Value::from(depth * 2), format!("depth {} in the file, {depth} in the kernel", depth * 2)),
+        ("copy_mode", Value::from(other), format!("copy mode {other} in the file, {mode} in the kernel")),
+    ];
+    for (key, bad, want) in cases {
+        let mut corrupt = v.clone();
+        corrupt[key] = bad;
+        fs::write(&path, serde_json::to_string_pretty(&corrupt).unwrap()).expect("write the settings");
+        let out = ublk(&["recover", "-n", &id.to_string()]);
+        fs::write(&path, &orig).expect("restore the settings");
+        assert!(!out.ok(), "recover with a wrong {key} in the settings succeeded:\n{}", out.describe());
+        assert!(
+            out.stderr.contains(&want) && out.stderr.contains("does not match"),
+            "recover with a wrong {key} does not name it (`{want}`):\n{}",
+            out.describe()
+        );
+        let (state, pid) = dev_state(id).expect("listed");
+        assert!(
+            state == "QUIESCED" && (pid <= 0 || !alive(pid as i32)),
+            "wrong {key}: device {id} is {state} under pid {pid}, not QUIESCED without a server"
+        );
+        assert!(events(id).is_empty(), "wrong {key}: a takeover was recorded: {:?}", events(id));
+    }
+    let out = ublk(&["recover", "-n", &id.to_string()]).success();
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("recover printed no pid:\n{}", out.describe()));
+    assert_reads_back(&dev.block(), 0, &pattern, "after the refused recoveries");
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// Puts a CPU back online when dropped (also when the test fails).
+struct CpuOnline(PathBuf);
+
+impl Drop for CpuOnline {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.0, "1");
+    }
+}
+
+/// `add --cpus 1`, crash, CPU 1 goes offline, `recover`: the queue thread
+/// falls back to its queue's affinity set (CPU 0 here) with a warning in the
+/// server log, and the device serves again.
+#[test]
+fn recover_after_a_listed_cpu_went_offline_uses_the_affinity_set() {
+    let Some(_g) = guard() else { return };
+    let online = PathBuf::from("/sys/devices/system/cpu/cpu1/online");
+    if online_cpus() < 2 || !online.exists() {
+        skip("needs CPU 1 and CPU hotplug (/sys/devices/system/cpu/cpu1/online)");
+        return;
+    }
+    let dev = add(&["ram", "-r", "--cpus", "1", "--size", "16M"]);
+    let id = dev.id;
+    let pattern = random_bytes(MIB as usize, 0xc9c1);
+    write_direct(&dev.block(), 0, &pattern);
+    kill9(dev.pid);
+    wait_serverless(id, "QUIESCED");
+    wait_dead(dev.pid);
+    let back = CpuOnline(online.clone());
+    fs::write(&online, "0").expect("take CPU 1 offline");
+    let log_start = log_len();
+    let out = ublk(&["recover", "-n", &id.to_string()]);
+    assert!(out.ok(), "recover after CPU 1 went offline failed:\n{}", out.describe());
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("recover printed no pid:\n{}", out.describe()));
+    let log = log_since(log_start);
+    assert!(
+        log.contains("CPU 1 of --cpus is offline"),
+        "no warning about the offline CPU in server.log:\n{log}"
+    );
+    let name = format!("ublk{id}q0");
+    let (tid, _) = threads(new).into_iter().find(|(_, c)| *c == name).expect("queue thread");
+    assert_eq!(task_status(new, tid, "Cpus_allowed_list").as_deref(), Some("0"), "queue thread's CPUs");
+    assert_reads_back(&dev.block(), 0, &pattern, "after the recovery without CPU 1");
+    drop(back);
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
