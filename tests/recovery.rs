@@ -1346,8 +1346,8 @@ const RESTARTS: usize = 6;
 /// `restart -n ID` (QUIESCE_DEV handover; SIGKILL for --batch) RESTARTS times in the middle of
 /// the load ([`wait_load`]), under verifying fio random writes ([`Writer`]): fio sees no error
 /// and every pass and a final `--verify_only` pass verify the whole device;
-/// each restart exits 0, prints and leaves the device LIVE under a new pid
-/// (the old one exits). Without a supervisor each restart writes a
+/// each restart exits 0 without killing the old server ([`DRAIN_KILLED`]),
+/// prints and leaves the device LIVE under a new pid (the old one exits). Without a supervisor each restart writes a
 /// `restart` events line; with one, the supervisor's new server (its child)
 /// takes over.
 fn restart_under_load(supervised: bool, extra: &[&str]) {
@@ -1400,6 +1400,7 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
                 inflight(id)
             );
         }
+        assert_no_drain_kill(&out, &format!("restart {n} of {RESTARTS} under load"));
         let new = daemon_pid(&out.stdout)
             .unwrap_or_else(|| panic!("restart {n} printed no pid:\n{}", out.describe()));
         assert!(out.stdout.contains("state LIVE"), "restart {n} printed:\n{}", out.describe());
@@ -1465,6 +1466,7 @@ fn batch_restart_without_reissue_warns() {
     let out = run(Command::new(BIN).args(["restart", "-n", &dev.id.to_string()]));
     assert!(out.ok(), "restart failed:\n{}", out.describe());
     assert!(out.stderr.contains("without -i"), "no warning about the handover window:\n{}", out.describe());
+    assert_no_drain_kill(&out, "restart of a --batch device without -i");
     let new =
         daemon_pid(&out.stdout).unwrap_or_else(|| panic!("restart printed no pid:\n{}", out.describe()));
     assert_ne!(new, dev.pid, "the same server still serves");
@@ -1620,6 +1622,7 @@ fn restart_successor_does_not_clobber_stats() {
         list_one(id).is_some_and(|d| d["flags"].as_array().into_iter().flatten().any(|f| f == "QUIESCE"));
     if quiesce {
         let out = ublk(&["restart", "-n", &ids]).success();
+        assert_no_drain_kill(&out, "restart after the successor took over");
         server =
             daemon_pid(&out.stdout).unwrap_or_else(|| panic!("restart printed no pid:\n{}", out.describe()));
         assert_ne!(server, new, "restart: the same server still serves");
@@ -1752,6 +1755,28 @@ fn bad_fault_hook_is_refused() {
 
 // ---------------------------------------------------------------- handover and takeover edges
 
+/// What `restart` says on stderr when the old server did not drain and was
+/// killed (`cmd::restart::DRAIN_KILLED`). A handover that needed it failed
+/// for these tests, whatever the exit status.
+const DRAIN_KILLED: &str = "handover fell back to SIGKILL";
+
+fn assert_no_drain_kill(out: &Out, what: &str) {
+    assert!(
+        !out.stderr.contains(DRAIN_KILLED),
+        "{what}: the old server did not drain after QUIESCE_DEV and was killed:\n{}",
+        out.describe()
+    );
+}
+
+/// Whether the device has UBLK_F_QUIESCE (6.16+); skips the test otherwise.
+fn has_quiesce(dev: &Dev) -> bool {
+    let yes = dev.json["flags"].as_array().into_iter().flatten().any(|f| f == "QUIESCE");
+    if !yes {
+        skip(&format!("the kernel has no UBLK_F_QUIESCE (6.16+): {}", dev.json));
+    }
+    yes
+}
+
 /// `del` right after `recover` on an idle device: the recovered server sees
 /// the stop at once instead of first waiting (up to 5 s) for a request to
 /// time, so the `del` takes as long as any other.
@@ -1876,4 +1901,122 @@ fn recover_after_a_listed_cpu_went_offline_uses_the_affinity_set() {
     drop(back);
     del(id);
     assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// A Ctrl-C (SIGINT, sent by the fault hook right after QUIESCE_DEV) ends
+/// `restart`, which says so and names `recover`; the successor it handed
+/// the device to outlives it and ends serving the device, data intact.
+#[test]
+fn restart_interrupted_after_quiesce_leaves_the_successor_serving() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
+    let id = dev.id;
+    if !has_quiesce(&dev) {
+        del(id);
+        return;
+    }
+    let pattern = random_bytes(MIB as usize, 0x1c7c);
+    write_direct(&dev.block(), 0, &pattern);
+    let out = run(Command::new(bin())
+        .args(["restart", "-n", &id.to_string()])
+        .env("UBLK_BENCH_FAULT", "interrupt-after-quiesce"));
+    assert!(!out.ok(), "restart interrupted after QUIESCE_DEV exited 0:\n{}", out.describe());
+    assert!(
+        out.stderr.contains("interrupted after QUIESCE_DEV")
+            && out.stderr.contains(&format!("recover -n {id}")),
+        "restart does not say it was interrupted and what to run:\n{}",
+        out.describe()
+    );
+    assert_no_drain_kill(&out, "interrupted restart");
+    let new = wait_new_server(id, dev.pid, Duration::from_secs(30));
+    assert!(cmdline(new).iter().any(|a| a == "--watch-pid"), "server {new} is not restart's successor");
+    wait_dead(dev.pid);
+    sleep_ms(500);
+    assert_eq!(dev_state(id), Some(("LIVE".into(), new as i64)), "device {id} after the interrupted restart");
+    assert_reads_back(&dev.block(), 0, &pattern, "after the interrupted restart");
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// A successor that dies after QUIESCE_DEV (fault hook: it aborts once the
+/// old server is gone) is replaced by a cold recovery: `restart` says so,
+/// exits 0 and prints the device LIVE under the cold server, data intact.
+#[test]
+fn restart_whose_successor_fails_recovers_cold() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
+    let id = dev.id;
+    if !has_quiesce(&dev) {
+        del(id);
+        return;
+    }
+    let pattern = random_bytes(MIB as usize, 0xc01d);
+    write_direct(&dev.block(), 0, &pattern);
+    let out = run(Command::new(bin())
+        .args(["restart", "-n", &id.to_string()])
+        .env("UBLK_BENCH_FAULT", "successor-abort"));
+    assert!(out.ok(), "restart whose successor failed did not recover:\n{}", out.describe());
+    for want in [format!("recovering device {id} cold"), format!("device {id} recovered cold")] {
+        assert!(out.stderr.contains(&want), "restart does not say `{want}`:\n{}", out.describe());
+    }
+    assert_no_drain_kill(&out, "restart with a failing successor");
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("restart printed no pid:\n{}", out.describe()));
+    assert!(out.stdout.contains("state LIVE"), "restart printed:\n{}", out.describe());
+    assert_ne!(new, dev.pid, "the old server still serves");
+    wait_dead(dev.pid);
+    assert_eq!(dev_state(id), Some(("LIVE".into(), new as i64)), "device {id} after the fallback");
+    assert_reads_back(&dev.block(), 0, &pattern, "after the cold fallback");
+    wait_until("the fallback's events line", Duration::from_secs(30), || {
+        event_of(id, new).is_some_and(|e| e["method"] == "recover")
+    });
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// SIGKILLs a process when dropped (also when the test fails).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill takes plain integers.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// `restart` of an unsupervised device whose server is not a ublk-bench
+/// process (the same program under another name): refused at once, with
+/// nothing sent: the device stays LIVE under that server.
+#[test]
+fn restart_refuses_a_server_it_does_not_recognise() {
+    let Some(_g) = guard() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let other = dir.path().join("other-server");
+    fs::copy(bin(), &other).expect("copy the binary under another name");
+    let out = run(Command::new(&other).args(["add", "ram", "-r", "--size", "16M"])).success();
+    let id = parse_dev_id(&out.stdout).unwrap_or_else(|| panic!("no `dev id N:` in:\n{}", out.describe()));
+    let json = list_one(id).unwrap_or_else(|| panic!("device {id} is not listed"));
+    let pid = json["pid"].as_i64().unwrap_or_else(|| panic!("device {id} has no pid: {json}")) as i32;
+    let _kill = KillOnDrop(pid);
+    assert_eq!(comm(pid).as_deref(), Some("other-server"));
+    let dev = Dev { id, pid, json };
+    if !has_quiesce(&dev) {
+        del(id);
+        return;
+    }
+    let t = Instant::now();
+    let out = ublk(&["restart", "-n", &id.to_string()]);
+    let took = t.elapsed();
+    assert!(!out.ok(), "restart of a server it does not know succeeded:\n{}", out.describe());
+    assert!(
+        out.stderr.contains("not a ublk-bench server") && out.stderr.contains("nothing was sent"),
+        "restart does not say why it refused:\n{}",
+        out.describe()
+    );
+    assert!(took < Duration::from_secs(10), "restart took {took:?} to refuse");
+    assert_eq!(dev_state(id), Some(("LIVE".into(), pid as i64)), "device {id} after the refused restart");
+    assert!(running(pid), "the server {pid} is gone after the refused restart");
+    del(id);
+    wait_dead(pid);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[pid]);
 }
