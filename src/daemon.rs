@@ -24,6 +24,11 @@ use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
 use crate::run_files;
 
+/// The signal `restart` sends its prepared successor to hand it the device
+/// ([`Spawned::hand_over`]). Blocked in every thread of a successor and read
+/// from a signalfd (`serve`); a standby never gets it.
+pub const HANDOVER_SIGNAL: i32 = libc::SIGUSR2;
+
 /// The child's end of the pipe. Dropping it closes the pipe.
 pub struct Notifier(Option<File>);
 
@@ -137,7 +142,7 @@ impl Spawned {
     pub fn hand_over(&mut self, timeout: Duration) -> Result<bool> {
         // SAFETY: kill takes plain integers; the child is ours and unreaped,
         // so its pid is still its own.
-        if unsafe { libc::kill(self.pid(), crate::serve::HANDOVER_SIGNAL) } != 0 {
+        if unsafe { libc::kill(self.pid(), HANDOVER_SIGNAL) } != 0 {
             return Err(Error::io("signal the new server", std::io::Error::last_os_error()));
         }
         match self.wait_for("handed ", timeout) {

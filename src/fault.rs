@@ -15,6 +15,9 @@
 //! - `interrupt-after-quiesce`: `restart` sends itself SIGINT right after
 //!   QUIESCE_DEV, as a Ctrl-C at that moment would; the successor it handed
 //!   the device to must take over all the same.
+//! - `kill-after-quiesce`: `restart` SIGKILLs itself right after
+//!   QUIESCE_DEV, as a closed terminal or a `kill -9` would: nothing of it
+//!   runs after that, and the successor must take over all the same.
 //! - `successor-abort`: `restart`'s successor aborts once the old server is
 //!   gone, before START_USER_RECOVERY; `restart` must then recover the
 //!   device cold and say so.
@@ -30,6 +33,7 @@ pub enum Fault {
     AbortBeforeLive,
     NoBatchIo,
     InterruptAfterQuiesce,
+    KillAfterQuiesce,
     SuccessorAbort,
 }
 
@@ -56,14 +60,15 @@ fn parse(v: &str) -> Result<Fault> {
         "abort-before-live" => return Ok(Fault::AbortBeforeLive),
         "no-batch-io" => return Ok(Fault::NoBatchIo),
         "interrupt-after-quiesce" => return Ok(Fault::InterruptAfterQuiesce),
+        "kill-after-quiesce" => return Ok(Fault::KillAfterQuiesce),
         "successor-abort" => return Ok(Fault::SuccessorAbort),
         _ => {}
     }
     v.strip_prefix("queue-panic:").and_then(|n| n.parse().ok()).map(Fault::QueuePanic).ok_or_else(|| {
         Error::invalid(format!(
             "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
-             serving N requests), abort-before-live, no-batch-io, interrupt-after-quiesce, successor-abort, \
-             or unset it"
+             serving N requests), abort-before-live, no-batch-io, interrupt-after-quiesce, \
+             kill-after-quiesce, successor-abort, or unset it"
         ))
     })
 }
@@ -79,6 +84,7 @@ mod tests {
         assert_eq!(parse("abort-before-live").unwrap(), Fault::AbortBeforeLive);
         assert_eq!(parse("no-batch-io").unwrap(), Fault::NoBatchIo);
         assert_eq!(parse("interrupt-after-quiesce").unwrap(), Fault::InterruptAfterQuiesce);
+        assert_eq!(parse("kill-after-quiesce").unwrap(), Fault::KillAfterQuiesce);
         assert_eq!(parse("successor-abort").unwrap(), Fault::SuccessorAbort);
         let all = u64::MAX;
         assert_eq!(mask_features(all, Some(Fault::NoBatchIo)), all & !sys::UBLK_F_BATCH_IO);

@@ -11,7 +11,7 @@ use crate::backend::DeviceBackend;
 use crate::backend::nvme::Namespace;
 use crate::clock::now_ns;
 use crate::config::{self, BackendKind, DeviceConfig};
-use crate::daemon::Notifier;
+use crate::daemon::{HANDOVER_SIGNAL, Notifier};
 use crate::error::Result;
 use crate::fault::{self, Fault};
 use crate::process::ProcId;
@@ -125,7 +125,13 @@ pub fn takeover(
     let mut t = match result {
         Ok(t) => t,
         Err(e) => {
-            log!("device {dev_id}: {method} failed: {e}");
+            // `restart` recovers cold after a failed successor unless it is
+            // gone (Ctrl-C): then this line is all a person has.
+            let hint = match method {
+                "restart" => format!("; if it stays QUIESCED, run `ublk-bench recover -n {dev_id}`"),
+                _ => String::new(),
+            };
+            log!("device {dev_id}: {method} failed: {e}{hint}");
             notify.failed(&e);
             return Err(e);
         }
@@ -180,11 +186,6 @@ fn take_over(
     die_with_parent(0);
     Ok(t)
 }
-
-/// The signal `restart` sends its prepared successor to hand it the device
-/// ([`crate::daemon::Spawned::hand_over`]). Blocked in every thread of a
-/// successor and read from a signalfd; a standby never gets it.
-pub const HANDOVER_SIGNAL: i32 = libc::SIGUSR2;
 
 /// Blocks [`HANDOVER_SIGNAL`] in this thread (and every thread made after)
 /// and returns a signalfd that reads it.

@@ -1825,28 +1825,44 @@ fn recover_refuses_settings_that_contradict_the_kernel() {
     let other = if mode == "copy" { "user" } else { "copy" };
     let cases = [
         ("size", Value::from(32 * MIB), format!("size {} in the file, {} in the kernel", 32 * MIB, 16 * MIB)),
-        ("depth", Value::from(depth * 2), format!("depth {} in the file, {depth} in the kernel", depth * 2)),
         ("copy_mode", Value::from(other), format!("copy mode {other} in the file, {mode} in the kernel")),
+        ("depth", Value::from(depth * 2), format!("depth {} in the file, {depth} in the kernel", depth * 2)),
     ];
+    // Every case is tried and reported, not only the first that fails.
+    let mut problems = vec![];
     for (key, bad, want) in cases {
         let mut corrupt = v.clone();
         corrupt[key] = bad;
         fs::write(&path, serde_json::to_string_pretty(&corrupt).unwrap()).expect("write the settings");
-        let out = ublk(&["recover", "-n", &id.to_string()]);
+        let out =
+            try_run(Command::new(bin()).args(["recover", "-n", &id.to_string()]), Duration::from_secs(60));
         fs::write(&path, &orig).expect("restore the settings");
-        assert!(!out.ok(), "recover with a wrong {key} in the settings succeeded:\n{}", out.describe());
-        assert!(
-            out.stderr.contains(&want) && out.stderr.contains("does not match"),
-            "recover with a wrong {key} does not name it (`{want}`):\n{}",
-            out.describe()
-        );
+        let Some(out) = out else {
+            problems.push(format!("wrong {key}: recover hung (killed after 60 s)"));
+            wait_serverless(id, "QUIESCED");
+            continue;
+        };
+        if out.ok() {
+            problems.push(format!("wrong {key}: recover succeeded:\n{}", out.describe()));
+            let (_, pid) = dev_state(id).expect("listed");
+            kill9(pid as i32);
+            wait_serverless(id, "QUIESCED");
+            continue;
+        }
+        if !(out.stderr.contains(&want) && out.stderr.contains("does not match")) {
+            problems.push(format!("wrong {key}: the refusal does not say `{want}`:\n{}", out.describe()));
+        }
         let (state, pid) = dev_state(id).expect("listed");
-        assert!(
-            state == "QUIESCED" && (pid <= 0 || !alive(pid as i32)),
-            "wrong {key}: device {id} is {state} under pid {pid}, not QUIESCED without a server"
-        );
-        assert!(events(id).is_empty(), "wrong {key}: a takeover was recorded: {:?}", events(id));
+        if !(state == "QUIESCED" && (pid <= 0 || !alive(pid as i32))) {
+            problems.push(format!(
+                "wrong {key}: device {id} is {state} under pid {pid}, not QUIESCED without a server"
+            ));
+        }
+        if !events(id).is_empty() {
+            problems.push(format!("wrong {key}: a takeover was recorded: {:?}", events(id)));
+        }
     }
+    assert!(problems.is_empty(), "settings that contradict the kernel:\n{}", problems.join("\n"));
     let out = ublk(&["recover", "-n", &id.to_string()]).success();
     let new =
         daemon_pid(&out.stdout).unwrap_or_else(|| panic!("recover printed no pid:\n{}", out.describe()));
@@ -1903,9 +1919,11 @@ fn recover_after_a_listed_cpu_went_offline_uses_the_affinity_set() {
     assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
 }
 
-/// A Ctrl-C (SIGINT, sent by the fault hook right after QUIESCE_DEV) ends
-/// `restart`, which says so and names `recover`; the successor it handed
-/// the device to outlives it and ends serving the device, data intact.
+/// `restart` ended right after QUIESCE_DEV (fault hooks), first by a
+/// Ctrl-C (SIGINT), which it answers with a message naming `recover`, then
+/// by SIGKILL, as a closed terminal would end it: each time the successor
+/// it handed the device to outlives it and ends serving the device, data
+/// intact.
 #[test]
 fn restart_interrupted_after_quiesce_leaves_the_successor_serving() {
     let Some(_g) = guard() else { return };
@@ -1928,14 +1946,37 @@ fn restart_interrupted_after_quiesce_leaves_the_successor_serving() {
         out.describe()
     );
     assert_no_drain_kill(&out, "interrupted restart");
-    let new = wait_new_server(id, dev.pid, Duration::from_secs(30));
-    assert!(cmdline(new).iter().any(|a| a == "--watch-pid"), "server {new} is not restart's successor");
-    wait_dead(dev.pid);
-    sleep_ms(500);
-    assert_eq!(dev_state(id), Some(("LIVE".into(), new as i64)), "device {id} after the interrupted restart");
+    let first = successor_serving(id, dev.pid, "after the interrupted restart");
     assert_reads_back(&dev.block(), 0, &pattern, "after the interrupted restart");
+
+    let out = run(Command::new(bin())
+        .args(["restart", "-n", &id.to_string()])
+        .env("UBLK_BENCH_FAULT", "kill-after-quiesce"));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "restart was to die by SIGKILL:\n{}",
+        out.describe()
+    );
+    let second = successor_serving(id, first, "after restart was killed");
+    assert_reads_back(&dev.block(), 0, &pattern, "after restart was killed");
     del(id);
-    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, first, second]);
+}
+
+/// Waits until device `id` is LIVE under restart's successor of `old`
+/// (it watched `old`), `old` is gone, and it still serves a moment later.
+fn successor_serving(id: u32, old: i32, when: &str) -> i32 {
+    let new = wait_new_server(id, old, Duration::from_secs(30));
+    assert!(
+        cmdline(new).iter().any(|a| a == "--watch-pid"),
+        "{when}: server {new} is not restart's successor"
+    );
+    wait_dead(old);
+    sleep_ms(500);
+    assert_eq!(dev_state(id), Some(("LIVE".into(), new as i64)), "{when}: device {id}");
+    new
 }
 
 /// A successor that dies after QUIESCE_DEV (fault hook: it aborts once the

@@ -117,10 +117,15 @@ pub fn run(dev_id: u32) -> Result<()> {
                     "restart: QUIESCE_DEV of device {dev_id}: {e}; its server is leaving all the same"
                 );
             }
-            if fault == Some(Fault::InterruptAfterQuiesce) {
-                crate::log!("restart: {} asks for a SIGINT now", fault::FAULT_ENV);
+            let sig = match fault {
+                Some(Fault::InterruptAfterQuiesce) => libc::SIGINT,
+                Some(Fault::KillAfterQuiesce) => libc::SIGKILL,
+                _ => 0,
+            };
+            if sig != 0 {
+                crate::log!("restart: {} asks for signal {sig} now", fault::FAULT_ENV);
                 // SAFETY: raise takes a plain integer.
-                unsafe { libc::raise(libc::SIGINT) };
+                unsafe { libc::raise(sig) };
             }
             if let Some((_, fd)) = &old_server {
                 wait_drained(fd, old);
