@@ -361,7 +361,8 @@ impl DeviceConfig {
         (!self.cpus.is_empty()).then(|| self.cpus[qid as usize % self.cpus.len()])
     }
 
-    /// Where queue `qid`'s thread runs: `--cpus` round robin; else the last
+    /// Where queue `qid`'s thread runs: `--cpus` round robin while that CPU
+    /// is online (a takeover may find it gone since `add`); else the last
     /// online CPU of the queue's affinity set (`affinity`, GET_QUEUE_AFFINITY),
     /// away from CPU 0 where clients tend to start. A queue whose set has no
     /// online CPU takes the online CPUs round robin, sharing them. `add
@@ -371,7 +372,7 @@ impl DeviceConfig {
     /// CPU 1 49.5k (tuned 54.3k); a polling one on both 26.8k, on CPU 0
     /// 16.1k, on CPU 1 67.6k.
     pub fn queue_cpu(&self, qid: u16, affinity: &[usize], online: &[usize]) -> usize {
-        if let Some(cpu) = self.cpu_for(qid) {
+        if let Some(cpu) = self.cpu_for(qid).filter(|c| online.contains(c)) {
             return cpu;
         }
         match affinity.iter().rev().find(|c| online.contains(c)) {
@@ -733,6 +734,14 @@ pub(crate) mod tests {
         assert_eq!(cfg.queue_cpu(3, &[3], &online), 1);
         let pinned = DeviceConfig { cpus: vec![1, 0], ..sample() };
         assert_eq!((pinned.queue_cpu(0, &[0], &online), pinned.queue_cpu(3, &[1], &online)), (1, 0));
+    }
+
+    #[test]
+    fn an_offline_cpu_of_the_list_falls_back_to_the_affinity_set() {
+        let pinned = DeviceConfig { cpus: vec![1], ..sample() };
+        assert_eq!(pinned.queue_cpu(0, &[0, 1], &[0, 1]), 1, "online: the list decides");
+        assert_eq!(pinned.queue_cpu(0, &[0, 1], &[0]), 0, "CPU 1 offline: the set's last online CPU");
+        assert_eq!(pinned.queue_cpu(1, &[2, 3], &[0, 2]), 2);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! The child writes lines: `id N` right after ADD_DEV (so the parent can
 //! clean up if the child dies), `ready N` when a successor server has
-//! prepared everything it can before taking over, then `ok N` or
+//! prepared everything it can before taking over, `handed N` when such a
+//! successor was handed the device ([`Spawned::hand_over`]), then `ok N` or
 //! `err MESSAGE`. EOF without
 //! `ok` means the child died; the parent then reaps it and deletes the
 //! half-made device, so a failed `add` leaves nothing behind.
@@ -22,6 +23,11 @@ use std::time::{Duration, Instant};
 use crate::config::DeviceConfig;
 use crate::error::{Error, Result};
 use crate::run_files;
+
+/// The signal `restart` sends its prepared successor to hand it the device
+/// ([`Spawned::hand_over`]). Blocked in every thread of a successor and read
+/// from a signalfd (`serve`); a standby never gets it.
+pub const HANDOVER_SIGNAL: i32 = libc::SIGUSR2;
 
 /// The child's end of the pipe. Dropping it closes the pipe.
 pub struct Notifier(Option<File>);
@@ -56,6 +62,10 @@ impl Notifier {
 
     pub fn prepared(&mut self, dev_id: u32) {
         self.send(&format!("ready {dev_id}"));
+    }
+
+    pub fn handed(&mut self, dev_id: u32) {
+        self.send(&format!("handed {dev_id}"));
     }
 
     pub fn live(&mut self, dev_id: u32) {
@@ -122,6 +132,24 @@ impl Spawned {
     /// Waits for `ready N` (a successor prepared) or for what ends `wait_live`.
     pub fn wait_prepared(&mut self, timeout: Duration) -> Result<u32> {
         self.wait_for("ready ", timeout)
+    }
+
+    /// Hands the device to a prepared successor: it stops dying with this
+    /// process, since from the moment the old server is told to go (or
+    /// killed) it is the device's only server. Returns once it says so:
+    /// true, or false when it already took the device over (the old server
+    /// died meanwhile).
+    pub fn hand_over(&mut self, timeout: Duration) -> Result<bool> {
+        // SAFETY: kill takes plain integers; the child is ours and unreaped,
+        // so its pid is still its own.
+        if unsafe { libc::kill(self.pid(), HANDOVER_SIGNAL) } != 0 {
+            return Err(Error::io("signal the new server", std::io::Error::last_os_error()));
+        }
+        match self.wait_for("handed ", timeout) {
+            Ok(_) => Ok(true),
+            Err(_) if self.text.lines().any(|l| l.starts_with("ok ")) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Result<u32> {

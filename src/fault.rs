@@ -1,7 +1,8 @@
 //! Test-only fault hooks, named by `UBLK_BENCH_FAULT` in the environment of
-//! the server that creates a device (`add`; never a takeover, whose server
-//! must serve). Read once per server, before ADD_DEV, so a bad value is
-//! refused before anything exists.
+//! the server that creates a device (`add`), or of `restart` for the two
+//! handover hooks (never another takeover, whose server must serve). Read
+//! once per process, before ADD_DEV or QUIESCE_DEV, so a bad value is
+//! refused before anything exists or is sent.
 //!
 //! - `queue-panic:N`: each queue thread panics when request N+1 arrives
 //!   (`queue` module doc); per request it costs a countdown.
@@ -11,6 +12,15 @@
 //! - `no-batch-io`: GET_FEATURES is read as if the kernel lacked
 //!   UBLK_F_BATCH_IO (as before 7.0), so `add --batch` must refuse before
 //!   ADD_DEV and `features` must say so.
+//! - `interrupt-after-quiesce`: `restart` sends itself SIGINT right after
+//!   QUIESCE_DEV, as a Ctrl-C at that moment would; the successor it handed
+//!   the device to must take over all the same.
+//! - `kill-after-quiesce`: `restart` SIGKILLs itself right after
+//!   QUIESCE_DEV, as a closed terminal or a `kill -9` would: nothing of it
+//!   runs after that, and the successor must take over all the same.
+//! - `successor-abort`: `restart`'s successor aborts once the old server is
+//!   gone, before START_USER_RECOVERY; `restart` must then recover the
+//!   device cold and say so.
 
 use crate::error::{Error, Result};
 use crate::sys;
@@ -22,6 +32,9 @@ pub enum Fault {
     QueuePanic(u64),
     AbortBeforeLive,
     NoBatchIo,
+    InterruptAfterQuiesce,
+    KillAfterQuiesce,
+    SuccessorAbort,
 }
 
 /// The kernel's GET_FEATURES as this server is to see it: the fault hook
@@ -46,12 +59,16 @@ fn parse(v: &str) -> Result<Fault> {
     match v {
         "abort-before-live" => return Ok(Fault::AbortBeforeLive),
         "no-batch-io" => return Ok(Fault::NoBatchIo),
+        "interrupt-after-quiesce" => return Ok(Fault::InterruptAfterQuiesce),
+        "kill-after-quiesce" => return Ok(Fault::KillAfterQuiesce),
+        "successor-abort" => return Ok(Fault::SuccessorAbort),
         _ => {}
     }
     v.strip_prefix("queue-panic:").and_then(|n| n.parse().ok()).map(Fault::QueuePanic).ok_or_else(|| {
         Error::invalid(format!(
             "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
-             serving N requests), abort-before-live, no-batch-io, or unset it"
+             serving N requests), abort-before-live, no-batch-io, interrupt-after-quiesce, \
+             kill-after-quiesce, successor-abort, or unset it"
         ))
     })
 }
@@ -66,6 +83,9 @@ mod tests {
         assert_eq!(parse("queue-panic:250").unwrap(), Fault::QueuePanic(250));
         assert_eq!(parse("abort-before-live").unwrap(), Fault::AbortBeforeLive);
         assert_eq!(parse("no-batch-io").unwrap(), Fault::NoBatchIo);
+        assert_eq!(parse("interrupt-after-quiesce").unwrap(), Fault::InterruptAfterQuiesce);
+        assert_eq!(parse("kill-after-quiesce").unwrap(), Fault::KillAfterQuiesce);
+        assert_eq!(parse("successor-abort").unwrap(), Fault::SuccessorAbort);
         let all = u64::MAX;
         assert_eq!(mask_features(all, Some(Fault::NoBatchIo)), all & !sys::UBLK_F_BATCH_IO);
         assert_eq!(mask_features(all, Some(Fault::AbortBeforeLive)), all);

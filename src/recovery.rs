@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 use crate::backend::DeviceBackend;
 use crate::backend::claim::Claim;
 use crate::clock::now_ns;
-use crate::config::DeviceConfig;
+use crate::config::{CopyMode, DeviceConfig};
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
 use crate::process;
 use crate::run_files::{self, Phases};
-use crate::server::Server;
-use crate::sys::{self, DevInfo};
+use crate::server::{Server, Stop};
+use crate::sys::{self, DevInfo, Params};
 
 /// How long a takeover waits for the kernel to finish with the dead server.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,7 +45,13 @@ impl Takeover {
 
     /// [`Takeover::prepare`] with the settings already loaded (by the
     /// `recover` process this server was forked from).
-    pub fn prepare_with(dev_id: u32, cfg: DeviceConfig, method: &str, began_ns: u64) -> Result<Self> {
+    /// The settings are checked against the kernel's device first: a file
+    /// that disagrees is refused before anything is mapped or sent.
+    pub fn prepare_with(dev_id: u32, mut cfg: DeviceConfig, method: &str, began_ns: u64) -> Result<Self> {
+        let mut ctrl = Ctrl::open()?;
+        let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
+        let params = ctrl.get_params(dev_id).map_err(|e| Error::io("GET_PARAMS", e))?;
+        check_settings(dev_id, &mut cfg, &info, &params)?;
         let backend = DeviceBackend::new(&cfg, false, None)?;
         let mut server = Server::adopt(dev_id, cfg)?;
         server.prepare(&backend)?;
@@ -82,23 +88,81 @@ impl Takeover {
     }
 
     /// Records the first request served (waiting up to `wait`) and appends
-    /// the phases to the events file.
-    pub fn record_events(&mut self, wait: Duration) {
-        let deadline = Instant::now() + wait;
-        let first = &self.server.first_served;
-        while first.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
-            // Coarse: this runs while the client's held I/O is being served.
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let t = first.load(Ordering::Relaxed);
+    /// the phases to the events file. A stop that comes first ends the wait
+    /// at once and is returned, for the caller to act on: a device deleted
+    /// right after its recovery must not wait for a request that never comes.
+    pub fn record_events(&mut self, wait: Duration) -> Option<Stop> {
+        let stop = self.server.wait_first_served(wait);
+        let t = self.server.first_served.load(Ordering::Relaxed);
         self.phases.first_served_ns = (t != 0).then_some(t);
         if let Err(e) = run_files::append_event(&self.phases) {
             crate::log!("device {}: could not write events: {e}", self.phases.dev_id);
         }
+        stop
     }
 
     pub fn into_server(self) -> (Server, DeviceBackend) {
         (self.server, self.backend)
+    }
+}
+
+/// Refuses settings that contradict the device as the kernel has it
+/// (GET_DEV_INFO, GET_PARAMS): a server built from them would fetch the
+/// wrong tags, map the wrong size or move data the wrong way. Every
+/// mismatch is named. A copy mode of `auto` (never written by `add`, which
+/// records the mode it chose) takes the kernel's.
+pub fn check_settings(dev_id: u32, cfg: &mut DeviceConfig, info: &DevInfo, params: &Params) -> Result<()> {
+    let kernel_mode = copy_mode_of(info.flags);
+    if cfg.copy_mode == CopyMode::Auto {
+        cfg.copy_mode = kernel_mode;
+    }
+    let wrong = settings_mismatches(cfg, info, params);
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "device {dev_id}: the settings file {} does not match the device in the kernel: {}; nothing was sent \
+         and the device stays {}: put the right settings back, or delete the device with `ublk-bench del -n {dev_id}`",
+        run_files::path(dev_id).display(),
+        wrong.join("; "),
+        sys::state_name(info.state)
+    )))
+}
+
+/// Each setting the kernel also knows, as "NAME X in the file, Y in the kernel".
+/// `max_io_bytes` is left out: ADD_DEV may round it, and a takeover sizes
+/// its buffers from the kernel's value alone.
+fn settings_mismatches(cfg: &DeviceConfig, info: &DevInfo, params: &Params) -> Vec<String> {
+    let mut wrong = vec![];
+    let mut check = |name: &str, file: String, kernel: String| {
+        if file != kernel {
+            wrong.push(format!("{name} {file} in the file, {kernel} in the kernel"));
+        }
+    };
+    check("device id", cfg.dev_id.map_or("none".into(), |i| i.to_string()), info.dev_id.to_string());
+    check("queues", cfg.queues.to_string(), info.nr_hw_queues.to_string());
+    check("depth", cfg.depth.to_string(), info.queue_depth.to_string());
+    check("size", cfg.size.to_string(), (params.basic.dev_sectors << 9).to_string());
+    check("block size", cfg.block_size.to_string(), (1u64 << params.basic.logical_bs_shift).to_string());
+    check("copy mode", cfg.copy_mode.name().into(), copy_mode_of(info.flags).name().into());
+    let rec_bits =
+        sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE | sys::UBLK_F_USER_RECOVERY_FAIL_IO;
+    check("recovery flags", format!("{:#x}", cfg.recovery.flags()), format!("{:#x}", info.flags & rec_bits));
+    check("batch", cfg.batch.to_string(), (info.flags & sys::UBLK_F_BATCH_IO != 0).to_string());
+    if cfg.explicit_buf_reg && info.flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
+        wrong.push("explicit buffer registration in the file, AUTO_BUF_REG in the kernel".into());
+    }
+    wrong
+}
+
+/// The copy mode a device's flags give.
+fn copy_mode_of(flags: u64) -> CopyMode {
+    if flags & sys::UBLK_F_USER_COPY != 0 {
+        CopyMode::User
+    } else if flags & (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY) != 0 {
+        CopyMode::Zero
+    } else {
+        CopyMode::Copy
     }
 }
 
@@ -150,5 +214,79 @@ pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result
             }
             Err(e) => return Err(Error::io("START_USER_RECOVERY", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Recovery;
+
+    /// A 64 MiB, depth 64, one-queue device with user copy and REISSUE, as
+    /// the kernel reports it, and the settings that match it.
+    fn device() -> (DeviceConfig, DevInfo, Params) {
+        let cfg = DeviceConfig {
+            dev_id: Some(3),
+            copy_mode: CopyMode::User,
+            recovery: Recovery::Reissue,
+            ..crate::config::tests::sample()
+        };
+        let info = DevInfo {
+            dev_id: 3,
+            nr_hw_queues: 1,
+            queue_depth: 64,
+            flags: sys::UBLK_F_USER_COPY | Recovery::Reissue.flags() | sys::UBLK_F_QUIESCE,
+            ..Default::default()
+        };
+        let mut params = Params::default();
+        params.basic.dev_sectors = cfg.size >> 9;
+        params.basic.logical_bs_shift = 9;
+        (cfg, info, params)
+    }
+
+    #[test]
+    fn matching_settings_pass_and_auto_takes_the_kernels_mode() {
+        let (mut cfg, info, params) = device();
+        assert!(check_settings(3, &mut cfg, &info, &params).is_ok());
+        cfg.copy_mode = CopyMode::Auto;
+        check_settings(3, &mut cfg, &info, &params).unwrap();
+        assert_eq!(cfg.copy_mode, CopyMode::User);
+    }
+
+    #[test]
+    fn every_contradiction_is_named_with_both_values() {
+        let (cfg, info, params) = device();
+        let cases = [
+            (DeviceConfig { depth: 128, ..cfg.clone() }, "depth 128 in the file, 64 in the kernel"),
+            (
+                DeviceConfig { size: 32 << 20, ..cfg.clone() },
+                "size 33554432 in the file, 67108864 in the kernel",
+            ),
+            (
+                DeviceConfig { copy_mode: CopyMode::Zero, ..cfg.clone() },
+                "copy mode zero in the file, user in the kernel",
+            ),
+            (DeviceConfig { queues: 2, ..cfg.clone() }, "queues 2 in the file, 1 in the kernel"),
+            (
+                DeviceConfig { block_size: 4096, ..cfg.clone() },
+                "block size 4096 in the file, 512 in the kernel",
+            ),
+            (
+                DeviceConfig { recovery: Recovery::Plain, ..cfg.clone() },
+                "recovery flags 0x8 in the file, 0x18",
+            ),
+            (DeviceConfig { batch: true, ..cfg.clone() }, "batch true in the file, false in the kernel"),
+            (DeviceConfig { dev_id: Some(4), ..cfg.clone() }, "device id 4 in the file, 3 in the kernel"),
+        ];
+        for (mut bad, want) in cases {
+            let err = check_settings(3, &mut bad, &info, &params).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("3.json") && err.contains("del -n 3"),
+                "{want}: {err}"
+            );
+        }
+        let mut two = DeviceConfig { depth: 128, size: 32 << 20, ..cfg };
+        let err = check_settings(3, &mut two, &info, &params).unwrap_err().to_string();
+        assert!(err.contains("depth 128") && err.contains("size 33554432"), "{err}");
     }
 }

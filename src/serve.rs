@@ -4,6 +4,7 @@
 //! `add --foreground`); progress goes to the starter on the notify pipe.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use crate::backend::DeviceBackend;
@@ -11,10 +12,10 @@ use crate::backend::claim::Claim;
 use crate::backend::nvme::Namespace;
 use crate::clock::now_ns;
 use crate::config::{self, BackendKind, DeviceConfig};
-use crate::daemon::Notifier;
+use crate::daemon::{HANDOVER_SIGNAL, Notifier};
 use crate::error::Result;
 use crate::fault::{self, Fault};
-use crate::process::{self, ProcId};
+use crate::process::ProcId;
 use crate::recovery::Takeover;
 use crate::server::{Server, Stop};
 use crate::{log, run_files};
@@ -128,16 +129,22 @@ pub fn takeover(
     let mut t = match result {
         Ok(t) => t,
         Err(e) => {
-            log!("device {dev_id}: {method} failed: {e}");
+            // `restart` recovers cold after a failed successor unless it is
+            // gone (Ctrl-C): then this line is all a person has.
+            let hint = match method {
+                "restart" => format!("; if it stays QUIESCED, run `ublk-bench recover -n {dev_id}`"),
+                _ => String::new(),
+            };
+            log!("device {dev_id}: {method} failed: {e}{hint}");
             notify.failed(&e);
             return Err(e);
         }
     };
     notify.live(dev_id);
     log!("device {dev_id} LIVE again ({method})");
-    t.record_events(Duration::from_secs(5));
+    let stopped = t.record_events(Duration::from_secs(5));
     let (server, _backend) = t.into_server();
-    let stop = server.wait();
+    let stop = stopped.unwrap_or_else(|| server.wait());
     log!("device {dev_id}: {stop:?}");
     server.shutdown(stop == Stop::Signal)
 }
@@ -150,25 +157,33 @@ fn take_over(
     cfg: Option<DeviceConfig>,
     notify: &mut Notifier,
 ) -> Result<Takeover> {
+    let abort_when_gone =
+        watch.is_some() && method == "restart" && fault::from_env()? == Some(Fault::SuccessorAbort);
     // Opened before the slow preparation: a server that dies meanwhile is
     // still seen, and one already gone (or its pid now another process's)
     // means take over at once.
     let watched = watch.map(|id| (id.pid, id.open()));
+    // Before any queue thread exists, so that every thread inherits the block.
+    let handover = watched.is_some().then(handover_signalfd).transpose()?;
     let mut t = match cfg {
         Some(cfg) => Takeover::prepare_with(dev_id, cfg, method, now_ns())?,
         None => Takeover::prepare(dev_id, method)?,
     };
-    let crash_seen = match watched {
-        Some((pid, fd)) => {
+    let crash_seen = match (watched, handover) {
+        (Some((pid, fd)), Some(handover)) => {
             t.phases.old_pid = Some(pid);
             die_with_parent(libc::SIGKILL);
             notify.prepared(dev_id);
             if let Some(fd) = fd {
-                process::wait_pidfd(&fd, None);
+                wait_old_server(dev_id, &fd, &handover, notify);
+            }
+            if abort_when_gone {
+                log!("device {dev_id}: {} asks this successor to abort", fault::FAULT_ENV);
+                std::process::abort();
             }
             Some(now_ns())
         }
-        None => crash_seen_ns,
+        _ => crash_seen_ns,
     };
     t.run(crash_seen)?;
     // The server it now is outlives whoever started it.
@@ -176,8 +191,60 @@ fn take_over(
     Ok(t)
 }
 
+/// Blocks [`HANDOVER_SIGNAL`] in this thread (and every thread made after)
+/// and returns a signalfd that reads it.
+fn handover_signalfd() -> Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; the calls
+    // only read it.
+    let fd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, HANDOVER_SIGNAL);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(crate::error::Error::io("signalfd", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits for the old server (`old`, a pidfd) to exit. Handed the device
+/// meanwhile, the successor stops dying with its starter and says so: once
+/// `restart` has sent QUIESCE_DEV it is the device's only hope of a server,
+/// whatever becomes of `restart` (Ctrl-C, a closed terminal).
+fn wait_old_server(dev_id: u32, old: &OwnedFd, handover: &OwnedFd, notify: &mut Notifier) {
+    let mut fds = [
+        libc::pollfd { fd: old.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: handover.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    let mut watching = 2;
+    loop {
+        // SAFETY: fds holds `watching` valid pollfds for the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), watching, -1) };
+        if r < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                _ => return,
+            }
+        }
+        if watching == 2 && fds[1].revents != 0 {
+            let mut info = [0u8; 128];
+            // SAFETY: a signalfd read fills whole 128-byte siginfo records; info is one.
+            unsafe { libc::read(handover.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+            die_with_parent(0);
+            notify.handed(dev_id);
+            watching = 1;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+    }
+}
+
 /// A waiting successor is useless without whoever started it: SIGKILL makes
-/// it die with its parent, 0 ends that once it serves the device.
+/// it die with its parent, 0 ends that once it is handed the device or serves it.
 fn die_with_parent(signal: i32) {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal) };

@@ -194,14 +194,24 @@ impl Server {
     }
 
     fn queue_setup(&mut self, qid: u16, stats: &Arc<StatsFile>) -> Result<QueueSetup> {
-        let affinity = match self.cfg.cpu_for(qid) {
+        let online = config::online_cpus();
+        let listed = self.cfg.cpu_for(qid);
+        let affinity = match listed.filter(|c| online.contains(c)) {
             Some(_) => vec![],
             None => self
                 .ctrl
                 .queue_affinity(self.dev_id, qid, config::nr_cpu_ids())
                 .map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?,
         };
-        let cpu = self.cfg.queue_cpu(qid, &affinity, &config::online_cpus());
+        let cpu = self.cfg.queue_cpu(qid, &affinity, &online);
+        if let Some(c) = listed.filter(|&c| c != cpu) {
+            crate::log!(
+                "device {} queue {qid}: warning: CPU {c} of --cpus is offline (online: {}); the queue runs on \
+                 CPU {cpu} of its affinity set instead",
+                self.dev_id,
+                config::format_cpus(&online)
+            );
+        }
         Ok(QueueSetup {
             dev_id: self.dev_id,
             qid,
@@ -236,6 +246,29 @@ impl Server {
             match wait_signal() {
                 libc::SIGTERM | libc::SIGINT => return Stop::Signal,
                 _ => continue,
+            }
+        }
+    }
+
+    /// Waits up to `wait` for the first request served, watching for a
+    /// stop as [`Server::wait`] does: a stop that comes first is returned at
+    /// once, so a takeover that no client uses yet still stops on demand.
+    pub fn wait_first_served(&self, wait: Duration) -> Option<Stop> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.first_served.load(Ordering::Relaxed) != 0 {
+                return None;
+            }
+            if QUEUES_ENDED.load(Ordering::SeqCst) >= self.threads.len() {
+                return Some(Stop::QueuesEnded);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            // Coarse (1 ms): this runs while the client's held I/O is being served.
+            if let Some(libc::SIGTERM | libc::SIGINT) = wait_signal_for(left.min(Duration::from_millis(1))) {
+                return Some(Stop::Signal);
             }
         }
     }
@@ -445,6 +478,16 @@ fn wait_signal() -> i32 {
     // SAFETY: set and sig are valid for the call.
     unsafe { libc::sigwait(&set, &mut sig) };
     sig
+}
+
+/// A stop signal taken within `timeout`, or None.
+fn wait_signal_for(timeout: Duration) -> Option<i32> {
+    let set = stop_signals();
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
+    // SAFETY: set and ts are valid for the call; a null siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
 }
 
 /// Queue threads of this process that have ended. A counter rather than

@@ -1346,8 +1346,8 @@ const RESTARTS: usize = 6;
 /// `restart -n ID` (QUIESCE_DEV handover; SIGKILL for --batch) RESTARTS times in the middle of
 /// the load ([`wait_load`]), under verifying fio random writes ([`Writer`]): fio sees no error
 /// and every pass and a final `--verify_only` pass verify the whole device;
-/// each restart exits 0, prints and leaves the device LIVE under a new pid
-/// (the old one exits). Without a supervisor each restart writes a
+/// each restart exits 0 without killing the old server ([`DRAIN_KILLED`]),
+/// prints and leaves the device LIVE under a new pid (the old one exits). Without a supervisor each restart writes a
 /// `restart` events line; with one, the supervisor's new server (its child)
 /// takes over.
 fn restart_under_load(supervised: bool, extra: &[&str]) {
@@ -1400,6 +1400,7 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
                 inflight(id)
             );
         }
+        assert_no_drain_kill(&out, &format!("restart {n} of {RESTARTS} under load"));
         let new = daemon_pid(&out.stdout)
             .unwrap_or_else(|| panic!("restart {n} printed no pid:\n{}", out.describe()));
         assert!(out.stdout.contains("state LIVE"), "restart {n} printed:\n{}", out.describe());
@@ -1465,6 +1466,7 @@ fn batch_restart_without_reissue_warns() {
     let out = run(Command::new(BIN).args(["restart", "-n", &dev.id.to_string()]));
     assert!(out.ok(), "restart failed:\n{}", out.describe());
     assert!(out.stderr.contains("without -i"), "no warning about the handover window:\n{}", out.describe());
+    assert_no_drain_kill(&out, "restart of a --batch device without -i");
     let new =
         daemon_pid(&out.stdout).unwrap_or_else(|| panic!("restart printed no pid:\n{}", out.describe()));
     assert_ne!(new, dev.pid, "the same server still serves");
@@ -1620,6 +1622,7 @@ fn restart_successor_does_not_clobber_stats() {
         list_one(id).is_some_and(|d| d["flags"].as_array().into_iter().flatten().any(|f| f == "QUIESCE"));
     if quiesce {
         let out = ublk(&["restart", "-n", &ids]).success();
+        assert_no_drain_kill(&out, "restart after the successor took over");
         server =
             daemon_pid(&out.stdout).unwrap_or_else(|| panic!("restart printed no pid:\n{}", out.describe()));
         assert_ne!(server, new, "restart: the same server still serves");
@@ -1748,4 +1751,313 @@ fn bad_fault_hook_is_refused() {
     }
     let left = settled_leftovers();
     assert!(left.is_empty(), "a refused add left: {left:?}");
+}
+
+// ---------------------------------------------------------------- handover and takeover edges
+
+/// What `restart` says on stderr when the old server did not drain and was
+/// killed (`cmd::restart::DRAIN_KILLED`). A handover that needed it failed
+/// for these tests, whatever the exit status.
+const DRAIN_KILLED: &str = "handover fell back to SIGKILL";
+
+fn assert_no_drain_kill(out: &Out, what: &str) {
+    assert!(
+        !out.stderr.contains(DRAIN_KILLED),
+        "{what}: the old server did not drain after QUIESCE_DEV and was killed:\n{}",
+        out.describe()
+    );
+}
+
+/// Whether the device has UBLK_F_QUIESCE (6.16+); skips the test otherwise.
+fn has_quiesce(dev: &Dev) -> bool {
+    let yes = dev.json["flags"].as_array().into_iter().flatten().any(|f| f == "QUIESCE");
+    if !yes {
+        skip(&format!("the kernel has no UBLK_F_QUIESCE (6.16+): {}", dev.json));
+    }
+    yes
+}
+
+/// `del` right after `recover` on an idle device: the recovered server sees
+/// the stop at once instead of first waiting (up to 5 s) for a request to
+/// time, so the `del` takes as long as any other.
+#[test]
+fn del_right_after_recover_is_prompt() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "--size", "16M"]);
+    let id = dev.id;
+    kill9(dev.pid);
+    wait_serverless(id, "QUIESCED");
+    wait_dead(dev.pid);
+    let out = ublk(&["recover", "-n", &id.to_string()]).success();
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("recover printed no pid:\n{}", out.describe()));
+    let t = Instant::now();
+    del(id);
+    let took = t.elapsed();
+    println!("del right after recover took {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "del right after recover took {took:?}: the recovered server did not react to the stop at once"
+    );
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// `recover` with a settings file that contradicts the kernel's device
+/// (size, depth, copy mode): refused with a message that names the setting
+/// and both values, before START_USER_RECOVERY: the device stays QUIESCED
+/// with no server and no takeover recorded. With the file restored it
+/// recovers, and the data written before reads back.
+#[test]
+fn recover_refuses_settings_that_contradict_the_kernel() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "--size", "16M"]);
+    let id = dev.id;
+    let pattern = random_bytes(MIB as usize, 0x5e77);
+    write_direct(&dev.block(), 0, &pattern);
+    kill9(dev.pid);
+    wait_serverless(id, "QUIESCED");
+    wait_dead(dev.pid);
+    let path = settings_path(id);
+    let orig = fs::read_to_string(&path).expect("settings file");
+    let v: Value = serde_json::from_str(&orig).expect("settings are JSON");
+    let depth = v["depth"].as_u64().expect("depth in the settings");
+    let mode = v["copy_mode"].as_str().expect("copy_mode in the settings").to_string();
+    let other = if mode == "copy" { "user" } else { "copy" };
+    let cases = [
+        ("size", Value::from(32 * MIB), format!("size {} in the file, {} in the kernel", 32 * MIB, 16 * MIB)),
+        ("copy_mode", Value::from(other), format!("copy mode {other} in the file, {mode} in the kernel")),
+        ("depth", Value::from(depth * 2), format!("depth {} in the file, {depth} in the kernel", depth * 2)),
+    ];
+    // Every case is tried and reported, not only the first that fails.
+    let mut problems = vec![];
+    for (key, bad, want) in cases {
+        let mut corrupt = v.clone();
+        corrupt[key] = bad;
+        fs::write(&path, serde_json::to_string_pretty(&corrupt).unwrap()).expect("write the settings");
+        let out =
+            try_run(Command::new(bin()).args(["recover", "-n", &id.to_string()]), Duration::from_secs(60));
+        fs::write(&path, &orig).expect("restore the settings");
+        let Some(out) = out else {
+            problems.push(format!("wrong {key}: recover hung (killed after 60 s)"));
+            wait_serverless(id, "QUIESCED");
+            continue;
+        };
+        if out.ok() {
+            problems.push(format!("wrong {key}: recover succeeded:\n{}", out.describe()));
+            let (_, pid) = dev_state(id).expect("listed");
+            kill9(pid as i32);
+            wait_serverless(id, "QUIESCED");
+            continue;
+        }
+        if !(out.stderr.contains(&want) && out.stderr.contains("does not match")) {
+            problems.push(format!("wrong {key}: the refusal does not say `{want}`:\n{}", out.describe()));
+        }
+        let (state, pid) = dev_state(id).expect("listed");
+        if !(state == "QUIESCED" && (pid <= 0 || !alive(pid as i32))) {
+            problems.push(format!(
+                "wrong {key}: device {id} is {state} under pid {pid}, not QUIESCED without a server"
+            ));
+        }
+        if !events(id).is_empty() {
+            problems.push(format!("wrong {key}: a takeover was recorded: {:?}", events(id)));
+        }
+    }
+    assert!(problems.is_empty(), "settings that contradict the kernel:\n{}", problems.join("\n"));
+    let out = ublk(&["recover", "-n", &id.to_string()]).success();
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("recover printed no pid:\n{}", out.describe()));
+    assert_reads_back(&dev.block(), 0, &pattern, "after the refused recoveries");
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// Puts a CPU back online when dropped (also when the test fails).
+struct CpuOnline(PathBuf);
+
+impl Drop for CpuOnline {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.0, "1");
+    }
+}
+
+/// `add --cpus 1`, crash, CPU 1 goes offline, `recover`: the queue thread
+/// falls back to its queue's affinity set (CPU 0 here) with a warning in the
+/// server log, and the device serves again.
+#[test]
+fn recover_after_a_listed_cpu_went_offline_uses_the_affinity_set() {
+    let Some(_g) = guard() else { return };
+    let online = PathBuf::from("/sys/devices/system/cpu/cpu1/online");
+    if online_cpus() < 2 || !online.exists() {
+        skip("needs CPU 1 and CPU hotplug (/sys/devices/system/cpu/cpu1/online)");
+        return;
+    }
+    let dev = add(&["ram", "-r", "--cpus", "1", "--size", "16M"]);
+    let id = dev.id;
+    let pattern = random_bytes(MIB as usize, 0xc9c1);
+    write_direct(&dev.block(), 0, &pattern);
+    kill9(dev.pid);
+    wait_serverless(id, "QUIESCED");
+    wait_dead(dev.pid);
+    let back = CpuOnline(online.clone());
+    fs::write(&online, "0").expect("take CPU 1 offline");
+    let log_start = log_len();
+    let out = ublk(&["recover", "-n", &id.to_string()]);
+    assert!(out.ok(), "recover after CPU 1 went offline failed:\n{}", out.describe());
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("recover printed no pid:\n{}", out.describe()));
+    let log = log_since(log_start);
+    assert!(
+        log.contains("CPU 1 of --cpus is offline"),
+        "no warning about the offline CPU in server.log:\n{log}"
+    );
+    let name = format!("ublk{id}q0");
+    let (tid, _) = threads(new).into_iter().find(|(_, c)| *c == name).expect("queue thread");
+    assert_eq!(task_status(new, tid, "Cpus_allowed_list").as_deref(), Some("0"), "queue thread's CPUs");
+    assert_reads_back(&dev.block(), 0, &pattern, "after the recovery without CPU 1");
+    drop(back);
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// `restart` ended right after QUIESCE_DEV (fault hooks), first by a
+/// Ctrl-C (SIGINT), which it answers with a message naming `recover`, then
+/// by SIGKILL, as a closed terminal would end it: each time the successor
+/// it handed the device to outlives it and ends serving the device, data
+/// intact.
+#[test]
+fn restart_interrupted_after_quiesce_leaves_the_successor_serving() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
+    let id = dev.id;
+    if !has_quiesce(&dev) {
+        del(id);
+        return;
+    }
+    let pattern = random_bytes(MIB as usize, 0x1c7c);
+    write_direct(&dev.block(), 0, &pattern);
+    let out = run(Command::new(bin())
+        .args(["restart", "-n", &id.to_string()])
+        .env("UBLK_BENCH_FAULT", "interrupt-after-quiesce"));
+    assert!(!out.ok(), "restart interrupted after QUIESCE_DEV exited 0:\n{}", out.describe());
+    assert!(
+        out.stderr.contains("interrupted after QUIESCE_DEV")
+            && out.stderr.contains(&format!("recover -n {id}")),
+        "restart does not say it was interrupted and what to run:\n{}",
+        out.describe()
+    );
+    assert_no_drain_kill(&out, "interrupted restart");
+    let first = successor_serving(id, dev.pid, "after the interrupted restart");
+    assert_reads_back(&dev.block(), 0, &pattern, "after the interrupted restart");
+
+    let out = run(Command::new(bin())
+        .args(["restart", "-n", &id.to_string()])
+        .env("UBLK_BENCH_FAULT", "kill-after-quiesce"));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "restart was to die by SIGKILL:\n{}",
+        out.describe()
+    );
+    let second = successor_serving(id, first, "after restart was killed");
+    assert_reads_back(&dev.block(), 0, &pattern, "after restart was killed");
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, first, second]);
+}
+
+/// Waits until device `id` is LIVE under restart's successor of `old`
+/// (it watched `old`), `old` is gone, and it still serves a moment later.
+fn successor_serving(id: u32, old: i32, when: &str) -> i32 {
+    let new = wait_new_server(id, old, Duration::from_secs(30));
+    assert!(
+        cmdline(new).iter().any(|a| a == "--watch-pid"),
+        "{when}: server {new} is not restart's successor"
+    );
+    wait_dead(old);
+    sleep_ms(500);
+    assert_eq!(dev_state(id), Some(("LIVE".into(), new as i64)), "{when}: device {id}");
+    new
+}
+
+/// A successor that dies after QUIESCE_DEV (fault hook: it aborts once the
+/// old server is gone) is replaced by a cold recovery: `restart` says so,
+/// exits 0 and prints the device LIVE under the cold server, data intact.
+#[test]
+fn restart_whose_successor_fails_recovers_cold() {
+    let Some(_g) = guard() else { return };
+    let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
+    let id = dev.id;
+    if !has_quiesce(&dev) {
+        del(id);
+        return;
+    }
+    let pattern = random_bytes(MIB as usize, 0xc01d);
+    write_direct(&dev.block(), 0, &pattern);
+    let out = run(Command::new(bin())
+        .args(["restart", "-n", &id.to_string()])
+        .env("UBLK_BENCH_FAULT", "successor-abort"));
+    assert!(out.ok(), "restart whose successor failed did not recover:\n{}", out.describe());
+    for want in [format!("recovering device {id} cold"), format!("device {id} recovered cold")] {
+        assert!(out.stderr.contains(&want), "restart does not say `{want}`:\n{}", out.describe());
+    }
+    assert_no_drain_kill(&out, "restart with a failing successor");
+    let new =
+        daemon_pid(&out.stdout).unwrap_or_else(|| panic!("restart printed no pid:\n{}", out.describe()));
+    assert!(out.stdout.contains("state LIVE"), "restart printed:\n{}", out.describe());
+    assert_ne!(new, dev.pid, "the old server still serves");
+    wait_dead(dev.pid);
+    assert_eq!(dev_state(id), Some(("LIVE".into(), new as i64)), "device {id} after the fallback");
+    assert_reads_back(&dev.block(), 0, &pattern, "after the cold fallback");
+    wait_until("the fallback's events line", Duration::from_secs(30), || {
+        event_of(id, new).is_some_and(|e| e["method"] == "recover")
+    });
+    del(id);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
+}
+
+/// SIGKILLs a process when dropped (also when the test fails).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill takes plain integers.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// `restart` of an unsupervised device whose server is not a ublk-bench
+/// process (the same program under another name): refused at once, with
+/// nothing sent: the device stays LIVE under that server.
+#[test]
+fn restart_refuses_a_server_it_does_not_recognise() {
+    let Some(_g) = guard() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let other = dir.path().join("other-server");
+    fs::copy(bin(), &other).expect("copy the binary under another name");
+    let out = run(Command::new(&other).args(["add", "ram", "-r", "--size", "16M"])).success();
+    let id = parse_dev_id(&out.stdout).unwrap_or_else(|| panic!("no `dev id N:` in:\n{}", out.describe()));
+    let json = list_one(id).unwrap_or_else(|| panic!("device {id} is not listed"));
+    let pid = json["pid"].as_i64().unwrap_or_else(|| panic!("device {id} has no pid: {json}")) as i32;
+    let _kill = KillOnDrop(pid);
+    assert_eq!(comm(pid).as_deref(), Some("other-server"));
+    let dev = Dev { id, pid, json };
+    if !has_quiesce(&dev) {
+        del(id);
+        return;
+    }
+    let t = Instant::now();
+    let out = ublk(&["restart", "-n", &id.to_string()]);
+    let took = t.elapsed();
+    assert!(!out.ok(), "restart of a server it does not know succeeded:\n{}", out.describe());
+    assert!(
+        out.stderr.contains("not a ublk-bench server") && out.stderr.contains("nothing was sent"),
+        "restart does not say why it refused:\n{}",
+        out.describe()
+    );
+    assert!(took < Duration::from_secs(10), "restart took {took:?} to refuse");
+    assert_eq!(dev_state(id), Some(("LIVE".into(), pid as i64)), "device {id} after the refused restart");
+    assert!(running(pid), "the server {pid} is gone after the refused restart");
+    del(id);
+    wait_dead(pid);
+    assert_nothing_left(id, dev.json["store"].as_str(), &[pid]);
 }
