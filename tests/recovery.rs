@@ -20,7 +20,7 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -566,6 +566,8 @@ struct Pass {
 /// separate `--verify_only` fio.
 struct Writer {
     stop: Arc<AtomicBool>,
+    /// The pass in progress (0, 1, ...): even ones crc32c, odd ones pattern.
+    pass: Arc<AtomicU64>,
     /// Set if the test panics: start no further pass.
     _abort: SetOnDrop,
     passes: Arc<Mutex<Vec<Pass>>>,
@@ -577,14 +579,16 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let abort = Arc::new(AtomicBool::new(false));
         let passes: Arc<Mutex<Vec<Pass>>> = Arc::default();
-        let (t_stop, t_abort, t_passes, block) =
-            (stop.clone(), abort.clone(), passes.clone(), block.to_owned());
+        let current = Arc::new(AtomicU64::new(0));
+        let (t_stop, t_abort, t_passes, t_current, block) =
+            (stop.clone(), abort.clone(), passes.clone(), current.clone(), block.to_owned());
         let thread = std::thread::spawn(move || -> Result<(), String> {
             for pass in 0u64.. {
                 if t_abort.load(Ordering::SeqCst) {
                     return Err("aborted".into());
                 }
                 let (seed, pattern) = (1000 + pass, pass % 2 == 1);
+                t_current.store(pass, Ordering::SeqCst);
                 let started = Instant::now();
                 let fio = fio_bg(&block, "verify-pass", &write_verify_pass(seed, pattern));
                 let out = fio
@@ -605,7 +609,12 @@ impl Writer {
             }
             unreachable!()
         });
-        Writer { stop, _abort: SetOnDrop(abort), passes, thread }
+        Writer { stop, pass: current, _abort: SetOnDrop(abort), passes, thread }
+    }
+
+    /// Whether the pass in progress is a pattern pass.
+    fn in_pattern_pass(&self) -> bool {
+        self.pass.load(Ordering::SeqCst) % 2 == 1
     }
 
     fn is_finished(&self) -> bool {
@@ -639,13 +648,28 @@ enum Method {
     Standby,
 }
 
-const CYCLES: usize = 20;
+/// Kills per kill-cycle test unless [`KILL_CYCLES_ENV`] says otherwise: the
+/// first server (made by `add`) and servers that themselves took over
+/// (two generations), each kind of pass (crc32c, pattern) twice. More only
+/// repeat these states; a long run sets the variable (by hand, on bare metal).
+const KILL_CYCLES: usize = 4;
+/// The number of kills per kill-cycle test, at least 2 (one in each kind of pass).
+const KILL_CYCLES_ENV: &str = "UBLK_TEST_KILL_CYCLES";
+
+fn kill_cycle_count() -> usize {
+    let Some(v) = std::env::var_os(KILL_CYCLES_ENV) else { return KILL_CYCLES };
+    let n = v.to_str().and_then(|s| s.parse::<usize>().ok());
+    n.filter(|&n| n >= 2)
+        .unwrap_or_else(|| panic!("{KILL_CYCLES_ENV}={v:?}: want a number of kills, 2 or more"))
+}
 const DEV_MIB: u64 = 4;
 const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// `BACKEND -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
-/// server CYCLES times in the middle of the load (a request seen in flight
-/// when we can, see [`wait_load`]) and bring it back by `method`. fio sees no error, every pass verifies the whole device, and a
+/// server [`kill_cycle_count`] times in the middle of the load (a request seen in flight
+/// when we can, see [`wait_load`]) and bring it back by `method`. Odd
+/// cycles kill in a crc32c pass, even ones in a pattern pass (the kind that
+/// catches a lost write), each waiting for the writer to reach one. fio sees no error, every pass verifies the whole device, and a
 /// final `--verify_only` pass reads it all back. Each recovery writes one
 /// events line of this method with its phases in order. With a supervisor,
 /// the new server is its child and the supervisor logged exactly our kills
@@ -681,7 +705,9 @@ fn kill_cycles(method: Method, backend: &[&str]) {
     let mut standby_takeovers = 0;
     let (mut waited_standby, mut waited_io) = (Duration::ZERO, Duration::ZERO);
     let mut in_flight_kills = 0;
-    for cycle in 1..=CYCLES {
+    let cycles = kill_cycle_count();
+    let mut pattern_kills = 0;
+    for cycle in 1..=cycles {
         let w = Instant::now();
         let standby = if method == Method::Standby {
             // The standby for this server must be ready: prepared and
@@ -702,8 +728,24 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         };
         waited_standby += w.elapsed();
         let w = Instant::now();
-        // Kill in the middle of the load (or give up if the writer ended).
-        let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
+        // Kill in the middle of the load in a pass of this cycle's kind
+        // (or give up if the writer ended).
+        let pattern = cycle % 2 == 0;
+        let load = loop {
+            wait_until(
+                &format!(
+                    "cycle {cycle}: the writer in a {} pass",
+                    if pattern { "pattern" } else { "crc32c" }
+                ),
+                FIO_PASS_TIMEOUT,
+                || writer.in_pattern_pass() == pattern || writer.is_finished(),
+            );
+            let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
+            // The pass may have ended while we waited for load: wait again.
+            if writer.in_pattern_pass() == pattern || writer.is_finished() {
+                break load;
+            }
+        };
         if writer.is_finished() {
             break;
         }
@@ -712,6 +754,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         in_flight_kills += (load == Load::InFlight) as usize;
         let known: Vec<i32> = events(id).iter().filter_map(|e| e["pid"].as_i64()).map(|p| p as i32).collect();
         let k = Instant::now();
+        pattern_kills += writer.in_pattern_pass() as usize;
         crash_server(server, &format!("cycle {cycle}"));
         // The new server: `recover` prints it; a supervised device's shows
         // up as a new events line, written once the new server has served
@@ -777,7 +820,11 @@ fn kill_cycles(method: Method, backend: &[&str]) {
     let passes = writer
         .finish()
         .unwrap_or_else(|e| panic!("after {} kill/recover cycles ({method:?}): {e}", gaps.len()));
-    assert_eq!(gaps.len(), CYCLES, "the writer ended early");
+    assert_eq!(gaps.len(), cycles, "the writer ended early");
+    assert!(
+        pattern_kills > 0 && pattern_kills < cycles,
+        "{pattern_kills} of {cycles} kills landed in a pattern pass: every kind of pass must see one"
+    );
     final_verify(&block, &passes);
 
     // Phase events: one line per recovery, by this method, in order.
@@ -787,7 +834,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         Method::Supervise => "supervise",
         Method::Standby => "standby",
     };
-    assert_eq!(evs.len(), CYCLES, "expected {CYCLES} events lines:\n{evs:#?}");
+    assert_eq!(evs.len(), cycles, "expected {cycles} events lines:\n{evs:#?}");
     for e in &evs {
         assert_eq!(e["method"], want, "events line of another method: {e}");
         for k in ["quiesced_ns", "start_recovery_ns", "fetch_posted_ns", "end_recovery_ns"] {
@@ -806,7 +853,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         let deaths: Vec<&str> = log.lines().filter(|l| l.contains(" died (")).collect();
         let ours = deaths.iter().filter(|l| l.contains("died (signal: 9 (SIGKILL))")).count();
         assert!(
-            ours == CYCLES && deaths.len() == CYCLES,
+            ours == cycles && deaths.len() == cycles,
             "the supervisor saw {} server deaths, {ours} of them our SIGKILLs:\n{}",
             deaths.len(),
             deaths.join("\n")
@@ -817,7 +864,8 @@ fn kill_cycles(method: Method, backend: &[&str]) {
     let mut sorted = gaps.clone();
     sorted.sort();
     println!(
-        "{method:?}: {} kills under load ({in_flight_kills} with a request seen in flight), {} verifying fio \
+        "{method:?}: {} kills under load ({in_flight_kills} with a request seen in flight, {pattern_kills} in a \
+         pattern pass), {} verifying fio \
          passes ({:?} each), {} standby takeovers; kill to events line of the new server: p50 {:?} max {:?}, \
          total {:?}; waited for a ready standby {:?}, for load {:?}; test took {:?}",
         gaps.len(),
@@ -1132,7 +1180,7 @@ fn killing_the_recovering_server_then_recover_again() {
     ];
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     for (n, when) in plan.iter().enumerate() {
-        let mut cli = Bg::start(Command::new(BIN).args(["recover", "-n", &id.to_string()]));
+        let mut cli = Bg::start(Command::new(bin()).args(["recover", "-n", &id.to_string()]));
         let cli_pid = cli.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
         // `recover` forks its server (no exec): its one child.
@@ -1380,7 +1428,7 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
         let load = load.unwrap_or_else(|| panic!("restart {n}: no I/O on device {id} for 60 s"));
         in_flight += (load == Load::InFlight) as usize;
         let t = Instant::now();
-        let out = run(Command::new(BIN).args(["restart", "-n", &id.to_string()]));
+        let out = run(Command::new(bin()).args(["restart", "-n", &id.to_string()]));
         if !out.ok() {
             let (state, pid) = dev_state(id).unwrap_or_default();
             let threads: Vec<String> = threads(server)
@@ -1462,7 +1510,7 @@ fn batch_restart_without_reissue_warns() {
     let size = format!("{DEV_MIB}M");
     let dev = add(&["ram", "-r", "--batch", "--size", &size]);
     assert_batch(&dev, &["--batch"]);
-    let out = run(Command::new(BIN).args(["restart", "-n", &dev.id.to_string()]));
+    let out = run(Command::new(bin()).args(["restart", "-n", &dev.id.to_string()]));
     assert!(out.ok(), "restart failed:\n{}", out.describe());
     assert!(out.stderr.contains("without -i"), "no warning about the handover window:\n{}", out.describe());
     let new =
