@@ -648,6 +648,25 @@ enum Method {
     Standby,
 }
 
+/// Waits for load ([`wait_load`]) in a writer pass of the kind cycle `n`
+/// wants: odd cycles a crc32c pass, even ones a pattern pass (the kind that
+/// catches a lost write). Returns at once if the writer ended.
+fn wait_load_in_pass(id: u32, writer: &Writer, n: usize) -> Option<Load> {
+    let pattern = n.is_multiple_of(2);
+    loop {
+        wait_until(
+            &format!("cycle {n}: the writer in a {} pass", if pattern { "pattern" } else { "crc32c" }),
+            FIO_PASS_TIMEOUT,
+            || writer.in_pattern_pass() == pattern || writer.is_finished(),
+        );
+        let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
+        // The pass may have ended while we waited for load: wait again.
+        if writer.in_pattern_pass() == pattern || writer.is_finished() {
+            return load;
+        }
+    }
+}
+
 /// Kills per kill-cycle test unless [`KILL_CYCLES_ENV`] says otherwise: the
 /// first server (made by `add`) and servers that themselves took over
 /// (two generations), each kind of pass (crc32c, pattern) twice. More only
@@ -728,24 +747,8 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         };
         waited_standby += w.elapsed();
         let w = Instant::now();
-        // Kill in the middle of the load in a pass of this cycle's kind
-        // (or give up if the writer ended).
-        let pattern = cycle % 2 == 0;
-        let load = loop {
-            wait_until(
-                &format!(
-                    "cycle {cycle}: the writer in a {} pass",
-                    if pattern { "pattern" } else { "crc32c" }
-                ),
-                FIO_PASS_TIMEOUT,
-                || writer.in_pattern_pass() == pattern || writer.is_finished(),
-            );
-            let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
-            // The pass may have ended while we waited for load: wait again.
-            if writer.in_pattern_pass() == pattern || writer.is_finished() {
-                break load;
-            }
-        };
+        // Kill in the middle of the load (or give up if the writer ended).
+        let load = wait_load_in_pass(id, &writer, cycle);
         if writer.is_finished() {
             break;
         }
@@ -1025,18 +1028,22 @@ fn plain_recovery_fails_inflight_with_eio_and_completes_queued_io() {
     let pattern = random_bytes(MIB as usize, 0x91a1);
     write_direct(&dev.block(), 0, &pattern);
 
-    let runtime = 12;
+    // fio's I/O queued while no server is attached keeps it running until
+    // the recovery, however short its runtime: that only has to outlast
+    // the wait for load before the kill (checked below).
+    let runtime = 6;
     let mut fio_args = fio_base();
     fio_args.extend(
         ["--rw=randrw", "--bs=4k", "--offset=2M", "--time_based", "--continue_on_error=all"]
             .map(String::from),
     );
     fio_args.push(format!("--runtime={runtime}"));
-    let fio = fio_bg(&dev.block(), "plain-r", &fio_args);
+    let mut fio = fio_bg(&dev.block(), "plain-r", &fio_args);
     let load = wait_load(id, Duration::from_secs(60), || false);
     assert!(load.is_some(), "no I/O on device {id} under fio");
     println!("plain -r: killing the server with {load:?}");
     kill9(dev.pid);
+    assert!(fio.running(), "fio ended before the kill: it must run through it (raise its runtime)");
     wait_serverless(id, "QUIESCED");
 
     // Queued, not failed: the read must still be waiting a while later.
@@ -1389,10 +1396,13 @@ fn recover_refuses_clearly() {
 
 // ---------------------------------------------------------------- restart
 
-const RESTARTS: usize = 6;
+/// Handovers per restart test: as many as kill cycles ([`KILL_CYCLES`]),
+/// for the same reasons: the first server and its successors, both kinds of
+/// pass, each twice.
+const RESTARTS: usize = KILL_CYCLES;
 
 /// `restart -n ID` (QUIESCE_DEV handover; SIGKILL for --batch) RESTARTS times in the middle of
-/// the load ([`wait_load`]), under verifying fio random writes ([`Writer`]): fio sees no error
+/// the load ([`wait_load_in_pass`]: both kinds of pass), under verifying fio random writes ([`Writer`]): fio sees no error
 /// and every pass and a final `--verify_only` pass verify the whole device;
 /// each restart exits 0, prints and leaves the device LIVE under a new pid
 /// (the old one exits). Without a supervisor each restart writes a
@@ -1420,13 +1430,15 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
     let mut server = dev.pid;
     let mut took = vec![];
     let mut in_flight = 0;
+    let mut in_pattern = 0;
     for n in 1..=RESTARTS {
-        let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
+        let load = wait_load_in_pass(id, &writer, n);
         if writer.is_finished() {
             break;
         }
         let load = load.unwrap_or_else(|| panic!("restart {n}: no I/O on device {id} for 60 s"));
         in_flight += (load == Load::InFlight) as usize;
+        in_pattern += writer.in_pattern_pass() as usize;
         let t = Instant::now();
         let out = run(Command::new(bin()).args(["restart", "-n", &id.to_string()]));
         if !out.ok() {
@@ -1462,6 +1474,10 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
     let restarts_done = t0.elapsed();
     let passes = writer.finish().unwrap_or_else(|e| panic!("fio across {} restarts: {e}", took.len()));
     assert_eq!(took.len(), RESTARTS, "the writer ended early");
+    assert!(
+        in_pattern > 0 && in_pattern < RESTARTS,
+        "{in_pattern} of {RESTARTS} restarts came in a pattern pass: every kind of pass must see one"
+    );
     let writer_done = t0.elapsed();
     final_verify(&dev.block(), &passes);
     let (state, pid) = dev_state(id).expect("listed");
