@@ -649,10 +649,11 @@ enum Method {
 }
 
 /// Waits for load ([`wait_load`]) in a writer pass of the kind cycle `n`
-/// wants: odd cycles a crc32c pass, even ones a pattern pass (the kind that
-/// catches a lost write). Returns at once if the writer ended.
+/// (from 1) wants, two cycles per kind in turn: cycles 1 and 2 in a crc32c
+/// pass, 3 and 4 in a pattern pass (the kind that catches a lost write),
+/// and so on; two cycles fit in one pass. Returns at once if the writer ended.
 fn wait_load_in_pass(id: u32, writer: &Writer, n: usize) -> Option<Load> {
-    let pattern = n.is_multiple_of(2);
+    let pattern = (n - 1) / 2 % 2 == 1;
     loop {
         wait_until(
             &format!("cycle {n}: the writer in a {} pass", if pattern { "pattern" } else { "crc32c" }),
@@ -672,23 +673,24 @@ fn wait_load_in_pass(id: u32, writer: &Writer, n: usize) -> Option<Load> {
 /// (two generations), each kind of pass (crc32c, pattern) twice. More only
 /// repeat these states; a long run sets the variable (by hand, on bare metal).
 const KILL_CYCLES: usize = 4;
-/// The number of kills per kill-cycle test, at least 2 (one in each kind of pass).
+/// The number of kills per kill-cycle test, at least 3 (the third is the
+/// first in a pattern pass).
 const KILL_CYCLES_ENV: &str = "UBLK_TEST_KILL_CYCLES";
 
 fn kill_cycle_count() -> usize {
     let Some(v) = std::env::var_os(KILL_CYCLES_ENV) else { return KILL_CYCLES };
     let n = v.to_str().and_then(|s| s.parse::<usize>().ok());
-    n.filter(|&n| n >= 2)
-        .unwrap_or_else(|| panic!("{KILL_CYCLES_ENV}={v:?}: want a number of kills, 2 or more"))
+    n.filter(|&n| n >= 3)
+        .unwrap_or_else(|| panic!("{KILL_CYCLES_ENV}={v:?}: want a number of kills, 3 or more"))
 }
 const DEV_MIB: u64 = 4;
 const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// `BACKEND -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
 /// server [`kill_cycle_count`] times in the middle of the load (a request seen in flight
-/// when we can, see [`wait_load`]) and bring it back by `method`. Odd
-/// cycles kill in a crc32c pass, even ones in a pattern pass (the kind that
-/// catches a lost write), each waiting for the writer to reach one. fio sees no error, every pass verifies the whole device, and a
+/// when we can, see [`wait_load`]) and bring it back by `method`, the kills
+/// in crc32c and pattern passes in turn ([`wait_load_in_pass`]), both kinds
+/// asserted. fio sees no error, every pass verifies the whole device, and a
 /// final `--verify_only` pass reads it all back. Each recovery writes one
 /// events line of this method with its phases in order. With a supervisor,
 /// the new server is its child and the supervisor logged exactly our kills
