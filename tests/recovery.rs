@@ -648,21 +648,38 @@ enum Method {
     Standby,
 }
 
-/// Waits for load ([`wait_load`]) in a writer pass of the kind cycle `n`
-/// (from 1) wants, two cycles per kind in turn: cycles 1 and 2 in a crc32c
-/// pass, 3 and 4 in a pattern pass (the kind that catches a lost write),
-/// and so on; two cycles fit in one pass. Returns at once if the writer ended.
-fn wait_load_in_pass(id: u32, writer: &Writer, n: usize) -> Option<Load> {
-    let pattern = (n - 1) / 2 % 2 == 1;
+/// Waits for load ([`wait_load`]) for cycle `n` (from 1) of `total`, after
+/// `pattern_so_far` of the earlier cycles came in a pattern pass: half the
+/// cycles (rounded down) go to pattern passes (the kind that catches a lost
+/// write), the rest to crc32c ones. Load in any pass will do while both
+/// kinds have cycles left; once one kind has had its share, this waits for a
+/// pass of the other. Returns at once if the writer ended.
+fn wait_load_in_pass(
+    id: u32,
+    writer: &Writer,
+    n: usize,
+    total: usize,
+    pattern_so_far: usize,
+) -> Option<Load> {
+    let crc_so_far = n - 1 - pattern_so_far;
+    let want = if crc_so_far >= total - total / 2 {
+        Some(true)
+    } else if pattern_so_far >= total / 2 {
+        Some(false)
+    } else {
+        None
+    };
+    let right = || want.is_none_or(|p| writer.in_pattern_pass() == p) || writer.is_finished();
     loop {
-        wait_until(
-            &format!("cycle {n}: the writer in a {} pass", if pattern { "pattern" } else { "crc32c" }),
-            FIO_PASS_TIMEOUT,
-            || writer.in_pattern_pass() == pattern || writer.is_finished(),
-        );
+        let kind = match want {
+            Some(true) => "pattern",
+            Some(false) => "crc32c",
+            None => "any",
+        };
+        wait_until(&format!("cycle {n}: the writer in a pass of kind {kind}"), FIO_PASS_TIMEOUT, right);
         let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
         // The pass may have ended while we waited for load: wait again.
-        if writer.in_pattern_pass() == pattern || writer.is_finished() {
+        if right() {
             return load;
         }
     }
@@ -673,15 +690,14 @@ fn wait_load_in_pass(id: u32, writer: &Writer, n: usize) -> Option<Load> {
 /// (two generations), each kind of pass (crc32c, pattern) twice. More only
 /// repeat these states; a long run sets the variable (by hand, on bare metal).
 const KILL_CYCLES: usize = 4;
-/// The number of kills per kill-cycle test, at least 3 (the third is the
-/// first in a pattern pass).
+/// The number of kills per kill-cycle test, at least 2 (one in each kind of pass).
 const KILL_CYCLES_ENV: &str = "UBLK_TEST_KILL_CYCLES";
 
 fn kill_cycle_count() -> usize {
     let Some(v) = std::env::var_os(KILL_CYCLES_ENV) else { return KILL_CYCLES };
     let n = v.to_str().and_then(|s| s.parse::<usize>().ok());
-    n.filter(|&n| n >= 3)
-        .unwrap_or_else(|| panic!("{KILL_CYCLES_ENV}={v:?}: want a number of kills, 3 or more"))
+    n.filter(|&n| n >= 2)
+        .unwrap_or_else(|| panic!("{KILL_CYCLES_ENV}={v:?}: want a number of kills, 2 or more"))
 }
 const DEV_MIB: u64 = 4;
 const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
@@ -689,8 +705,8 @@ const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 /// `BACKEND -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
 /// server [`kill_cycle_count`] times in the middle of the load (a request seen in flight
 /// when we can, see [`wait_load`]) and bring it back by `method`, the kills
-/// in crc32c and pattern passes in turn ([`wait_load_in_pass`]), both kinds
-/// asserted. fio sees no error, every pass verifies the whole device, and a
+/// half of them in pattern passes, half in crc32c ones ([`wait_load_in_pass`]),
+/// both kinds asserted. fio sees no error, every pass verifies the whole device, and a
 /// final `--verify_only` pass reads it all back. Each recovery writes one
 /// events line of this method with its phases in order. With a supervisor,
 /// the new server is its child and the supervisor logged exactly our kills
@@ -750,7 +766,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         waited_standby += w.elapsed();
         let w = Instant::now();
         // Kill in the middle of the load (or give up if the writer ended).
-        let load = wait_load_in_pass(id, &writer, cycle);
+        let load = wait_load_in_pass(id, &writer, cycle, cycles, pattern_kills);
         if writer.is_finished() {
             break;
         }
@@ -1404,7 +1420,7 @@ fn recover_refuses_clearly() {
 const RESTARTS: usize = KILL_CYCLES;
 
 /// `restart -n ID` (QUIESCE_DEV handover; SIGKILL for --batch) RESTARTS times in the middle of
-/// the load ([`wait_load_in_pass`]: both kinds of pass), under verifying fio random writes ([`Writer`]): fio sees no error
+/// the load ([`wait_load_in_pass`]: half in each kind of pass), under verifying fio random writes ([`Writer`]): fio sees no error
 /// and every pass and a final `--verify_only` pass verify the whole device;
 /// each restart exits 0, prints and leaves the device LIVE under a new pid
 /// (the old one exits). Without a supervisor each restart writes a
@@ -1434,7 +1450,7 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
     let mut in_flight = 0;
     let mut in_pattern = 0;
     for n in 1..=RESTARTS {
-        let load = wait_load_in_pass(id, &writer, n);
+        let load = wait_load_in_pass(id, &writer, n, RESTARTS, in_pattern);
         if writer.is_finished() {
             break;
         }
