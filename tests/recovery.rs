@@ -690,7 +690,7 @@ fn wait_load_in_pass(
 /// (two generations), each kind of pass (crc32c, pattern) twice. More only
 /// repeat these states; a long run sets the variable (by hand, on bare metal).
 const KILL_CYCLES: usize = 4;
-/// The number of kills per kill-cycle test, at least 2 (one in each kind of pass).
+/// Names the number of kills per kill-cycle test, at least 2 (one in each kind of pass).
 const KILL_CYCLES_ENV: &str = "UBLK_TEST_KILL_CYCLES";
 
 fn kill_cycle_count() -> usize {
@@ -704,8 +704,8 @@ const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// `BACKEND -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
 /// server [`kill_cycle_count`] times in the middle of the load (a request seen in flight
-/// when we can, see [`wait_load`]) and bring it back by `method`, the kills
-/// half of them in pattern passes, half in crc32c ones ([`wait_load_in_pass`]),
+/// when we can, see [`wait_load`]) and bring it back by `method`; half the
+/// kills land in pattern passes, the rest in crc32c ones ([`wait_load_in_pass`]),
 /// both kinds asserted. fio sees no error, every pass verifies the whole device, and a
 /// final `--verify_only` pass reads it all back. Each recovery writes one
 /// events line of this method with its phases in order. With a supervisor,
