@@ -284,25 +284,6 @@ fn del_all_removes_mixed_devices() {
 
 // ---------------------------------------------------------------- data
 
-/// fio's own CRC32C verification ([`fio_verify_devices`]: 4 KiB random
-/// writes, then mixed sizes up to 256 KiB) on two ram devices at once, one
-/// with 1 queue and one with 2.
-#[test]
-fn fio_verify_ram_one_and_two_queues() {
-    let Some(_h) = harness() else { return };
-    let size = 32 * MIB;
-    let queues: &[usize] = if online_cpus() >= 2 { &[1, 2] } else { &[1] };
-    let devs: Vec<Dev> =
-        queues.iter().map(|q| add(&["ram", "-q", &q.to_string(), "--size", "32M"])).collect();
-    let labels: Vec<String> = queues.iter().map(|q| format!("{q}q")).collect();
-    let named: Vec<(&str, &Dev)> = labels.iter().map(String::as_str).zip(&devs).collect();
-    fio_verify_devices(&named, size);
-    for dev in &devs {
-        del(dev.id);
-        assert_gone(dev);
-    }
-}
-
 /// DISCARD (`blkdiscard`) and WRITE_ZEROES (`blkdiscard -z`) on ram read
 /// back as zeros, and the bytes around each range keep their data.
 #[test]
@@ -424,21 +405,30 @@ fn file_backend_serves_the_file_and_leaves_it() {
     file_serves(tmp.path(), &[], "zero");
 }
 
-/// fio's CRC32C verification on `file` and on `ram` in zero copy (auto and
-/// explicit registration), all at once.
+/// fio's own CRC32C verification ([`fio_verify_devices`]: 4 KiB random
+/// writes, then mixed sizes up to 256 KiB) on `file` and on `ram` in zero
+/// copy (auto and explicit registration), ram with 1 queue and with 2, all
+/// at once.
 #[test]
 fn fio_verify_file_and_ram_zero_copy() {
     let Some(_h) = harness() else { return };
     let shm = tempfile::tempdir_in("/dev/shm").expect("a folder in /dev/shm");
     let (path, _) = user_file(shm.path(), 32 * MIB, 1);
-    let file = add(&["file", "--path", &path.to_string_lossy()]);
-    let ram = add(&["ram", "--size", "32M"]);
-    let explicit = add(&["ram", "--size", "32M", "--explicit-buf-reg", "-q", "2"]);
-    for d in [&file, &ram, &explicit] {
+    let mut devs = vec![
+        ("file", add(&["file", "--path", &path.to_string_lossy()])),
+        ("ram", add(&["ram", "--size", "32M"])),
+        ("ram-explicit", add(&["ram", "--size", "32M", "--explicit-buf-reg", "-q", "2"])),
+    ];
+    if online_cpus() >= 2 {
+        devs.push(("ram-2q", add(&["ram", "-q", "2", "--size", "32M"])));
+    }
+    for (_, d) in &devs {
         assert_eq!(d.json["copy_mode"], "zero", "auto picks zero copy on this kernel: {}", d.json);
     }
-    fio_verify_devices(&[("file", &file), ("ram", &ram), ("ram-explicit", &explicit)], 32 * MIB);
-    for d in [&file, &ram, &explicit] {
+    assert_eq!(devs[1].1.json["queues"], 1, "ram without -q: {}", devs[1].1.json);
+    let named: Vec<(&str, &Dev)> = devs.iter().map(|(l, d)| (*l, d)).collect();
+    fio_verify_devices(&named, 32 * MIB);
+    for (_, d) in &devs {
         del(d.id);
         assert_gone(d);
     }

@@ -20,7 +20,7 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -566,6 +566,8 @@ struct Pass {
 /// separate `--verify_only` fio.
 struct Writer {
     stop: Arc<AtomicBool>,
+    /// The pass in progress (0, 1, ...): even ones crc32c, odd ones pattern.
+    pass: Arc<AtomicU64>,
     /// Set if the test panics: start no further pass.
     _abort: SetOnDrop,
     passes: Arc<Mutex<Vec<Pass>>>,
@@ -577,14 +579,16 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let abort = Arc::new(AtomicBool::new(false));
         let passes: Arc<Mutex<Vec<Pass>>> = Arc::default();
-        let (t_stop, t_abort, t_passes, block) =
-            (stop.clone(), abort.clone(), passes.clone(), block.to_owned());
+        let current = Arc::new(AtomicU64::new(0));
+        let (t_stop, t_abort, t_passes, t_current, block) =
+            (stop.clone(), abort.clone(), passes.clone(), current.clone(), block.to_owned());
         let thread = std::thread::spawn(move || -> Result<(), String> {
             for pass in 0u64.. {
                 if t_abort.load(Ordering::SeqCst) {
                     return Err("aborted".into());
                 }
                 let (seed, pattern) = (1000 + pass, pass % 2 == 1);
+                t_current.store(pass, Ordering::SeqCst);
                 let started = Instant::now();
                 let fio = fio_bg(&block, "verify-pass", &write_verify_pass(seed, pattern));
                 let out = fio
@@ -605,7 +609,12 @@ impl Writer {
             }
             unreachable!()
         });
-        Writer { stop, _abort: SetOnDrop(abort), passes, thread }
+        Writer { stop, pass: current, _abort: SetOnDrop(abort), passes, thread }
+    }
+
+    /// Whether the pass in progress is a pattern pass.
+    fn in_pattern_pass(&self) -> bool {
+        self.pass.load(Ordering::SeqCst) % 2 == 1
     }
 
     fn is_finished(&self) -> bool {
@@ -639,13 +648,65 @@ enum Method {
     Standby,
 }
 
-const CYCLES: usize = 20;
+/// Waits for load ([`wait_load`]) for cycle `n` (from 1) of `total`, after
+/// `pattern_so_far` of the earlier cycles came in a pattern pass: half the
+/// cycles (rounded down) go to pattern passes (the kind that catches a lost
+/// write), the rest to crc32c ones. Load in any pass will do while both
+/// kinds have cycles left; once one kind has had its share, this waits for a
+/// pass of the other. Returns at once if the writer ended.
+fn wait_load_in_pass(
+    id: u32,
+    writer: &Writer,
+    n: usize,
+    total: usize,
+    pattern_so_far: usize,
+) -> Option<Load> {
+    let crc_so_far = n - 1 - pattern_so_far;
+    let want = if crc_so_far >= total - total / 2 {
+        Some(true)
+    } else if pattern_so_far >= total / 2 {
+        Some(false)
+    } else {
+        None
+    };
+    let right = || want.is_none_or(|p| writer.in_pattern_pass() == p) || writer.is_finished();
+    loop {
+        let kind = match want {
+            Some(true) => "pattern",
+            Some(false) => "crc32c",
+            None => "any",
+        };
+        wait_until(&format!("cycle {n}: the writer in a pass of kind {kind}"), FIO_PASS_TIMEOUT, right);
+        let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
+        // The pass may have ended while we waited for load: wait again.
+        if right() {
+            return load;
+        }
+    }
+}
+
+/// Kills per kill-cycle test unless [`KILL_CYCLES_ENV`] says otherwise: the
+/// first server (made by `add`) and servers that themselves took over
+/// (two generations), each kind of pass (crc32c, pattern) twice. More only
+/// repeat these states; a long run sets the variable (by hand, on bare metal).
+const KILL_CYCLES: usize = 4;
+/// Names the number of kills per kill-cycle test, at least 2 (one in each kind of pass).
+const KILL_CYCLES_ENV: &str = "UBLK_TEST_KILL_CYCLES";
+
+fn kill_cycle_count() -> usize {
+    let Some(v) = std::env::var_os(KILL_CYCLES_ENV) else { return KILL_CYCLES };
+    let n = v.to_str().and_then(|s| s.parse::<usize>().ok());
+    n.filter(|&n| n >= 2)
+        .unwrap_or_else(|| panic!("{KILL_CYCLES_ENV}={v:?}: want a number of kills, 2 or more"))
+}
 const DEV_MIB: u64 = 4;
 const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// `BACKEND -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
-/// server CYCLES times in the middle of the load (a request seen in flight
-/// when we can, see [`wait_load`]) and bring it back by `method`. fio sees no error, every pass verifies the whole device, and a
+/// server [`kill_cycle_count`] times in the middle of the load (a request seen in flight
+/// when we can, see [`wait_load`]) and bring it back by `method`; half the
+/// kills land in pattern passes, the rest in crc32c ones ([`wait_load_in_pass`]),
+/// both kinds asserted. fio sees no error, every pass verifies the whole device, and a
 /// final `--verify_only` pass reads it all back. Each recovery writes one
 /// events line of this method with its phases in order. With a supervisor,
 /// the new server is its child and the supervisor logged exactly our kills
@@ -681,7 +742,9 @@ fn kill_cycles(method: Method, backend: &[&str]) {
     let mut standby_takeovers = 0;
     let (mut waited_standby, mut waited_io) = (Duration::ZERO, Duration::ZERO);
     let mut in_flight_kills = 0;
-    for cycle in 1..=CYCLES {
+    let cycles = kill_cycle_count();
+    let mut pattern_kills = 0;
+    for cycle in 1..=cycles {
         let w = Instant::now();
         let standby = if method == Method::Standby {
             // The standby for this server must be ready: prepared and
@@ -703,7 +766,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         waited_standby += w.elapsed();
         let w = Instant::now();
         // Kill in the middle of the load (or give up if the writer ended).
-        let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
+        let load = wait_load_in_pass(id, &writer, cycle, cycles, pattern_kills);
         if writer.is_finished() {
             break;
         }
@@ -712,6 +775,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         in_flight_kills += (load == Load::InFlight) as usize;
         let known: Vec<i32> = events(id).iter().filter_map(|e| e["pid"].as_i64()).map(|p| p as i32).collect();
         let k = Instant::now();
+        pattern_kills += writer.in_pattern_pass() as usize;
         crash_server(server, &format!("cycle {cycle}"));
         // The new server: `recover` prints it; a supervised device's shows
         // up as a new events line, written once the new server has served
@@ -777,7 +841,11 @@ fn kill_cycles(method: Method, backend: &[&str]) {
     let passes = writer
         .finish()
         .unwrap_or_else(|e| panic!("after {} kill/recover cycles ({method:?}): {e}", gaps.len()));
-    assert_eq!(gaps.len(), CYCLES, "the writer ended early");
+    assert_eq!(gaps.len(), cycles, "the writer ended early");
+    assert!(
+        pattern_kills > 0 && pattern_kills < cycles,
+        "{pattern_kills} of {cycles} kills landed in a pattern pass: every kind of pass must see one"
+    );
     final_verify(&block, &passes);
 
     // Phase events: one line per recovery, by this method, in order.
@@ -787,7 +855,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         Method::Supervise => "supervise",
         Method::Standby => "standby",
     };
-    assert_eq!(evs.len(), CYCLES, "expected {CYCLES} events lines:\n{evs:#?}");
+    assert_eq!(evs.len(), cycles, "expected {cycles} events lines:\n{evs:#?}");
     for e in &evs {
         assert_eq!(e["method"], want, "events line of another method: {e}");
         for k in ["quiesced_ns", "start_recovery_ns", "fetch_posted_ns", "end_recovery_ns"] {
@@ -806,7 +874,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         let deaths: Vec<&str> = log.lines().filter(|l| l.contains(" died (")).collect();
         let ours = deaths.iter().filter(|l| l.contains("died (signal: 9 (SIGKILL))")).count();
         assert!(
-            ours == CYCLES && deaths.len() == CYCLES,
+            ours == cycles && deaths.len() == cycles,
             "the supervisor saw {} server deaths, {ours} of them our SIGKILLs:\n{}",
             deaths.len(),
             deaths.join("\n")
@@ -817,7 +885,8 @@ fn kill_cycles(method: Method, backend: &[&str]) {
     let mut sorted = gaps.clone();
     sorted.sort();
     println!(
-        "{method:?}: {} kills under load ({in_flight_kills} with a request seen in flight), {} verifying fio \
+        "{method:?}: {} kills under load ({in_flight_kills} with a request seen in flight, {pattern_kills} in a \
+         pattern pass), {} verifying fio \
          passes ({:?} each), {} standby takeovers; kill to events line of the new server: p50 {:?} max {:?}, \
          total {:?}; waited for a ready standby {:?}, for load {:?}; test took {:?}",
         gaps.len(),
@@ -977,18 +1046,22 @@ fn plain_recovery_fails_inflight_with_eio_and_completes_queued_io() {
     let pattern = random_bytes(MIB as usize, 0x91a1);
     write_direct(&dev.block(), 0, &pattern);
 
-    let runtime = 12;
+    // fio's I/O queued while no server is attached keeps it running until
+    // the recovery, however short its runtime: that only has to outlast
+    // the wait for load before the kill (checked below).
+    let runtime = 6;
     let mut fio_args = fio_base();
     fio_args.extend(
         ["--rw=randrw", "--bs=4k", "--offset=2M", "--time_based", "--continue_on_error=all"]
             .map(String::from),
     );
     fio_args.push(format!("--runtime={runtime}"));
-    let fio = fio_bg(&dev.block(), "plain-r", &fio_args);
+    let mut fio = fio_bg(&dev.block(), "plain-r", &fio_args);
     let load = wait_load(id, Duration::from_secs(60), || false);
     assert!(load.is_some(), "no I/O on device {id} under fio");
     println!("plain -r: killing the server with {load:?}");
     kill9(dev.pid);
+    assert!(fio.running(), "fio ended before the kill: it must run through it (raise its runtime)");
     wait_serverless(id, "QUIESCED");
 
     // Queued, not failed: the read must still be waiting a while later.
@@ -1132,7 +1205,7 @@ fn killing_the_recovering_server_then_recover_again() {
     ];
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     for (n, when) in plan.iter().enumerate() {
-        let mut cli = Bg::start(Command::new(BIN).args(["recover", "-n", &id.to_string()]));
+        let mut cli = Bg::start(Command::new(bin()).args(["recover", "-n", &id.to_string()]));
         let cli_pid = cli.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
         // `recover` forks its server (no exec): its one child.
@@ -1341,10 +1414,13 @@ fn recover_refuses_clearly() {
 
 // ---------------------------------------------------------------- restart
 
-const RESTARTS: usize = 6;
+/// Handovers per restart test: as many as kill cycles ([`KILL_CYCLES`]),
+/// for the same reasons: the first server and its successors, both kinds of
+/// pass, each twice.
+const RESTARTS: usize = KILL_CYCLES;
 
 /// `restart -n ID` (QUIESCE_DEV handover; SIGKILL for --batch) RESTARTS times in the middle of
-/// the load ([`wait_load`]), under verifying fio random writes ([`Writer`]): fio sees no error
+/// the load ([`wait_load_in_pass`]: half in each kind of pass), under verifying fio random writes ([`Writer`]): fio sees no error
 /// and every pass and a final `--verify_only` pass verify the whole device;
 /// each restart exits 0 without killing the old server ([`DRAIN_KILLED`]),
 /// prints and leaves the device LIVE under a new pid (the old one exits). Without a supervisor each restart writes a
@@ -1372,15 +1448,17 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
     let mut server = dev.pid;
     let mut took = vec![];
     let mut in_flight = 0;
+    let mut in_pattern = 0;
     for n in 1..=RESTARTS {
-        let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
+        let load = wait_load_in_pass(id, &writer, n, RESTARTS, in_pattern);
         if writer.is_finished() {
             break;
         }
         let load = load.unwrap_or_else(|| panic!("restart {n}: no I/O on device {id} for 60 s"));
         in_flight += (load == Load::InFlight) as usize;
+        in_pattern += writer.in_pattern_pass() as usize;
         let t = Instant::now();
-        let out = run(Command::new(BIN).args(["restart", "-n", &id.to_string()]));
+        let out = run(Command::new(bin()).args(["restart", "-n", &id.to_string()]));
         if !out.ok() {
             let (state, pid) = dev_state(id).unwrap_or_default();
             let threads: Vec<String> = threads(server)
@@ -1415,6 +1493,10 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
     let restarts_done = t0.elapsed();
     let passes = writer.finish().unwrap_or_else(|e| panic!("fio across {} restarts: {e}", took.len()));
     assert_eq!(took.len(), RESTARTS, "the writer ended early");
+    assert!(
+        in_pattern > 0 && in_pattern < RESTARTS,
+        "{in_pattern} of {RESTARTS} restarts came in a pattern pass: every kind of pass must see one"
+    );
     let writer_done = t0.elapsed();
     final_verify(&dev.block(), &passes);
     let (state, pid) = dev_state(id).expect("listed");
@@ -1463,7 +1545,7 @@ fn batch_restart_without_reissue_warns() {
     let size = format!("{DEV_MIB}M");
     let dev = add(&["ram", "-r", "--batch", "--size", &size]);
     assert_batch(&dev, &["--batch"]);
-    let out = run(Command::new(BIN).args(["restart", "-n", &dev.id.to_string()]));
+    let out = run(Command::new(bin()).args(["restart", "-n", &dev.id.to_string()]));
     assert!(out.ok(), "restart failed:\n{}", out.describe());
     assert!(out.stderr.contains("without -i"), "no warning about the handover window:\n{}", out.describe());
     assert_no_drain_kill(&out, "restart of a --batch device without -i");

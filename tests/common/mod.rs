@@ -38,6 +38,11 @@ pub const NO_SKIP_ENV: &str = "UBLK_TEST_NO_SKIP";
 /// A file each skip appends `suite::test<TAB>reason` to; bench-scripts/test
 /// sets it for the host's `cargo test` and prints how many tests skipped.
 pub const SKIP_LOG_ENV: &str = "UBLK_TEST_SKIP_LOG";
+/// A file each driver test appends `suite::test<TAB>seconds<TAB>ok|failed`
+/// to when its harness drops (clean-up included); bench-scripts/test sets
+/// it and prints the slowest tests and those over their budget. Unset,
+/// the line goes to `test-times.tsv` in cargo's target/tmp.
+pub const TIME_LOG_ENV: &str = "UBLK_TEST_TIME_LOG";
 
 /// Longest a single command may take: `add` waits for START_DEV, which
 /// scans partitions and is slow under software emulation.
@@ -103,12 +108,13 @@ pub fn harness() -> Option<Harness> {
         return None;
     }
     let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let started = Instant::now();
     let leftovers = leftovers();
     if !leftovers.is_empty() {
         println!("cleaning up before the test: {}", leftovers.join("; "));
         force_cleanup();
     }
-    Some(Harness { started: Instant::now(), _serial: serial })
+    Some(Harness { started, _serial: serial })
 }
 
 /// Every skip goes through here; the caller then returns (or skips one
@@ -149,11 +155,37 @@ impl Drop for Harness {
     fn drop(&mut self) {
         let check = !std::thread::panicking();
         let left = if check { settled_leftovers() } else { Vec::new() };
-        force_cleanup();
-        println!("[{:6.2}s] test done", self.started.elapsed().as_secs_f64());
+        if check && left.is_empty() {
+            // Nothing left to delete: `del -a` would only cost a process
+            // start (seconds under emulation). Our fio groups still go.
+            kill_fio_groups();
+        } else {
+            force_cleanup();
+        }
+        let took = self.started.elapsed().as_secs_f64();
+        println!("[{took:6.2}s] test done");
+        log_time(took, check && left.is_empty());
         if !left.is_empty() {
             panic!("the test left things behind:\n  {}", left.join("\n  "));
         }
+    }
+}
+
+/// Appends this test's wall time to the [`TIME_LOG_ENV`] file. A test
+/// whose time cannot be logged still passes: the line is for reading, the
+/// test's verdict is its own.
+fn log_time(secs: f64, ok: bool) {
+    let path = std::env::var_os(TIME_LOG_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-times.tsv"));
+    let line = format!("{}\t{secs:.2}\t{}\n", test_name(), if ok { "ok" } else { "failed" });
+    let written = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    if let Err(e) = written {
+        println!("cannot append the test's time to {}: {e}", path.display());
     }
 }
 
@@ -193,10 +225,7 @@ pub fn settled_leftovers() -> Vec<String> {
 /// process (reaping the ones that are our children) and deletes again, in
 /// case a killed server had left its device behind.
 pub fn force_cleanup() {
-    for pgid in FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-        // SAFETY: kill takes plain integers.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-    }
+    kill_fio_groups();
     let del_all = || {
         let _ = try_run(Command::new(bin()).args(["del", "-a", "--force"]), Duration::from_secs(30));
     };
@@ -216,6 +245,13 @@ pub fn force_cleanup() {
     }
     for f in device_files() {
         let _ = fs::remove_file(f);
+    }
+}
+
+fn kill_fio_groups() {
+    for pgid in FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        // SAFETY: kill takes plain integers.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
 }
 
