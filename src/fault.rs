@@ -1,8 +1,9 @@
 //! Test-only fault hooks, named by `UBLK_BENCH_FAULT` in the environment of
-//! the server that creates a device (`add`), or of `restart` for the two
-//! handover hooks (never another takeover, whose server must serve). Read
-//! once per process, before ADD_DEV or QUIESCE_DEV, so a bad value is
-//! refused before anything exists or is sent.
+//! the server that creates a device (`add`), of `restart` for the two
+//! handover hooks, or of a takeover for the one pause (no other hook
+//! reaches a takeover, whose server must serve). Read once per process,
+//! before ADD_DEV, QUIESCE_DEV or the takeover, so a bad value is refused
+//! before anything exists or is sent.
 //!
 //! - `queue-panic:N`: each queue thread panics when request N+1 arrives
 //!   (`queue` module doc); per request it costs a countdown.
@@ -21,6 +22,10 @@
 //! - `successor-abort`: `restart`'s successor aborts once the old server is
 //!   gone, before START_USER_RECOVERY; `restart` must then recover the
 //!   device cold and say so.
+//! - `pause-after-start-recovery:MS`: a takeover server logs that
+//!   START_USER_RECOVERY returned, then sleeps MS milliseconds before it
+//!   posts its FETCHes, so a test can kill it, provably, between
+//!   START_USER_RECOVERY and END_USER_RECOVERY.
 
 use crate::error::{Error, Result};
 use crate::sys;
@@ -35,6 +40,7 @@ pub enum Fault {
     InterruptAfterQuiesce,
     KillAfterQuiesce,
     SuccessorAbort,
+    PauseAfterStartRecovery(u64),
 }
 
 /// The kernel's GET_FEATURES as this server is to see it: the fault hook
@@ -64,13 +70,17 @@ fn parse(v: &str) -> Result<Fault> {
         "successor-abort" => return Ok(Fault::SuccessorAbort),
         _ => {}
     }
-    v.strip_prefix("queue-panic:").and_then(|n| n.parse().ok()).map(Fault::QueuePanic).ok_or_else(|| {
-        Error::invalid(format!(
-            "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
-             serving N requests), abort-before-live, no-batch-io, interrupt-after-quiesce, \
-             kill-after-quiesce, successor-abort, or unset it"
-        ))
-    })
+    let number = |prefix: &str| v.strip_prefix(prefix).and_then(|n| n.parse().ok());
+    number("queue-panic:")
+        .map(Fault::QueuePanic)
+        .or_else(|| number("pause-after-start-recovery:").map(Fault::PauseAfterStartRecovery))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
+                 serving N requests), abort-before-live, no-batch-io, interrupt-after-quiesce, \
+                 kill-after-quiesce, successor-abort, pause-after-start-recovery:MS, or unset it"
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -86,11 +96,14 @@ mod tests {
         assert_eq!(parse("interrupt-after-quiesce").unwrap(), Fault::InterruptAfterQuiesce);
         assert_eq!(parse("kill-after-quiesce").unwrap(), Fault::KillAfterQuiesce);
         assert_eq!(parse("successor-abort").unwrap(), Fault::SuccessorAbort);
+        assert_eq!(parse("pause-after-start-recovery:500").unwrap(), Fault::PauseAfterStartRecovery(500));
         let all = u64::MAX;
         assert_eq!(mask_features(all, Some(Fault::NoBatchIo)), all & !sys::UBLK_F_BATCH_IO);
         assert_eq!(mask_features(all, Some(Fault::AbortBeforeLive)), all);
         assert_eq!(mask_features(all, None), all);
-        for bad in ["queue-panic:", "queue-panic:-1", "queue-panic:x", "panic:3", ""] {
+        for bad in
+            ["queue-panic:", "queue-panic:-1", "queue-panic:x", "panic:3", "", "pause-after-start-recovery:"]
+        {
             let msg = parse(bad).unwrap_err().to_string();
             assert!(msg.contains("queue-panic:N") && msg.contains(FAULT_ENV), "{bad}: {msg}");
         }

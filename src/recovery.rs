@@ -20,6 +20,7 @@ use crate::clock::now_ns;
 use crate::config::{CopyMode, DeviceConfig};
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
+use crate::fault::{self, Fault};
 use crate::process;
 use crate::run_files::{self, Phases};
 use crate::server::{Server, Stop};
@@ -34,6 +35,8 @@ pub struct Takeover {
     pub server: Server,
     backend: DeviceBackend,
     pub phases: Phases,
+    /// The test hook `pause-after-start-recovery:MS` (fault.rs).
+    pause_after_start: Option<u64>,
 }
 
 impl Takeover {
@@ -48,6 +51,10 @@ impl Takeover {
     /// The settings are checked against the kernel's device first: a file
     /// that disagrees is refused before anything is mapped or sent.
     pub fn prepare_with(dev_id: u32, mut cfg: DeviceConfig, method: &str, began_ns: u64) -> Result<Self> {
+        let pause_after_start = match fault::from_env()? {
+            Some(Fault::PauseAfterStartRecovery(ms)) => Some(ms),
+            _ => None,
+        };
         let mut ctrl = Ctrl::open()?;
         let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
         let params = ctrl.get_params(dev_id).map_err(|e| Error::io("GET_PARAMS", e))?;
@@ -63,7 +70,7 @@ impl Takeover {
             prepared_ns: now_ns(),
             ..Default::default()
         };
-        Ok(Takeover { server, backend, phases })
+        Ok(Takeover { server, backend, phases, pause_after_start })
     }
 
     /// Takes the device over once the dead server is released.
@@ -78,6 +85,10 @@ impl Takeover {
         self.server.hold(Claim::take_over(&self.backend, dev_id)?);
         start_recovery(&mut self.server.ctrl, dev_id, START_TIMEOUT)?;
         self.phases.start_recovery_ns = now_ns();
+        if let Some(ms) = self.pause_after_start {
+            crate::log!("device {dev_id}: START_USER_RECOVERY returned; pausing {ms} ms (fault hook)");
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         self.server.attach()?;
         self.phases.fetch_posted_ns = now_ns();
         let pid = std::process::id() as i32;

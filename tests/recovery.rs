@@ -394,16 +394,6 @@ fn holds_pidfd(pid: i32) -> bool {
         .any(|e| fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("pidfd")))
 }
 
-/// Whether `pid` holds `/dev/ublkc{id}` open.
-fn holds_char_dev(pid: i32, id: u32) -> bool {
-    let node = PathBuf::from(format!("/dev/ublkc{id}"));
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == node))
-}
-
 // ---------------------------------------------------------------- data
 
 /// Writes `data` at `offset` with `dd oflag=direct`; returns once dd has
@@ -1164,27 +1154,36 @@ enum When {
     OnSight,
     /// Once it has its queue thread (prepared, about to wait for QUIESCED).
     Prepared,
-    /// Once it holds `/dev/ublkcN`: it opens it right after
-    /// START_USER_RECOVERY returned, then posts FETCH, then END_USER_RECOVERY.
-    CharDevOpen,
+    /// Once it logged that START_USER_RECOVERY returned: the fault hook
+    /// `pause-after-start-recovery` holds it there, before its FETCHes and
+    /// END_USER_RECOVERY.
+    StartReturned,
+}
+
+/// The hook every `recover` of the test runs with: long enough that a kill
+/// after the log line always lands before END_USER_RECOVERY.
+const PAUSE_AFTER_START: &str = "pause-after-start-recovery:3000";
+
+/// Whether server `pid` logged that START_USER_RECOVERY returned for `id`.
+fn logged_start_returned(pid: i32, id: u32) -> bool {
+    let log = fs::read_to_string(run_dir().join("server.log")).unwrap_or_default();
+    let line = format!("ublk-bench[{pid}]: device {id}: START_USER_RECOVERY returned");
+    log.contains(&line)
 }
 
 /// Kill the *new* server during a recovery, before END_USER_RECOVERY; a
 /// second recovery still succeeds and the data is intact.
 ///
-/// Timing, from outside: `recover -n ID` is started in the background and
-/// this thread scans `/proc/<recover>/task/*/children` in a tight loop for
-/// its server, the one child it forks; it then kills it with SIGKILL at one of
-/// three moments ([`When`]), the last by watching the child's fd table for
-/// `/dev/ublkcN`, which the server opens right after START_USER_RECOVERY
-/// returns and before FETCH and END_USER_RECOVERY. Whether the kill came
-/// before END_USER_RECOVERY is told afterwards by `recover`: it fails when
-/// its server died before reporting LIVE (reported right after
-/// END_USER_RECOVERY returns), it succeeds when the kill came too late.
-/// (A killed server also leaves no events line, which is checked, but that
-/// alone proves little: the line is only written once a request has been
-/// served, or after 5 s.) The test asserts that at least one kill landed
-/// before END_USER_RECOVERY, and prints the tally.
+/// Timing, from outside: `recover -n ID` is started in the background, with
+/// the test hook `pause-after-start-recovery`, and this thread scans
+/// `/proc/<recover>/task/*/children` in a tight loop for its server, the
+/// one child it forks; it then kills it with SIGKILL at one of three
+/// moments ([`When`]). The last is proven from the server's own log: the
+/// line it writes once START_USER_RECOVERY returned, before it pauses and
+/// then posts FETCH and END_USER_RECOVERY; so that kill lands between the
+/// two, and the test asserts it did (the line is there, `recover` failed
+/// because its server died before LIVE, no events line). The earlier kills
+/// are asserted to have come before that line.
 #[test]
 fn killing_the_recovering_server_then_recover_again() {
     let Some(_g) = guard() else { return };
@@ -1195,17 +1194,14 @@ fn killing_the_recovering_server_then_recover_again() {
     kill9(dev.pid);
     wait_serverless(id, "QUIESCED");
 
-    let plan = [
-        When::OnSight,
-        When::Prepared,
-        When::CharDevOpen,
-        When::CharDevOpen,
-        When::CharDevOpen,
-        When::CharDevOpen,
-    ];
+    let plan = [When::OnSight, When::Prepared, When::StartReturned, When::StartReturned];
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     for (n, when) in plan.iter().enumerate() {
-        let mut cli = Bg::start(Command::new(bin()).args(["recover", "-n", &id.to_string()]));
+        let mut cli = Bg::start(
+            Command::new(bin())
+                .args(["recover", "-n", &id.to_string()])
+                .env("UBLK_BENCH_FAULT", PAUSE_AFTER_START),
+        );
         let cli_pid = cli.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
         // `recover` forks its server (no exec): its one child.
@@ -1215,15 +1211,11 @@ fn killing_the_recovering_server_then_recover_again() {
             }
             assert!(Instant::now() < deadline && cli.running(), "attempt {n}: `recover` started no server");
         };
-        let mut char_open = false;
         loop {
             let ready = match when {
                 When::OnSight => true,
                 When::Prepared => has_queue_thread(srv, id),
-                When::CharDevOpen => {
-                    char_open = holds_char_dev(srv, id);
-                    char_open
-                }
+                When::StartReturned => logged_start_returned(srv, id),
             };
             if ready || !alive(srv) || Instant::now() > deadline {
                 break;
@@ -1231,38 +1223,39 @@ fn killing_the_recovering_server_then_recover_again() {
         }
         // SAFETY: kill takes plain integers; srv is the child of our `recover`.
         let killed = unsafe { libc::kill(srv, libc::SIGKILL) } == 0;
+        assert!(killed, "attempt {n}: the server {srv} was gone before the kill ({when:?})");
         let out = cli.finish(Duration::from_secs(120));
-        let verdict = if out.ok() {
-            // Too late: it went LIVE. Crash it again for the next attempt.
-            let (state, pid) = dev_state(id).expect("listed");
-            if state == "LIVE" && alive(pid as i32) {
-                kill9(pid as i32);
+        assert!(
+            !out.ok(),
+            "attempt {n} ({when:?}): `recover` succeeded although its server was killed:\n{}",
+            out.describe()
+        );
+        let err = out.stderr.to_lowercase();
+        assert!(
+            err.contains("exited before") || err.contains("live"),
+            "attempt {n}: `recover` whose server was killed failed without a clear message:\n{}",
+            out.describe()
+        );
+        assert!(event_of(id, srv).is_none(), "attempt {n}: killed server {srv} wrote events before END?");
+        let started = logged_start_returned(srv, id);
+        let verdict = match when {
+            When::StartReturned => {
+                assert!(started, "attempt {n}: killed at the log line, which is not in the log");
+                "between START_USER_RECOVERY and END_USER_RECOVERY"
             }
-            "after END_USER_RECOVERY (recover succeeded)".to_string()
-        } else {
-            let err = out.stderr.to_lowercase();
-            assert!(
-                err.contains("exited before") || err.contains("live"),
-                "attempt {n}: `recover` whose server was killed failed without a clear message:\n{}",
-                out.describe()
-            );
-            assert!(event_of(id, srv).is_none(), "attempt {n}: killed server {srv} wrote events before END?");
-            match (when, char_open) {
-                (When::CharDevOpen, true) => "between START_USER_RECOVERY and END_USER_RECOVERY".to_string(),
-                (When::CharDevOpen, false) => {
-                    "before START_USER_RECOVERY (died before opening the char dev)".into()
-                }
-                _ => format!("before START_USER_RECOVERY ({when:?})"),
+            _ => {
+                assert!(!started, "attempt {n} ({when:?}): the server had passed START_USER_RECOVERY");
+                "before START_USER_RECOVERY"
             }
         };
-        println!("attempt {n} ({when:?}, kill sent: {killed}): killed {verdict}");
-        *tally.entry(verdict).or_default() += 1;
+        println!("attempt {n} ({when:?}): killed {verdict}");
+        *tally.entry(verdict.to_string()).or_default() += 1;
         wait_dead(srv);
         wait_serverless(id, "QUIESCED");
     }
     println!("kills of the recovering server: {tally:?}");
-    let before_end: usize = tally.iter().filter(|(k, _)| !k.starts_with("after")).map(|(_, v)| v).sum();
-    assert!(before_end > 0, "no kill landed before END_USER_RECOVERY: {tally:?}");
+    let between = tally.get("between START_USER_RECOVERY and END_USER_RECOVERY").copied().unwrap_or(0);
+    assert_eq!(between, 2, "kills between START_USER_RECOVERY and END_USER_RECOVERY: {tally:?}");
 
     // The second (here: last) recovery succeeds, and the data is intact.
     let out = ublk(&["recover", "-n", &id.to_string()]).success();
