@@ -38,7 +38,7 @@ fn features(env: &[(&str, &str)]) -> Value {
 /// requests each in the kernel and every queue thread asleep) shows as a
 /// round that does not finish; several short rounds in one boot find it
 /// more often than one long run, and each is bounded by [`ROUND_LIMIT`].
-const BLOCKING_ROUNDS: u64 = 4;
+const BLOCKING_ROUNDS: u64 = 6;
 const POLL_ROUNDS: u64 = 2;
 /// A round takes 5-20 s in the guest; past this it is a stall, and the
 /// stall dump (rings, stacks, in-flight counts) is printed before the failure.
