@@ -674,18 +674,28 @@ pub fn fio(dev: &Path, args: &[&str]) -> Value {
 /// `(name, options)`. A job with `--stonewall` waits for the ones before it.
 /// `dev` is every job's file, or None when each job gives `--filename`.
 pub fn fio_jobs(dev: Option<&Path>, global: &[&str], jobs: &[(String, Vec<String>)]) -> Value {
+    fio_jobs_within(CMD_TIMEOUT, dev, global, jobs)
+}
+
+/// As `fio_jobs`, killed with the stall state printed if it runs past `limit`.
+pub fn fio_jobs_within(
+    limit: Duration,
+    dev: Option<&Path>,
+    global: &[&str],
+    jobs: &[(String, Vec<String>)],
+) -> Value {
     let mut cmd = Command::new(need_tool("fio"));
     cmd.args(dev.map(|d| format!("--filename={}", d.display()))).args(global);
     for (name, opts) in jobs {
         cmd.arg(format!("--name={name}")).args(opts);
     }
-    run_fio(cmd)
+    run_fio_within(cmd, limit)
 }
 
 /// What a stalled fio run leaves to look at, printed before the test
 /// fails: each ublk disk's in-flight reads and writes and its server's
 /// counts (`stats --json`), each ublk-bench thread's kernel wait channel
-/// and stack, and the kernel log's tail.
+/// and stack, each server ring's heads and tails, and the kernel log's tail.
 fn print_stall() {
     println!("--- stall: /sys/block/ublkb*/inflight (reads writes)");
     for dev in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
@@ -707,6 +717,17 @@ fn print_stall() {
             };
             println!("{}/{tid}: {name} in {}\n{}", server.pid, read("wchan"), read("stack"));
         }
+        // Each io_uring's heads and tails: CQEs posted but not reaped
+        // (CqTail ahead of CqHead) tell a server that missed a wakeup
+        // from a kernel that never posted.
+        for fd in fs::read_dir(format!("/proc/{}/fdinfo", server.pid)).into_iter().flatten().flatten() {
+            let info = fs::read_to_string(fd.path()).unwrap_or_default();
+            if info.contains("CqHead") {
+                let keep: Vec<&str> =
+                    info.lines().filter(|l| l.contains("Head") || l.contains("Tail")).collect();
+                println!("{} fd {}: {}", server.pid, fd.file_name().to_string_lossy(), keep.join(" "));
+            }
+        }
     }
     if let Ok(out) = Command::new("dmesg").output() {
         let log = String::from_utf8_lossy(&out.stdout);
@@ -721,15 +742,19 @@ pub fn fio_json(out: &Out) -> Result<Value, String> {
     serde_json::from_str(&out.stdout[start..]).map_err(|e| format!("no JSON from fio ({e})"))
 }
 
-fn run_fio(mut cmd: Command) -> Value {
+fn run_fio(cmd: Command) -> Value {
+    run_fio_within(cmd, CMD_TIMEOUT)
+}
+
+fn run_fio_within(mut cmd: Command, limit: Duration) -> Value {
     cmd.arg("--output-format=json").process_group(0);
     let running = spawn(&mut cmd);
     let pgid = running.pid();
     FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).push(pgid);
     let what = running.what.clone();
-    let out = running.wait(CMD_TIMEOUT).unwrap_or_else(|| {
+    let out = running.wait(limit).unwrap_or_else(|| {
         print_stall();
-        panic!("{what} did not finish within {CMD_TIMEOUT:?}; killed it (state above)")
+        panic!("{what} did not finish within {limit:?}; killed it (state above)")
     });
     FIO_GROUPS.lock().unwrap_or_else(|p| p.into_inner()).retain(|&g| g != pgid);
     let out = out.success();
