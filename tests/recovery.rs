@@ -240,19 +240,6 @@ fn inflight(id: u32) -> u64 {
         .sum()
 }
 
-/// What a test saw of the load just before it acted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Load {
-    /// A request was in flight on the device (sampled at most ~1 ms before).
-    InFlight,
-    /// None seen in flight within IN_FLIGHT_WAIT, but requests completing.
-    Progressing,
-}
-
-/// Under emulation fio spends most of its time computing, and a request is
-/// in flight only a small part of it: we poll every millisecond for this long.
-const IN_FLIGHT_WAIT: Duration = Duration::from_secs(3);
-
 /// Reads and writes completed on the device so far.
 fn completed_ios(id: u32) -> u64 {
     let stat = fs::read_to_string(format!("/sys/block/ublkb{id}/stat")).unwrap_or_default();
@@ -260,31 +247,37 @@ fn completed_ios(id: u32) -> u64 {
     f.first().copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0)
 }
 
-/// Waits until the device is under load: a request in flight, or (after
-/// IN_FLIGHT_WAIT without seeing one) requests completing within 50 ms.
-/// None after `timeout`, or once `give_up()`.
-fn wait_load(id: u32, timeout: Duration, give_up: impl Fn() -> bool) -> Option<Load> {
+/// Waits until a request is in flight on the device (sampled every
+/// millisecond, so at most ~1 ms before the caller acts). Under emulation
+/// fio spends most of its time computing and a request is in flight only a
+/// small part of it, but it always is again within seconds. False after
+/// `timeout`, or once `give_up()`.
+fn wait_in_flight(id: u32, timeout: Duration, give_up: impl Fn() -> bool) -> bool {
     let start = Instant::now();
     let mut n = 0u32;
     loop {
         if inflight(id) > 0 {
-            return Some(Load::InFlight);
+            return true;
         }
         n += 1;
-        if n.is_multiple_of(64) {
-            if give_up() || start.elapsed() > timeout {
-                return None;
-            }
-            if start.elapsed() > IN_FLIGHT_WAIT {
-                let before = completed_ios(id);
-                sleep_ms(50);
-                if completed_ios(id) != before {
-                    return Some(Load::Progressing);
-                }
-            }
+        if n.is_multiple_of(64) && (give_up() || start.elapsed() > timeout) {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Completed I/O must have advanced since the last kill or handover (the
+/// server that took over served): `last` holds the count seen at it.
+fn assert_progress(id: u32, last: &mut Option<u64>, what: &str) {
+    let now = completed_ios(id);
+    if let Some(before) = *last {
+        assert!(
+            now > before,
+            "{what}: no I/O completed on device {id} since the last one ({before} then {now})"
+        );
+    }
+    *last = Some(now);
 }
 
 /// The complete lines of the events file (one being appended is left out).
@@ -638,19 +631,13 @@ enum Method {
     Standby,
 }
 
-/// Waits for load ([`wait_load`]) for cycle `n` (from 1) of `total`, after
+/// Waits for a request in flight ([`wait_in_flight`]) for cycle `n` (from 1) of `total`, after
 /// `pattern_so_far` of the earlier cycles came in a pattern pass: half the
 /// cycles (rounded down) go to pattern passes (the kind that catches a lost
 /// write), the rest to crc32c ones. Load in any pass will do while both
 /// kinds have cycles left; once one kind has had its share, this waits for a
 /// pass of the other. Returns at once if the writer ended.
-fn wait_load_in_pass(
-    id: u32,
-    writer: &Writer,
-    n: usize,
-    total: usize,
-    pattern_so_far: usize,
-) -> Option<Load> {
+fn wait_load_in_pass(id: u32, writer: &Writer, n: usize, total: usize, pattern_so_far: usize) -> bool {
     let crc_so_far = n - 1 - pattern_so_far;
     let want = if crc_so_far >= total - total / 2 {
         Some(true)
@@ -667,10 +654,10 @@ fn wait_load_in_pass(
             None => "any",
         };
         wait_until(&format!("cycle {n}: the writer in a pass of kind {kind}"), FIO_PASS_TIMEOUT, right);
-        let load = wait_load(id, Duration::from_secs(60), || writer.is_finished());
+        let seen = wait_in_flight(id, Duration::from_secs(60), || writer.is_finished());
         // The pass may have ended while we waited for load: wait again.
         if right() {
-            return load;
+            return seen;
         }
     }
 }
@@ -693,8 +680,8 @@ const DEV_MIB: u64 = 4;
 const FIO_PASS_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// `BACKEND -r -i` under verifying fio random writes ([`Writer`]): kill -9 the
-/// server [`kill_cycle_count`] times in the middle of the load (a request seen in flight
-/// when we can, see [`wait_load`]) and bring it back by `method`; half the
+/// server [`kill_cycle_count`] times in the middle of the load (each kill with a request
+/// seen in flight, [`wait_in_flight`], and I/O completed since the kill before) and bring it back by `method`; half the
 /// kills land in pattern passes, the rest in crc32c ones ([`wait_load_in_pass`]),
 /// both kinds asserted. fio sees no error, every pass verifies the whole device, and a
 /// final `--verify_only` pass reads it all back. Each recovery writes one
@@ -731,7 +718,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
     let mut gaps = vec![];
     let mut standby_takeovers = 0;
     let (mut waited_standby, mut waited_io) = (Duration::ZERO, Duration::ZERO);
-    let mut in_flight_kills = 0;
+    let mut done_at_kill = None;
     let cycles = kill_cycle_count();
     let mut pattern_kills = 0;
     for cycle in 1..=cycles {
@@ -756,13 +743,13 @@ fn kill_cycles(method: Method, backend: &[&str]) {
         waited_standby += w.elapsed();
         let w = Instant::now();
         // Kill in the middle of the load (or give up if the writer ended).
-        let load = wait_load_in_pass(id, &writer, cycle, cycles, pattern_kills);
+        let seen = wait_load_in_pass(id, &writer, cycle, cycles, pattern_kills);
         if writer.is_finished() {
             break;
         }
         waited_io += w.elapsed();
-        let load = load.unwrap_or_else(|| panic!("cycle {cycle}: no I/O on device {id} for 60 s"));
-        in_flight_kills += (load == Load::InFlight) as usize;
+        assert!(seen, "cycle {cycle}: no request in flight on device {id} within 60 s");
+        assert_progress(id, &mut done_at_kill, &format!("cycle {cycle}"));
         let known: Vec<i32> = events(id).iter().filter_map(|e| e["pid"].as_i64()).map(|p| p as i32).collect();
         let k = Instant::now();
         pattern_kills += writer.in_pattern_pass() as usize;
@@ -875,7 +862,7 @@ fn kill_cycles(method: Method, backend: &[&str]) {
     let mut sorted = gaps.clone();
     sorted.sort();
     println!(
-        "{method:?}: {} kills under load ({in_flight_kills} with a request seen in flight, {pattern_kills} in a \
+        "{method:?}: {} kills, each with a request in flight ({pattern_kills} in a \
          pattern pass), {} verifying fio \
          passes ({:?} each), {} standby takeovers; kill to events line of the new server: p50 {:?} max {:?}, \
          total {:?}; waited for a ready standby {:?}, for load {:?}; test took {:?}",
@@ -1047,9 +1034,10 @@ fn plain_recovery_fails_inflight_with_eio_and_completes_queued_io() {
     );
     fio_args.push(format!("--runtime={runtime}"));
     let mut fio = fio_bg(&dev.block(), "plain-r", &fio_args);
-    let load = wait_load(id, Duration::from_secs(60), || false);
-    assert!(load.is_some(), "no I/O on device {id} under fio");
-    println!("plain -r: killing the server with {load:?}");
+    assert!(
+        wait_in_flight(id, Duration::from_secs(60), || false),
+        "no request in flight on device {id} under fio"
+    );
     kill9(dev.pid);
     assert!(fio.running(), "fio ended before the kill: it must run through it (raise its runtime)");
     wait_serverless(id, "QUIESCED");
@@ -1440,15 +1428,15 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
     let writer = Writer::start(&dev.block());
     let mut server = dev.pid;
     let mut took = vec![];
-    let mut in_flight = 0;
+    let mut done_at_restart = None;
     let mut in_pattern = 0;
     for n in 1..=RESTARTS {
-        let load = wait_load_in_pass(id, &writer, n, RESTARTS, in_pattern);
+        let seen = wait_load_in_pass(id, &writer, n, RESTARTS, in_pattern);
         if writer.is_finished() {
             break;
         }
-        let load = load.unwrap_or_else(|| panic!("restart {n}: no I/O on device {id} for 60 s"));
-        in_flight += (load == Load::InFlight) as usize;
+        assert!(seen, "restart {n}: no request in flight on device {id} within 60 s");
+        assert_progress(id, &mut done_at_restart, &format!("restart {n}"));
         in_pattern += writer.in_pattern_pass() as usize;
         let t = Instant::now();
         let out = run(Command::new(bin()).args(["restart", "-n", &id.to_string()]));
@@ -1500,8 +1488,7 @@ fn restart_under_load(supervised: bool, extra: &[&str]) {
         });
     }
     println!(
-        "restart (supervised: {supervised}): {RESTARTS} handovers under load ({in_flight} with a request seen \
-         in flight), {} verifying passes ({:?} each), restart command took {took:?}; restarts done at {:?}, \
+        "restart (supervised: {supervised}): {RESTARTS} handovers, each with a request in flight, {} verifying passes ({:?} each), restart command took {took:?}; restarts done at {:?}, \
          last pass at {:?}, test took {:?}",
         passes.len(),
         passes.iter().map(|p| p.took).collect::<Vec<_>>(),
@@ -1630,14 +1617,14 @@ fn stats_follow_the_live_server_under_a_standby() {
     let sup = supervisor_pid(id);
     let standby = prepared_standby(id, dev.pid);
     let fio = read_load(&dev.block());
-    wait_load(id, Duration::from_secs(60), || false).expect("fio load on the device");
+    assert!(wait_in_flight(id, Duration::from_secs(60), || false), "no request in flight under fio");
     live_stats(id, dev.pid, "while the standby waits");
     assert_eq!(stats_files(id), [format!("{id}.stats")], "the standby made a visible stats file");
 
     crash_server(dev.pid, "stats under a standby");
     let new = wait_new_server(id, dev.pid, Duration::from_secs(60));
     assert_eq!(new, standby, "server {new} took over, not the standby {standby}");
-    wait_load(id, Duration::from_secs(60), || false).expect("fio load after the takeover");
+    assert!(wait_in_flight(id, Duration::from_secs(60), || false), "no request in flight after the takeover");
     live_stats(id, new, "after the standby took over");
     stop_fio(fio, "fio across the takeover");
     let next = prepared_standby(id, new);
@@ -1660,7 +1647,7 @@ fn restart_successor_does_not_clobber_stats() {
     let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
     let id = dev.id;
     let fio = read_load(&dev.block());
-    wait_load(id, Duration::from_secs(60), || false).expect("fio load on the device");
+    assert!(wait_in_flight(id, Duration::from_secs(60), || false), "no request in flight under fio");
     live_stats(id, dev.pid, "before the successor");
     let inode = stats_inode(id);
 
@@ -1688,7 +1675,7 @@ fn restart_successor_does_not_clobber_stats() {
     crash_server(dev.pid, "handover to the successor");
     let new = wait_new_server(id, dev.pid, Duration::from_secs(60));
     assert_eq!(new, succ.pid(), "server {new} took over, not the successor");
-    wait_load(id, Duration::from_secs(60), || false).expect("fio load after the handover");
+    assert!(wait_in_flight(id, Duration::from_secs(60), || false), "no request in flight after the handover");
     live_stats(id, new, "after the successor took over");
     assert_ne!(stats_inode(id), inode, "the successor did not publish its stats file");
 
