@@ -232,6 +232,42 @@ fn sysfs_u64(id: u32, attr: &str) -> u64 {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}")).trim().parse().unwrap()
 }
 
+/// One counting window: the contract's data requests, then `stats` against
+/// the block layer over exactly that window.
+fn count_window(dev: &Dev, keeps_data: bool, what: &str) {
+    let f = open_direct(dev);
+    let (b0, s0) = quiet_counts(dev.id);
+    data_and_zeroing(dev, &f, keeps_data);
+    let (b1, s1) = quiet_counts(dev.id);
+    durability(dev, &f, keeps_data);
+    drop(f);
+    let block = (b1.0 - b0.0, b1.1 - b0.1);
+    let server = (s1.0 - s0.0, s1.1 - s0.1);
+    assert!(block.0 > 0, "{what}: no read reached the block layer");
+    assert!(block.1 >= 18, "{what}: the writes and zeroing are not in the block layer's stat");
+    assert_eq!(
+        server,
+        block,
+        "{what}: `stats` counted (reads, others) {server:?}, the block layer completed {block:?}\n\
+         /sys/block/ublkb{id}/stat: {}\nstats: {}",
+        std::fs::read_to_string(format!("/sys/block/ublkb{}/stat", dev.id)).unwrap_or_default(),
+        ublk(&["stats", "-n", &dev.id.to_string(), "--json"]).stdout,
+        id = dev.id
+    );
+}
+
+/// The server of device `id` once it is LIVE under a server other than `old`.
+fn new_server(id: u32, old: i32) -> i32 {
+    let mut pid = 0;
+    let live = eventually(Duration::from_secs(60), || {
+        let d = list_one(id).unwrap_or_default();
+        pid = d["pid"].as_i64().unwrap_or(0) as i32;
+        d["state"] == "LIVE" && pid > 0 && pid != old && alive(pid)
+    });
+    assert!(live, "device {id} is not LIVE under a new server (last pid {pid}, old {old})");
+    pid
+}
+
 #[test]
 fn every_backend_and_copy_mode_keeps_the_contract_and_stats_count_what_the_block_layer_completed() {
     let Some(_h) = harness() else { return };
@@ -244,25 +280,27 @@ fn every_backend_and_copy_mode_keeps_the_contract_and_stats_count_what_the_block
             args.extend(["--size", SIZE]);
         }
         let dev = add(&args);
-        let f = open_direct(&dev);
-        let (b0, s0) = quiet_counts(dev.id);
-        data_and_zeroing(&dev, &f, s.keeps_data);
-        let (b1, s1) = quiet_counts(dev.id);
-        durability(&dev, &f, s.keeps_data);
-        drop(f);
-        let block = (b1.0 - b0.0, b1.1 - b0.1);
-        let server = (s1.0 - s0.0, s1.1 - s0.1);
-        assert!(block.0 > 0, "{args:?}: no read reached the block layer");
-        assert!(block.1 >= 18, "{args:?}: the writes and zeroing are not in the block layer's stat");
-        assert_eq!(
-            server,
-            block,
-            "{args:?}: `stats` counted (reads, others) {server:?}, the block layer completed {block:?}\n\
-             /sys/block/ublkb{id}/stat: {}\nstats: {}",
-            std::fs::read_to_string(format!("/sys/block/ublkb{}/stat", dev.id)).unwrap_or_default(),
-            ublk(&["stats", "-n", &dev.id.to_string(), "--json"]).stdout,
-            id = dev.id
-        );
+        count_window(&dev, s.keeps_data, &format!("{args:?}"));
         del(dev.id);
     }
+}
+
+/// `stats` keeps counting exactly what the block layer completed after the
+/// server changed hands: a standby that took over from a killed server, and
+/// the successor of a `restart`, each count their own window.
+#[test]
+fn stats_count_what_the_block_layer_completed_after_a_takeover() {
+    let Some(_h) = harness() else { return };
+    let dev = add(&["ram", "--standby", "--size", SIZE]);
+    count_window(&dev, true, "ram --standby, first server");
+    signal(dev.pid, libc::SIGKILL);
+    let pid = new_server(dev.id, dev.pid);
+    count_window(&Dev { pid, ..dev.clone() }, true, "ram --standby, after the standby took over");
+    del(dev.id);
+
+    let dev = add(&["ram", "-r", "--size", SIZE]);
+    ublk(&["restart", "-n", &dev.id.to_string()]).success();
+    let pid = new_server(dev.id, dev.pid);
+    count_window(&Dev { pid, ..dev.clone() }, true, "ram -r, after `restart`");
+    del(dev.id);
 }
