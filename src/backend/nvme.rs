@@ -98,7 +98,12 @@ pub struct Namespace {
     pub char_dev: PathBuf,
     pub nsid: u32,
     pub lba_shift: u32,
+    /// Bytes the namespace holds.
     pub size: u64,
+    /// Bytes the device serves, from LBA 0: its size once [`Self::probe_for`]
+    /// has checked that the namespace holds them (`--size` may be smaller
+    /// than the namespace), else all of it. No request reaches beyond.
+    pub served: u64,
     pub max_hw_bytes: u32,
     /// Largest DSM deallocate and Write Zeroes in bytes (0: unsupported).
     pub discard_max: u64,
@@ -187,12 +192,38 @@ pub fn generic_path(dev: &Path) -> Result<PathBuf> {
 }
 
 impl Namespace {
-    /// Opens the namespace `cfg` names: the generic node `add` resolved,
-    /// by that name (a link there is not followed), and only if it is still
-    /// the character device the device was made with.
+    /// Opens the namespace `cfg` names (`--dev`) to serve the device: the
+    /// generic node `add` resolved, by that name (a link there is not
+    /// followed), and only if it is still the character device the device
+    /// was made with. A new device's server and a recovering one's both come
+    /// here, and both find the namespace as `add` left it or refuse to serve.
     pub fn probe_for(cfg: &DeviceConfig) -> Result<(Self, File)> {
         let dev = cfg.nvme_dev.as_deref().ok_or_else(|| Error::invalid("nvme backend without --dev"))?;
-        Self::open_node(dev.to_owned(), cfg.backing_id.as_ref(), cfg.dev_id)
+        let (ns, file) = Self::open_node(dev.to_owned(), cfg.backing_id.as_ref(), cfg.dev_id)?;
+        Ok((ns.serving(cfg.size, cfg.block_size)?, file))
+    }
+
+    /// The namespace limited to the device's first `size` bytes, if it still
+    /// holds them in LBAs that a `block_size` request covers whole; a
+    /// namespace that shrank or was reformatted with larger LBAs since the
+    /// device was made cannot serve it.
+    pub fn serving(mut self, size: u64, block_size: u32) -> Result<Self> {
+        let name = self.char_dev.display();
+        if self.size < size {
+            return Err(Error::invalid(format!(
+                "{name} now holds {} bytes, less than the device's {size}: restore the namespace or delete the device",
+                self.size
+            )));
+        }
+        if (1u64 << self.lba_shift) > block_size as u64 {
+            return Err(Error::invalid(format!(
+                "{name} now has {}-byte LBAs, larger than the device's {block_size}-byte blocks: \
+                 reformat it back or delete the device",
+                1u64 << self.lba_shift
+            )));
+        }
+        self.served = size;
+        Ok(self)
     }
 
     /// Opens `--dev` (links resolved) as `add` does.
@@ -247,11 +278,13 @@ impl Namespace {
                  reformat the namespace to an LBA format without metadata"
             )));
         }
+        let size = read_u64(&file("size"))? << 9;
         Ok(Namespace {
             char_dev,
             nsid,
             lba_shift: lbs.trailing_zeros(),
-            size: read_u64(&file("size"))? << 9,
+            size,
+            served: size,
             max_hw_bytes: (q("max_hw_sectors_kb")? << 10).min(u32::MAX as u64) as u32,
             discard_max: q("discard_max_bytes").unwrap_or(0),
             write_zeroes_max: q("write_zeroes_max_bytes").unwrap_or(0),
@@ -329,6 +362,14 @@ impl NvmeQueue {
         req: &Request,
         data: &Data<'_>,
     ) -> std::result::Result<NvmeUringCmd, i32> {
+        // A FLUSH carries no range: its sector is whatever the block layer
+        // left there (blk_rq_init sets it to -1, which is no whole LBA).
+        if req.op == sys::UBLK_IO_OP_FLUSH {
+            return Ok(NvmeUringCmd { opcode: OP_FLUSH, nsid: self.ns.nsid, ..Default::default() });
+        }
+        if req.offset.checked_add(req.len as u64).is_none_or(|end| end > self.ns.served) {
+            return Err(-libc::EINVAL);
+        }
         let shift = self.ns.lba_shift;
         // A range that is not whole LBAs would be cut short, not refused.
         if (req.offset | req.len as u64) & ((1 << shift) - 1) != 0 {
@@ -350,13 +391,11 @@ impl NvmeQueue {
                 }
                 c.data_len = req.len;
                 c.addr = match data {
-                    Data::Buf(b) => b.as_ptr() as u64,
+                    // The device moves data_len bytes at addr: all must be the tag's.
+                    Data::Buf(b) if b.len() >= req.len as usize => b.as_ptr() as u64,
                     Data::Fixed { .. } | Data::Registered { .. } => 0,
                     _ => return Err(-libc::EINVAL),
                 };
-            }
-            sys::UBLK_IO_OP_FLUSH => {
-                c = NvmeUringCmd { opcode: OP_FLUSH, nsid: self.ns.nsid, ..Default::default() }
             }
             sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_OP_DISCARD if self.ns.write_zeroes_max > 0 => {
                 c.opcode = OP_WRITE_ZEROES;
@@ -476,7 +515,8 @@ mod tests {
             char_dev: "/dev/null".into(),
             nsid: 1,
             lba_shift: 9,
-            size: 1 << 30,
+            size: 1 << 34,
+            served: 1 << 34,
             max_hw_bytes: 1 << 20,
             discard_max: 1 << 30,
             write_zeroes_max: 0,
@@ -569,6 +609,92 @@ mod tests {
         assert_eq!(q.command(0, &part, &data).unwrap_err(), -libc::EINVAL);
         let off = request(sys::UBLK_IO_OP_WRITE, 0, 512, 4096);
         assert_eq!(q.command(0, &off, &data).unwrap_err(), -libc::EINVAL);
+    }
+
+    fn desc(op: u8, start_sector: u64, nr_sectors: u32) -> sys::IoDesc {
+        sys::IoDesc { op_flags: op as u32, nr_sectors, start_sector, addr: 0 }
+    }
+
+    /// The block layer's FLUSH names sector -1 (no sector): on a namespace
+    /// of 4 KiB LBAs that is no whole LBA, and a FLUSH refused for it fails
+    /// every fsync.
+    #[test]
+    fn flush_is_sent_whatever_sector_it_names_on_every_lba_size() {
+        for shift in [9, 12] {
+            let mut q = queue();
+            Arc::get_mut(&mut q.ns).unwrap().lba_shift = shift;
+            for sector in [u64::MAX, 0, 7, u64::MAX >> 9] {
+                let flush = Request::from_desc(&desc(sys::UBLK_IO_OP_FLUSH, sector, 0));
+                let c = q.command(0, &flush, &Data::None);
+                assert_eq!(
+                    c.map(|c| (c.opcode, c.nsid, c.cdw10, c.cdw11)),
+                    Ok((OP_FLUSH, 1, 0, 0)),
+                    "{shift} {sector}"
+                );
+            }
+        }
+    }
+
+    /// `--size` smaller than the namespace: the bytes past it are not the
+    /// device's, whatever the namespace holds there.
+    #[test]
+    fn requests_past_the_device_size_are_refused() {
+        let mut q = queue();
+        let ns = Arc::get_mut(&mut q.ns).unwrap();
+        ns.write_zeroes_max = 1 << 20;
+        ns.served = 64 << 20;
+        let data = Data::Registered { index: 0 };
+        let end = 64u64 << 20;
+        for op in [
+            sys::UBLK_IO_OP_READ,
+            sys::UBLK_IO_OP_WRITE,
+            sys::UBLK_IO_OP_WRITE_ZEROES,
+            sys::UBLK_IO_OP_DISCARD,
+        ] {
+            assert!(q.command(0, &request(op, 0, end - 4096, 4096), &data).is_ok(), "op {op}: last block");
+            for (offset, len) in [(end, 4096), (end - 4096, 8192), (1 << 30, 4096), (u64::MAX - 511, 4096)] {
+                let r = request(op, 0, offset, len);
+                assert_eq!(
+                    q.command(0, &r, &data).unwrap_err(),
+                    -libc::EINVAL,
+                    "op {op} at {offset} len {len}"
+                );
+            }
+            // Sector counts that overflow u32 bytes do not wrap into range.
+            let huge = Request::from_desc(&desc(op, 8, 1 << 23));
+            assert_eq!(q.command(0, &huge, &data).unwrap_err(), -libc::EINVAL, "op {op}: 2^23 sectors");
+        }
+    }
+
+    /// A namespace that no longer holds the device (it shrank, or its LBAs
+    /// grew past the device's blocks) is refused; one that does serves the
+    /// device's size, not its own.
+    #[test]
+    fn serving_checks_the_namespace_still_holds_the_device() {
+        let ns = namespace().serving(64 << 20, 512).unwrap();
+        assert_eq!((ns.size, ns.served), (1 << 34, 64 << 20));
+        assert_eq!(namespace().serving(1 << 34, 4096).unwrap().served, 1 << 34);
+        let err = namespace().serving((1 << 34) + 4096, 512).unwrap_err().to_string();
+        assert!(err.contains("17179869184 bytes") && err.contains("17179873280"), "{err}");
+        let mut ns = namespace();
+        ns.lba_shift = 12;
+        let err = ns.serving(64 << 20, 512).unwrap_err().to_string();
+        assert!(err.contains("4096-byte LBAs") && err.contains("512-byte blocks"), "{err}");
+    }
+
+    /// Copy mode: the NVMe command moves `data_len` bytes at the tag's
+    /// buffer, so a request longer than that buffer is refused, not sent.
+    #[test]
+    fn copy_mode_requests_longer_than_the_tag_buffer_are_refused() {
+        let mut q = queue();
+        let mut buf = vec![0u8; 8192];
+        let addr = buf.as_ptr() as u64;
+        for op in [sys::UBLK_IO_OP_READ, sys::UBLK_IO_OP_WRITE] {
+            let c = q.command(0, &request(op, 0, 4096, 8192), &Data::Buf(&mut buf)).unwrap();
+            assert_eq!((c.addr, c.data_len), (addr, 8192), "op {op}");
+            let long = request(op, 0, 4096, 12288);
+            assert_eq!(q.command(0, &long, &Data::Buf(&mut buf)).unwrap_err(), -libc::EINVAL, "op {op}");
+        }
     }
 
     fn params(max_sectors: u32) -> Params {

@@ -376,29 +376,31 @@ impl RamQueue {
     fn read(&self, req: &Request, data: Data<'_>) -> i32 {
         let src = self.ptr(req);
         match data {
-            Data::Buf(buf) => {
+            // A length the tag's buffer cannot hold is the kernel's error, not
+            // a copy past the buffer's end.
+            Data::Buf(buf) if buf.len() >= req.len as usize => {
                 // SAFETY: src..src+len is inside the map (checked by in_range),
-                // and buf is the tag's own buffer of at least max_io_buf_bytes.
+                // and buf holds len bytes (checked just above).
                 unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), req.len as usize) };
                 done(req.len)
             }
             // SAFETY: src..src+len is inside the map (checked by in_range).
             Data::UserCopy { fd, pos } => unsafe { pwrite_all(fd, src, req.len as usize, pos) },
-            Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
+            Data::Buf(_) | Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
         }
     }
 
     fn write(&self, req: &Request, data: Data<'_>) -> i32 {
         let dst = self.ptr(req);
         match data {
-            Data::Buf(buf) => {
+            Data::Buf(buf) if buf.len() >= req.len as usize => {
                 // SAFETY: as in read, with the direction reversed.
                 unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, req.len as usize) };
                 done(req.len)
             }
             // SAFETY: dst..dst+len is inside the map (checked by in_range).
             Data::UserCopy { fd, pos } => unsafe { pread_all(fd, dst, req.len as usize, pos) },
-            Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
+            Data::Buf(_) | Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
         }
     }
 
@@ -426,5 +428,34 @@ impl SyncBackend for RamQueue {
             }
             _ => -libc::EOPNOTSUPP,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Copy mode: a request longer than the tag's buffer is refused before
+    /// any byte moves; neither the bytes after the buffer nor the store change.
+    #[test]
+    fn copy_mode_requests_longer_than_the_tag_buffer_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RamStore::create(&dir.path().join("store"), 1 << 20).unwrap());
+        let mut q = RamQueue::new(store);
+        let mut mem = vec![0xaau8; 16384];
+        let (buf, after) = mem.split_at_mut(4096);
+        buf.fill(0x55);
+        let write = Request { op: sys::UBLK_IO_OP_WRITE, flags: 0, offset: 8192, len: 4096 };
+        assert_eq!(q.serve(&write, Data::Buf(buf)), 4096);
+        for op in [sys::UBLK_IO_OP_READ, sys::UBLK_IO_OP_WRITE] {
+            let long = Request { op, flags: 0, offset: 8192, len: 8192 };
+            assert_eq!(q.serve(&long, Data::Buf(buf)), -libc::EINVAL, "op {op}");
+        }
+        assert!(after.iter().all(|&b| b == 0xaa), "a READ wrote past the tag's buffer");
+        let mut back = vec![0u8; 8192];
+        let read = Request { op: sys::UBLK_IO_OP_READ, flags: 0, offset: 8192, len: 8192 };
+        assert_eq!(q.serve(&read, Data::Buf(&mut back)), 8192);
+        assert!(back[..4096].iter().all(|&b| b == 0x55), "the block written within the buffer");
+        assert!(back[4096..].iter().all(|&b| b == 0), "a WRITE took bytes from past the tag's buffer");
     }
 }
