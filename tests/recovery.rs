@@ -1981,6 +1981,25 @@ fn recover_after_a_listed_cpu_went_offline_uses_the_affinity_set() {
     assert_nothing_left(id, dev.json["store"].as_str(), &[dev.pid, new]);
 }
 
+/// A `ram -r -i` device that `restart` can hand over (the kernel has
+/// UBLK_F_QUIESCE, else the test fails in the guest through [`has_quiesce`]),
+/// with a random MiB written at 0; None (after the skip) without it.
+fn restartable_with_data(seed: u64) -> Option<(Dev, Vec<u8>)> {
+    let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
+    if !has_quiesce(&dev) {
+        del(dev.id);
+        return None;
+    }
+    let pattern = random_bytes(MIB as usize, seed);
+    write_direct(&dev.block(), 0, &pattern);
+    Some((dev, pattern))
+}
+
+/// `restart -n ID` with the test hook `fault` (`UBLK_BENCH_FAULT`, src/fault.rs).
+fn restart_with_fault(id: u32, fault: &str) -> Out {
+    run(Command::new(bin()).args(["restart", "-n", &id.to_string()]).env("UBLK_BENCH_FAULT", fault))
+}
+
 /// `restart` ended right after QUIESCE_DEV (fault hooks), first by a
 /// Ctrl-C (SIGINT), which it answers with a message naming `recover`, then
 /// by SIGKILL, as a closed terminal would end it: each time the successor
@@ -1989,17 +2008,9 @@ fn recover_after_a_listed_cpu_went_offline_uses_the_affinity_set() {
 #[test]
 fn restart_interrupted_after_quiesce_leaves_the_successor_serving() {
     let Some(_g) = guard() else { return };
-    let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
+    let Some((dev, pattern)) = restartable_with_data(0x1c7c) else { return };
     let id = dev.id;
-    if !has_quiesce(&dev) {
-        del(id);
-        return;
-    }
-    let pattern = random_bytes(MIB as usize, 0x1c7c);
-    write_direct(&dev.block(), 0, &pattern);
-    let out = run(Command::new(bin())
-        .args(["restart", "-n", &id.to_string()])
-        .env("UBLK_BENCH_FAULT", "interrupt-after-quiesce"));
+    let out = restart_with_fault(id, "interrupt-after-quiesce");
     assert!(!out.ok(), "restart interrupted after QUIESCE_DEV exited 0:\n{}", out.describe());
     assert!(
         out.stderr.contains("interrupted after QUIESCE_DEV")
@@ -2011,9 +2022,7 @@ fn restart_interrupted_after_quiesce_leaves_the_successor_serving() {
     let first = successor_serving(id, dev.pid, "after the interrupted restart");
     assert_reads_back(&dev.block(), 0, &pattern, "after the interrupted restart");
 
-    let out = run(Command::new(bin())
-        .args(["restart", "-n", &id.to_string()])
-        .env("UBLK_BENCH_FAULT", "kill-after-quiesce"));
+    let out = restart_with_fault(id, "kill-after-quiesce");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
         out.status.signal(),
@@ -2047,17 +2056,9 @@ fn successor_serving(id: u32, old: i32, when: &str) -> i32 {
 #[test]
 fn restart_whose_successor_fails_recovers_cold() {
     let Some(_g) = guard() else { return };
-    let dev = add(&["ram", "-r", "-i", "--size", "16M"]);
+    let Some((dev, pattern)) = restartable_with_data(0xc01d) else { return };
     let id = dev.id;
-    if !has_quiesce(&dev) {
-        del(id);
-        return;
-    }
-    let pattern = random_bytes(MIB as usize, 0xc01d);
-    write_direct(&dev.block(), 0, &pattern);
-    let out = run(Command::new(bin())
-        .args(["restart", "-n", &id.to_string()])
-        .env("UBLK_BENCH_FAULT", "successor-abort"));
+    let out = restart_with_fault(id, "successor-abort");
     assert!(out.ok(), "restart whose successor failed did not recover:\n{}", out.describe());
     for want in [format!("recovering device {id} cold"), format!("device {id} recovered cold")] {
         assert!(out.stderr.contains(&want), "restart does not say `{want}`:\n{}", out.describe());
