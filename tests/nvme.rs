@@ -1039,14 +1039,18 @@ fn nvme_durable_ext4_fsync_and_fsck_pass() {
     }
 }
 
-/// A recovering server opens the namespace again and must find the device
-/// on it: where the namespace no longer holds the device's size (it shrank;
-/// here the settings name one LBA past its end) or, on 4 KiB LBAs, its LBAs
-/// are larger than the device's blocks, `recover` fails naming why, before
+/// A recovering server must find the device where its settings say: where
+/// the settings name a size past the namespace's end or, on 4 KiB LBAs,
+/// blocks smaller than its LBAs, `recover` fails naming the mismatch, before
 /// the kernel's device is touched; with the settings restored, `recover`
 /// brings the device back with the data written before the crash.
+/// The takeover compares its settings with the kernel's view first, so that
+/// check is the one that refuses here; the namespace's own check (a
+/// namespace that shrank or was reformatted under an unchanged device,
+/// which the guest cannot do to its emulated disk) is covered on the host by
+/// `serving_checks_the_namespace_still_holds_the_device` in nvme.rs.
 #[test]
-fn nvme_durable_recover_refuses_a_namespace_that_no_longer_holds_the_device() {
+fn nvme_durable_recover_refuses_settings_the_namespace_cannot_hold() {
     let Some(_h) = nvme_harness() else { return };
     let _d = Diagnostics;
     let dev = add_nvme(NG, "zero", &["-r", "--size", "256M"]);
@@ -1062,16 +1066,17 @@ fn nvme_durable_recover_refuses_a_namespace_that_no_longer_holds_the_device() {
     let cfg: Value = serde_json::from_str(&saved).expect("settings are JSON");
     let sectors = fs::read_to_string("/sys/block/nvme0n1/size").expect("nvme0n1 size");
     let ns_bytes = sectors.trim().parse::<u64>().expect("a number") << 9;
+    let kernel = "does not match the device in the kernel".to_string();
     let mut cases = vec![(
         "size",
         Value::from(ns_bytes + lbs),
-        vec!["now holds".into(), "less than the device's".into()],
+        vec![kernel.clone(), format!("size {} in the file", ns_bytes + lbs)],
     )];
     if lbs > 512 {
         cases.push((
             "block_size",
             Value::from(512),
-            vec![format!("{lbs}-byte LBAs"), "512-byte blocks".into()],
+            vec![kernel, format!("block size 512 in the file, {lbs}")],
         ));
     }
     for (key, value, hints) in &cases {
