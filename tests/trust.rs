@@ -474,6 +474,27 @@ fn a_file_or_store_serves_one_device() {
     del(c.id);
 }
 
+/// An NVMe namespace serves one device at a time: a second `add` on it, by
+/// its generic node or its block node, is refused naming the device that
+/// holds it, also while that device is QUIESCED; once the holder is
+/// deleted the namespace is free again.
+#[test]
+fn a_namespace_serves_one_device() {
+    let Some(_h) = harness() else { return };
+    let a = add(&["nvme", "--dev", "/dev/ng0n1", "--size", "64M", "-r"]);
+    let (holder, node) = (format!("ublk device {}", a.id), format!("/dev/ublkb{}", a.id));
+    refused(&["add", "nvme", "--dev", "/dev/ng0n1", "--size", "64M"], &[&holder, &node]);
+    refused(&["add", "nvme", "--dev", "/dev/nvme0n1", "--size", "64M"], &[&holder, &node]);
+    crash(a.id, a.pid);
+    refused(&["add", "nvme", "--dev", "/dev/ng0n1", "--size", "64M"], &[&holder, &node]);
+    ublk(&["recover", "-n", &a.id.to_string()]).success();
+    refused(&["add", "nvme", "--dev", "/dev/ng0n1", "--size", "64M"], &[&holder, &node]);
+    assert_eq!(list_ids().len(), 1, "a refused add left a device: {:?}", list_ids());
+    del(a.id);
+    let b = add(&["nvme", "--dev", "/dev/ng0n1", "--size", "64M"]);
+    del(b.id);
+}
+
 /// A block device given as `--path` is opened exclusively: one that another
 /// program holds exclusively or that is mounted is refused, and a second
 /// device on it is refused naming the first.

@@ -13,7 +13,8 @@
 //!
 //! Claim. A server holds [`Claim`] for as long as it serves the device: the
 //! inode its backend has open is opened once more (through /proc/self/fd,
-//! not by name) and flock(LOCK_EX)ed, or, for a block device, opened O_EXCL
+//! not by name) and flock(LOCK_EX)ed (a file, a store, an NVMe generic
+//! node), or, for a block device, opened O_EXCL
 //! (which the kernel also refuses while it is mounted or claimed by anyone
 //! else). Both belong to that one open file, so they go with the server
 //! that made them; the device's next server takes them again:
@@ -130,7 +131,7 @@ impl Claim {
     }
 
     /// A new device `dev_id`'s claim on the file its backend has open (the
-    /// very inode, not the name again; none for null and nvme): the lock,
+    /// very inode, not the name again; none for null): the lock,
     /// and no other device of ours whose settings name the file.
     pub fn take_new(backend: &DeviceBackend, dev_id: u32) -> Result<Claim> {
         Self::take(backend, dev_id, Duration::ZERO, true)
@@ -180,12 +181,14 @@ impl Claim {
     }
 }
 
-/// The file a device of `cfg` holds exclusively: `file`'s path, the RAM store.
+/// The file a device of `cfg` holds exclusively: `file`'s path, the RAM
+/// store, the NVMe namespace's generic node.
 fn claimed_path(cfg: &DeviceConfig) -> Option<&Path> {
     match cfg.backend {
         BackendKind::File => cfg.path.as_deref(),
         BackendKind::Ram => cfg.store.as_deref(),
-        BackendKind::Null | BackendKind::Nvme => None,
+        BackendKind::Nvme => cfg.nvme_dev.as_deref(),
+        BackendKind::Null => None,
     }
 }
 

@@ -158,13 +158,14 @@ impl DeviceBackend {
         }
     }
 
-    /// The file the device serves, as opened, and its path: a `file`'s or
-    /// a RAM store; None for null and nvme.
+    /// The file the device serves, as opened, and its path: a `file`'s, a
+    /// RAM store, or an NVMe namespace's generic node; None for null.
     pub fn served_file(&self) -> Option<(&File, &std::path::Path)> {
         match self {
             DeviceBackend::Ram(store) => Some((store.file(), store.path())),
             DeviceBackend::File(b) => Some((b.file(), b.path())),
-            DeviceBackend::Null | DeviceBackend::Nvme(..) => None,
+            DeviceBackend::Nvme(ns, file) => Some((file, &ns.char_dev)),
+            DeviceBackend::Null => None,
         }
     }
 

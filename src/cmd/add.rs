@@ -199,12 +199,13 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
     if cfg.backend == BackendKind::Ram {
         check_store_space(cfg)?;
     }
-    // A file or store another device serves, or a block device in use, is
+    // A file, store or NVMe namespace another device serves, or a block device in use, is
     // refused here, before ADD_DEV; the server's own claim is the one that holds.
     let existing = match cfg.backend {
         BackendKind::File => cfg.path.as_deref(),
         BackendKind::Ram if !cfg.store_created => cfg.store.as_deref(),
-        _ => None,
+        BackendKind::Nvme => cfg.nvme_dev.as_deref(),
+        BackendKind::Null | BackendKind::Ram => None,
     };
     if let Some(path) = existing {
         Claim::check_free(path, cfg.backing_id.as_ref())?;
