@@ -335,7 +335,7 @@ impl RamQueue {
         let store = self.store.file.as_raw_fd();
         let len = req.len as usize;
         let r = match data {
-            // SAFETY: buf is the tag's own buffer of at least max_io_buf_bytes >= len.
+            // SAFETY: buf holds len bytes (checked in serve).
             Data::Buf(buf) if write => unsafe { pwrite_all(store, buf.as_ptr(), len, req.offset) },
             // SAFETY: as above, written by the store's pread.
             Data::Buf(buf) => unsafe { pread_all(store, buf.as_mut_ptr(), len, req.offset) },
@@ -376,31 +376,29 @@ impl RamQueue {
     fn read(&self, req: &Request, data: Data<'_>) -> i32 {
         let src = self.ptr(req);
         match data {
-            // A length the tag's buffer cannot hold is the kernel's error, not
-            // a copy past the buffer's end.
-            Data::Buf(buf) if buf.len() >= req.len as usize => {
+            Data::Buf(buf) => {
                 // SAFETY: src..src+len is inside the map (checked by in_range),
-                // and buf holds len bytes (checked just above).
+                // and buf holds len bytes (checked in serve).
                 unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), req.len as usize) };
                 done(req.len)
             }
             // SAFETY: src..src+len is inside the map (checked by in_range).
             Data::UserCopy { fd, pos } => unsafe { pwrite_all(fd, src, req.len as usize, pos) },
-            Data::Buf(_) | Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
+            Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
         }
     }
 
     fn write(&self, req: &Request, data: Data<'_>) -> i32 {
         let dst = self.ptr(req);
         match data {
-            Data::Buf(buf) if buf.len() >= req.len as usize => {
+            Data::Buf(buf) => {
                 // SAFETY: as in read, with the direction reversed.
                 unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, req.len as usize) };
                 done(req.len)
             }
             // SAFETY: dst..dst+len is inside the map (checked by in_range).
             Data::UserCopy { fd, pos } => unsafe { pread_all(fd, dst, req.len as usize, pos) },
-            Data::Buf(_) | Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
+            Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
         }
     }
 
@@ -414,6 +412,13 @@ impl SyncBackend for RamQueue {
     fn serve(&mut self, req: &Request, data: Data<'_>) -> i32 {
         // A FLUSH carries no range (its sector may be -1).
         if req.op != sys::UBLK_IO_OP_FLUSH && !self.store.in_range(req) {
+            return -libc::EINVAL;
+        }
+        // Copy mode: a length the tag's buffer cannot hold is the kernel's
+        // error, refused here for every path (mapped or guarded) before any
+        // byte moves.
+        let rw = matches!(req.op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE);
+        if rw && matches!(&data, Data::Buf(buf) if buf.len() < req.len as usize) {
             return -libc::EINVAL;
         }
         let guarded = self.store.guarded();
@@ -436,12 +441,21 @@ mod tests {
     use super::*;
 
     /// Copy mode: a request longer than the tag's buffer is refused before
-    /// any byte moves; neither the bytes after the buffer nor the store change.
+    /// any byte moves; neither the bytes after the buffer nor the store
+    /// change. The same for a reserved (mapped) and a guarded store.
     #[test]
     fn copy_mode_requests_longer_than_the_tag_buffer_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RamStore::create(&dir.path().join("store"), 1 << 20).unwrap());
-        let mut q = RamQueue::new(store);
+        let mapped = RamStore::create(&dir.path().join("mapped"), 1 << 20).unwrap();
+        let file = create_file(&dir.path().join("guarded"), 1 << 20).unwrap();
+        let guarded = RamStore::map(file, &dir.path().join("guarded"), 1 << 20, true).unwrap();
+        assert!(guarded.guarded() && !mapped.guarded());
+        for store in [mapped, guarded] {
+            refuses_requests_longer_than_the_buffer(RamQueue::new(Arc::new(store)));
+        }
+    }
+
+    fn refuses_requests_longer_than_the_buffer(mut q: RamQueue) {
         let mut mem = vec![0xaau8; 16384];
         let (buf, after) = mem.split_at_mut(4096);
         buf.fill(0x55);
