@@ -60,7 +60,7 @@ impl Takeover {
         let params = ctrl.get_params(dev_id).map_err(|e| Error::io("GET_PARAMS", e))?;
         check_settings(dev_id, &mut cfg, &info, &params)?;
         let backend = DeviceBackend::new(&cfg, false, None)?;
-        let mut server = Server::adopt(dev_id, cfg)?;
+        let mut server = Server::adopt(ctrl, info, cfg);
         server.prepare(&backend)?;
         let phases = Phases {
             dev_id,

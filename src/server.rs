@@ -22,7 +22,7 @@ use crate::backend::claim::Claim;
 use crate::backend::nvme::Namespace;
 use crate::batch_queue::Batch;
 use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
-use crate::ctrl::{self, Ctrl, no_device};
+use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
 use crate::queue::{PerTag, QueueChannels, QueueSetup, spawn_queue};
@@ -122,11 +122,9 @@ impl Server {
     }
 
     /// Takes over an existing device (recovery): no ADD_DEV, the kernel's
-    /// queue count, depth and flags stand.
-    pub fn adopt(dev_id: u32, cfg: DeviceConfig) -> Result<Self> {
-        let mut ctrl = Ctrl::open()?;
-        let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
-        Ok(Server::new(ctrl, cfg, info))
+    /// queue count, depth and flags (`info`, read through `ctrl`) stand.
+    pub fn adopt(ctrl: Ctrl, info: DevInfo, cfg: DeviceConfig) -> Self {
+        Server::new(ctrl, cfg, info)
     }
 
     /// Starts every queue thread and returns once each has pinned itself and
