@@ -30,6 +30,7 @@ pub mod config;
 pub mod ctrl;
 pub mod daemon;
 pub mod downtime;
+pub mod emulate;
 pub mod error;
 pub mod fault;
 pub mod log;
