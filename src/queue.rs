@@ -229,6 +229,17 @@ pub(crate) fn build_ring<B: QueueBackend>(
     b.build(entries).map_err(|e| Error::io(format!("io_uring setup for queue {qid}"), e))
 }
 
+/// Submits and sleeps until a completion comes or the monotonic time
+/// `due_ns` (a held request's), whichever is first; ETIME is the latter.
+pub(crate) fn wait_until(sub: &Submitter<'_>, due_ns: u64) -> std::io::Result<usize> {
+    let left = due_ns.saturating_sub(now_ns());
+    if left == 0 {
+        return sub.submit();
+    }
+    let ts = types::Timespec::from(Duration::from_nanos(left));
+    sub.submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+}
+
 /// A gathering wait's overall timeout: its min_wait applies only under one,
 /// and its expiry (ETIME, idle that long) is a plain return.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -416,6 +427,7 @@ impl<B: QueueBackend> State<B> {
                     err => return Err(self.tag_error(tag, err)),
                 }
             }
+            let busy = self.commit_due(sq)? || busy;
             self.gather.end_pass();
             self.counters.turn(busy);
             if busy || entered || self.counters.idle_turns.is_multiple_of(IDLE_PUBLISH_EVERY) {
@@ -453,7 +465,10 @@ impl<B: QueueBackend> State<B> {
     /// min_complete 0) 63.5k at 28.5 enters per I/O.
     fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
         let res = if !self.setup.poll {
-            self.gather.wait(sub, 1)
+            match self.backend.next_due() {
+                Some(due) => wait_until(sub, due),
+                None => self.gather.wait(sub, 1),
+            }
         } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // SAFETY: no argument pointer is passed; the ring is ours.
             unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }
@@ -490,6 +505,25 @@ impl<B: QueueBackend> State<B> {
             }
             _ => Ok(true),
         }
+    }
+
+    /// Commits what the backend held back (emulated service times) and is
+    /// now due; true if it committed any.
+    #[inline]
+    fn commit_due(&mut self, sq: &mut Sq<'_, B>) -> Result<bool> {
+        if self.backend.next_due().is_none() {
+            return Ok(false);
+        }
+        let now = now_ns();
+        if self.setup.stats_on {
+            self.now = now;
+        }
+        let mut any = false;
+        while let Some((tag, res)) = self.backend.pop_due(now) {
+            self.commit(tag, res, sq)?;
+            any = true;
+        }
+        Ok(any)
     }
 
     fn handle(&mut self, tag: u16, sq: &mut Sq<'_, B>) -> Result<()> {

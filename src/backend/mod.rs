@@ -11,6 +11,7 @@
 
 pub mod chain;
 pub mod claim;
+pub mod emulated;
 pub mod file;
 pub mod null;
 pub mod nvme;
@@ -58,6 +59,20 @@ pub trait QueueBackend {
     /// the request is done (a request may need several commands).
     fn complete(&mut self, _tag: u16, _kind: u64, res: i32) -> Option<i32> {
         Some(res)
+    }
+
+    /// The earliest monotonic time (ns) a request held back is due at:
+    /// a blocking queue sleeps no longer. None: nothing held (every
+    /// backend but [`emulated::Emulated`]).
+    #[inline]
+    fn next_due(&self) -> Option<u64> {
+        None
+    }
+
+    /// A held request due by `now` and its COMMIT result, earliest first.
+    #[inline]
+    fn pop_due(&mut self, _now: u64) -> Option<(u16, i32)> {
+        None
     }
 }
 
