@@ -9,6 +9,7 @@ use crate::config::{
     self as config, BackendKind, CopyMode, SchedulerChoice, check_copy_mode, check_depth, check_queues,
     parse_cpus, parse_scheduler, parse_size,
 };
+use crate::emulate::{self, Emulation, FailRule, Latency};
 use crate::error::{Error, Result};
 
 /// A whole `--cpus` list: an alias, so clap takes the parser's Vec as one value.
@@ -182,9 +183,37 @@ pub struct DeviceOptions {
     /// even where the kernel has UBLK_F_AUTO_BUF_REG (6.15 behaviour; for comparing).
     #[arg(long)]
     pub explicit_buf_reg: bool,
+    /// Serve like a disk that takes this long per request: a fixed time (100us), a uniform range
+    /// (50us-200us), or a recorded distribution (file:PATH, the JSON of `stats --json` or of fio
+    /// --output-format=json); read=MODEL,write=MODEL sets reads and the rest apart. Requests
+    /// complete when due, not in order of arrival.
+    #[arg(long, value_name = "MODEL", value_parser = parse_latency, allow_hyphen_values = true)]
+    pub latency: Option<LatencyArg>,
+    /// Fail requests on purpose: rate=FRACTION,op=read|write|flush|discard|write-zeroes,
+    /// lba=START-END (sectors),err=EIO|ENOSPC|ENODATA|ETIMEDOUT|ENOLINK|EREMOTEIO|EILSEQ|EOPNOTSUPP|EBADE,
+    /// after=N (the first N matching requests pass); each key optional, the rule repeatable. Failed
+    /// requests never reach the backend and count in `stats` as errors.
+    #[arg(long = "fail", value_name = "RULE", value_parser = emulate::fail::parse)]
+    pub fail: Vec<FailRule>,
+}
+
+/// `--latency` as given (so `downtime` can pass it on) and as parsed.
+#[derive(Debug, Clone)]
+pub struct LatencyArg {
+    pub text: String,
+    pub model: Latency,
+}
+
+fn parse_latency(s: &str) -> std::result::Result<LatencyArg, String> {
+    Ok(LatencyArg { text: s.to_string(), model: emulate::latency::parse(s)? })
 }
 
 impl DeviceOptions {
+    /// What the device emulates, as its settings keep it.
+    pub fn emulation(&self) -> Emulation {
+        Emulation { latency: self.latency.as_ref().map(|l| l.model.clone()), fail: self.fail.clone() }
+    }
+
     /// The checks that need neither the driver nor the file: the copy mode
     /// fits the backend, each option belongs to it, and the one it needs is
     /// given. Opening --path or --dev is left to `add`.
@@ -235,6 +264,8 @@ impl DeviceOptions {
             ("--block-size", self.block_size != 512),
             ("--copy-mode", self.copy_mode != CopyMode::Auto),
             ("--explicit-buf-reg", self.explicit_buf_reg),
+            ("--latency", self.latency.is_some()),
+            ("--fail", !self.fail.is_empty()),
         ];
         set.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect()
     }
@@ -255,6 +286,12 @@ impl DeviceOptions {
         }
         let switches = [("--direct", self.direct), ("--explicit-buf-reg", self.explicit_buf_reg)];
         args.extend(switches.iter().filter(|(_, on)| *on).map(|(flag, _)| flag.to_string()));
+        if let Some(l) = &self.latency {
+            args.extend(["--latency".into(), l.text.clone()]);
+        }
+        for rule in &self.fail {
+            args.extend(["--fail".into(), rule.describe()]);
+        }
         args
     }
 }

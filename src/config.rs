@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::emulate::Emulation;
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -140,6 +141,9 @@ pub struct DeviceConfig {
     /// written; a write on a full file system fails with ENOSPC).
     #[serde(default)]
     pub sparse: bool,
+    /// `--latency` and `--fail`: served like a disk (see `emulate`).
+    #[serde(default, skip_serializing_if = "Emulation::is_off")]
+    pub emulate: Emulation,
 }
 
 /// A file as a device's servers know it. A regular file is its filesystem
@@ -342,6 +346,11 @@ impl DeviceConfig {
             parse_scheduler(name).map_err(Error::invalid)?;
         }
         check_copy_mode(self.copy_mode, self.backend, self.explicit_buf_reg)?;
+        if self.batch && self.emulate.latency.is_some() {
+            return Err(Error::invalid(
+                "--latency is not served by --batch queues yet: drop one of them (--fail works with --batch)",
+            ));
+        }
         self.validate_cpus()
     }
 
@@ -604,6 +613,7 @@ pub(crate) mod tests {
             stats: true,
             scheduler: Some("none".into()),
             sparse: false,
+            emulate: Emulation::default(),
         }
     }
 

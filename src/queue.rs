@@ -44,6 +44,7 @@ use io_uring::squeue::EntryMarker as _;
 use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
+use crate::backend::emulated::Emulated;
 use crate::backend::file::FileQueue;
 use crate::backend::null::NullQueue;
 use crate::backend::nvme::NvmeQueue;
@@ -51,6 +52,7 @@ use crate::backend::ram::RamQueue;
 use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend};
 use crate::clock::now_ns;
 use crate::config::CopyMode;
+use crate::emulate::{Emulation, Failer};
 use crate::error::{Error, Result};
 use crate::request::{Data, Request};
 use crate::stats::{QueueCounters, StatsFile};
@@ -91,6 +93,9 @@ pub struct QueueSetup {
     pub first_served: Arc<AtomicU64>,
     /// The fault hook: panic after serving this many requests.
     pub panic_after: Option<u64>,
+    /// `--latency`/`--fail`: the backend is wrapped in [`Emulated`], with
+    /// the device's shared failure rules.
+    pub emulate: Option<(Emulation, Arc<Failer>)>,
     /// Tells the control thread this queue ended.
     pub on_end: OnEnd,
 }
@@ -656,18 +661,31 @@ pub(crate) fn spawn_queue<K: PlaneKind>(
             .map_err(|e| Error::io("spawn queue thread", e))
     };
     match backend {
-        DeviceBackend::Null => spawn(Box::new(move || run_queue::<_, K::Plane<_>>(setup, NullQueue, io))),
-        DeviceBackend::Ram(store) => {
-            let q = RamQueue::new(store.clone());
-            spawn(Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io)))
-        }
+        DeviceBackend::Null => spawn(body::<K, _>(setup, NullQueue, io)),
+        DeviceBackend::Ram(store) => spawn(body::<K, _>(setup, RamQueue::new(store.clone()), io)),
         DeviceBackend::File(f) => {
             let q = FileQueue::new(f.clone(), setup.depth);
-            spawn(Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io)))
+            spawn(body::<K, _>(setup, q, io))
         }
         DeviceBackend::Nvme(ns, file) => {
             let q = NvmeQueue::new(ns.clone(), file.clone(), setup.depth);
-            spawn(Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io)))
+            spawn(body::<K, _>(setup, q, io))
+        }
+    }
+}
+
+/// A queue thread's body for backend `q`, wrapped in [`Emulated`] when
+/// the device emulates a disk.
+fn body<K: PlaneKind, B: QueueBackend + Send + 'static>(
+    setup: QueueSetup,
+    q: B,
+    io: QueueChannels,
+) -> Box<dyn FnOnce() -> Result<()> + Send> {
+    match setup.emulate.clone() {
+        None => Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io)),
+        Some((e, failer)) => {
+            let q = Emulated::new(q, &e, failer, setup.depth, setup.dev_id as u64 * 4099 + setup.qid as u64);
+            Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io))
         }
     }
 }

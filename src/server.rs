@@ -23,6 +23,7 @@ use crate::backend::nvme::Namespace;
 use crate::batch_queue::Batch;
 use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
 use crate::ctrl::{self, Ctrl};
+use crate::emulate::Failer;
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
 use crate::queue::{PerTag, QueueChannels, QueueSetup, spawn_queue};
@@ -48,6 +49,8 @@ pub struct Server {
     /// This server's hold on the backing file (`backend::claim`), kept
     /// until the server is gone.
     claim: Option<Claim>,
+    /// `--fail`'s rules and counts, shared by the queues (None: no emulation).
+    failer: Option<Arc<Failer>>,
 }
 
 /// Why `wait` returned.
@@ -100,6 +103,7 @@ impl Server {
     }
 
     fn new(ctrl: Ctrl, cfg: DeviceConfig, info: DevInfo) -> Self {
+        let failer = cfg.emulate.is_on().then(|| Arc::new(Failer::new(cfg.emulate.fail.clone())));
         Server {
             ctrl,
             cfg,
@@ -113,6 +117,7 @@ impl Server {
             stats: None,
             panic_after: None,
             claim: None,
+            failer,
         }
     }
 
@@ -224,6 +229,7 @@ impl Server {
             gather_wait_us: self.cfg.gather_wait_us,
             first_served: self.first_served.clone(),
             panic_after: self.panic_after,
+            emulate: self.failer.as_ref().map(|f| (self.cfg.emulate.clone(), f.clone())),
             on_end: Arc::new(notify_queue_ended),
         })
     }

@@ -91,6 +91,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         stats: args.queue.stats == OnOff::On,
         scheduler: args.queue.scheduler.0.clone(),
         sparse: args.sparse,
+        emulate: args.dev_opts.emulation(),
     };
     if args.sparse && args.backend != BackendKind::Ram {
         return Err(Error::invalid(format!(

@@ -36,6 +36,9 @@ pub struct DeviceView {
     pub path: Option<String>,
     /// The queue's active I/O scheduler (sysfs); None before START_DEV.
     pub scheduler: Option<String>,
+    /// `--latency`/`--fail` as the device emulates them; None: a plain device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emulate: Option<String>,
 }
 
 pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
@@ -79,6 +82,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
             .and_then(|c| c.path.as_ref())
             .map(|p| p.display().to_string()),
         scheduler,
+        emulate: cfg.filter(|c| c.emulate.is_on()).map(|c| c.emulate.describe()),
     }
 }
 
@@ -90,7 +94,7 @@ pub fn dump(v: &DeviceView) -> String {
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
          \tmax rq size {} daemon pid {} flags {:#x} state {}\n\
          \tfeatures {}\n\
-         \tbackend {} copy {} poll {} batch {}{} cpus [{}] scheduler {}{}{}\n",
+         \tbackend {} copy {} poll {} batch {}{} cpus [{}] scheduler {}{}{}\n{}",
         v.dev_id,
         v.queues,
         v.depth,
@@ -110,6 +114,7 @@ pub fn dump(v: &DeviceView) -> String {
         v.scheduler.as_deref().unwrap_or("-"),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
         v.path.as_ref().map_or(String::new(), |p| format!(" path {p}")),
+        v.emulate.as_ref().map_or(String::new(), |e| format!("\temulate {e}\n")),
     )
 }
 

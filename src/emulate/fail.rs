@@ -14,10 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::sys;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailRule {
-    /// The fraction of matching requests failed, in (0, 1].
-    pub rate: f64,
+    /// The fraction of matching requests failed, in parts per billion (1..=10^9).
+    pub rate_ppb: u32,
     /// None: every operation.
     pub op: Option<u8>,
     /// Sectors, both ends included.
@@ -62,7 +62,7 @@ impl FailRule {
 
     /// The rule as `list` shows it (and `--fail` takes it back).
     pub fn describe(&self) -> String {
-        let mut parts = vec![format!("rate={}", self.rate)];
+        let mut parts = vec![format!("rate={}", self.rate_ppb as f64 / 1e9)];
         if let Some(op) = self.op {
             parts.push(format!("op={}", OPS.iter().find(|o| o.1 == op).map_or("?", |o| o.0)));
         }
@@ -79,13 +79,13 @@ impl FailRule {
 
 /// `--fail`'s value parser (clap).
 pub fn parse(s: &str) -> Result<FailRule, String> {
-    let mut r = FailRule { rate: 1.0, op: None, lba: None, errno: libc::EIO, after: 0 };
+    let mut r = FailRule { rate_ppb: PPB, op: None, lba: None, errno: libc::EIO, after: 0 };
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((k, v)) = part.split_once('=') else {
             return Err(format!("`{part}`: write key=value (rate, op, lba, err, after)"));
         };
         match k {
-            "rate" => r.rate = parse_rate(v)?,
+            "rate" => r.rate_ppb = parse_rate(v)?,
             "op" if v == "any" => r.op = None,
             "op" => r.op = Some(lookup(OPS, v, "op")?),
             "lba" => r.lba = Some(parse_range(v)?),
@@ -100,14 +100,16 @@ pub fn parse(s: &str) -> Result<FailRule, String> {
     Ok(r)
 }
 
-fn parse_rate(v: &str) -> Result<f64, String> {
+const PPB: u32 = 1_000_000_000;
+
+fn parse_rate(v: &str) -> Result<u32, String> {
     let rate = match v.strip_suffix('%') {
         Some(p) => p.parse::<f64>().map(|x| x / 100.0),
         None => v.parse::<f64>(),
     };
-    match rate {
-        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
-        _ => Err(format!("rate=`{v}`: a fraction above 0 and at most 1 (0.01, or 1%)")),
+    match rate.map(|x| (x * PPB as f64).round()) {
+        Ok(x) if x >= 1.0 && x <= PPB as f64 => Ok(x as u32),
+        _ => Err(format!("rate=`{v}`: a fraction of at least 1e-9 and at most 1 (0.01, or 1%)")),
     }
 }
 
@@ -157,7 +159,8 @@ impl Failer {
             if seen.fetch_add(1, Ordering::Relaxed) < rule.after {
                 continue;
             }
-            if rule.rate >= 1.0 || ((u >> 11) as f64) < rule.rate * (1u64 << 53) as f64 {
+            // u's top 32 bits against the rate scaled to 2^32.
+            if rule.rate_ppb >= PPB || (u >> 32) < rule.rate_ppb as u64 * (1 << 32) / PPB as u64 {
                 return Some(-rule.errno);
             }
         }
@@ -174,20 +177,27 @@ mod tests {
         let r = parse("rate=0.5,op=write,lba=100-199,err=enospc,after=3").unwrap();
         assert_eq!(
             r,
-            FailRule { rate: 0.5, op: Some(1), lba: Some((100, 199)), errno: libc::ENOSPC, after: 3 }
+            FailRule {
+                rate_ppb: 500_000_000,
+                op: Some(1),
+                lba: Some((100, 199)),
+                errno: libc::ENOSPC,
+                after: 3
+            }
         );
         assert_eq!(r.describe(), "rate=0.5,op=write,lba=100-199,err=ENOSPC,after=3");
         assert_eq!(parse(&r.describe()).unwrap(), r);
         assert_eq!(parse("").unwrap().describe(), "rate=1,err=EIO");
-        assert_eq!(parse("rate=1%").unwrap().rate, 0.01);
+        assert_eq!(parse("rate=1%").unwrap().rate_ppb, 10_000_000);
     }
 
     #[test]
     fn bad_rules_are_refused_with_what_to_write() {
         for (bad, says) in [
-            ("rate=0", "above 0"),
+            ("rate=0", "at least 1e-9"),
             ("rate=1.5", "at most 1"),
-            ("rate=-0.1", "above 0"),
+            ("rate=-0.1", "at least"),
+            ("rate=x", "a fraction"),
             ("op=trim", "one of read, write"),
             ("err=EPERM", "one of EIO"),
             ("lba=9-3", "START-END"),

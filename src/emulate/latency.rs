@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::sys;
 
 /// One distribution of service times.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Dist {
     Fixed {
         ns: u64,
@@ -23,15 +23,16 @@ pub enum Dist {
         lo_ns: u64,
         hi_ns: u64,
     },
-    /// Points of the inverse CDF, `(quantile, ns)`: quantiles rise from 0 to
-    /// 1 and times never fall; a sample interpolates between two points.
+    /// Points of the inverse CDF, `(quantile in parts per million, ns)`:
+    /// quantiles rise from 0 to 10^6 and times never fall; a sample
+    /// interpolates between two points.
     Recorded {
-        points: Vec<(f64, u64)>,
+        points: Vec<(u32, u64)>,
     },
 }
 
 /// Service times for reads and for everything else.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Latency {
     pub read: Dist,
     pub write: Dist,
@@ -62,8 +63,10 @@ impl Dist {
             Dist::Fixed { ns } => *ns,
             Dist::Uniform { lo_ns, hi_ns } => (lo_ns + hi_ns) / 2,
             Dist::Recorded { points } => {
-                let area: f64 =
-                    points.windows(2).map(|w| (w[1].0 - w[0].0) * (w[0].1 + w[1].1) as f64 / 2.0).sum();
+                let area: f64 = points
+                    .windows(2)
+                    .map(|w| (w[1].0 - w[0].0) as f64 / PPM * (w[0].1 + w[1].1) as f64 / 2.0)
+                    .sum();
                 area as u64
             }
         }
@@ -81,6 +84,9 @@ impl Dist {
     }
 }
 
+/// Quantiles are kept in parts per million (so settings compare exactly).
+const PPM: f64 = 1e6;
+
 /// `u` as a fraction in [0, 1).
 #[inline]
 fn unit(u: u64) -> f64 {
@@ -88,9 +94,11 @@ fn unit(u: u64) -> f64 {
 }
 
 #[inline]
-fn interpolate(points: &[(f64, u64)], q: f64) -> u64 {
-    let i = points.partition_point(|p| p.0 <= q).clamp(1, points.len() - 1);
+fn interpolate(points: &[(u32, u64)], q: f64) -> u64 {
+    let q = q * PPM;
+    let i = points.partition_point(|p| p.0 as f64 <= q).clamp(1, points.len() - 1);
     let ((q0, t0), (q1, t1)) = (points[i - 1], points[i]);
+    let (q0, q1) = (q0 as f64, q1 as f64);
     let f = if q1 > q0 { ((q - q0) / (q1 - q0)).clamp(0.0, 1.0) } else { 1.0 };
     t0 + ((t1 - t0) as f64 * f) as u64
 }
@@ -239,7 +247,7 @@ fn finish(mut points: Vec<(f64, u64)>, max: Option<u64>) -> Result<Dist, String>
     if points.iter().all(|p| p.1 == 0) {
         return Err("every percentile is 0: nothing was recorded".into());
     }
-    Ok(Dist::Recorded { points })
+    Ok(Dist::Recorded { points: points.iter().map(|&(q, ns)| ((q * PPM).round() as u32, ns)).collect() })
 }
 
 #[cfg(test)]
@@ -303,7 +311,10 @@ mod tests {
     #[test]
     fn a_recorded_model_follows_its_percentiles() {
         let d = finish(vec![(0.5, 100), (0.99, 1000)], Some(5000)).unwrap();
-        assert_eq!(d, Dist::Recorded { points: vec![(0.0, 100), (0.5, 100), (0.99, 1000), (1.0, 5000)] });
+        assert_eq!(
+            d,
+            Dist::Recorded { points: vec![(0, 100), (500_000, 100), (990_000, 1000), (1_000_000, 5000)] }
+        );
         assert_eq!(d.sample(0), 100);
         let at = |q: f64| d.sample(((q * (1u64 << 53) as f64) as u64) << 11);
         assert_eq!(at(0.25), 100);
@@ -326,7 +337,7 @@ mod tests {
         let p = write_tmp("fio", fio);
         let l = parse(&format!("file:{}", p.display())).unwrap();
         let Dist::Recorded { points } = &l.read else { panic!("{l:?}") };
-        assert_eq!(points.last(), Some(&(1.0, 900_000)));
+        assert_eq!(points.last(), Some(&(1_000_000, 900_000)));
         assert_eq!(l.write, l.read, "a kind without completions takes the other's");
         let stats = r#"{"merged":{"p50_us":10.0,"p99_us":20.0,"p999_us":30.5,"max_us":40.0}}"#;
         let p2 = write_tmp("stats", stats);
@@ -347,7 +358,7 @@ mod tests {
         assert_eq!(parse("100us").unwrap().read.describe(), "100us");
         assert_eq!(parse("1500us-2ms").unwrap().read.describe(), "1500us-2ms");
         assert_eq!(Dist::Uniform { lo_ns: 0, hi_ns: 100 }.mean_ns(), 50);
-        let d = Dist::Recorded { points: vec![(0.0, 100), (1.0, 300)] };
+        let d = Dist::Recorded { points: vec![(0, 100), (1_000_000, 300)] };
         assert_eq!(d.mean_ns(), 200);
     }
 }

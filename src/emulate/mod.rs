@@ -20,7 +20,7 @@ pub use fail::{FailRule, Failer};
 pub use latency::Latency;
 
 /// What the user asked the device to emulate.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Emulation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<Latency>,
@@ -31,6 +31,10 @@ pub struct Emulation {
 impl Emulation {
     pub fn is_on(&self) -> bool {
         self.latency.is_some() || !self.fail.is_empty()
+    }
+
+    pub fn is_off(&self) -> bool {
+        !self.is_on()
     }
 
     /// `list`'s words for it: `latency read=100us write=100us fail [...]`.
