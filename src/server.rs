@@ -1,5 +1,6 @@
-//! A server's life: create or take over a device, run its queue threads,
-//! start it, wait for a stop, and tear down without leaking the device.
+//! The running device server ([`Server`]): create or take over a device, run
+//! its queue threads, start it, wait for a stop, and tear down without
+//! leaking the device. The process around it is `server_process`.
 //!
 //! The control thread (the caller) sends every control command; queue
 //! threads only FETCH and COMMIT. START_DEV and END_USER_RECOVERY block

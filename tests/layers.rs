@@ -16,9 +16,9 @@ const LAYERS: &[&[&str]] = &[
     &["backend"],              // no threads, no server
     &["queue", "batch_queue"], // the loop, user_data encoding, its thread
     &["server"],
-    &["recovery"],                      // takeover
-    &["daemon", "supervisor", "serve"], // processes and a server's life
-    &["cli", "cmd", "downtime"],        // the command line
+    &["recovery"],                                  // takeover
+    &["daemonize", "supervisor", "server_process"], // processes and a server's life
+    &["cli", "cmd", "downtime"],                    // the command line
 ];
 
 /// What `downtime` may use besides itself: the control plane, run files,

@@ -1,4 +1,4 @@
-//! A server process from start to exit: serve a new device, or take over
+//! A server process's life from start to exit: serve a new device, or take over
 //! one whose server died or is handing over, then serve it until a stop
 //! signal or until its queues end. Run by `__serve` (and by
 //! `add --foreground`); progress goes to the starter on the notify pipe.
@@ -12,7 +12,7 @@ use crate::backend::claim::Claim;
 use crate::backend::nvme::Namespace;
 use crate::clock::now_ns;
 use crate::config::{self, BackendKind, DeviceConfig};
-use crate::daemon::{HANDOVER_SIGNAL, Notifier};
+use crate::daemonize::{HANDOVER_SIGNAL, Notifier};
 use crate::error::Result;
 use crate::fault::{self, Fault};
 use crate::process::ProcId;
