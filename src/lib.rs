@@ -4,7 +4,8 @@
 //! (`tests/layers.rs` checks it, and that there is no import cycle):
 //!
 //! 1. `sys` (kernel ABI), with `error`, `clock`, `log`, `fault`;
-//! 2. `ctrl` (control plane), `process` (pidfds, signals);
+//! 2. `ctrl` (control plane), `process` (pidfds, signals), `cpus` (the
+//!    machine's CPUs, CPU lists), `io_scheduler` (a device's elevator, via sysfs);
 //! 3. `config` (the validated device configuration), `run_files` (its
 //!    files and the others under /run/ublk-bench), `teardown` (deleting a
 //!    device with its files and processes);
@@ -29,11 +30,13 @@ pub mod cli;
 pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod cpus;
 pub mod ctrl;
 pub mod daemonize;
 pub mod downtime;
 pub mod error;
 pub mod fault;
+pub mod io_scheduler;
 pub mod log;
 pub mod process;
 pub mod queue;

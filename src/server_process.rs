@@ -11,7 +11,7 @@ use crate::backend::DeviceBackend;
 use crate::backend::claim::Claim;
 use crate::backend::nvme::Namespace;
 use crate::clock::now_ns;
-use crate::config::{self, BackendKind, DeviceConfig};
+use crate::config::{BackendKind, DeviceConfig};
 use crate::daemonize::{HANDOVER_SIGNAL, Notifier};
 use crate::error::Result;
 use crate::fault::{self, Fault};
@@ -48,7 +48,7 @@ pub fn new_device(
         // After START_DEV the queue exists; a failed write abandons the
         // device below like any other failed start.
         if let Some(name) = &server.cfg.scheduler {
-            config::set_scheduler(server.dev_id, name)?;
+            crate::io_scheduler::set_scheduler(server.dev_id, name)?;
         }
         server.publish_stats();
         Ok(backend)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by layer, lowest first.
 const LAYERS: &[&[&str]] = &[
     &["sys", "error", "clock", "log", "fault"], // ABI and what everything uses
-    &["ctrl", "process"],                       // control plane, process helpers
+    &["ctrl", "process", "cpus", "io_scheduler"], // control plane, processes, CPUs, I/O scheduler
     &["config", "run_files", "teardown"],       // device config, run files, deleting both
     &["request"],                               // request and data types
     &["stats"],

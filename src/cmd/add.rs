@@ -213,7 +213,7 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
         Claim::check_free(path, cfg.backing_id.as_ref())?;
     }
     if let Some(name) = &cfg.scheduler {
-        config::check_scheduler(name, &config::offered_schedulers())?;
+        crate::io_scheduler::check_scheduler(name, &crate::io_scheduler::offered_schedulers())?;
     }
     let queues = config::kernel_queues(cfg.queues);
     if queues < cfg.queues {

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::config::{self, BackendKind, DeviceConfig};
+use crate::config::{BackendKind, DeviceConfig};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::run_files;
@@ -43,7 +43,7 @@ pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
         Some(c) => c.size,
         None => ctrl.get_params(dev_id).map(|p| p.basic.dev_sectors << 9).unwrap_or(0),
     };
-    Ok(make_view(&info, cfg.as_ref(), size, config::active_scheduler(dev_id)))
+    Ok(make_view(&info, cfg.as_ref(), size, crate::io_scheduler::active_scheduler(dev_id)))
 }
 
 fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: Option<String>) -> DeviceView {
@@ -93,7 +93,7 @@ pub fn dump(v: &DeviceView) -> String {
         v.poll.map_or("?".into(), |p| p.to_string()),
         v.batch,
         v.gather_wait_us.map_or(String::new(), |w| format!(" gather-wait {w}us")),
-        config::format_cpus(&v.cpus),
+        crate::cpus::format_cpus(&v.cpus),
         v.scheduler.as_deref().unwrap_or("-"),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
         v.path.as_ref().map_or(String::new(), |p| format!(" path {p}")),
