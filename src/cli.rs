@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    self as config, BackendKind, CopyMode, SchedulerChoice, check_copy_mode, check_depth, check_queues,
-    parse_cpus, parse_scheduler, parse_size,
+    self as config, BackendKind, CopyMode, check_copy_mode, check_depth, check_queues, parse_size,
 };
+use crate::cpus::parse_cpus;
 use crate::emulate::{self, Emulation, FailRule, Latency};
 use crate::error::{Error, Result};
+use crate::io_scheduler::{SchedulerChoice, parse_scheduler};
 
 /// A whole `--cpus` list: an alias, so clap takes the parser's Vec as one value.
 pub type CpuList = Vec<usize>;

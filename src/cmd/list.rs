@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::config::{self, BackendKind, DeviceConfig};
+use crate::config::{BackendKind, DeviceConfig};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::run_files;
@@ -48,7 +48,7 @@ pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
         Some(c) => c.size,
         None => ctrl.get_params(dev_id).map(|p| p.basic.dev_sectors << 9).unwrap_or(0),
     };
-    let mut v = make_view(&info, cfg.as_ref(), size, config::active_scheduler(dev_id));
+    let mut v = make_view(&info, cfg.as_ref(), size, crate::io_scheduler::active_scheduler(dev_id));
     if cfg.is_none() {
         // Another server's device: the kernel's block size, as ublksrv prints it.
         if let Ok(p) = ctrl.get_params(dev_id) {
@@ -110,7 +110,7 @@ pub fn dump(v: &DeviceView) -> String {
         v.poll.map_or("?".into(), |p| p.to_string()),
         v.batch,
         v.gather_wait_us.map_or(String::new(), |w| format!(" gather-wait {w}us")),
-        config::format_cpus(&v.cpus),
+        crate::cpus::format_cpus(&v.cpus),
         v.scheduler.as_deref().unwrap_or("-"),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
         v.path.as_ref().map_or(String::new(), |p| format!(" path {p}")),

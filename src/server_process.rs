@@ -1,4 +1,4 @@
-//! A server process from start to exit: serve a new device, or take over
+//! A server process's life from start to exit: serve a new device, or take over
 //! one whose server died or is handing over, then serve it until a stop
 //! signal or until its queues end. Run by `__serve` (and by
 //! `add --foreground`); progress goes to the starter on the notify pipe.
@@ -11,8 +11,8 @@ use crate::backend::DeviceBackend;
 use crate::backend::claim::Claim;
 use crate::backend::nvme::Namespace;
 use crate::clock::now_ns;
-use crate::config::{self, BackendKind, DeviceConfig};
-use crate::daemon::{HANDOVER_SIGNAL, Notifier};
+use crate::config::{BackendKind, DeviceConfig};
+use crate::daemonize::{HANDOVER_SIGNAL, Notifier};
 use crate::error::Result;
 use crate::fault::{self, Fault};
 use crate::process::ProcId;
@@ -48,7 +48,7 @@ pub fn new_device(
         // After START_DEV the queue exists; a failed write abandons the
         // device below like any other failed start.
         if let Some(name) = &server.cfg.scheduler {
-            config::set_scheduler(server.dev_id, name)?;
+            crate::io_scheduler::set_scheduler(server.dev_id, name)?;
         }
         server.publish_stats();
         Ok(backend)
