@@ -22,6 +22,11 @@
 //! - `successor-abort`: `restart`'s successor aborts once the old server is
 //!   gone, before START_USER_RECOVERY; `restart` must then recover the
 //!   device cold and say so.
+//! - `auto-buf-reg-fallback`: with UBLK_F_AUTO_BUF_REG each FETCH and
+//!   COMMIT names a buffer slot past the queue's table, so the kernel's
+//!   registration fails every time and each request comes with
+//!   UBLK_IO_F_NEED_REG_BUF, to be served through the server's own
+//!   REGISTER/UNREGISTER chain.
 //! - `pause-after-start-recovery:MS`: a takeover server logs that
 //!   START_USER_RECOVERY returned, then sleeps MS milliseconds before it
 //!   posts its FETCHes, so a test can kill it, provably, between
@@ -40,6 +45,7 @@ pub enum Fault {
     InterruptAfterQuiesce,
     KillAfterQuiesce,
     SuccessorAbort,
+    AutoBufRegFallback,
     PauseAfterStartRecovery(u64),
 }
 
@@ -68,6 +74,7 @@ fn parse(v: &str) -> Result<Fault> {
         "interrupt-after-quiesce" => return Ok(Fault::InterruptAfterQuiesce),
         "kill-after-quiesce" => return Ok(Fault::KillAfterQuiesce),
         "successor-abort" => return Ok(Fault::SuccessorAbort),
+        "auto-buf-reg-fallback" => return Ok(Fault::AutoBufRegFallback),
         _ => {}
     }
     let number = |prefix: &str| v.strip_prefix(prefix).and_then(|n| n.parse().ok());
@@ -78,7 +85,8 @@ fn parse(v: &str) -> Result<Fault> {
             Error::invalid(format!(
                 "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
                  serving N requests), abort-before-live, no-batch-io, interrupt-after-quiesce, \
-                 kill-after-quiesce, successor-abort, pause-after-start-recovery:MS, or unset it"
+                 kill-after-quiesce, successor-abort, auto-buf-reg-fallback, pause-after-start-recovery:MS, \
+                 or unset it"
             ))
         })
 }
@@ -91,6 +99,7 @@ mod tests {
     fn fault_hook_parses_or_says_what_to_give() {
         assert_eq!(parse("queue-panic:0").unwrap(), Fault::QueuePanic(0));
         assert_eq!(parse("queue-panic:250").unwrap(), Fault::QueuePanic(250));
+        assert_eq!(parse("auto-buf-reg-fallback").unwrap(), Fault::AutoBufRegFallback);
         assert_eq!(parse("abort-before-live").unwrap(), Fault::AbortBeforeLive);
         assert_eq!(parse("no-batch-io").unwrap(), Fault::NoBatchIo);
         assert_eq!(parse("interrupt-after-quiesce").unwrap(), Fault::InterruptAfterQuiesce);

@@ -93,6 +93,9 @@ pub struct QueueSetup {
     pub first_served: Arc<AtomicU64>,
     /// The fault hook: panic after serving this many requests.
     pub panic_after: Option<u64>,
+    /// The fault hook `auto-buf-reg-fallback`: FETCH and COMMIT name a slot
+    /// past the buffer table, so the kernel falls back on every request.
+    pub unreg_auto_buf: bool,
     /// `--latency`/`--fail`: the backend is wrapped in [`Emulated`], with
     /// the device's shared failure rules.
     pub emulate: Option<(Emulation, Arc<Failer>)>,
@@ -557,7 +560,10 @@ impl<B: QueueBackend> State<B> {
     }
 
     fn submit(&mut self, tag: u16, req: &Request, sq: &mut Sq<'_, B>) -> Option<i32> {
-        let data = self.tags.data(&self.setup, tag);
+        let data = match req.flags & sys::UBLK_IO_F_NEED_REG_BUF {
+            0 => self.tags.data(&self.setup, tag),
+            _ => self.tags.fixed(&self.setup, tag),
+        };
         self.backend.submit(tag, req, data, sq, BACKEND_BIT | tag as u64)
     }
 
@@ -573,7 +579,9 @@ impl<B: QueueBackend> State<B> {
         unsafe { std::ptr::copy_nonoverlapping(&cmd as *const IoCmd as *const u8, payload.as_mut_ptr(), 16) };
         let mut sqe = opcode::UringCmd16::new(types::Fd(self.tags.char_fd), op).cmd(payload);
         if self.setup.auto_buf_reg {
-            sqe = sqe.addr(Some(sys::auto_buf_reg(tag, 0)));
+            // Slots `depth..` are past the table (register_buffers_sparse).
+            let slot = if self.setup.unreg_auto_buf { self.setup.depth + tag } else { tag };
+            sqe = sqe.addr(Some(sys::auto_buf_reg(slot, sys::UBLK_AUTO_BUF_REG_FALLBACK)));
         }
         let mut sqe = B::Sqe::from(sqe.build());
         sqe.set_user_data(tag as u64);
@@ -633,6 +641,13 @@ impl TagIo {
             CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid },
             _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(setup.qid, tag, 0) },
         }
+    }
+
+    /// Zero copy through the server's own REGISTER/UNREGISTER chain: how a
+    /// request the kernel could not register (UBLK_IO_F_NEED_REG_BUF, the
+    /// AUTO_BUF_REG fallback) is served, at the tag's own slot.
+    pub(crate) fn fixed(&self, setup: &QueueSetup, tag: u16) -> Data<'static> {
+        Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid }
     }
 
     /// The descriptor of `tag`, which must be below the queue depth.

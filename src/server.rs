@@ -50,6 +50,8 @@ pub struct Server {
     /// This server's hold on the backing file (`backend::claim`), kept
     /// until the server is gone.
     claim: Option<Claim>,
+    /// The `auto-buf-reg-fallback` fault hook (never set on a takeover).
+    unreg_auto_buf: bool,
     /// `--fail`'s rules and counts, shared by the queues (None: no emulation).
     failer: Option<Arc<Failer>>,
 }
@@ -100,7 +102,8 @@ impl Server {
             let undo = ctrl.del(dev_id).err();
             return Err(with_undo(Error::io("SET_PARAMS", e), dev_id, "DEL_DEV", undo));
         }
-        Ok(Server { panic_after, ..Server::new(ctrl, cfg, info) })
+        let unreg_auto_buf = fault == Some(Fault::AutoBufRegFallback);
+        Ok(Server { panic_after, unreg_auto_buf, ..Server::new(ctrl, cfg, info) })
     }
 
     fn new(ctrl: Ctrl, cfg: DeviceConfig, info: DevInfo) -> Self {
@@ -118,6 +121,7 @@ impl Server {
             stats: None,
             panic_after: None,
             claim: None,
+            unreg_auto_buf: false,
             failer,
         }
     }
@@ -230,6 +234,7 @@ impl Server {
             gather_wait_us: self.cfg.gather_wait_us,
             first_served: self.first_served.clone(),
             panic_after: self.panic_after,
+            unreg_auto_buf: self.unreg_auto_buf,
             emulate: self.failer.as_ref().map(|f| (self.cfg.emulate.clone(), f.clone())),
             on_end: Arc::new(notify_queue_ended),
         })
@@ -403,7 +408,10 @@ fn copy_flags(cfg: &DeviceConfig, features: u64) -> Result<u64> {
     let auto = features & sys::UBLK_F_AUTO_BUF_REG != 0 && !cfg.explicit_buf_reg;
     Ok(match cfg.copy_mode {
         CopyMode::User => sys::UBLK_F_USER_COPY,
-        CopyMode::Zero if auto => sys::UBLK_F_AUTO_BUF_REG,
+        // SUPPORT_ZERO_COPY too: a request whose pages the kernel could not
+        // register (AUTO_BUF_REG_FALLBACK) is registered by a REGISTER_IO_BUF
+        // chain, which the kernel refuses without it.
+        CopyMode::Zero if auto => sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY,
         CopyMode::Zero => sys::UBLK_F_SUPPORT_ZERO_COPY,
         m if cfg.explicit_buf_reg => {
             return Err(Error::invalid(format!(

@@ -136,6 +136,9 @@ pub const UBLK_ATTR_FUA: u32 = 1 << 3;
 pub const UBLK_IO_F_FUA: u32 = 1 << 13;
 /// WRITE_ZEROES: keep the blocks allocated (REQ_NOUNMAP).
 pub const UBLK_IO_F_NOUNMAP: u32 = 1 << 15;
+/// AUTO_BUF_REG could not register this request's pages (6.16): with
+/// [`UBLK_AUTO_BUF_REG_FALLBACK`] the server registers them itself.
+pub const UBLK_IO_F_NEED_REG_BUF: u32 = 1 << 17;
 pub const UBLK_PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const UBLK_PARAM_TYPE_DISCARD: u32 = 1 << 1;
 
@@ -329,6 +332,11 @@ impl BatchElem {
         u64::from_ne_bytes(b)
     }
 }
+
+/// `ublk_auto_buf_reg.flags`: where the kernel cannot register a request's
+/// pages it hands the request over with [`UBLK_IO_F_NEED_REG_BUF`]
+/// instead of failing it.
+pub const UBLK_AUTO_BUF_REG_FALLBACK: u8 = 1 << 0;
 
 /// `struct ublk_auto_buf_reg`, passed in `sqe->addr`.
 pub const fn auto_buf_reg(index: u16, flags: u8) -> u64 {

@@ -1045,3 +1045,26 @@ fn devices_added_side_by_side_all_go_live_and_serve() {
         }
     }
 }
+
+/// The AUTO_BUF_REG fallback: with the fault hook `auto-buf-reg-fallback`
+/// every FETCH and COMMIT names a buffer slot past the queue's table, so
+/// the kernel cannot register any request's pages and hands each over with
+/// UBLK_IO_F_NEED_REG_BUF; the server registers them itself (a
+/// REGISTER/UNREGISTER chain) and fio's verification passes. Without the
+/// fallback flag every request would fail with EIO.
+#[test]
+fn auto_buf_reg_fallback_serves_every_request() {
+    let Some(_h) = harness() else { return };
+    let out = run(Command::new(bin())
+        .args(["add", "ram", "--size", "16M", "-q", "1"])
+        .env("UBLK_BENCH_FAULT", "auto-buf-reg-fallback"))
+    .success();
+    let id = parse_dev_id(&out.stdout).unwrap_or_else(|| panic!("no device:\n{}", out.describe()));
+    let json = list_one(id).expect("the device is listed");
+    let flags: Vec<&str> = json["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+    assert!(flags.contains(&"AUTO_BUF_REG") && flags.contains(&"ZERO_COPY"), "{json}");
+    let dev = Dev { id, pid: json["pid"].as_i64().unwrap() as i32, json };
+    fio_verify_devices(&[("ram-fallback", &dev)], 16 * MIB);
+    del(id);
+    assert_gone(&dev);
+}
