@@ -136,6 +136,11 @@ pub struct AddArgs {
     pub sparse: bool,
     #[command(flatten)]
     pub dev_opts: DeviceOptions,
+    /// Scan the device for partitions when it starts, as a disk would be. Off by default where the
+    /// kernel can leave it out (UBLK_F_NO_AUTO_PART_SCAN, Linux 7.0), as `losetup` does without -P: a
+    /// benchmark device's start then sends no I/O of its own, and a fresh device has no partitions.
+    #[arg(long)]
+    pub part_scan: bool,
     /// Stay in the foreground; SIGTERM/SIGINT stop and delete the device.
     #[arg(long)]
     pub foreground: bool,

@@ -145,6 +145,10 @@ pub struct DeviceConfig {
     /// written; a write on a full file system fails with ENOSPC).
     #[serde(default)]
     pub sparse: bool,
+    /// `--part-scan`: the kernel scans for partitions at START_DEV (without
+    /// it, UBLK_F_NO_AUTO_PART_SCAN where the kernel has it).
+    #[serde(default)]
+    pub part_scan: bool,
     /// `--latency` and `--fail`: served like a disk (see `emulate`).
     #[serde(default, skip_serializing_if = "Emulation::is_off")]
     pub emulate: Emulation,
@@ -452,6 +456,7 @@ pub(crate) mod tests {
             stats: true,
             scheduler: Some("none".into()),
             sparse: false,
+            part_scan: false,
             emulate: Emulation::default(),
         }
     }

@@ -88,6 +88,7 @@ impl Server {
             flags: copy_flags(&cfg, features)?
                 | cfg.recovery.flags()
                 | quiesce_flag(cfg.recovery, features)
+                | part_scan_flag(cfg.part_scan, features)
                 | batch,
             ..Default::default()
         };
@@ -400,6 +401,12 @@ fn batch_flag(batch: bool, features: u64) -> Result<u64> {
 /// QUIESCE_DEV (planned restart) comes free with recovery where the kernel has it.
 fn quiesce_flag(rec: Recovery, features: u64) -> u64 {
     if rec != Recovery::None { features & sys::UBLK_F_QUIESCE } else { 0 }
+}
+
+/// No partition scan unless asked, where the kernel can leave it out
+/// (7.0); before that the kernel always scans.
+fn part_scan_flag(part_scan: bool, features: u64) -> u64 {
+    if part_scan { 0 } else { features & sys::UBLK_F_NO_AUTO_PART_SCAN }
 }
 
 /// Zero copy prefers AUTO_BUF_REG (6.16+): the kernel registers each

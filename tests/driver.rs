@@ -985,10 +985,21 @@ fn devices_added_side_by_side_all_go_live_and_serve() {
         for mode in ["copy", "user", "zero"] {
             for recovery in [false, true] {
                 for kernel_id in [true, false] {
-                    let mut a: Vec<String> =
-                        ["add", "ram", "-q", "2", "-d", "128", "--size", "4M", "--copy-mode", mode]
-                            .map(String::from)
-                            .into();
+                    let mut a: Vec<String> = [
+                        "add",
+                        "ram",
+                        "-q",
+                        "2",
+                        "-d",
+                        "128",
+                        "--size",
+                        "4M",
+                        "--part-scan",
+                        "--copy-mode",
+                        mode,
+                    ]
+                    .map(String::from)
+                    .into();
                     if recovery {
                         a.push("-r".into());
                     }
@@ -1067,4 +1078,44 @@ fn auto_buf_reg_fallback_serves_every_request() {
     fio_verify_devices(&[("ram-fallback", &dev)], 16 * MIB);
     del(id);
     assert_gone(&dev);
+}
+
+/// A disk image with an MBR and one partition (sectors 2048-4095).
+fn mbr_image(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut img = vec![0u8; 4 * MIB as usize];
+    let entry = &mut img[446..462];
+    entry[4] = 0x83;
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&2048u32.to_le_bytes());
+    img[510] = 0x55;
+    img[511] = 0xaa;
+    let path = dir.join("disk.img");
+    fs::write(&path, img).expect("write the image");
+    path
+}
+
+/// No partition scan by default (UBLK_F_NO_AUTO_PART_SCAN): an image with
+/// a partition table shows no partition; with `--part-scan` the kernel
+/// scans at start and `ublkbNp1` appears.
+#[test]
+fn partitions_are_scanned_only_when_asked() {
+    let Some(_h) = harness() else { return };
+    let dir = tempfile::tempdir_in("/dev/shm").expect("a folder in /dev/shm");
+    let img = mbr_image(dir.path());
+    let p = img.to_string_lossy().into_owned();
+    for (extra, scanned) in [(&[][..], false), (&["--part-scan"][..], true)] {
+        let mut args = vec!["file", "--path", &p];
+        args.extend_from_slice(extra);
+        let dev = add(&args);
+        let flags: Vec<&str> =
+            dev.json["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+        assert_eq!(flags.contains(&"NO_AUTO_PART_SCAN"), !scanned, "{args:?}: {}", dev.json);
+        let part = format!("/sys/block/ublkb{0}/ublkb{0}p1", dev.id);
+        // The kernel scans in a worker after START_DEV: give it time to.
+        let wait = Duration::from_secs(if scanned { 10 } else { 2 });
+        let seen = eventually(wait, || std::path::Path::new(&part).exists());
+        assert_eq!(seen, scanned, "{args:?}: {part} exists: {seen}");
+        del(dev.id);
+        assert_gone(&dev);
+    }
 }

@@ -93,6 +93,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         stats: args.queue.stats == OnOff::On,
         scheduler: args.queue.scheduler.0.clone(),
         sparse: args.sparse,
+        part_scan: args.part_scan,
         emulate: args.dev_opts.emulation(),
     };
     if args.sparse && args.backend != BackendKind::Ram {
