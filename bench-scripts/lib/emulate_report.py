@@ -4,7 +4,8 @@
 Usage: emulate_report.py OUT.json RUNS_DIR
 
 RUNS_DIR holds fio-MODEL-MODE-qdQD.json (fio --output-format=json) and
-gap-NAME/downtime-*.json (ublk-bench downtime). OUT.json gets:
+gap-NAME/downtime-*.json (ublk-bench downtime). OUT.json gets `kernel` and
+`started_utc` (from the first downtime report) and:
 - service[]: model, model_us, mode, qd, iops, model_iops (qd / model time),
   iops_ratio, p50_us, p99_us, p50_ratio and p99_ratio (to the model time);
 - gap[]: name ("none" or the model), gap_p50_us, gap_max_us,
@@ -55,9 +56,11 @@ def service_row(path):
     }
 
 
-def gap_row(name, path):
+def gap_row(name, path, facts):
     with open(path) as f:
         rep = json.load(f)
+    facts.setdefault("kernel", rep.get("kernel"))
+    facts.setdefault("started_utc", rep.get("started_utc"))
     s = rep["summary"]
     inflight = [c["inflight_at_kill"] for c in rep["cycles"] if c.get("inflight_at_kill") is not None]
     return {
@@ -74,14 +77,14 @@ def gap_row(name, path):
 def collect(runs):
     service = [service_row(p) for p in sorted(glob.glob(os.path.join(runs, "fio-*.json")))]
     service.sort(key=lambda r: (r["model_us"], r["mode"], r["qd"]))
-    gap = []
+    gap, facts = [], {}
     for d in sorted(glob.glob(os.path.join(runs, "gap-*"))):
         reports = sorted(glob.glob(os.path.join(d, "downtime-*.json")))
         if reports:
-            gap.append(gap_row(os.path.basename(d)[len("gap-"):], reports[-1]))
+            gap.append(gap_row(os.path.basename(d)[len("gap-"):], reports[-1], facts))
     order = {"none": -1.0}
     gap.sort(key=lambda r: order.get(r["name"], model_us(r["name"]) if FIXED.fullmatch(r["name"]) else 1e12))
-    return {"service": service, "gap": gap}
+    return {"kernel": facts.get("kernel"), "started_utc": facts.get("started_utc"), "service": service, "gap": gap}
 
 
 FIXED = re.compile(r"[0-9.]+(ns|us|ms|s)")

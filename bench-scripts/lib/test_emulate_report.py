@@ -26,6 +26,8 @@ def fio(iops, p50_ns, p99_ns):
 
 def downtime(gaps_us, inflight):
     return {
+        "kernel": "7.3.4-test",
+        "started_utc": "2026-12-07T11:38:13Z",
         "summary": {"cycles": len(gaps_us), "recovered": len(gaps_us), "errors": 0,
                     "gap_us": {"p50": sorted(gaps_us)[len(gaps_us) // 2], "max": max(gaps_us)}},
         "cycles": [{"inflight_at_kill": n} for n in inflight],
@@ -63,6 +65,7 @@ class Report(unittest.TestCase):
         self.assertEqual([r["name"] for r in rep["gap"]], ["none", "100us", "1ms"])
         self.assertEqual(rep["gap"][2]["inflight_at_kill"], 16)
         self.assertEqual(rep["gap"][0]["gap_p50_us"], 3500)
+        self.assertEqual(rep["kernel"], "7.3.4-test")
 
     def test_main_writes_the_json_and_prints_both_tables(self):
         self.put("fio-1ms-blocking-qd1.json", fio(900.0, 1_100_000, 1_300_000))
