@@ -1,5 +1,22 @@
 //! Driver tests: the built `ublk-bench` binary against the real ublk driver,
 //! black-box, through its CLI, the block devices it makes, fio and /proc.
+//! What they prove:
+//! - `add`, `list` and `del` (one device, several side by side, `-a` over
+//!   mixed backends, and without sysfs) make, show and remove devices, and
+//!   SIGTERM to a foreground server stops and deletes its device;
+//! - queue threads run on the CPUs `--cpus` names or, by default, on the
+//!   last CPU of their queue's affinity set; more queues than CPUs serve
+//!   I/O on every queue; polling queues sharing a CPU are warned about;
+//! - the queue is put on the `none` scheduler by default, or on the one
+//!   `--scheduler` names;
+//! - `file` and `ram` keep data (fio verify, zero copy included), DISCARD and
+//!   WRITE_ZEROES read back as zeros, a zero-copy RAM server maps no store,
+//!   tmpfs I/O runs inline (no io-wq worker), a `file` device leaves its
+//!   file in place, and a write to a full tmpfs fails that write, not the
+//!   server;
+//! - bad input (values, files, an id in use, not root, no driver) is refused
+//!   with a message naming the problem, before any kernel state is touched,
+//!   and leaves nothing behind.
 //!
 //! They need /dev/ublk-control and root; without the driver each one goes
 //! through `common::skip`, which says why and passes on the host but fails

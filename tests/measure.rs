@@ -1,4 +1,7 @@
-//! Measurement in the guest: a short `downtime` run and `stats` under load.
+//! Measurement in the guest: a short supervised `downtime` run completes
+//! its cycles and writes its report, and `stats` under fio load counts
+//! every request the block layer completed (`--json` included), or says
+//! that its figures are off for a `--stats off` server.
 //! Like the other driver tests they skip without the driver, through
 //! `common::skip` (a failure in the guest, where `UBLK_TEST_NO_SKIP=1`).
 

@@ -1,4 +1,4 @@
-//! NVMe passthrough and copy-mode tests (issue 5): the built `ublk-bench`
+//! NVMe passthrough and copy modes: the built `ublk-bench`
 //! binary, black-box, against the real ublk driver and the guest's emulated
 //! NVMe namespace (`/dev/nvme0n1`, generic node `/dev/ng0n1`, recreated
 //! empty at every boot by bench-scripts/vm).

@@ -1,5 +1,21 @@
-//! Crash-recovery tests (issue 3): the built `ublk-bench` binary, black-box,
-//! against the real ublk driver. A crash is `kill -9` of the server process.
+//! Crash recovery: the built `ublk-bench` binary, black-box, against the
+//! real ublk driver. A crash is `kill -9` of the server process. What they
+//! prove:
+//! - with `-r -i`, repeated kills under fio's write-and-verify load, brought
+//!   back by `recover`, `--supervise` or `--standby` (per-tag and batch,
+//!   `ram` and `file`), lose no acknowledged write and show fio no error;
+//! - without `-i` in-flight I/O fails with EIO and queued I/O completes;
+//!   with fail-io (`-e`) I/O fails fast while no server runs;
+//! - `restart` under load hands over with no error (supervised and batch
+//!   too), recovers cold when its successor fails, leaves the successor
+//!   serving when interrupted, and refuses a server it does not recognise;
+//! - a queue thread's panic is recovered (unsupervised, supervised,
+//!   standby); killing the recovering server and recovering again works;
+//! - `del` of a quiesced, supervised or standby device ends every process
+//!   of the device; SIGTERM to a supervised server is a stop, not a crash;
+//! - `recover` refuses bad requests and settings that contradict the
+//!   kernel's device, and falls back to the affinity set for a CPU gone
+//!   offline; `stats` follows the live server, not a standby or successor.
 //!
 //! They need /dev/ublk-control and root; without the driver each test goes
 //! through `common::skip`: it says why and passes on the host, and fails in
