@@ -222,7 +222,8 @@ fn more_queues_than_cpus_serve_io_on_every_queue() {
         .collect();
     let json = fio_jobs(Some(&dev.block()), &FIO_CRC_VERIFY, &jobs);
     assert_eq!(fio_bytes(&json, "write"), per * online_cpus() as u64, "fio did not write every region");
-    let out = ublk(&["stats", "-n", &dev.id.to_string(), "--json"]).success();
+    // Per-queue totals: no window needed.
+    let out = ublk(&["stats", "-n", &dev.id.to_string(), "--json", "--window", "0"]).success();
     let stats: Value = serde_json::from_str(&out.stdout).expect("stats --json is JSON");
     let queues = stats["queues"].as_array().expect("per-queue stats");
     assert_eq!(queues.len(), made, "{stats}");
@@ -477,34 +478,31 @@ fn io_workers(dev: &Dev) -> usize {
 }
 
 /// tmpfs READ and WRITE stay in the queue thread: after 4 KiB random
-/// reads and writes at depth 32 the server has no io-wq worker, where a
+/// writes, then reads, at depth 32 the server has no io-wq worker, where a
 /// DISCARD (fallocate, which io_uring always hands to a worker) makes one,
-/// so the count can see them. Workers idle for seconds before they exit.
+/// so the count can see them. Workers idle for seconds (io-wq's idle
+/// timeout is 5 s) before they exit, so one count after both phases (one
+/// second each, one fio start) sees a worker either phase made.
 #[test]
 fn tmpfs_io_runs_inline() {
     let Some(_h) = harness() else { return };
     let dev = add(&["ram", "--size", "64M"]);
-    for rw in ["randwrite", "randread"] {
-        fio(
-            &dev.block(),
-            &[
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--bs=4k",
-                "--iodepth=32",
-                &format!("--rw={rw}"),
-                "--runtime=2",
-                "--time_based",
-                "--size=64M",
-            ],
-        );
-        assert_eq!(
-            io_workers(&dev),
-            0,
-            "{rw}: the server's store I/O went to io-wq workers: {:?}",
-            threads(dev.pid)
-        );
+    let global =
+        ["--ioengine=io_uring", "--direct=1", "--bs=4k", "--iodepth=32", "--runtime=1", "--time_based"];
+    let jobs: Vec<(String, Vec<String>)> = ["randwrite", "randread"]
+        .iter()
+        .map(|rw| (rw.to_string(), vec![format!("--rw={rw}"), "--stonewall".into()]))
+        .collect();
+    let json = fio_jobs(Some(&dev.block()), &global, &jobs);
+    for (rw, dir) in [("randwrite", "write"), ("randread", "read")] {
+        assert!(fio_job_bytes(&json, rw, dir) > 0, "fio job {rw} moved nothing: {json}");
     }
+    assert_eq!(
+        io_workers(&dev),
+        0,
+        "the server's store I/O (random writes, then reads) went to io-wq workers: {:?}",
+        threads(dev.pid)
+    );
     run(Command::new(need_tool("blkdiscard")).args(["-o", "0", "-l", "1048576"]).arg(dev.block())).success();
     assert!(
         io_workers(&dev) > 0,
@@ -1021,11 +1019,17 @@ fn devices_added_side_by_side_all_go_live_and_serve() {
                 tail(&log, 6000)
             );
         }
+        // One `list` for the round: a process start costs a good part of a
+        // second under emulation.
+        let listed = list();
         let live: Vec<Dev> = devs
             .iter()
             .map(|(what, id)| {
-                let j =
-                    list_one(*id).unwrap_or_else(|| panic!("round {round}: `{what}` made {id}, not listed"));
+                let j = listed
+                    .iter()
+                    .find(|d| d["dev_id"] == *id)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("round {round}: `{what}` made {id}, not listed"));
                 assert_eq!(j["state"], "LIVE", "round {round}: `{what}`: {j}");
                 let pid = j["pid"].as_i64().expect("pid") as i32;
                 assert!(alive(pid), "round {round}: the server of `{what}` (device {id}) is gone");
@@ -1039,9 +1043,17 @@ fn devices_added_side_by_side_all_go_live_and_serve() {
         let labels: Vec<String> = live.iter().map(|d| format!("dev{}", d.id)).collect();
         let pairs: Vec<(&str, &Dev)> = labels.iter().map(String::as_str).zip(&live).collect();
         fio_verify_devices(&pairs, size);
+        // The deletes side by side too; each must succeed.
         for d in &live {
-            del(d.id);
-            assert_gone(d);
+            wait_until(&format!("round {round}: fio to let go of device {}", d.id), SETTLE, || {
+                openers(&d.block()).is_empty()
+            });
         }
+        let dels: Vec<Running> =
+            live.iter().map(|d| spawn(Command::new(bin()).args(["del", "-n", &d.id.to_string()]))).collect();
+        for r in dels {
+            r.finish(CMD_TIMEOUT).success();
+        }
+        assert_all_gone(&live);
     }
 }
