@@ -393,17 +393,37 @@ fn file_serves(dir: &std::path::Path, extra: &[&str], mode: &str) {
 
 /// The file backend in each data path: zero copy (AUTO_BUF_REG, and the
 /// explicit REGISTER chain), copy mode, and O_DIRECT; on tmpfs (/dev/shm)
-/// and on the filesystem of the temporary folder.
+/// and on the filesystem of the temporary folder. Each on its own file and
+/// device, all at once ([`side_by_side`]).
 #[test]
 fn file_backend_serves_the_file_and_leaves_it() {
     let Some(_h) = harness() else { return };
     let shm = tempfile::tempdir_in("/dev/shm").expect("a folder in /dev/shm");
     let tmp = tempfile::tempdir().expect("a temporary folder");
-    file_serves(shm.path(), &[], "zero");
-    file_serves(shm.path(), &["--explicit-buf-reg"], "zero");
-    file_serves(shm.path(), &["--copy-mode", "copy"], "copy");
-    file_serves(shm.path(), &["--direct", "-q", "2"], "zero");
-    file_serves(tmp.path(), &[], "zero");
+    let cases: [(&std::path::Path, &[&str], &str); 5] = [
+        (shm.path(), &[], "zero"),
+        (shm.path(), &["--explicit-buf-reg"], "zero"),
+        (shm.path(), &["--copy-mode", "copy"], "copy"),
+        (shm.path(), &["--direct", "-q", "2"], "zero"),
+        (tmp.path(), &[], "zero"),
+    ];
+    side_by_side(&cases, |&(dir, extra, mode)| file_serves(dir, extra, mode));
+}
+
+/// Runs `case` on every item at once, each in a thread of its own, and
+/// fails with the first failure's own message. For cases that share
+/// nothing (each its own device and files): under emulation one case
+/// leaves the CPUs idle much of the time, waiting for processes and I/O.
+fn side_by_side<T: Sync>(items: &[T], case: impl Fn(&T) + Sync) {
+    let results: Vec<std::thread::Result<()>> = std::thread::scope(|s| {
+        let running: Vec<_> = items.iter().map(|item| s.spawn(|| case(item))).collect();
+        running.into_iter().map(|t| t.join()).collect()
+    });
+    for r in results {
+        if let Err(panic) = r {
+            std::panic::resume_unwind(panic);
+        }
+    }
 }
 
 /// fio's own CRC32C verification ([`fio_verify_devices`]: 4 KiB random
@@ -920,50 +940,51 @@ fn ram_store_on_a_full_tmpfs_fails_a_write_not_the_server() {
     let Some(_h) = harness() else { return };
     let size = 8 * MIB;
     let data = random_bytes(size as usize, 0x5ba2);
-    for mode in ["copy", "user", "zero"] {
-        for sparse in [false, true] {
-            let what = format!("--copy-mode {mode}{}", if sparse { " --sparse" } else { "" });
-            let fs = SmallTmpfs::new(16);
-            let store = fs.path("store");
-            let store_arg = store.to_string_lossy().into_owned();
-            let mut args = vec!["ram", "--size", "8M", "--store", &store_arg, "--copy-mode", mode];
-            if sparse {
-                args.push("--sparse");
-            }
-            let dev = add(&args);
-            let filled = fs.fill("filler");
-            assert!(filled > 0, "{what}: the filler got no space at all");
-            match write_direct(&dev.block(), 0, &data) {
-                Ok(()) => {
-                    assert!(!sparse, "{what}: writes into a sparse store on a full tmpfs all succeeded")
-                }
-                Err((pos, e)) => {
-                    assert!(sparse, "{what}: a write at {pos} into the reserved store failed: {e}");
-                    assert!(
-                        matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)),
-                        "{what}: the write at {pos} failed with {e}, not ENOSPC or EIO"
-                    );
-                }
-            }
-            // The server lives and serves: after a failed write too.
-            sleep_ms(200);
-            assert!(alive(dev.pid), "{what}: the server (pid {}) died on the full tmpfs", dev.pid);
-            let j = list_one(dev.id).unwrap_or_else(|| panic!("{what}: device {} is gone", dev.id));
-            assert_eq!(j["state"], "LIVE", "{what}: {j}");
-            assert_eq!(j["pid"], dev.pid, "{what}: another server serves the device now (a restart): {j}");
-            if sparse {
-                fs::remove_file(fs.path("filler")).expect("remove the filler");
-                write_direct(&dev.block(), 0, &data)
-                    .unwrap_or_else(|(pos, e)| panic!("{what}: write at {pos} with space free again: {e}"));
-            }
-            assert!(
-                read_direct(&dev.block(), 0, size) == data,
-                "{what}: the device does not read back its writes"
-            );
-            del(dev.id);
-            assert_gone(&dev);
+    let cases: Vec<(&str, bool)> =
+        ["copy", "user", "zero"].into_iter().flat_map(|m| [(m, false), (m, true)]).collect();
+    // Each case has its own tmpfs, store and device: all at once.
+    side_by_side(&cases, |&(mode, sparse)| {
+        let what = format!("--copy-mode {mode}{}", if sparse { " --sparse" } else { "" });
+        let fs = SmallTmpfs::new(16);
+        let store = fs.path("store");
+        let store_arg = store.to_string_lossy().into_owned();
+        let mut args = vec!["ram", "--size", "8M", "--store", &store_arg, "--copy-mode", mode];
+        if sparse {
+            args.push("--sparse");
         }
-    }
+        let dev = add(&args);
+        let filled = fs.fill("filler");
+        assert!(filled > 0, "{what}: the filler got no space at all");
+        match write_direct(&dev.block(), 0, &data) {
+            Ok(()) => {
+                assert!(!sparse, "{what}: writes into a sparse store on a full tmpfs all succeeded")
+            }
+            Err((pos, e)) => {
+                assert!(sparse, "{what}: a write at {pos} into the reserved store failed: {e}");
+                assert!(
+                    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)),
+                    "{what}: the write at {pos} failed with {e}, not ENOSPC or EIO"
+                );
+            }
+        }
+        // The server lives and serves: after a failed write too.
+        sleep_ms(200);
+        assert!(alive(dev.pid), "{what}: the server (pid {}) died on the full tmpfs", dev.pid);
+        let j = list_one(dev.id).unwrap_or_else(|| panic!("{what}: device {} is gone", dev.id));
+        assert_eq!(j["state"], "LIVE", "{what}: {j}");
+        assert_eq!(j["pid"], dev.pid, "{what}: another server serves the device now (a restart): {j}");
+        if sparse {
+            fs::remove_file(fs.path("filler")).expect("remove the filler");
+            write_direct(&dev.block(), 0, &data)
+                .unwrap_or_else(|(pos, e)| panic!("{what}: write at {pos} with space free again: {e}"));
+        }
+        assert!(
+            read_direct(&dev.block(), 0, size) == data,
+            "{what}: the device does not read back its writes"
+        );
+        del(dev.id);
+        assert_gone(&dev);
+    });
 }
 
 // ---------------------------------------------------------------- devices started side by side
@@ -972,7 +993,8 @@ fn ram_store_on_a_full_tmpfs_fails_a_write_not_the_server() {
 /// the others do (ADD_DEV, open of `/dev/ublkcN`, FETCH, START_DEV and its
 /// partition scan all interleaved): kernel-picked and fixed ids, every copy
 /// mode, with and without -r, in the shape of the report (`-q 2 -d 128`).
-/// Every one must go LIVE and serve a verify, several rounds in a row.
+/// Every one must go LIVE and serve a verify, several rounds in a row; the
+/// deletes of a round run side by side too, and each must succeed.
 #[test]
 fn devices_added_side_by_side_all_go_live_and_serve() {
     let Some(_h) = harness() else { return };
