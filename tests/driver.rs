@@ -410,22 +410,6 @@ fn file_backend_serves_the_file_and_leaves_it() {
     side_by_side(&cases, |&(dir, extra, mode)| file_serves(dir, extra, mode));
 }
 
-/// Runs `case` on every item at once, each in a thread of its own, and
-/// fails with the first failure's own message. For cases that share
-/// nothing (each its own device and files): under emulation one case
-/// leaves the CPUs idle much of the time, waiting for processes and I/O.
-fn side_by_side<T: Sync>(items: &[T], case: impl Fn(&T) + Sync) {
-    let results: Vec<std::thread::Result<()>> = std::thread::scope(|s| {
-        let running: Vec<_> = items.iter().map(|item| s.spawn(|| case(item))).collect();
-        running.into_iter().map(|t| t.join()).collect()
-    });
-    for r in results {
-        if let Err(panic) = r {
-            std::panic::resume_unwind(panic);
-        }
-    }
-}
-
 /// fio's own CRC32C verification ([`fio_verify_devices`]: 4 KiB random
 /// writes, then mixed sizes up to 256 KiB) on `file` and on `ram` in zero
 /// copy (auto and explicit registration), ram with 1 queue and with 2, all

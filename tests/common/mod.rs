@@ -681,6 +681,22 @@ pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
     assert!(eventually(timeout, cond), "timed out after {timeout:?} waiting for {what}");
 }
 
+/// Runs `case` on every item at once, each in a thread of its own, and
+/// fails with the first failure's own message. For cases that share
+/// nothing (each its own device and files): under emulation one case
+/// leaves the CPUs idle much of the time, waiting for processes and I/O.
+pub fn side_by_side<T: Sync>(items: &[T], case: impl Fn(&T) + Sync) {
+    let results: Vec<std::thread::Result<()>> = std::thread::scope(|s| {
+        let running: Vec<_> = items.iter().map(|item| s.spawn(|| case(item))).collect();
+        running.into_iter().map(|t| t.join()).collect()
+    });
+    for r in results {
+        if let Err(panic) = r {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
 // ---------------------------------------------------------------- fio
 
 /// Runs fio on `dev` with `args` (plus JSON output) in its own process
