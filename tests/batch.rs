@@ -199,13 +199,21 @@ fn null_fio(devs: &[(String, Dev)]) {
         })
         .collect();
     let json = fio_jobs(None, &global, &jobs);
-    for ((what, dev), (job, _)) in devs.iter().zip(&jobs) {
+    // `stats` samples for a second: ask every server at once.
+    let outs: Vec<Out> = std::thread::scope(|s| {
+        let asks: Vec<_> = devs
+            .iter()
+            .map(|(_, dev)| s.spawn(move || ublk(&["stats", "-n", &dev.id.to_string(), "--json"])))
+            .collect();
+        asks.into_iter().map(|h| h.join().expect("stats thread")).collect()
+    });
+    for (((what, _), (job, _)), out) in devs.iter().zip(&jobs).zip(outs) {
         let j = json["jobs"].as_array().into_iter().flatten().find(|j| j["jobname"] == job.as_str());
         let j = j.unwrap_or_else(|| panic!("{what}: no fio job {job} in {json}"));
         let ios =
             j["read"]["total_ios"].as_u64().unwrap_or(0) + j["write"]["total_ios"].as_u64().unwrap_or(0);
         assert_eq!(ios, NULL_FIO_MIB * MIB / 4096, "{what}: fio did {ios} I/Os");
-        let out = ublk(&["stats", "-n", &dev.id.to_string(), "--json"]).success();
+        let out = out.success();
         let stats: Value = serde_json::from_str(&out.stdout)
             .unwrap_or_else(|e| panic!("{what}: `stats --json` is not JSON ({e}): {}", out.stdout));
         let served =
