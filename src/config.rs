@@ -336,11 +336,6 @@ impl DeviceConfig {
             parse_scheduler(name).map_err(Error::invalid)?;
         }
         check_copy_mode(self.copy_mode, self.backend, self.explicit_buf_reg)?;
-        if self.batch && self.emulate.latency.is_some() {
-            return Err(Error::invalid(
-                "--latency is not served by --batch queues yet: drop one of them (--fail works with --batch)",
-            ));
-        }
         self.validate_cpus()
     }
 

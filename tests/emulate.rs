@@ -48,11 +48,11 @@ fn stats_json(id: u32) -> Value {
 
 /// 160 reads at QD16 on a 10 ms device: all complete, none under 10 ms,
 /// and together in far less than one after another (1.6 s): a queue never
-/// waits on one request's timer. Blocking and `--poll`.
+/// waits on one request's timer. Blocking, `--poll` and `--batch`.
 #[test]
 fn every_request_completes_none_before_its_time_many_at_once() {
     let Some(_h) = harness() else { return };
-    for mode in [&[][..], &["--poll"][..]] {
+    for mode in [&[][..], &["--poll"][..], &["--batch"][..]] {
         let mut args = vec!["null", "-q", "1", "-d", "32", "--latency", "10ms"];
         args.extend_from_slice(mode);
         let dev = add(&args);
@@ -253,7 +253,6 @@ fn bad_models_and_rules_are_refused_before_anything_is_made() {
         (vec!["null", "--latency", &junk_arg], "neither"),
         (vec!["null", "--fail", "rate=2"], "at most 1"),
         (vec!["null", "--fail", "err=EPERM"], "one of EIO"),
-        (vec!["null", "--latency", "1ms", "--batch"], "--batch"),
     ] {
         let mut full = vec!["add"];
         full.extend(&args);
