@@ -44,14 +44,10 @@ use io_uring::squeue::EntryMarker as _;
 use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
-use crate::backend::file::FileQueue;
-use crate::backend::null::NullQueue;
-use crate::backend::nvme::NvmeQueue;
-use crate::backend::ram::RamQueue;
-use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend};
+use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend, QueueMaker};
 use crate::clock::now_ns;
-use crate::config::CopyMode;
 use crate::error::{Error, Result};
+use crate::plan::Transfer;
 use crate::request::{Data, Request};
 use crate::stats::{QueueCounters, StatsFile};
 use crate::sys::{self, IoCmd, IoDesc};
@@ -76,7 +72,7 @@ pub struct QueueSetup {
     pub depth: u16,
     pub cpu: Option<usize>,
     pub poll: bool,
-    pub copy: CopyMode,
+    pub copy: Transfer,
     /// UBLK_F_AUTO_BUF_REG (zero copy on 6.16+): every FETCH and COMMIT names
     /// the buffer slot the kernel registers the tag's next request at.
     pub auto_buf_reg: bool,
@@ -211,7 +207,7 @@ pub(crate) fn build_ring<B: QueueBackend>(
     entries: u32,
     cq_entries: u32,
     qid: u16,
-    copy: CopyMode,
+    copy: Transfer,
 ) -> Result<Ring<B>> {
     // TASKRUN_FLAG: the kernel sets IORING_SQ_TASKRUN in the SQ flags when
     // it queues task work (a new request for us), so a polling queue sees
@@ -223,7 +219,7 @@ pub(crate) fn build_ring<B: QueueBackend>(
     // (synchronize_rcu in io_ring_exit_work) before it frees its buffer
     // table, and the requests registered there hold the driver's release
     // work, so the recovery, until then (README, "Where the gap goes").
-    if copy != CopyMode::Zero {
+    if copy != Transfer::Zero {
         b.setup_defer_taskrun();
     }
     b.build(entries).map_err(|e| Error::io(format!("io_uring setup for queue {qid}"), e))
@@ -290,7 +286,7 @@ impl<B: QueueBackend> Queue<B> {
         let entries = ring_entries(setup.depth, B::MAX_COMMANDS);
         let ring = build_ring::<B>(entries, entries, setup.qid, setup.copy)?;
         let gather = Gather::new(&ring, &setup);
-        if setup.copy == CopyMode::Zero {
+        if setup.copy == Transfer::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)
                 .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
@@ -556,7 +552,7 @@ impl TagIo {
     /// Allocates the per-tag buffers of copy mode; nothing is bound yet.
     pub(crate) fn new(setup: &QueueSetup) -> Result<Self> {
         let bufs = match setup.copy {
-            CopyMode::Copy => Some(
+            Transfer::Copy => Some(
                 MmapMut::map_anon(setup.depth as usize * setup.max_io_bytes as usize)
                     .map_err(|e| Error::io("allocate per-tag buffers", e))?,
             ),
@@ -584,15 +580,15 @@ impl TagIo {
     /// Where the request of `tag` has its bytes, by the queue's copy mode.
     pub(crate) fn data(&mut self, setup: &QueueSetup, tag: u16) -> Data<'_> {
         match setup.copy {
-            CopyMode::Copy => {
+            Transfer::Copy => {
                 let len = setup.max_io_bytes as usize;
                 let bufs = self.bufs.as_mut().expect("copy mode has buffers");
                 let off = tag as usize * len;
                 Data::Buf(&mut bufs[off..off + len])
             }
-            CopyMode::Zero if setup.auto_buf_reg => Data::Registered { index: tag },
-            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid },
-            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(setup.qid, tag, 0) },
+            Transfer::Zero if setup.auto_buf_reg => Data::Registered { index: tag },
+            Transfer::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid },
+            Transfer::User => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(setup.qid, tag, 0) },
         }
     }
 
@@ -614,27 +610,26 @@ pub(crate) fn spawn_queue<K: PlaneKind>(
     setup: QueueSetup,
     io: QueueChannels,
 ) -> Result<JoinHandle<Result<()>>> {
-    let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
-    let spawn = |f: Box<dyn FnOnce() -> Result<()> + Send>| {
+    let depth = setup.depth;
+    backend.with_queue(depth, Spawn::<K> { setup, io, plane: std::marker::PhantomData })
+}
+
+/// Starts a queue thread once the backend has made the queue's half.
+struct Spawn<K> {
+    setup: QueueSetup,
+    io: QueueChannels,
+    plane: std::marker::PhantomData<K>,
+}
+
+impl<K: PlaneKind> QueueMaker for Spawn<K> {
+    type Out = Result<JoinHandle<Result<()>>>;
+
+    fn make<B: QueueBackend + Send + 'static>(self, backend: B) -> Self::Out {
+        let Spawn { setup, io, .. } = self;
         std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(f)
+            .name(format!("ublk{}q{}", setup.dev_id, setup.qid))
+            .spawn(move || run_queue::<_, K::Plane<_>>(setup, backend, io))
             .map_err(|e| Error::io("spawn queue thread", e))
-    };
-    match backend {
-        DeviceBackend::Null => spawn(Box::new(move || run_queue::<_, K::Plane<_>>(setup, NullQueue, io))),
-        DeviceBackend::Ram(store) => {
-            let q = RamQueue::new(store.clone());
-            spawn(Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io)))
-        }
-        DeviceBackend::File(f) => {
-            let q = FileQueue::new(f.clone(), setup.depth);
-            spawn(Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io)))
-        }
-        DeviceBackend::Nvme(ns, file) => {
-            let q = NvmeQueue::new(ns.clone(), file.clone(), setup.depth);
-            spawn(Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io)))
-        }
     }
 }
 
@@ -744,6 +739,7 @@ pub fn page_size() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::null::NullQueue;
 
     #[test]
     fn rings_hold_what_can_be_in_flight_and_no_more() {
@@ -764,7 +760,7 @@ mod tests {
     /// ring fd, as `run` uses it.
     #[test]
     fn a_queue_ring_round_trips_through_one_borrow() {
-        for copy in [CopyMode::Copy, CopyMode::Zero] {
+        for copy in [Transfer::Copy, Transfer::Zero] {
             round_trip(build_ring::<NullQueue>(ring_entries(4, 0), ring_entries(4, 0), 0, copy).unwrap());
         }
     }
@@ -775,7 +771,7 @@ mod tests {
     /// from any syscall and a DEFER_TASKRUN ring only in io_uring_enter.
     #[test]
     fn only_zero_copy_rings_run_task_work_outside_enter() {
-        for (copy, deferred) in [(CopyMode::Copy, true), (CopyMode::User, true), (CopyMode::Zero, false)] {
+        for (copy, deferred) in [(Transfer::Copy, true), (Transfer::User, true), (Transfer::Zero, false)] {
             let mut ring = build_ring::<NullQueue>(4, 4, 0, copy).unwrap();
             let ts = types::Timespec::new().nsec(1_000_000);
             // SAFETY: ts outlives the timeout: it is waited for below.

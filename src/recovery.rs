@@ -14,13 +14,14 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::backend::DeviceBackend;
 use crate::backend::claim::Claim;
+use crate::backend::{self, DeviceBackend};
 use crate::clock::now_ns;
 use crate::config::{CopyMode, DeviceConfig};
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
+use crate::plan::{Plan, Transfer};
 use crate::process;
 use crate::run_files::{self, Phases};
 use crate::server::{Server, Stop};
@@ -59,8 +60,9 @@ impl Takeover {
         let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
         let params = ctrl.get_params(dev_id).map_err(|e| Error::io("GET_PARAMS", e))?;
         check_settings(dev_id, &mut cfg, &info, &params)?;
-        let backend = DeviceBackend::new(&cfg, false, None)?;
-        let mut server = Server::adopt(ctrl, info, cfg);
+        let plan = Plan::of_device(info.flags);
+        let backend = backend::of(cfg.backend).open(&mut cfg, plan.transfer, false)?;
+        let mut server = Server::adopt(ctrl, info, plan, cfg);
         server.prepare(&backend)?;
         let phases = Phases {
             dev_id,
@@ -123,9 +125,8 @@ impl Takeover {
 /// mismatch is named. A copy mode of `auto` (never written by `add`, which
 /// records the mode it chose) takes the kernel's.
 pub fn check_settings(dev_id: u32, cfg: &mut DeviceConfig, info: &DevInfo, params: &Params) -> Result<()> {
-    let kernel_mode = copy_mode_of(info.flags);
     if cfg.copy_mode == CopyMode::Auto {
-        cfg.copy_mode = kernel_mode;
+        cfg.copy_mode = Transfer::of_flags(info.flags).mode();
     }
     let wrong = settings_mismatches(cfg, info, params);
     if wrong.is_empty() {
@@ -155,7 +156,7 @@ fn settings_mismatches(cfg: &DeviceConfig, info: &DevInfo, params: &Params) -> V
     check("depth", cfg.depth.to_string(), info.queue_depth.to_string());
     check("size", cfg.size.to_string(), (params.basic.dev_sectors << 9).to_string());
     check("block size", cfg.block_size.to_string(), (1u64 << params.basic.logical_bs_shift).to_string());
-    check("copy mode", cfg.copy_mode.name().into(), copy_mode_of(info.flags).name().into());
+    check("copy mode", cfg.copy_mode.name().into(), Transfer::of_flags(info.flags).name().into());
     let rec_bits =
         sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE | sys::UBLK_F_USER_RECOVERY_FAIL_IO;
     check("recovery flags", format!("{:#x}", cfg.recovery.flags()), format!("{:#x}", info.flags & rec_bits));
@@ -164,17 +165,6 @@ fn settings_mismatches(cfg: &DeviceConfig, info: &DevInfo, params: &Params) -> V
         wrong.push("explicit buffer registration in the file, AUTO_BUF_REG in the kernel".into());
     }
     wrong
-}
-
-/// The copy mode a device's flags give.
-fn copy_mode_of(flags: u64) -> CopyMode {
-    if flags & sys::UBLK_F_USER_COPY != 0 {
-        CopyMode::User
-    } else if flags & (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY) != 0 {
-        CopyMode::Zero
-    } else {
-        CopyMode::Copy
-    }
 }
 
 /// Polls GET_DEV_INFO (every 100 µs, bounded) until QUIESCED or FAIL_IO.

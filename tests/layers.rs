@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["sys", "error", "clock", "log", "fault"], // ABI and what everything uses
     &["ctrl", "process"],                       // control plane, process helpers
-    &["config", "run_files", "teardown"],       // device config, run files, deleting both
+    &["config", "plan", "run_files", "teardown"], // device config and plan, run files, deleting both
     &["request"],                               // request and data types
     &["stats"],
     &["backend"],              // no threads, no server

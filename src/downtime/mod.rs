@@ -1035,8 +1035,11 @@ mod tests {
             (&["--backend", "file"], "the file backend needs --path FILE"),
             (&["--path", "/etc/passwd"], "--path is an option of the file backend, not ram"),
             (&["--backend", "null", "--direct"], "--direct is an option of the file backend, not null"),
-            (&["--dev", "/dev/ng0n1"], "--dev is for the nvme backend only"),
-            (&["--backend", "file", "--path", "/etc/passwd", "--dev", "/dev/ng0n1"], "--dev is for the nvme"),
+            (&["--dev", "/dev/ng0n1"], "--dev is an option of the nvme backend, not ram"),
+            (
+                &["--backend", "file", "--path", "/etc/passwd", "--dev", "/dev/ng0n1"],
+                "--dev is an option of the nvme backend, not file",
+            ),
             (&["--backend", "file", "--path", "/etc/passwd", "--copy-mode", "user"], "user copy would add"),
             (&["--backend", "null", "--explicit-buf-reg"], "--explicit-buf-reg applies to zero copy"),
             (&["--backend", "file", "--path", "/nonexistent/dt"], "--path /nonexistent/dt: No such file"),
