@@ -6,11 +6,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{self, Options};
-use crate::config::{
-    self as config, BackendKind, CopyMode, SchedulerChoice, check_depth, check_queues, parse_cpus,
-    parse_scheduler, parse_size,
-};
+use crate::config::{self as config, BackendKind, CopyMode, check_depth, check_queues, parse_size};
+use crate::cpus::parse_cpus;
 use crate::error::{Error, Result};
+use crate::io_scheduler::{SchedulerChoice, parse_scheduler};
 
 /// A whole `--cpus` list: an alias, so clap takes the parser's Vec as one value.
 pub type CpuList = Vec<usize>;

@@ -1,11 +1,15 @@
 //! A device's settings: everything needed to serve it, made once by `add`,
 //! validated here, and persisted so that `recover -n ID` needs nothing else.
+//! The machine's CPUs are `cpus`; the I/O scheduler and its sysfs file are
+//! `io_scheduler`.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpus::{format_cpus, online_cpus, possible_cpus};
 use crate::error::{Error, Result};
+use crate::io_scheduler::parse_scheduler;
 use crate::sys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -231,11 +235,6 @@ fn gather_wait_default() -> u32 {
 pub const MIN_SIZE: u64 = 1 << 20;
 pub const MAX_SIZE: u64 = 1 << 50;
 pub const DEFAULT_MAX_IO_BYTES: u32 = 512 << 10;
-/// CPU ids a list may name: the kernel's largest CONFIG_NR_CPUS (MAXSMP) is
-/// 8192, so no machine has a CPU 8192 or above; the cap also keeps a typo
-/// such as `0-99999999999` from sizing a huge list.
-pub const MAX_CPUS: usize = 8192;
-
 /// Queue count: 1 to UBLK_MAX_NR_QUEUES, the kernel's own limit. ADD_DEV
 /// then clamps it to the possible CPUs (nr_cpu_ids); queue threads may
 /// share CPUs. One message for every out-of-range value, 0 and 70000 alike.
@@ -254,19 +253,6 @@ pub fn check_queues(queues: u32) -> Result<u16> {
 pub fn kernel_queues(queues: u16) -> u16 {
     let possible = possible_cpus().unwrap_or(usize::MAX);
     queues.min(possible.min(u16::MAX as usize) as u16)
-}
-
-/// nr_cpu_ids: one more than the highest possible CPU (sysfs).
-fn possible_cpus() -> Option<usize> {
-    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?;
-    // "0-5119" or "0,2-7": the last number is the highest.
-    let last = s.trim().rsplit([',', '-']).next()?;
-    last.parse::<usize>().ok().map(|m| m + 1)
-}
-
-/// nr_cpu_ids, for sizing CPU masks; MAX_CPUS where sysfs cannot say.
-pub fn nr_cpu_ids() -> usize {
-    possible_cpus().unwrap_or(MAX_CPUS)
 }
 
 /// Queue depth: 1 to UBLK_MAX_QUEUE_DEPTH, one message for every bad value.
@@ -395,153 +381,6 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     n.checked_mul(mult).ok_or_else(too_large)
 }
 
-/// Parses `0,1`, `2-5` and mixes of both.
-pub fn parse_cpus(s: &str) -> std::result::Result<Vec<usize>, String> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("'{part}' is not a CPU or range: write e.g. 0,1 or 2-3");
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (cpu_id(a, &bad)?, cpu_id(b, &bad)?);
-                if a > b {
-                    return Err(bad());
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(cpu_id(part, &bad)?),
-        }
-        if out.len() > MAX_CPUS {
-            return Err(format!("the CPU list '{s}' names more than {MAX_CPUS} CPUs: give each CPU once"));
-        }
-    }
-    if out.is_empty() {
-        return Err("the CPU list is empty: write e.g. 0,1".into());
-    }
-    Ok(out)
-}
-
-/// One CPU id of a list, below MAX_CPUS.
-fn cpu_id(s: &str, bad: &dyn Fn() -> String) -> std::result::Result<usize, String> {
-    let all_digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    match s.parse::<usize>() {
-        Ok(c) if c < MAX_CPUS => Ok(c),
-        _ if all_digits => {
-            Err(format!("CPU {s} does not exist: CPU ids run from 0 to at most {} (see nproc)", MAX_CPUS - 1))
-        }
-        _ => Err(bad()),
-    }
-}
-
-/// `--scheduler`: `keep` leaves the kernel's choice (None); otherwise the
-/// name of the scheduler to put the device's queue on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SchedulerChoice(pub Option<String>);
-
-impl std::fmt::Display for SchedulerChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.as_deref().unwrap_or("keep"))
-    }
-}
-
-/// Longest elevator name the kernel takes (ELV_NAME_MAX 16, with the NUL).
-const SCHEDULER_NAME_MAX: usize = 15;
-
-/// Parses `--scheduler`: `keep` (any case) or an elevator name such as
-/// `none`, `mq-deadline`, `kyber`, `bfq`.
-pub fn parse_scheduler(s: &str) -> std::result::Result<SchedulerChoice, String> {
-    let s = s.trim();
-    if s.eq_ignore_ascii_case("keep") {
-        return Ok(SchedulerChoice(None));
-    }
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
-    if s.is_empty() || s.len() > SCHEDULER_NAME_MAX || !s.chars().all(ok_char) {
-        return Err(format!(
-            "'{s}' is not an I/O scheduler name: give keep, or a name such as none, mq-deadline, kyber or bfq"
-        ));
-    }
-    Ok(SchedulerChoice(Some(s.to_string())))
-}
-
-/// `/sys/block/ublkbN/queue/scheduler`.
-pub fn scheduler_path(dev_id: u32) -> PathBuf {
-    format!("/sys/block/ublkb{dev_id}/queue/scheduler").into()
-}
-
-/// The names a scheduler file lists (`[mq-deadline] kyber none`) and the
-/// active one, the name in brackets.
-pub fn scheduler_names(text: &str) -> (Vec<String>, Option<String>) {
-    let words = text.split_whitespace();
-    let names = words.clone().map(|w| w.trim_matches(['[', ']']).to_string()).collect();
-    let active = words.into_iter().find(|w| w.starts_with('[')).map(|w| w.trim_matches(['[', ']']).into());
-    (names, active)
-}
-
-/// The active scheduler of device `dev_id`'s queue; None without a block device.
-pub fn active_scheduler(dev_id: u32) -> Option<String> {
-    std::fs::read_to_string(scheduler_path(dev_id)).ok().and_then(|t| scheduler_names(&t).1)
-}
-
-/// Every scheduler some block queue of this machine offers (the kernel
-/// lists the same registered ones for every blk-mq queue), sorted.
-pub fn offered_schedulers() -> Vec<String> {
-    let mut all = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-        if let Ok(text) = std::fs::read_to_string(entry.path().join("queue/scheduler")) {
-            all.extend(scheduler_names(&text).0);
-        }
-    }
-    all.into_iter().collect()
-}
-
-/// Refuses, before anything is created, a scheduler no block queue of
-/// this machine offers. With no queue to ask, the write after START_DEV
-/// is the check.
-pub fn check_scheduler(name: &str, offered: &[String]) -> Result<()> {
-    if name == "none" || offered.is_empty() || offered.iter().any(|o| o == name) {
-        return Ok(());
-    }
-    Err(Error::invalid(format!(
-        "the kernel offers no I/O scheduler '{name}' (it offers {}; one built as a module must be loaded \
-         first, e.g. modprobe {name}): give --scheduler with one of them, or keep",
-        offered.join(", ")
-    )))
-}
-
-/// Puts device `dev_id`'s queue on scheduler `name` (after START_DEV,
-/// when the block device exists) and checks that it took.
-pub fn set_scheduler(dev_id: u32, name: &str) -> Result<()> {
-    let path = scheduler_path(dev_id);
-    let failed = |why: String| {
-        Error::invalid(format!(
-            "could not put /dev/ublkb{dev_id} on the I/O scheduler '{name}' ({why}): give --scheduler keep \
-             or one of {}",
-            offered_schedulers().join(", ")
-        ))
-    };
-    std::fs::write(&path, name).map_err(|e| failed(format!("write {}: {e}", path.display())))?;
-    match active_scheduler(dev_id) {
-        Some(now) if now == name => Ok(()),
-        now => Err(failed(format!("the queue is on {}", now.as_deref().unwrap_or("nothing")))),
-    }
-}
-
-/// CPUs this process may run on.
-pub fn online_cpus() -> Vec<usize> {
-    // A mask of nr_cpu_ids bits: a fixed cpu_set_t (1024) is refused
-    // (EINVAL) on larger machines.
-    let mut mask = vec![0u64; sys::cpu_mask_words(nr_cpu_ids())];
-    // SAFETY: mask is writable for its whole length in bytes.
-    let r = unsafe { libc::sched_getaffinity(0, mask.len() * 8, mask.as_mut_ptr().cast()) };
-    match sys::mask_cpus(&mask) {
-        cpus if r == 0 && !cpus.is_empty() => cpus,
-        _ => vec![0],
-    }
-}
-
-pub fn format_cpus(cpus: &[usize]) -> String {
-    cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -628,14 +467,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn cpu_lists_parse_ranges() {
-        assert_eq!(parse_cpus("0,1"), Ok(vec![0, 1]));
-        assert_eq!(parse_cpus("2-4,7"), Ok(vec![2, 3, 4, 7]));
-        assert!(parse_cpus("3-1").is_err());
-        assert!(parse_cpus("a").is_err());
-    }
-
-    #[test]
     fn validation_rejects_bad_values() {
         assert!(sample().validate(MIN_SIZE, "1M").is_ok());
         let bad = [
@@ -660,16 +491,6 @@ pub(crate) mod tests {
             let err = parse_size(s).unwrap_err();
             assert!(err.contains("too large"), "{s}: {err}");
         }
-    }
-
-    #[test]
-    fn cpu_ids_are_capped_without_building_the_list() {
-        for s in ["0-99999999999", "8192", "0-99999999999999999999999", "1,9000"] {
-            let err = parse_cpus(s).unwrap_err();
-            assert!(err.contains("does not exist") && err.contains("8191"), "{s}: {err}");
-        }
-        assert_eq!(parse_cpus("8191"), Ok(vec![8191]));
-        assert!(parse_cpus("0-8191,0-8191").unwrap_err().contains("more than"));
     }
 
     #[test]
@@ -722,30 +543,6 @@ pub(crate) mod tests {
         let ncpu = online_cpus().len() as u16;
         let free = DeviceConfig { cpus: vec![], ..poll };
         assert!(free.poll_sharing(ncpu + 1).is_some() && free.poll_sharing(ncpu).is_none());
-    }
-
-    #[test]
-    fn scheduler_names_parse_and_are_checked() {
-        assert_eq!(parse_scheduler("keep"), Ok(SchedulerChoice(None)));
-        assert_eq!(parse_scheduler("KEEP"), Ok(SchedulerChoice(None)));
-        assert_eq!(parse_scheduler("mq-deadline"), Ok(SchedulerChoice(Some("mq-deadline".into()))));
-        for bad in ["", "None!", "../x", "a-very-long-scheduler-name"] {
-            assert!(parse_scheduler(bad).unwrap_err().contains("not an I/O scheduler name"), "{bad}");
-        }
-        let text = "[mq-deadline] kyber none\n";
-        let (names, active) = scheduler_names(text);
-        assert_eq!(
-            (names, active.as_deref()),
-            (vec!["mq-deadline".into(), "kyber".into(), "none".into()], Some("mq-deadline"))
-        );
-        let offered: Vec<String> = ["kyber", "mq-deadline", "none"].map(String::from).into();
-        assert!(check_scheduler("kyber", &offered).is_ok() && check_scheduler("none", &[]).is_ok());
-        let err = check_scheduler("bfq", &offered).unwrap_err().to_string();
-        assert!(
-            err.contains("'bfq'") && err.contains("kyber, mq-deadline, none") && err.contains("keep"),
-            "{err}"
-        );
-        assert!(check_scheduler("bfq", &[]).is_ok(), "nothing to ask: the write after START_DEV decides");
     }
 
     #[test]

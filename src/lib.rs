@@ -4,7 +4,8 @@
 //! (`tests/layers.rs` checks it, and that there is no import cycle):
 //!
 //! 1. `sys` (kernel ABI), with `error`, `clock`, `log`, `fault`;
-//! 2. `ctrl` (control plane), `process` (pidfds, signals);
+//! 2. `ctrl` (control plane), `process` (pidfds, signals), `cpus` (the
+//!    machine's CPUs, CPU lists), `io_scheduler` (a device's elevator, via sysfs);
 //! 3. `config` (the validated device configuration), `plan` (what was
 //!    asked and what the kernel offers, resolved once), `run_files` (its
 //!    files and the others under /run/ublk-bench), `teardown` (deleting a
@@ -15,9 +16,11 @@
 //!    parameters, and what a request does; no threads);
 //! 7. `queue` (data plane: the loop, its user_data, its thread), `batch_queue`
 //!    (the same for UBLK_F_BATCH_IO);
-//! 8. `server` (a device in one process);
+//! 8. `server` (the running device server: its queues and threads);
 //! 9. `recovery` (takeover);
-//! 10. `daemon`, `supervisor`, `serve` (processes and a server's life);
+//! 10. `daemonize` (starting a server in the background and waiting for
+//!     it), `supervisor` (restarting a crashed server), `server_process` (a
+//!     server process's life from start to exit);
 //! 11. `cli`, `cmd`, `downtime` (the command line; `downtime` uses only
 //!     the control plane, run files and process helpers).
 
@@ -29,11 +32,13 @@ pub mod cli;
 pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod cpus;
 pub mod ctrl;
-pub mod daemon;
+pub mod daemonize;
 pub mod downtime;
 pub mod error;
 pub mod fault;
+pub mod io_scheduler;
 pub mod log;
 pub mod plan;
 pub mod process;
@@ -41,8 +46,8 @@ pub mod queue;
 pub mod recovery;
 pub mod request;
 pub mod run_files;
-pub mod serve;
 pub mod server;
+pub mod server_process;
 pub mod stats;
 pub mod supervisor;
 pub mod sys;

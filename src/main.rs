@@ -5,10 +5,10 @@ use clap::Parser;
 use ublk_bench::cli::{Cli, Command, ServeArgs};
 use ublk_bench::cmd;
 use ublk_bench::config::DeviceConfig;
-use ublk_bench::daemon::{self, Notifier};
+use ublk_bench::daemonize::{self, Notifier};
 use ublk_bench::error::{Error, Result};
 use ublk_bench::process::ProcId;
-use ublk_bench::{downtime, serve, supervisor};
+use ublk_bench::{downtime, server_process, supervisor};
 
 fn main() {
     let cmd = quick_recover(std::env::args()).unwrap_or_else(|| Cli::parse().cmd);
@@ -30,7 +30,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Downtime(a) => downtime::run(&a),
         Command::Serve(a) => serve_daemon(a),
         Command::Supervise { config, standby, notify_fd } => {
-            daemon::detach();
+            daemonize::detach();
             // SAFETY: the parent passed us the write end of its pipe as this fd.
             let notify = unsafe { Notifier::from_fd(notify_fd) };
             supervisor::run(&parse_config(&config)?, standby, notify)
@@ -39,15 +39,15 @@ fn dispatch(cmd: Command) -> Result<()> {
 }
 
 fn serve_daemon(a: ServeArgs) -> Result<()> {
-    daemon::detach();
+    daemonize::detach();
     // SAFETY: the parent passed us the write end of its pipe as this fd.
     let notify = unsafe { Notifier::from_fd(a.notify_fd) };
     match (a.recover, a.config) {
         (Some(id), _) => {
             let watch = a.watch_pid.zip(a.watch_start).map(|(pid, start)| ProcId { pid, start });
-            serve::takeover(id, &a.method, a.crash_seen_ns, watch, None, notify)
+            server_process::takeover(id, &a.method, a.crash_seen_ns, watch, None, notify)
         }
-        (None, Some(c)) => serve::new_device(parse_config(&c)?, notify, |_| Ok(())),
+        (None, Some(c)) => server_process::new_device(parse_config(&c)?, notify, |_| Ok(())),
         (None, None) => Err(Error::invalid("__serve needs --config or --recover")),
     }
 }

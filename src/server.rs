@@ -1,5 +1,6 @@
-//! A server's life: create or take over a device, run its queue threads,
-//! start it, wait for a stop, and tear down without leaking the device.
+//! The running device server ([`Server`]): create or take over a device, run
+//! its queue threads, start it, wait for a stop, and tear down without
+//! leaking the device. The process around it is `server_process`.
 //!
 //! The control thread (the caller) sends every control command; queue
 //! threads only FETCH and COMMIT. START_DEV and END_USER_RECOVERY block
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::backend::claim::Claim;
 use crate::backend::{self, DeviceBackend};
 use crate::batch_queue::Batch;
-use crate::config::{self, DeviceConfig};
+use crate::config::DeviceConfig;
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
@@ -197,13 +198,13 @@ impl Server {
     }
 
     fn queue_setup(&mut self, qid: u16, stats: &Arc<StatsFile>) -> Result<QueueSetup> {
-        let online = config::online_cpus();
+        let online = crate::cpus::online_cpus();
         let listed = self.cfg.cpu_for(qid);
         let affinity = match listed.filter(|c| online.contains(c)) {
             Some(_) => vec![],
             None => self
                 .ctrl
-                .queue_affinity(self.dev_id, qid, config::nr_cpu_ids())
+                .queue_affinity(self.dev_id, qid, crate::cpus::nr_cpu_ids())
                 .map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?,
         };
         let cpu = self.cfg.queue_cpu(qid, &affinity, &online);
@@ -212,7 +213,7 @@ impl Server {
                 "device {} queue {qid}: warning: CPU {c} of --cpus is offline (online: {}); the queue runs on \
                  CPU {cpu} of its affinity set instead",
                 self.dev_id,
-                config::format_cpus(&online)
+                crate::cpus::format_cpus(&online)
             );
         }
         Ok(QueueSetup {

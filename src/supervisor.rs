@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use crate::clock::now_ns;
 use crate::config::DeviceConfig;
 use crate::ctrl::Ctrl;
-use crate::daemon::{self, Notifier, Spawned};
+use crate::daemonize::{self, Notifier, Spawned};
 use crate::error::{Error, Result};
 use crate::process::{self, ProcId};
-use crate::{log, run_files, serve, sys};
+use crate::{log, run_files, server_process, sys};
 
 /// Give up after this many crashes within [`CRASH_WINDOW`].
 pub const MAX_CRASHES: usize = 50;
@@ -43,7 +43,7 @@ struct Supervisor {
 /// Runs the supervisor of a new device; `notify` is `add`'s pipe.
 pub fn run(cfg: &DeviceConfig, use_standby: bool, mut notify: Notifier) -> Result<()> {
     let signals = signalfd()?;
-    let mut server = Spawned::start(&daemon::serve_args(cfg))?;
+    let mut server = Spawned::start(&daemonize::serve_args(cfg))?;
     // `add` learns the id at once, so it can clean up if we die.
     if let Ok(id) = server.wait_added(LIVE_TIMEOUT) {
         notify.added(id);
@@ -165,11 +165,11 @@ impl Supervisor {
         // Read now, not at start-up: settings may change while we watch.
         let cfg = run_files::load(self.dev_id).ok();
         let (dev_id, signals) = (self.dev_id, self.signals.as_raw_fd());
-        let forked = daemon::fork_server(move |notify| {
+        let forked = daemonize::fork_server(move |notify| {
             // SAFETY: the child's copy of our signalfd, closed once here;
             // the server waits for its stop signals itself.
             unsafe { libc::close(signals) };
-            serve::takeover(dev_id, "supervise", Some(crash_seen), None, cfg, notify)
+            server_process::takeover(dev_id, "supervise", Some(crash_seen), None, cfg, notify)
         })?;
         match forked {
             Some(server) => Ok(server),

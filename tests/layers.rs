@@ -9,16 +9,16 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by layer, lowest first.
 const LAYERS: &[&[&str]] = &[
     &["sys", "error", "clock", "log", "fault"], // ABI and what everything uses
-    &["ctrl", "process"],                       // control plane, process helpers
+    &["ctrl", "process", "cpus", "io_scheduler"], // control plane, processes, CPUs, I/O scheduler
     &["config", "plan", "run_files", "teardown"], // device config and plan, run files, deleting both
     &["request"],                               // request and data types
     &["stats"],
     &["backend"],              // no threads, no server
     &["queue", "batch_queue"], // the loop, user_data encoding, its thread
     &["server"],
-    &["recovery"],                      // takeover
-    &["daemon", "supervisor", "serve"], // processes and a server's life
-    &["cli", "cmd", "downtime"],        // the command line
+    &["recovery"],                                  // takeover
+    &["daemonize", "supervisor", "server_process"], // processes and a server's life
+    &["cli", "cmd", "downtime"],                    // the command line
 ];
 
 /// What `downtime` may use besides itself: the control plane, run files,

@@ -8,9 +8,9 @@ use crate::backend::{self, Options};
 use crate::cli::{AddArgs, OnOff};
 use crate::config::{self, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery};
 use crate::ctrl::Ctrl;
-use crate::daemon::{self, Notifier};
+use crate::daemonize::{self, Notifier};
 use crate::error::{Error, Result};
-use crate::serve;
+use crate::server_process;
 
 /// How long `add` waits for the daemon: START_DEV scans partitions, which
 /// is slow under software emulation.
@@ -25,7 +25,9 @@ pub fn run(args: &AddArgs) -> Result<()> {
     preflight(&cfg)?;
     let supervised = args.supervise || args.standby;
     if args.foreground {
-        return serve::new_device(cfg, Notifier::none(), |id| crate::cmd::list::print_one(id, args.json));
+        return server_process::new_device(cfg, Notifier::none(), |id| {
+            crate::cmd::list::print_one(id, args.json)
+        });
     }
     let dev_id = if supervised {
         let json = serde_json::to_string(&cfg).expect("config serializes");
@@ -33,9 +35,9 @@ pub fn run(args: &AddArgs) -> Result<()> {
         if args.standby {
             a.push("--standby".into());
         }
-        daemon::spawn_server(&a, START_TIMEOUT)?
+        daemonize::spawn_server(&a, START_TIMEOUT)?
     } else {
-        daemon::spawn_server(&daemon::serve_args(&cfg), START_TIMEOUT)?
+        daemonize::spawn_server(&daemonize::serve_args(&cfg), START_TIMEOUT)?
     };
     crate::cmd::list::print_one(dev_id, args.json)
 }
@@ -131,7 +133,7 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
         Claim::check_free(path, cfg.backing_id.as_ref())?;
     }
     if let Some(name) = &cfg.scheduler {
-        config::check_scheduler(name, &config::offered_schedulers())?;
+        crate::io_scheduler::check_scheduler(name, &crate::io_scheduler::offered_schedulers())?;
     }
     let queues = config::kernel_queues(cfg.queues);
     if queues < cfg.queues {

@@ -33,7 +33,7 @@ fn copy_modes(f: u64) -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
 pub fn run(json: bool) -> Result<()> {
     let f = fault::mask_features(Ctrl::open()?.features()?, fault::from_env()?);
     let batch = f & sys::UBLK_F_BATCH_IO != 0;
-    let names: Vec<&str> = sys::FEATURES.iter().filter(|(b, _, _)| f & b != 0).map(|(_, n, _)| *n).collect();
+    let names = sys::flag_names(f);
     let modes = copy_modes(f);
     if json {
         let copy: serde_json::Map<String, serde_json::Value> = modes
@@ -48,6 +48,10 @@ pub fn run(json: bool) -> Result<()> {
     for (bit, name, since) in sys::FEATURES {
         let mark = if f & bit != 0 { "yes" } else { "no " };
         println!("  {mark} {name:<24} (Linux {since})");
+    }
+    let known = sys::FEATURES.iter().fold(0, |acc, (bit, _, _)| acc | bit);
+    for name in sys::flag_names(f & !known) {
+        println!("  yes {name:<24} (not known to this ublk-bench)");
     }
     println!("copy modes (auto picks the first):");
     for (b, auto, ok) in modes {

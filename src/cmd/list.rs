@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::backend;
-use crate::config::{self, DeviceConfig};
+use crate::config::DeviceConfig;
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
@@ -22,7 +22,9 @@ pub struct DeviceView {
     pub size: u64,
     pub block_size: u32,
     pub max_io_bytes: u32,
-    pub flags: Vec<&'static str>,
+    /// The UBLK_F_* bits as the kernel has the device (`flags` names them).
+    pub flags_raw: u64,
+    pub flags: Vec<String>,
     pub copy_mode: Option<&'static str>,
     pub poll: Option<bool>,
     /// UBLK_F_BATCH_IO, as the kernel has the device.
@@ -45,7 +47,14 @@ pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
         Some(c) => c.size,
         None => ctrl.get_params(dev_id).map(|p| p.basic.dev_sectors << 9).unwrap_or(0),
     };
-    Ok(make_view(&info, cfg.as_ref(), size, config::active_scheduler(dev_id)))
+    let mut v = make_view(&info, cfg.as_ref(), size, crate::io_scheduler::active_scheduler(dev_id));
+    if cfg.is_none() {
+        // Another server's device: the kernel's block size, as ublksrv prints it.
+        if let Ok(p) = ctrl.get_params(dev_id) {
+            v.block_size = 1 << p.basic.logical_bs_shift;
+        }
+    }
+    Ok(v)
 }
 
 fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: Option<String>) -> DeviceView {
@@ -60,6 +69,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
         size,
         block_size: cfg.map_or(512, |c| c.block_size),
         max_io_bytes: info.max_io_buf_bytes,
+        flags_raw: info.flags,
         flags: sys::flag_names(info.flags),
         copy_mode: cfg.map(|_| plan.transfer.name()),
         poll: cfg.map(|c| c.poll),
@@ -75,12 +85,14 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
     }
 }
 
-/// The ublksrv-style dump: scripts grep `dev id N:` and `state LIVE`.
+/// The dump: its first two lines are ublksrv's and kublk's, field for
+/// field, so scripts that read those by position work unchanged; our own
+/// fields follow on lines of their own.
 pub fn dump(v: &DeviceView) -> String {
     format!(
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
-         \tmax rq size {} daemon pid {} flags {}\n\
-         \tstate {}\n\
+         \tmax rq size {} daemon pid {} flags {:#x} state {}\n\
+         \tfeatures {}\n\
          \tbackend {} copy {} poll {} batch {}{} cpus [{}] scheduler {}{}{}\n",
         v.dev_id,
         v.queues,
@@ -89,14 +101,15 @@ pub fn dump(v: &DeviceView) -> String {
         v.size >> 9,
         v.max_io_bytes,
         v.pid,
-        v.flags.join("|"),
+        v.flags_raw,
         v.state,
+        v.flags.join("|"),
         v.backend,
         v.copy_mode.unwrap_or("?"),
         v.poll.map_or("?".into(), |p| p.to_string()),
         v.batch,
         v.gather_wait_us.map_or(String::new(), |w| format!(" gather-wait {w}us")),
-        config::format_cpus(&v.cpus),
+        crate::cpus::format_cpus(&v.cpus),
         v.scheduler.as_deref().unwrap_or("-"),
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
         v.path.as_ref().map_or(String::new(), |p| format!(" path {p}")),
@@ -166,6 +179,28 @@ mod tests {
         assert!(!dump(&v).contains("path"), "{}", dump(&v));
         assert!(serde_json::to_value(&v).unwrap()["path"].is_null());
         assert!(make_view(&info, None, 0, None).path.is_none(), "no settings, no path");
+    }
+
+    /// The first two lines are ublksrv's and kublk's, field for field
+    /// (`printf` formats of ublksrv_ctrl_dump), the flags as hex.
+    #[test]
+    fn the_first_two_lines_are_the_ublksrv_dump() {
+        let info = DevInfo {
+            dev_id: 3,
+            nr_hw_queues: 2,
+            queue_depth: 64,
+            state: sys::UBLK_S_DEV_LIVE,
+            max_io_buf_bytes: 524288,
+            ublksrv_pid: 4242,
+            flags: sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_COPY | 1 << 40,
+            ..Default::default()
+        };
+        let cfg = DeviceConfig { block_size: 4096, size: 1 << 30, ..settings(BackendKind::Null, None) };
+        let text = dump(&make_view(&info, Some(&cfg), cfg.size, None));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "dev id 3: nr_hw_queues 2 queue_depth 64 block size 4096 dev_capacity 2097152");
+        assert_eq!(lines[1], "\tmax rq size 524288 daemon pid 4242 flags 0x10000000088 state LIVE");
+        assert_eq!(lines[2], "\tfeatures USER_RECOVERY|USER_COPY|bit 40");
     }
 
     /// A blocking device shows its `--gather-wait`; a polling one none.

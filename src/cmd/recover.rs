@@ -1,7 +1,7 @@
 //! `recover -n ID`: start a new daemonized server for a device whose server
 //! died, and wait until it reports the device LIVE.
 //!
-//! The server is forked from this process ([`daemon::fork_server`]) and
+//! The server is forked from this process ([`daemonize::fork_server`]) and
 //! takes the settings read here, so a cold recovery starts one process, not
 //! two, and reads its settings once.
 
@@ -10,10 +10,10 @@ use std::time::Duration;
 use crate::clock::now_ns;
 use crate::cmd::list::print_one;
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
-use crate::daemon::{self, Spawned};
+use crate::daemonize::{self, Spawned};
 use crate::error::{Error, Result};
 use crate::supervisor::recover_args;
-use crate::{process, run_files, serve, sys};
+use crate::{process, run_files, server_process, sys};
 
 const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -30,8 +30,8 @@ pub fn run(dev_id: u32) -> Result<()> {
         )));
     }
     drop(ctrl);
-    let forked = daemon::fork_server(|notify| {
-        serve::takeover(dev_id, "recover", Some(began), None, Some(cfg), notify)
+    let forked = daemonize::fork_server(|notify| {
+        server_process::takeover(dev_id, "recover", Some(began), None, Some(cfg), notify)
     })?;
     let mut server = match forked {
         Some(s) => s,

@@ -28,12 +28,12 @@ use std::time::{Duration, Instant};
 use crate::clock::now_ns;
 use crate::cmd::list::print_one;
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
-use crate::daemon::{self, Spawned};
+use crate::daemonize::{self, Spawned};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
 use crate::process::{self, ProcId};
 use crate::supervisor::recover_args;
-use crate::{run_files, serve, sys};
+use crate::{run_files, server_process, sys};
 
 const QUIESCE_TIMEOUT_MS: u64 = 10_000;
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -194,8 +194,9 @@ fn interrupted_after_quiesce(dev_id: u32, successor: Option<i32>) -> Error {
 /// process (single-threaded here), or started by exec where a fork is unsafe.
 fn recover_cold(dev_id: u32) -> Result<()> {
     let began = now_ns();
-    let forked =
-        daemon::fork_server(|notify| serve::takeover(dev_id, "recover", Some(began), None, None, notify))?;
+    let forked = daemonize::fork_server(|notify| {
+        server_process::takeover(dev_id, "recover", Some(began), None, None, notify)
+    })?;
     let mut server = match forked {
         Some(s) => s,
         None => Spawned::start(&recover_args(dev_id, "recover", Some(began), None))?,

@@ -135,7 +135,7 @@ pub struct RunConfig {
     pub dev_id: u32,
     /// True when the run made the device (and deleted it afterwards).
     pub device_created: bool,
-    pub device_flags: Vec<&'static str>,
+    pub device_flags: Vec<String>,
     pub backend: String,
     pub size: u64,
     /// The RAM store file, when not the default.
@@ -504,7 +504,7 @@ mod tests {
                 recovery: "reissue".into(),
                 dev_id: 0,
                 device_created: true,
-                device_flags: vec!["USER_RECOVERY"],
+                device_flags: vec!["USER_RECOVERY".into()],
                 backend: "ram".into(),
                 size: 256 << 20,
                 store: None,

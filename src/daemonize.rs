@@ -1,4 +1,5 @@
-//! Daemonizing: `add` re-executes itself as `__serve` in a new session and
+//! Daemonizing: starting a server (or a supervisor) in the background and
+//! waiting for it. `add` re-executes itself as `__serve` in a new session and
 //! waits on a pipe until the child reports the device LIVE or fails.
 //!
 //! The child writes lines: `id N` right after ADD_DEV (so the parent can
@@ -26,7 +27,7 @@ use crate::run_files;
 
 /// The signal `restart` sends its prepared successor to hand it the device
 /// ([`Spawned::hand_over`]). Blocked in every thread of a successor and read
-/// from a signalfd (`serve`); a standby never gets it.
+/// from a signalfd (`server_process`); a standby never gets it.
 pub const HANDOVER_SIGNAL: i32 = libc::SIGUSR2;
 
 /// The child's end of the pipe. Dropping it closes the pipe.

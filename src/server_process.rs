@@ -1,4 +1,4 @@
-//! A server process from start to exit: serve a new device, or take over
+//! A server process's life from start to exit: serve a new device, or take over
 //! one whose server died or is handing over, then serve it until a stop
 //! signal or until its queues end. Run by `__serve` (and by
 //! `add --foreground`); progress goes to the starter on the notify pipe.
@@ -9,8 +9,8 @@ use std::time::Duration;
 use crate::backend::claim::Claim;
 use crate::backend::{self, DeviceBackend};
 use crate::clock::now_ns;
-use crate::config::{self, DeviceConfig};
-use crate::daemon::{HANDOVER_SIGNAL, Notifier};
+use crate::config::DeviceConfig;
+use crate::daemonize::{HANDOVER_SIGNAL, Notifier};
 use crate::error::Result;
 use crate::fault::{self, Fault};
 use crate::plan::Transfer;
@@ -44,7 +44,7 @@ pub fn new_device(
         // After START_DEV the queue exists; a failed write abandons the
         // device below like any other failed start.
         if let Some(name) = &server.cfg.scheduler {
-            config::set_scheduler(server.dev_id, name)?;
+            crate::io_scheduler::set_scheduler(server.dev_id, name)?;
         }
         server.publish_stats();
         Ok(backend)
