@@ -447,7 +447,8 @@ fn push<B: QueueBackend>(sq: &mut Sq<'_, B>, sqe: &B::Sqe, qid: u16) -> Result<(
     // SAFETY: every command points at memory this queue owns (commit
     // arrays, fetch buffers, per-tag buffers) or at nothing, and the ring
     // drops before that memory (field order of BatchQueue).
-    unsafe { sq.push(sqe) }.map_err(|_| Error::invalid(format!("submission queue of queue {qid} overflowed")))
+    unsafe { sq.push(sqe) }
+        .map_err(|_| Error::RingFull(format!("submission queue of queue {qid} overflowed")))
 }
 
 fn cmd_error(what: &str, qid: u16, res: i32) -> Error {

@@ -324,7 +324,7 @@ impl<B: QueueBackend> Queue<B> {
             // SAFETY: the command points at this queue's buffer (copy mode) or
             // nothing; the ring drops before the buffers (field order above).
             unsafe { sq.push(&sqe) }
-                .map_err(|_| Error::invalid("submission queue smaller than queue depth"))?;
+                .map_err(|_| Error::Queue("submission queue smaller than queue depth".into()))?;
         }
         drop(sq);
         self.ring.submit().map_err(|e| Error::io(format!("submit FETCH_REQ on queue {}", s.setup.qid), e))?;
@@ -510,7 +510,7 @@ impl<B: QueueBackend> State<B> {
         }
         let sqe = self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
         // SAFETY: as in fetch_all. The SQ has room: see ring_entries.
-        unsafe { sq.push(&sqe) }.map_err(|_| Error::invalid("submission queue overflow"))
+        unsafe { sq.push(&sqe) }.map_err(|_| Error::RingFull("submission queue overflow".into()))
     }
 
     fn submit(&mut self, tag: u16, req: &Request, sq: &mut Sq<'_, B>) -> Option<i32> {
@@ -721,12 +721,12 @@ pub fn pin(cpu: usize) -> Result<()> {
     // SAFETY: mask is readable for its whole length in bytes; 0 is this thread.
     if unsafe { libc::sched_setaffinity(0, mask.len() * 8, mask.as_ptr().cast()) } != 0 {
         let e = std::io::Error::last_os_error();
-        return Err(Error::invalid(format!("could not pin queue thread to CPU {cpu}: {e}")));
+        return Err(Error::Queue(format!("could not pin queue thread to CPU {cpu}: {e}")));
     }
     // SAFETY: sched_getcpu has no preconditions.
     let now = unsafe { libc::sched_getcpu() };
     if now != cpu as i32 {
-        return Err(Error::invalid(format!("pinned to CPU {cpu} but running on CPU {now}")));
+        return Err(Error::Queue(format!("pinned to CPU {cpu} but running on CPU {now}")));
     }
     Ok(())
 }

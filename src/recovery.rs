@@ -58,7 +58,7 @@ impl Takeover {
         };
         let mut ctrl = Ctrl::open()?;
         let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
-        let params = ctrl.get_params(dev_id).map_err(|e| Error::io("GET_PARAMS", e))?;
+        let params = ctrl.get_params(dev_id).map_err(|e| Error::kernel("GET_PARAMS", e))?;
         check_settings(dev_id, &mut cfg, &info, &params)?;
         let plan = Plan::of_device(info.flags);
         let backend = backend::of(cfg.backend).open(&mut cfg, plan.transfer, false)?;
@@ -94,7 +94,7 @@ impl Takeover {
         self.server.attach()?;
         self.phases.fetch_posted_ns = now_ns();
         let pid = std::process::id() as i32;
-        self.server.ctrl.end_recovery(dev_id, pid).map_err(|e| Error::io("END_USER_RECOVERY", e))?;
+        self.server.ctrl.end_recovery(dev_id, pid).map_err(|e| Error::kernel("END_USER_RECOVERY", e))?;
         self.phases.end_recovery_ns = now_ns();
         self.server.publish_stats();
         Ok(())
@@ -132,7 +132,7 @@ pub fn check_settings(dev_id: u32, cfg: &mut DeviceConfig, info: &DevInfo, param
     if wrong.is_empty() {
         return Ok(());
     }
-    Err(Error::invalid(format!(
+    Err(Error::Recovery(format!(
         "device {dev_id}: the settings file {} does not match the device in the kernel: {}; nothing was sent \
          and the device stays {}: put the right settings back, or delete the device with `ublk-bench del -n {dev_id}`",
         run_files::path(dev_id).display(),
@@ -177,20 +177,20 @@ pub fn wait_recoverable(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Resu
         match info.state {
             sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => return Ok(info),
             sys::UBLK_S_DEV_DEAD => {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {dev_id} is DEAD (stopped): delete it with `ublk-bench del -n {dev_id}`"
                 )));
             }
             _ if info.ublksrv_pid != std::process::id() as i32
                 && process::server_of(dev_id, info.ublksrv_pid).is_some() =>
             {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {dev_id} is LIVE, served by pid {}: nothing to recover (use `ublk-bench restart -n {dev_id}` for a planned handover)",
                     info.ublksrv_pid
                 )));
             }
             _ if Instant::now() >= deadline => {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {dev_id} did not reach QUIESCED within {}s after its server died",
                     timeout.as_secs()
                 )));
@@ -213,7 +213,7 @@ pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_micros(500));
             }
-            Err(e) => return Err(Error::io("START_USER_RECOVERY", e)),
+            Err(e) => return Err(Error::kernel("START_USER_RECOVERY", e)),
         }
     }
 }
@@ -287,7 +287,9 @@ mod tests {
             );
         }
         let mut two = DeviceConfig { depth: 128, size: 32 << 20, ..cfg };
-        let err = check_settings(3, &mut two, &info, &params).unwrap_err().to_string();
+        let err = check_settings(3, &mut two, &info, &params).unwrap_err();
+        assert!(matches!(err, Error::Recovery(_)), "a recovery refusal, not bad input: {err:?}");
+        let err = err.to_string();
         assert!(err.contains("depth 128") && err.contains("size 33554432"), "{err}");
     }
 }

@@ -89,14 +89,14 @@ impl Server {
         };
         ctrl.add(&mut info).map_err(|e| match e.raw_os_error() {
             Some(libc::EEXIST) => Error::IdInUse(info.dev_id),
-            _ => Error::io("ADD_DEV", e),
+            _ => Error::kernel("ADD_DEV", e),
         })?;
         let dev_id = info.dev_id;
         cfg.dev_id = Some(dev_id);
         let mut params = plan::params(&cfg, info.max_io_buf_bytes);
         let set = spec
             .params(&cfg, &mut params)
-            .and_then(|()| ctrl.set_params(dev_id, &mut params).map_err(|e| Error::io("SET_PARAMS", e)));
+            .and_then(|()| ctrl.set_params(dev_id, &mut params).map_err(|e| Error::kernel("SET_PARAMS", e)));
         if let Err(e) = set {
             let undo = ctrl.del(dev_id).err();
             return Err(with_undo(e, dev_id, "DEL_DEV", undo));
@@ -191,7 +191,7 @@ impl Server {
             match rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(Error::invalid("a queue thread died during start-up")),
+                Err(_) => return Err(Error::Queue("a queue thread died during start-up".into())),
             }
         }
         Ok(())
@@ -205,7 +205,7 @@ impl Server {
             None => self
                 .ctrl
                 .queue_affinity(self.dev_id, qid, crate::cpus::nr_cpu_ids())
-                .map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?,
+                .map_err(|e| Error::kernel("GET_QUEUE_AFFINITY", e))?,
         };
         let cpu = self.cfg.queue_cpu(qid, &affinity, &online);
         if let Some(c) = listed.filter(|&c| c != cpu) {
@@ -236,8 +236,8 @@ impl Server {
 
     /// START_DEV with our pid; `/dev/ublkbN` exists when it returns.
     pub fn start(&mut self) -> Result<()> {
-        self.ctrl.start(self.dev_id, std::process::id() as i32).map_err(|e| Error::io("START_DEV", e))?;
-        self.info = self.ctrl.info(self.dev_id).map_err(|e| Error::io("GET_DEV_INFO", e))?;
+        self.ctrl.start(self.dev_id, std::process::id() as i32).map_err(|e| Error::kernel("START_DEV", e))?;
+        self.info = self.ctrl.info(self.dev_id).map_err(|e| Error::kernel("GET_DEV_INFO", e))?;
         Ok(())
     }
 
@@ -295,7 +295,7 @@ impl Server {
         self.char_dev = None;
         if delete {
             teardown::del_dev(&mut self.ctrl, self.dev_id, Some(&self.cfg))
-                .map_err(|e| Error::io(format!("DEL_DEV of device {}", self.dev_id), e))?;
+                .map_err(|e| Error::kernel(format!("DEL_DEV of device {}", self.dev_id), e))?;
         }
         first_err.map_or(Ok(()), Err)
     }
