@@ -16,30 +16,46 @@ use crate::server_process;
 /// is slow under software emulation.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Every check that needs no driver (`config_from`, the backend's
-/// `validate`) runs before `preflight`, so bad input gets its own message
-/// on any machine.
 pub fn run(args: &AddArgs) -> Result<()> {
-    let cfg = config_from(args)?;
-    backend::of(cfg.backend).validate(&cfg)?;
-    preflight(&cfg)?;
-    let supervised = args.supervise || args.standby;
+    let cfg = checked(args)?;
     if args.foreground {
         return server_process::new_device(cfg, Notifier::none(), |id| {
             crate::cmd::list::print_one(id, args.json)
         });
     }
-    let dev_id = if supervised {
-        let json = serde_json::to_string(&cfg).expect("config serializes");
+    let dev_id = start(&cfg, args)?;
+    crate::cmd::list::print_one(dev_id, args.json)
+}
+
+/// Makes the device `args` describe, served in the background (`add`
+/// without `--foreground`, and `downtime`'s device): its id once LIVE.
+pub fn create(args: &AddArgs) -> Result<u32> {
+    start(&checked(args)?, args)
+}
+
+/// The device's settings, checked. Every check that needs no driver
+/// (`config_from`, the backend's `validate`) runs before `preflight`, so
+/// bad input gets its own message on any machine.
+fn checked(args: &AddArgs) -> Result<DeviceConfig> {
+    let cfg = config_from(args)?;
+    backend::of(cfg.backend).validate(&cfg)?;
+    preflight(&cfg)?;
+    Ok(cfg)
+}
+
+/// Starts the server (or its supervisor) in the background and waits
+/// until the device is LIVE.
+fn start(cfg: &DeviceConfig, args: &AddArgs) -> Result<u32> {
+    if args.supervise || args.standby {
+        let json = serde_json::to_string(cfg).expect("config serializes");
         let mut a = vec!["__supervise".to_string(), "--config".into(), json];
         if args.standby {
             a.push("--standby".into());
         }
-        daemonize::spawn_server(&a, START_TIMEOUT)?
+        daemonize::spawn_server(&a, START_TIMEOUT)
     } else {
-        daemonize::spawn_server(&daemonize::serve_args(&cfg), START_TIMEOUT)?
-    };
-    crate::cmd::list::print_one(dev_id, args.json)
+        daemonize::spawn_server(&daemonize::serve_args(cfg), START_TIMEOUT)
+    }
 }
 
 pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
