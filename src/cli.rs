@@ -218,25 +218,6 @@ impl DeviceOptions {
         ];
         set.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect()
     }
-
-    /// The same options as `add` arguments.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--copy-mode".to_string(),
-            self.copy_mode.name().into(),
-            "--block-size".into(),
-            self.block_size.to_string(),
-        ];
-        let paths = [("--path", &self.path), ("--dev", &self.dev)];
-        for (flag, p) in paths {
-            if let Some(p) = p {
-                args.extend([flag.to_string(), p.display().to_string()]);
-            }
-        }
-        let switches = [("--direct", self.direct), ("--explicit-buf-reg", self.explicit_buf_reg)];
-        args.extend(switches.iter().filter(|(_, on)| *on).map(|(flag, _)| flag.to_string()));
-        args
-    }
 }
 
 /// Queue count and depth of a device, as `add` and `downtime` take them

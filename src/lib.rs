@@ -22,7 +22,8 @@
 //!     it), `supervisor` (restarting a crashed server), `server_process` (a
 //!     server process's life from start to exit);
 //! 11. `cli`, `cmd`, `downtime` (the command line; `downtime` uses only
-//!     the control plane, run files and process helpers).
+//!     the control plane, run files, process helpers, and `add` to make
+//!     its device).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
