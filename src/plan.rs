@@ -6,13 +6,14 @@
 //!
 //! A new device's server makes its plan from the features before ADD_DEV
 //! ([`Plan::new`]); a takeover reads it from the device's flags
-//! ([`Plan::of_device`]); `features` and `list` show it. Each rule here is
+//! ([`Plan::of_device`]), after [`mismatches`] found its settings agree
+//! with the device; `features` and `list` show it. Each rule here is
 //! written once: what a backend can do comes from its [`CopyRules`], and a
 //! new kernel flag is one more field or bit here.
 
 use crate::config::{CopyMode, DeviceConfig, Recovery};
 use crate::error::{Error, Result};
-use crate::sys::{self, Params};
+use crate::sys::{self, DevInfo, Params};
 
 /// How request data travels between the bio and the server, resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +200,33 @@ impl Plan {
             flags,
         }
     }
+}
+
+/// A takeover's settings against the device as the kernel has it
+/// (GET_DEV_INFO, GET_PARAMS): each setting the kernel also knows that
+/// differs, as "NAME X in the file, Y in the kernel". `max_io_bytes` is left out: ADD_DEV may round it, and a takeover sizes
+/// its buffers from the kernel's value alone.
+pub fn mismatches(cfg: &DeviceConfig, info: &DevInfo, params: &Params) -> Vec<String> {
+    let mut wrong = vec![];
+    let mut check = |name: &str, file: String, kernel: String| {
+        if file != kernel {
+            wrong.push(format!("{name} {file} in the file, {kernel} in the kernel"));
+        }
+    };
+    check("device id", cfg.dev_id.map_or("none".into(), |i| i.to_string()), info.dev_id.to_string());
+    check("queues", cfg.queues.to_string(), info.nr_hw_queues.to_string());
+    check("depth", cfg.depth.to_string(), info.queue_depth.to_string());
+    check("size", cfg.size.to_string(), (params.basic.dev_sectors << 9).to_string());
+    check("block size", cfg.block_size.to_string(), (1u64 << params.basic.logical_bs_shift).to_string());
+    check("copy mode", cfg.copy_mode.name().into(), Transfer::of_flags(info.flags).name().into());
+    let rec_bits =
+        sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE | sys::UBLK_F_USER_RECOVERY_FAIL_IO;
+    check("recovery flags", format!("{:#x}", cfg.recovery.flags()), format!("{:#x}", info.flags & rec_bits));
+    check("batch", cfg.batch.to_string(), (info.flags & sys::UBLK_F_BATCH_IO != 0).to_string());
+    if cfg.explicit_buf_reg && info.flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
+        wrong.push("explicit buffer registration in the file, AUTO_BUF_REG in the kernel".into());
+    }
+    wrong
 }
 
 fn check_recovery(rec: Recovery, features: u64) -> Result<()> {

@@ -21,7 +21,7 @@ use crate::config::{CopyMode, DeviceConfig};
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
-use crate::plan::{Plan, Transfer};
+use crate::plan::{self, Plan, Transfer};
 use crate::process;
 use crate::run_files::{self, Phases};
 use crate::server::{Server, Stop};
@@ -128,7 +128,7 @@ pub fn check_settings(dev_id: u32, cfg: &mut DeviceConfig, info: &DevInfo, param
     if cfg.copy_mode == CopyMode::Auto {
         cfg.copy_mode = Transfer::of_flags(info.flags).mode();
     }
-    let wrong = settings_mismatches(cfg, info, params);
+    let wrong = plan::mismatches(cfg, info, params);
     if wrong.is_empty() {
         return Ok(());
     }
@@ -139,32 +139,6 @@ pub fn check_settings(dev_id: u32, cfg: &mut DeviceConfig, info: &DevInfo, param
         wrong.join("; "),
         sys::state_name(info.state)
     )))
-}
-
-/// Each setting the kernel also knows, as "NAME X in the file, Y in the kernel".
-/// `max_io_bytes` is left out: ADD_DEV may round it, and a takeover sizes
-/// its buffers from the kernel's value alone.
-fn settings_mismatches(cfg: &DeviceConfig, info: &DevInfo, params: &Params) -> Vec<String> {
-    let mut wrong = vec![];
-    let mut check = |name: &str, file: String, kernel: String| {
-        if file != kernel {
-            wrong.push(format!("{name} {file} in the file, {kernel} in the kernel"));
-        }
-    };
-    check("device id", cfg.dev_id.map_or("none".into(), |i| i.to_string()), info.dev_id.to_string());
-    check("queues", cfg.queues.to_string(), info.nr_hw_queues.to_string());
-    check("depth", cfg.depth.to_string(), info.queue_depth.to_string());
-    check("size", cfg.size.to_string(), (params.basic.dev_sectors << 9).to_string());
-    check("block size", cfg.block_size.to_string(), (1u64 << params.basic.logical_bs_shift).to_string());
-    check("copy mode", cfg.copy_mode.name().into(), Transfer::of_flags(info.flags).name().into());
-    let rec_bits =
-        sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE | sys::UBLK_F_USER_RECOVERY_FAIL_IO;
-    check("recovery flags", format!("{:#x}", cfg.recovery.flags()), format!("{:#x}", info.flags & rec_bits));
-    check("batch", cfg.batch.to_string(), (info.flags & sys::UBLK_F_BATCH_IO != 0).to_string());
-    if cfg.explicit_buf_reg && info.flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
-        wrong.push("explicit buffer registration in the file, AUTO_BUF_REG in the kernel".into());
-    }
-    wrong
 }
 
 /// Polls GET_DEV_INFO (every 100 µs, bounded) until QUIESCED or FAIL_IO.
