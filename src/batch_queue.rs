@@ -17,7 +17,14 @@
 //! queue depth, so it never runs dry (each CQE takes one buffer and carries
 //! at least one tag, and at most `depth` tags are ours at once); each buffer
 //! is recycled as soon as its tags are copied out. A FETCH that ends all the
-//! same (no `IORING_CQE_F_MORE`, e.g. -ENOBUFS) is armed again. Commit arrays
+//! same (no `IORING_CQE_F_MORE`: -ENOBUFS when the ring was empty or its CQE
+//! could not be posted) must be armed again, and is: the driver
+//! (`ublk_batch_dispatch` -> `ublk_batch_deinit_fetch_buf`) puts the tags it
+//! could not deliver back in its queue and clears the active FETCH without
+//! handing them to the other armed one, so they wait for the next FETCH to
+//! attach (`ublk_batch_attach`) or the next request to arrive; under a
+//! steady load with every tag queued neither comes on its own. The fault
+//! hook `fetch-bufs:N` forces that path (tests/batch.rs). Commit arrays
 //! live in [`COMMIT_BUFS`] buffers of `depth` elements, each busy from its
 //! COMMIT until that command's CQE; if none is free at the end of a pass the
 //! array being filled waits for the next pass (it cannot overflow: a tag is
@@ -58,6 +65,8 @@ use crate::sys::{self, BatchElem, BatchIo};
 const FETCHES: u16 = 2;
 /// Commit arrays per queue.
 const COMMIT_BUFS: usize = 4;
+/// The longest a blocking wait sleeps before the loop looks at the CQ again.
+const RECHECK: Duration = Duration::from_secs(1);
 /// Tags one FETCH CQE carries at most (the driver's MAX_NR_TAG).
 const MAX_TAGS: usize = 128;
 /// The queue's provided-buffer group (each queue has its own ring).
@@ -134,7 +143,8 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
                 .register_buffers_sparse(setup.depth as u32)
                 .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
         }
-        let fetch = FetchRing::new(&ring, setup.depth)?;
+        let bufs = crate::fault::fetch_bufs().unwrap_or(setup.depth.next_power_of_two());
+        let fetch = FetchRing::new(&ring, setup.depth, bufs)?;
         let state = State {
             backend,
             tags: TagIo::new(&setup)?,
@@ -280,7 +290,11 @@ impl<B: QueueBackend> State<B> {
         }
         self.fetches_live -= 1;
         match cqe.result() {
+            // ABORT: cancelled (stop, quiesce, takeover). -ENODEV: a FETCH
+            // armed again just as the queue began to cancel, refused by
+            // ublk_batch_attach; the ABORT of the other follows.
             sys::UBLK_IO_RES_ABORT => self.stopping = true,
+            r if r == -libc::ENODEV => self.stopping = true,
             r if (r >= 0 || r == -libc::ENOBUFS) && !self.stopping => self.arm_fetch(index, sq)?,
             r if r >= 0 || r == -libc::ENOBUFS => {}
             err => return Err(cmd_error("FETCH_IO_CMDS", self.setup.qid, err)),
@@ -401,8 +415,15 @@ impl<B: QueueBackend> State<B> {
     /// (a new FETCH CQE) or a CQ overflow, and returns at once; otherwise
     /// the pass just looks at the CQ. True if it entered.
     fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
-        let res = if !self.setup.poll {
-            self.gather.wait(sub, 1 + self.commits_unsent as usize)
+        let want = 1 + self.commits_unsent as usize;
+        let res = if !self.setup.poll && self.gather.armed() {
+            self.gather.wait(sub, want)
+        } else if !self.setup.poll {
+            // Bounded, so that a CQE this count did not foresee (or one the
+            // kernel posted without waking us) is reaped within RECHECK
+            // rather than never; an idle queue wakes once per RECHECK.
+            let ts = types::Timespec::from(RECHECK);
+            sub.submit_with_args(want, &types::SubmitArgs::new().timespec(&ts))
         } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // SAFETY: no argument pointer is passed; the ring is ours.
             unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }
@@ -491,8 +512,12 @@ const BUF_TAIL: usize = 14;
 const BUF_ENTRY: usize = 16;
 
 impl FetchRing {
-    fn new<S: squeue::EntryMarker, C: cqueue::EntryMarker>(ring: &IoUring<S, C>, depth: u16) -> Result<Self> {
-        let entries = depth.next_power_of_two();
+    /// `entries` buffers (a power of two) of `depth` tags, at most MAX_TAGS.
+    fn new<S: squeue::EntryMarker, C: cqueue::EntryMarker>(
+        ring: &IoUring<S, C>,
+        depth: u16,
+        entries: u16,
+    ) -> Result<Self> {
         let buf_len = 2 * (depth as usize).min(MAX_TAGS);
         let map = |len: usize| MmapMut::map_anon(len).map_err(|e| Error::io("allocate fetch buffers", e));
         let mut me = FetchRing {
@@ -711,7 +736,7 @@ mod tests {
     #[test]
     fn fetch_ring_hands_every_buffer_out_and_takes_tags_back() {
         let ring = IoUring::<squeue::Entry, cqueue::Entry>::new(8).expect("io_uring on this host");
-        let mut f = FetchRing::new(&ring, 8).expect("IORING_REGISTER_PBUF_RING (5.19+)");
+        let mut f = FetchRing::new(&ring, 8, 8).expect("IORING_REGISTER_PBUF_RING (5.19+)");
         let word = |r: &FetchRing, at: usize, len: usize| {
             r.ring[at..at + len].iter().rev().fold(0u64, |v, b| v << 8 | *b as u64)
         };

@@ -67,6 +67,10 @@ pub enum Command {
         /// Print per-queue and merged figures as JSON.
         #[arg(long)]
         json: bool,
+        /// How long to watch for IOPS, MB/s and the window's service times, e.g. 1s, 250ms; 0 reads the
+        /// counts at once (rates 0, service times over the server's life).
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = crate::cmd::stats::parse_window)]
+        window: std::time::Duration,
     },
     /// Recovery-downtime run: drive a device, SIGKILL its server N times, measure the gap.
     Downtime(DowntimeArgs),
@@ -450,6 +454,17 @@ mod tests {
         assert!(e.contains("10000"), "{e}");
         let e = wait(&["add", "null", "--poll", "--gather-wait", "20"]).unwrap_err();
         assert!(e.contains("--gather-wait") && e.contains("--poll"), "{e}");
+    }
+
+    #[test]
+    fn stats_window_is_one_second_unless_told() {
+        let window = |args: &[&str]| match parse(args).unwrap().cmd {
+            Command::Stats { window, .. } => window,
+            _ => panic!("not stats"),
+        };
+        assert_eq!(window(&["stats", "-n", "1"]), std::time::Duration::from_secs(1));
+        assert_eq!(window(&["stats", "-n", "1", "--window", "0"]), std::time::Duration::ZERO);
+        assert!(parse(&["stats", "-n", "1", "--window", "soon"]).is_err());
     }
 
     #[test]

@@ -26,6 +26,10 @@
 //!   START_USER_RECOVERY returned, then sleeps MS milliseconds before it
 //!   posts its FETCHes, so a test can kill it, provably, between
 //!   START_USER_RECOVERY and END_USER_RECOVERY.
+//! - `fetch-bufs:N`: each `--batch` queue's FETCH buffer ring has N
+//!   buffers (a power of two) instead of one per tag, so under load it runs
+//!   dry and the kernel ends a multishot FETCH with -ENOBUFS while
+//!   requests wait in its queue (`batch_queue` module doc).
 
 use crate::error::{Error, Result};
 use crate::sys;
@@ -41,6 +45,7 @@ pub enum Fault {
     KillAfterQuiesce,
     SuccessorAbort,
     PauseAfterStartRecovery(u64),
+    FetchBufs(u16),
 }
 
 /// The kernel's GET_FEATURES as this server is to see it: the fault hook
@@ -49,6 +54,15 @@ pub fn mask_features(features: u64, fault: Option<Fault>) -> u64 {
     match fault {
         Some(Fault::NoBatchIo) => features & !sys::UBLK_F_BATCH_IO,
         _ => features,
+    }
+}
+
+/// The FETCH buffer count the environment's fault hook asks for, if any
+/// (read by each batch queue; a bad value was refused before ADD_DEV).
+pub fn fetch_bufs() -> Option<u16> {
+    match from_env() {
+        Ok(Some(Fault::FetchBufs(n))) => Some(n),
+        _ => None,
     }
 }
 
@@ -74,11 +88,16 @@ fn parse(v: &str) -> Result<Fault> {
     number("queue-panic:")
         .map(Fault::QueuePanic)
         .or_else(|| number("pause-after-start-recovery:").map(Fault::PauseAfterStartRecovery))
+        .or_else(|| {
+            let n = number("fetch-bufs:")?;
+            (n.is_power_of_two() && n <= 1 << 15).then_some(Fault::FetchBufs(n as u16))
+        })
         .ok_or_else(|| {
             Error::invalid(format!(
                 "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
                  serving N requests), abort-before-live, no-batch-io, interrupt-after-quiesce, \
-                 kill-after-quiesce, successor-abort, pause-after-start-recovery:MS, or unset it"
+                 kill-after-quiesce, successor-abort, pause-after-start-recovery:MS, fetch-bufs:N (a power of \
+                 two), or unset it"
             ))
         })
 }
@@ -97,13 +116,23 @@ mod tests {
         assert_eq!(parse("kill-after-quiesce").unwrap(), Fault::KillAfterQuiesce);
         assert_eq!(parse("successor-abort").unwrap(), Fault::SuccessorAbort);
         assert_eq!(parse("pause-after-start-recovery:500").unwrap(), Fault::PauseAfterStartRecovery(500));
+        assert_eq!(parse("fetch-bufs:1").unwrap(), Fault::FetchBufs(1));
+        assert_eq!(parse("fetch-bufs:4").unwrap(), Fault::FetchBufs(4));
         let all = u64::MAX;
         assert_eq!(mask_features(all, Some(Fault::NoBatchIo)), all & !sys::UBLK_F_BATCH_IO);
         assert_eq!(mask_features(all, Some(Fault::AbortBeforeLive)), all);
         assert_eq!(mask_features(all, None), all);
-        for bad in
-            ["queue-panic:", "queue-panic:-1", "queue-panic:x", "panic:3", "", "pause-after-start-recovery:"]
-        {
+        for bad in [
+            "queue-panic:",
+            "queue-panic:-1",
+            "queue-panic:x",
+            "panic:3",
+            "",
+            "pause-after-start-recovery:",
+            "fetch-bufs:0",
+            "fetch-bufs:3",
+            "fetch-bufs:65536",
+        ] {
             let msg = parse(bad).unwrap_err().to_string();
             assert!(msg.contains("queue-panic:N") && msg.contains(FAULT_ENV), "{bad}: {msg}");
         }

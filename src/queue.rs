@@ -266,6 +266,11 @@ impl Gather {
         self.deliveries = 0;
     }
 
+    /// The next wait gathers (a bounded wait of its own).
+    pub(crate) fn armed(&self) -> bool {
+        self.armed
+    }
+
     /// Submits and waits for `want` CQEs, or gathers (see above).
     pub(crate) fn wait(&self, sub: &Submitter<'_>, want: usize) -> std::io::Result<usize> {
         if !self.armed {

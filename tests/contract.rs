@@ -113,9 +113,10 @@ fn block_completions(id: u32) -> (u64, u64) {
     (f[0], f[4] + f[11])
 }
 
-/// `stats --json`'s merged (reads, writes + others).
+/// `stats --json`'s merged (reads, writes + others): totals, which need
+/// no window (`--window 0` reads them at once).
 fn server_counts(id: u32) -> (u64, u64) {
-    let out = ublk(&["stats", "-n", &id.to_string(), "--json"]).success();
+    let out = ublk(&["stats", "-n", &id.to_string(), "--json", "--window", "0"]).success();
     let v: Value = serde_json::from_str(&out.stdout).expect("stats --json is JSON");
     let m = &v["merged"];
     let n = |k: &str| m[k].as_u64().unwrap_or_else(|| panic!("no merged.{k}: {v}"));
@@ -251,7 +252,7 @@ fn count_window(dev: &Dev, keeps_data: bool, what: &str) {
         "{what}: `stats` counted (reads, others) {server:?}, the block layer completed {block:?}\n\
          /sys/block/ublkb{id}/stat: {}\nstats: {}",
         std::fs::read_to_string(format!("/sys/block/ublkb{}/stat", dev.id)).unwrap_or_default(),
-        ublk(&["stats", "-n", &dev.id.to_string(), "--json"]).stdout,
+        ublk(&["stats", "-n", &dev.id.to_string(), "--json", "--window", "0"]).stdout,
         id = dev.id
     );
 }

@@ -1,5 +1,22 @@
 //! Driver tests: the built `ublk-bench` binary against the real ublk driver,
 //! black-box, through its CLI, the block devices it makes, fio and /proc.
+//! What they prove:
+//! - `add`, `list` and `del` (one device, several side by side, `-a` over
+//!   mixed backends, and without sysfs) make, show and remove devices, and
+//!   SIGTERM to a foreground server stops and deletes its device;
+//! - queue threads run on the CPUs `--cpus` names or, by default, on the
+//!   last CPU of their queue's affinity set; more queues than CPUs serve
+//!   I/O on every queue; polling queues sharing a CPU are warned about;
+//! - the queue is put on the `none` scheduler by default, or on the one
+//!   `--scheduler` names;
+//! - `file` and `ram` keep data (fio verify, zero copy included), DISCARD and
+//!   WRITE_ZEROES read back as zeros, a zero-copy RAM server maps no store,
+//!   tmpfs I/O runs inline (no io-wq worker), a `file` device leaves its
+//!   file in place, and a write to a full tmpfs fails that write, not the
+//!   server;
+//! - bad input (values, files, an id in use, not root, no driver) is refused
+//!   with a message naming the problem, before any kernel state is touched,
+//!   and leaves nothing behind.
 //!
 //! They need /dev/ublk-control and root; without the driver each one goes
 //! through `common::skip`, which says why and passes on the host but fails
@@ -222,7 +239,8 @@ fn more_queues_than_cpus_serve_io_on_every_queue() {
         .collect();
     let json = fio_jobs(Some(&dev.block()), &FIO_CRC_VERIFY, &jobs);
     assert_eq!(fio_bytes(&json, "write"), per * online_cpus() as u64, "fio did not write every region");
-    let out = ublk(&["stats", "-n", &dev.id.to_string(), "--json"]).success();
+    // Per-queue totals: no window needed.
+    let out = ublk(&["stats", "-n", &dev.id.to_string(), "--json", "--window", "0"]).success();
     let stats: Value = serde_json::from_str(&out.stdout).expect("stats --json is JSON");
     let queues = stats["queues"].as_array().expect("per-queue stats");
     assert_eq!(queues.len(), made, "{stats}");
@@ -392,17 +410,23 @@ fn file_serves(dir: &std::path::Path, extra: &[&str], mode: &str) {
 
 /// The file backend in each data path: zero copy (AUTO_BUF_REG, and the
 /// explicit REGISTER chain), copy mode, and O_DIRECT; on tmpfs (/dev/shm)
-/// and on the filesystem of the temporary folder.
+/// and on the filesystem of the temporary folder. Each on its own file (in
+/// a folder of its own) and device, all at once ([`side_by_side`]).
 #[test]
 fn file_backend_serves_the_file_and_leaves_it() {
     let Some(_h) = harness() else { return };
-    let shm = tempfile::tempdir_in("/dev/shm").expect("a folder in /dev/shm");
-    let tmp = tempfile::tempdir().expect("a temporary folder");
-    file_serves(shm.path(), &[], "zero");
-    file_serves(shm.path(), &["--explicit-buf-reg"], "zero");
-    file_serves(shm.path(), &["--copy-mode", "copy"], "copy");
-    file_serves(shm.path(), &["--direct", "-q", "2"], "zero");
-    file_serves(tmp.path(), &[], "zero");
+    // (on tmpfs, add options, the copy mode they give)
+    let cases: [(bool, &[&str], &str); 5] = [
+        (true, &[], "zero"),
+        (true, &["--explicit-buf-reg"], "zero"),
+        (true, &["--copy-mode", "copy"], "copy"),
+        (true, &["--direct", "-q", "2"], "zero"),
+        (false, &[], "zero"),
+    ];
+    side_by_side(&cases, |&(shm, extra, mode)| {
+        let dir = if shm { tempfile::tempdir_in("/dev/shm") } else { tempfile::tempdir() };
+        file_serves(dir.expect("a temporary folder").path(), extra, mode)
+    });
 }
 
 /// fio's own CRC32C verification ([`fio_verify_devices`]: 4 KiB random
@@ -477,34 +501,31 @@ fn io_workers(dev: &Dev) -> usize {
 }
 
 /// tmpfs READ and WRITE stay in the queue thread: after 4 KiB random
-/// reads and writes at depth 32 the server has no io-wq worker, where a
+/// writes, then reads, at depth 32 the server has no io-wq worker, where a
 /// DISCARD (fallocate, which io_uring always hands to a worker) makes one,
-/// so the count can see them. Workers idle for seconds before they exit.
+/// so the count can see them. Workers idle for seconds (io-wq's idle
+/// timeout is 5 s) before they exit, so one count after both phases (one
+/// second each, one fio start) sees a worker either phase made.
 #[test]
 fn tmpfs_io_runs_inline() {
     let Some(_h) = harness() else { return };
     let dev = add(&["ram", "--size", "64M"]);
-    for rw in ["randwrite", "randread"] {
-        fio(
-            &dev.block(),
-            &[
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--bs=4k",
-                "--iodepth=32",
-                &format!("--rw={rw}"),
-                "--runtime=2",
-                "--time_based",
-                "--size=64M",
-            ],
-        );
-        assert_eq!(
-            io_workers(&dev),
-            0,
-            "{rw}: the server's store I/O went to io-wq workers: {:?}",
-            threads(dev.pid)
-        );
+    let global =
+        ["--ioengine=io_uring", "--direct=1", "--bs=4k", "--iodepth=32", "--runtime=1", "--time_based"];
+    let jobs: Vec<(String, Vec<String>)> = ["randwrite", "randread"]
+        .iter()
+        .map(|rw| (rw.to_string(), vec![format!("--rw={rw}"), "--stonewall".into()]))
+        .collect();
+    let json = fio_jobs(Some(&dev.block()), &global, &jobs);
+    for (rw, dir) in [("randwrite", "write"), ("randread", "read")] {
+        assert!(fio_job_bytes(&json, rw, dir) > 0, "fio job {rw} moved nothing: {json}");
     }
+    assert_eq!(
+        io_workers(&dev),
+        0,
+        "the server's store I/O (random writes, then reads) went to io-wq workers: {:?}",
+        threads(dev.pid)
+    );
     run(Command::new(need_tool("blkdiscard")).args(["-o", "0", "-l", "1048576"]).arg(dev.block())).success();
     assert!(
         io_workers(&dev) > 0,
@@ -922,50 +943,51 @@ fn ram_store_on_a_full_tmpfs_fails_a_write_not_the_server() {
     let Some(_h) = harness() else { return };
     let size = 8 * MIB;
     let data = random_bytes(size as usize, 0x5ba2);
-    for mode in ["copy", "user", "zero"] {
-        for sparse in [false, true] {
-            let what = format!("--copy-mode {mode}{}", if sparse { " --sparse" } else { "" });
-            let fs = SmallTmpfs::new(16);
-            let store = fs.path("store");
-            let store_arg = store.to_string_lossy().into_owned();
-            let mut args = vec!["ram", "--size", "8M", "--store", &store_arg, "--copy-mode", mode];
-            if sparse {
-                args.push("--sparse");
-            }
-            let dev = add(&args);
-            let filled = fs.fill("filler");
-            assert!(filled > 0, "{what}: the filler got no space at all");
-            match write_direct(&dev.block(), 0, &data) {
-                Ok(()) => {
-                    assert!(!sparse, "{what}: writes into a sparse store on a full tmpfs all succeeded")
-                }
-                Err((pos, e)) => {
-                    assert!(sparse, "{what}: a write at {pos} into the reserved store failed: {e}");
-                    assert!(
-                        matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)),
-                        "{what}: the write at {pos} failed with {e}, not ENOSPC or EIO"
-                    );
-                }
-            }
-            // The server lives and serves: after a failed write too.
-            sleep_ms(200);
-            assert!(alive(dev.pid), "{what}: the server (pid {}) died on the full tmpfs", dev.pid);
-            let j = list_one(dev.id).unwrap_or_else(|| panic!("{what}: device {} is gone", dev.id));
-            assert_eq!(j["state"], "LIVE", "{what}: {j}");
-            assert_eq!(j["pid"], dev.pid, "{what}: another server serves the device now (a restart): {j}");
-            if sparse {
-                fs::remove_file(fs.path("filler")).expect("remove the filler");
-                write_direct(&dev.block(), 0, &data)
-                    .unwrap_or_else(|(pos, e)| panic!("{what}: write at {pos} with space free again: {e}"));
-            }
-            assert!(
-                read_direct(&dev.block(), 0, size) == data,
-                "{what}: the device does not read back its writes"
-            );
-            del(dev.id);
-            assert_gone(&dev);
+    let cases: Vec<(&str, bool)> =
+        ["copy", "user", "zero"].into_iter().flat_map(|m| [(m, false), (m, true)]).collect();
+    // Each case has its own tmpfs, store and device: all at once.
+    side_by_side(&cases, |&(mode, sparse)| {
+        let what = format!("--copy-mode {mode}{}", if sparse { " --sparse" } else { "" });
+        let fs = SmallTmpfs::new(16);
+        let store = fs.path("store");
+        let store_arg = store.to_string_lossy().into_owned();
+        let mut args = vec!["ram", "--size", "8M", "--store", &store_arg, "--copy-mode", mode];
+        if sparse {
+            args.push("--sparse");
         }
-    }
+        let dev = add(&args);
+        let filled = fs.fill("filler");
+        assert!(filled > 0, "{what}: the filler got no space at all");
+        match write_direct(&dev.block(), 0, &data) {
+            Ok(()) => {
+                assert!(!sparse, "{what}: writes into a sparse store on a full tmpfs all succeeded")
+            }
+            Err((pos, e)) => {
+                assert!(sparse, "{what}: a write at {pos} into the reserved store failed: {e}");
+                assert!(
+                    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)),
+                    "{what}: the write at {pos} failed with {e}, not ENOSPC or EIO"
+                );
+            }
+        }
+        // The server lives and serves: after a failed write too.
+        sleep_ms(200);
+        assert!(alive(dev.pid), "{what}: the server (pid {}) died on the full tmpfs", dev.pid);
+        let j = list_one(dev.id).unwrap_or_else(|| panic!("{what}: device {} is gone", dev.id));
+        assert_eq!(j["state"], "LIVE", "{what}: {j}");
+        assert_eq!(j["pid"], dev.pid, "{what}: another server serves the device now (a restart): {j}");
+        if sparse {
+            fs::remove_file(fs.path("filler")).expect("remove the filler");
+            write_direct(&dev.block(), 0, &data)
+                .unwrap_or_else(|(pos, e)| panic!("{what}: write at {pos} with space free again: {e}"));
+        }
+        assert!(
+            read_direct(&dev.block(), 0, size) == data,
+            "{what}: the device does not read back its writes"
+        );
+        del(dev.id);
+        assert_gone(&dev);
+    });
 }
 
 // ---------------------------------------------------------------- devices started side by side
@@ -974,7 +996,8 @@ fn ram_store_on_a_full_tmpfs_fails_a_write_not_the_server() {
 /// the others do (ADD_DEV, open of `/dev/ublkcN`, FETCH, START_DEV and its
 /// partition scan all interleaved): kernel-picked and fixed ids, every copy
 /// mode, with and without -r, in the shape of the report (`-q 2 -d 128`).
-/// Every one must go LIVE and serve a verify, several rounds in a row.
+/// Every one must go LIVE and serve a verify, several rounds in a row; the
+/// deletes of a round run side by side too, and each must succeed.
 #[test]
 fn devices_added_side_by_side_all_go_live_and_serve() {
     let Some(_h) = harness() else { return };
@@ -1021,11 +1044,17 @@ fn devices_added_side_by_side_all_go_live_and_serve() {
                 tail(&log, 6000)
             );
         }
+        // One `list` for the round: a process start costs a good part of a
+        // second under emulation.
+        let listed = list();
         let live: Vec<Dev> = devs
             .iter()
             .map(|(what, id)| {
-                let j =
-                    list_one(*id).unwrap_or_else(|| panic!("round {round}: `{what}` made {id}, not listed"));
+                let j = listed
+                    .iter()
+                    .find(|d| d["dev_id"] == *id)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("round {round}: `{what}` made {id}, not listed"));
                 assert_eq!(j["state"], "LIVE", "round {round}: `{what}`: {j}");
                 let pid = j["pid"].as_i64().expect("pid") as i32;
                 assert!(alive(pid), "round {round}: the server of `{what}` (device {id}) is gone");
@@ -1039,9 +1068,17 @@ fn devices_added_side_by_side_all_go_live_and_serve() {
         let labels: Vec<String> = live.iter().map(|d| format!("dev{}", d.id)).collect();
         let pairs: Vec<(&str, &Dev)> = labels.iter().map(String::as_str).zip(&live).collect();
         fio_verify_devices(&pairs, size);
+        // The deletes side by side too; each must succeed.
         for d in &live {
-            del(d.id);
-            assert_gone(d);
+            wait_until(&format!("round {round}: fio to let go of device {}", d.id), SETTLE, || {
+                openers(&d.block()).is_empty()
+            });
         }
+        let dels: Vec<Running> =
+            live.iter().map(|d| spawn(Command::new(bin()).args(["del", "-n", &d.id.to_string()]))).collect();
+        for r in dels {
+            r.finish(CMD_TIMEOUT).success();
+        }
+        assert_all_gone(&live);
     }
 }

@@ -1,4 +1,4 @@
-//! The module layers of src/ (README "Design in one screen"): every
+//! The module layers of src/ (docs/design.md): every
 //! `use crate::…`, `crate::…` and `super::…` path of a module may name only
 //! modules of its own layer or below, and no modules import each other in
 //! a cycle. Unit-test modules (`#[cfg(test)] mod tests`) may look anywhere.

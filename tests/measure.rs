@@ -1,4 +1,7 @@
-//! Measurement in the guest: a short `downtime` run and `stats` under load.
+//! Measurement in the guest: a short supervised `downtime` run completes
+//! its cycles and writes its report, and `stats` under fio load counts
+//! every request the block layer completed (`--json` included), or says
+//! that its figures are off for a `--stats off` server.
 //! Like the other driver tests they skip without the driver, through
 //! `common::skip` (a failure in the guest, where `UBLK_TEST_NO_SKIP=1`).
 
@@ -34,13 +37,16 @@ fn only_file(dir: &Path, ext: &str) -> std::path::PathBuf {
 }
 
 /// `downtime --cycles 3` on ram with a supervisor: 3 cycles, no client
-/// error, every gap positive and under 10 s, and an SVG that parses.
+/// error, every gap positive and under 10 s, and an SVG that parses. The
+/// run waits an interval before each kill and after the last: 500 ms, in
+/// which the client under emulation completes thousands of reads, keeps
+/// every gap between loads without the default's 2 s of idle waiting.
 #[test]
 fn downtime_three_supervised_cycles() {
     let Some(_h) = harness() else { return };
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().to_str().unwrap();
-    let args = ["downtime", "--cycles", "3", "--method", "supervise", "--size", "64M", "--interval", "2s"];
+    let args = ["downtime", "--cycles", "3", "--method", "supervise", "--size", "64M", "--interval", "500ms"];
     let run = try_run(Command::new(bin()).args(args).args(["--out", out]), Duration::from_secs(300))
         .expect("downtime finished within 300 s");
     assert!(run.ok(), "downtime failed:\n{}", run.describe());
@@ -113,9 +119,9 @@ fn stats_json_under_fio_load() {
     del(dev.id);
 }
 
-/// `stats --json` of device `id`, after checking it exits 0.
-fn stats_json(id: u32) -> Value {
-    let out = ublk(&["stats", "-n", &id.to_string(), "--json"]).success();
+/// `stats --json --window WINDOW` of device `id`, after checking it exits 0.
+fn stats_json(id: u32, window: &str) -> Value {
+    let out = ublk(&["stats", "-n", &id.to_string(), "--json", "--window", window]).success();
     serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("stats --json is not JSON ({e}):\n{}", out.describe()))
 }
@@ -130,10 +136,10 @@ fn stats_count_every_request() {
     for mode in [&[][..], &["--poll"][..]] {
         let dev = add(&[&["null", "-d", "32"][..], mode].concat());
         let quiet = |v: &Value| v["merged"]["iops"].as_f64() == Some(0.0);
-        let mut before = stats_json(dev.id);
+        let mut before = Value::Null;
         assert!(
             eventually(Duration::from_secs(30), || {
-                before = stats_json(dev.id);
+                before = stats_json(dev.id, "1s");
                 quiet(&before)
             }),
             "device {} never went quiet after add: {before}",
@@ -144,7 +150,8 @@ fn stats_count_every_request() {
         let job = fio(&dev.block(), &args);
         let fio_ios = job["jobs"][0]["read"]["total_ios"].as_u64().expect("fio total_ios");
         assert_eq!(fio_ios, 2048, "fio read other than 8M in 4k: {job}");
-        let after = stats_json(dev.id);
+        // Totals only: no window.
+        let after = stats_json(dev.id, "0");
         let ios = |v: &Value| v["merged"]["ios"].as_u64().unwrap();
         assert_eq!(ios(&after) - ios(&before), fio_ios, "{mode:?}: before {before}\nafter {after}");
         assert!(after["merged"]["enters"].as_u64() > before["merged"]["enters"].as_u64(), "{after}");
@@ -171,7 +178,7 @@ fn stats_off_says_so() {
         "`stats` printed figures for a --stats off device:\n{}",
         out.describe()
     );
-    let v = stats_json(dev.id);
+    let v = stats_json(dev.id, "1s");
     assert_eq!(v["stats"], "off", "{v}");
     assert!(v.get("merged").is_none() && v.get("queues").is_none(), "figures for a --stats off device: {v}");
     assert!(v["enters"].as_u64().is_some_and(|e| e > 0), "no enters counted with --stats off: {v}");

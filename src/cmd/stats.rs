@@ -1,5 +1,8 @@
 //! `stats -n ID`: the server's own figures, read from its shared-memory
-//! stats file over a one-second window: per queue and merged. The file is
+//! stats file over a window (`--window`, one second unless told): per
+//! queue and merged. The counts (`ios`, `reads`, ...) are the server's
+//! totals whatever the window; `--window 0` reads them at once, without
+//! rates. The file is
 //! the one the serving server published (a standby or successor publishes
 //! its own only when it takes over); `server_pid` says whose it is.
 //!
@@ -13,7 +16,25 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::stats::{Snapshot, StatsFile};
 
-const WINDOW: Duration = Duration::from_secs(1);
+/// The longest `--window`: a window is for watching a load, not a timer.
+const MAX_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Parses `--window`: `0`, `250ms`, `1s`, `2` (seconds).
+pub fn parse_window(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));
+    let bad = || format!("'{s}' is not a window: write e.g. 1s, 250ms or 0");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        _ => return Err(bad()),
+    };
+    if d > MAX_WINDOW {
+        return Err(format!("window '{s}' is too long: the most is 3600s"));
+    }
+    Ok(d)
+}
 
 #[derive(Debug, Serialize)]
 pub struct Figures {
@@ -40,15 +61,17 @@ pub struct Figures {
 }
 
 impl Figures {
-    /// `window` is the interval's delta; percentiles fall back to the whole
-    /// life of the server when the interval saw no I/O.
+    /// `window` is the interval's delta, over `secs` (0: no window, rates
+    /// 0); percentiles fall back to the whole life of the server when the
+    /// interval saw no I/O.
     fn new(queue: Option<usize>, window: &Snapshot, total: &Snapshot, secs: f64) -> Self {
         let h = if window.ios() > 0 { window.histogram() } else { total.histogram() };
         let us = |q: f64| if h.is_empty() { 0.0 } else { h.value_at_quantile(q) as f64 / 1000.0 };
+        let rate = |n: f64| if secs > 0.0 { n / secs } else { 0.0 };
         Figures {
             queue,
-            iops: window.ios() as f64 / secs,
-            mb_per_s: (window.read_bytes + window.write_bytes) as f64 / secs / 1e6,
+            iops: rate(window.ios() as f64),
+            mb_per_s: rate((window.read_bytes + window.write_bytes) as f64) / 1e6,
             ios: total.ios(),
             reads: total.reads,
             writes: total.writes,
@@ -103,8 +126,11 @@ fn collect_from(file: &StatsFile, dev_id: u32, window: Duration) -> Report {
         return r;
     }
     let (t0, before) = (Instant::now(), take());
-    std::thread::sleep(window);
-    let (secs, after) = (t0.elapsed().as_secs_f64(), take());
+    if !window.is_zero() {
+        std::thread::sleep(window);
+    }
+    let after = take();
+    let secs = if window.is_zero() { 0.0 } else { t0.elapsed().as_secs_f64() };
     let deltas: Vec<Snapshot> = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
     let queues = (0..after.len()).map(|q| Figures::new(Some(q), &deltas[q], &after[q], secs)).collect();
     let merged = Figures::new(None, &Snapshot::merge(&deltas), &Snapshot::merge(&after), secs);
@@ -119,8 +145,8 @@ pub fn off_message(dev_id: u32) -> String {
     format!("stats are off for device {dev_id} (added with --stats off)")
 }
 
-pub fn run(dev_id: u32, json: bool) -> Result<()> {
-    let r = collect(dev_id, WINDOW)?;
+pub fn run(dev_id: u32, json: bool, window: Duration) -> Result<()> {
+    let r = collect(dev_id, window)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
         return Ok(());
@@ -134,10 +160,11 @@ pub fn run(dev_id: u32, json: bool) -> Result<()> {
         );
         return Ok(());
     };
+    let over = if r.window_s > 0.0 { format!("over {:.2}s", r.window_s) } else { "no window".into() };
     println!(
-        "device {dev_id}, server pid {}, over {:.2}s (service time: from the pass over the ring that saw the \
+        "device {dev_id}, server pid {}, {over} (service time: from the pass over the ring that saw the \
          descriptor to the pass that queued its COMMIT; 0 when both are one pass)",
-        r.server_pid, r.window_s
+        r.server_pid
     );
     println!(
         "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>12}",
@@ -209,6 +236,34 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_window_reads_the_totals_at_once_without_rates() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server_file(dir.path(), 1, true);
+        let mut c = QueueCounters::new();
+        let req = Request { op: sys::UBLK_IO_OP_WRITE, len: 4096, ..Default::default() };
+        (0..3).for_each(|_| c.record(&req, 4096, 2000));
+        c.publish(server.queue(0));
+        let reader = StatsFile::open_in(dir.path().into(), 4).unwrap();
+        let t0 = Instant::now();
+        let r = collect_from(&reader, 4, Duration::ZERO);
+        assert!(t0.elapsed() < Duration::from_millis(500), "a zero window waited {:?}", t0.elapsed());
+        let m = r.merged.unwrap();
+        assert_eq!((r.window_s, m.ios, m.writes, m.iops, m.mb_per_s), (0.0, 3, 3, 0.0, 0.0));
+        assert!((1.9..=2.0).contains(&m.p50_us), "whole-life service time: {}", m.p50_us);
+    }
+
+    #[test]
+    fn window_takes_seconds_milliseconds_and_zero() {
+        assert_eq!(parse_window("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_window("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_window("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_window("3"), Ok(Duration::from_secs(3)));
+        for bad in ["", "s", "1m", "-1", "1.5s", "3601s"] {
+            assert!(parse_window(bad).is_err(), "{bad:?} was taken");
+        }
+    }
+
+    #[test]
     fn stats_off_reports_off_and_only_enters() {
         let dir = tempfile::tempdir().unwrap();
         let server = server_file(dir.path(), 2, false);
@@ -216,7 +271,7 @@ mod tests {
         (0..5).for_each(|_| c.entered());
         c.publish(server.queue(1));
         let reader = StatsFile::open_in(dir.path().into(), 4).unwrap();
-        let r = collect_from(&reader, 4, WINDOW);
+        let r = collect_from(&reader, 4, Duration::from_secs(1));
         assert_eq!((r.stats, r.enters, r.window_s), ("off", 5, 0.0), "an off report waits no window");
         let json = serde_json::to_value(&r).unwrap();
         assert!(json.get("merged").is_none() && json.get("queues").is_none(), "{json}");

@@ -78,14 +78,23 @@ pub fn bin() -> &'static Path {
 
 /// Copies BIN to BIN_COPY_DIR/ublk-bench (same name, so the same comm),
 /// through a rename so that a server still running an older copy is fine.
+/// A copy with BIN's size and modification time (which the copy is given)
+/// is BIN already: each test binary of a run would otherwise copy the same
+/// tens of megabytes again over the 9p share.
 fn copy_bin() -> std::io::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let dir = Path::new(BIN_COPY_DIR);
     fs::create_dir_all(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    let dst = dir.join("ublk-bench");
+    let src = fs::metadata(BIN)?;
+    let same = |m: fs::Metadata| m.len() == src.len() && m.modified().ok() == src.modified().ok();
+    if fs::metadata(&dst).is_ok_and(same) {
+        return Ok(dst);
+    }
     let tmp = dir.join(format!(".ublk-bench.{}", std::process::id()));
     fs::copy(BIN, &tmp)?;
-    let dst = dir.join("ublk-bench");
+    fs::File::options().write(true).open(&tmp)?.set_modified(src.modified()?)?;
     fs::rename(&tmp, &dst)?;
     Ok(dst)
 }
@@ -518,8 +527,22 @@ pub fn openers(path: &Path) -> Vec<i32> {
 
 /// After a delete: not listed, no block device, no server, no settings.
 pub fn assert_gone(dev: &Dev) {
+    assert_all_gone(std::slice::from_ref(dev));
+}
+
+/// [`assert_gone`] for several deleted devices, with one `list` for all
+/// (a process start costs a good part of a second under emulation).
+pub fn assert_all_gone(devs: &[Dev]) {
+    let listed = list_ids();
+    for dev in devs {
+        assert!(!listed.contains(&u64::from(dev.id)), "device {} is still listed after its delete", dev.id);
+        gone_but_listing(dev);
+    }
+}
+
+/// The checks of [`assert_gone`] other than `list`'s.
+fn gone_but_listing(dev: &Dev) {
     let id = dev.id;
-    assert!(list_one(id).is_none(), "device {id} is still listed after its delete");
     wait_until(&format!("{} to disappear", dev.block().display()), SETTLE, || !dev.block().exists());
     wait_until(&format!("server pid {} of device {id} to exit and be reaped", dev.pid), SETTLE, || {
         !Path::new(&format!("/proc/{}", dev.pid)).exists()
@@ -656,6 +679,22 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
     assert!(eventually(timeout, cond), "timed out after {timeout:?} waiting for {what}");
+}
+
+/// Runs `case` on every item at once, each in a thread of its own, and
+/// fails with the first failure's own message. For cases that share
+/// nothing (each its own device and files): under emulation one case
+/// leaves the CPUs idle much of the time, waiting for processes and I/O.
+pub fn side_by_side<T: Sync>(items: &[T], case: impl Fn(&T) + Sync) {
+    let results: Vec<std::thread::Result<()>> = std::thread::scope(|s| {
+        let running: Vec<_> = items.iter().map(|item| s.spawn(|| case(item))).collect();
+        running.into_iter().map(|t| t.join()).collect()
+    });
+    for r in results {
+        if let Err(panic) = r {
+            std::panic::resume_unwind(panic);
+        }
+    }
 }
 
 // ---------------------------------------------------------------- fio
