@@ -52,8 +52,8 @@ use memmap2::MmapMut;
 
 use crate::backend::{KIND_MASK, QueueBackend};
 use crate::clock::now_ns;
-use crate::config::CopyMode;
 use crate::error::{Error, Result};
+use crate::plan::Transfer;
 use crate::queue::{
     Arrivals, BACKEND_BIT, Cq, DataPlane, Gather, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER,
     PlaneKind, QueueSetup, Ring, Sq, TAG_MASK, TagIo, build_ring, idle_backoff, page_size, pin, ring_entries,
@@ -140,7 +140,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         // re-arms; the CQ also FETCH CQEs (at most one per tag we hold).
         let entries = ring_entries(setup.depth + 8, B::MAX_COMMANDS);
         let ring = build_ring::<B>(entries, entries * 2, setup.qid, setup.copy)?;
-        if setup.copy == CopyMode::Zero {
+        if setup.copy == Transfer::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)
                 .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
@@ -151,7 +151,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
             backend,
             tags: TagIo::new(&setup)?,
             fetch,
-            commits: Commits::new(depth, setup.copy == CopyMode::Copy),
+            commits: Commits::new(depth, setup.copy == Transfer::Copy),
             commits_unsent: 0,
             fetches_live: 0,
             stopping: false,
@@ -494,7 +494,8 @@ fn push<B: QueueBackend>(sq: &mut Sq<'_, B>, sqe: &B::Sqe, qid: u16) -> Result<(
     // SAFETY: every command points at memory this queue owns (commit
     // arrays, fetch buffers, per-tag buffers) or at nothing, and the ring
     // drops before that memory (field order of BatchQueue).
-    unsafe { sq.push(sqe) }.map_err(|_| Error::invalid(format!("submission queue of queue {qid} overflowed")))
+    unsafe { sq.push(sqe) }
+        .map_err(|_| Error::RingFull(format!("submission queue of queue {qid} overflowed")))
 }
 
 fn cmd_error(what: &str, qid: u16, res: i32) -> Error {

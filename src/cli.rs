@@ -5,9 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{
-    self as config, BackendKind, CopyMode, check_copy_mode, check_depth, check_queues, parse_size,
-};
+use crate::backend::{self, Options};
+use crate::config::{self as config, BackendKind, CopyMode, check_depth, check_queues, parse_size};
 use crate::cpus::parse_cpus;
 use crate::emulate::{self, Emulation, FailRule, Latency};
 use crate::error::{Error, Result};
@@ -224,45 +223,25 @@ impl DeviceOptions {
         Emulation { latency: self.latency.as_ref().map(|l| l.model.clone()), fail: self.fail.clone() }
     }
 
-    /// The checks that need neither the driver nor the file: the copy mode
-    /// fits the backend, each option belongs to it, and the one it needs is
+    /// The checks that need neither the driver nor the file: each option
+    /// belongs to the backend, the copy mode fits it, and what it needs is
     /// given. Opening --path or --dev is left to `add`.
     pub fn check(&self, backend: BackendKind) -> Result<()> {
-        check_copy_mode(self.copy_mode, backend, self.explicit_buf_reg)?;
-        if backend != BackendKind::File {
-            self.file_options_absent(backend)?;
-        }
-        match backend {
-            BackendKind::Nvme if self.dev.is_none() => {
-                Err(Error::invalid("the nvme backend needs --dev /dev/ngXnY"))
-            }
-            BackendKind::Nvme => Ok(()),
-            _ if self.dev.is_some() => Err(Error::invalid("--dev is for the nvme backend only")),
-            BackendKind::File if self.path.is_none() => Err(Error::invalid(
-                "the file backend needs --path FILE: a regular file or block device to serve",
-            )),
-            _ => Ok(()),
-        }
+        backend::check_options(backend::of(backend), &self.options(None))
     }
 
-    /// `--path` and `--direct` belong to `file`.
-    fn file_options_absent(&self, backend: BackendKind) -> Result<()> {
-        let name = backend.name();
-        let hint = match backend {
-            BackendKind::Ram => " (ram keeps its data in --store)",
-            _ => "",
-        };
-        if self.path.is_some() {
-            return Err(Error::invalid(format!(
-                "--path is an option of the file backend, not {name}: drop it{hint}, or use `add file --path`"
-            )));
+    /// The backend options among these, with `--size` as given (`add`
+    /// adds its store options).
+    pub fn options(&self, size: Option<u64>) -> Options<'_> {
+        Options {
+            size,
+            path: self.path.as_deref(),
+            direct: self.direct,
+            dev: self.dev.as_deref(),
+            copy_mode: self.copy_mode,
+            explicit_buf_reg: self.explicit_buf_reg,
+            ..Options::default()
         }
-        if self.direct {
-            return Err(Error::invalid(format!(
-                "--direct is an option of the file backend, not {name}: drop it"
-            )));
-        }
-        Ok(())
     }
 
     /// The options set away from their defaults, as flags.
@@ -278,31 +257,6 @@ impl DeviceOptions {
             ("--fail", !self.fail.is_empty()),
         ];
         set.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect()
-    }
-
-    /// The same options as `add` arguments.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--copy-mode".to_string(),
-            self.copy_mode.name().into(),
-            "--block-size".into(),
-            self.block_size.to_string(),
-        ];
-        let paths = [("--path", &self.path), ("--dev", &self.dev)];
-        for (flag, p) in paths {
-            if let Some(p) = p {
-                args.extend([flag.to_string(), p.display().to_string()]);
-            }
-        }
-        let switches = [("--direct", self.direct), ("--explicit-buf-reg", self.explicit_buf_reg)];
-        args.extend(switches.iter().filter(|(_, on)| *on).map(|(flag, _)| flag.to_string()));
-        if let Some(l) = &self.latency {
-            args.extend(["--latency".into(), l.text.clone()]);
-        }
-        for rule in &self.fail {
-            args.extend(["--fail".into(), rule.describe()]);
-        }
-        args
     }
 }
 

@@ -34,10 +34,11 @@ impl BackendKind {
 }
 
 /// How request data travels between the bio and the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CopyMode {
     /// Pick the best the kernel offers for the backend.
+    #[default]
     Auto,
     /// Per-tag buffers; the kernel copies to and from them.
     Copy,
@@ -273,44 +274,17 @@ pub fn check_depth(depth: u32) -> Result<u16> {
     Ok(depth as u16)
 }
 
-/// The copy-mode rules that need no kernel: what a backend can use, and
-/// `--explicit-buf-reg` only with zero copy. `auto` for nvme, file and ram may
-/// still end up as copy (or user) on an old kernel; the server checks that
-/// against the features.
-pub fn check_copy_mode(mode: CopyMode, backend: BackendKind, explicit_buf_reg: bool) -> Result<()> {
-    if let (CopyMode::User, BackendKind::Nvme | BackendKind::File) = (mode, backend) {
-        return Err(Error::invalid(format!(
-            "user copy would add a bounce copy for {}: use --copy-mode zero or copy",
-            backend.name()
-        )));
-    }
-    // auto picks user or copy for null, never zero.
-    let never_zero = matches!(mode, CopyMode::Copy | CopyMode::User)
-        || (mode == CopyMode::Auto && backend == BackendKind::Null);
-    if explicit_buf_reg && never_zero {
-        return Err(Error::invalid(format!(
-            "--explicit-buf-reg applies to zero copy, but {} copy for {} is not zero copy: drop it or add --copy-mode zero",
-            mode.name(),
-            backend.name()
-        )));
-    }
-    Ok(())
-}
-
 impl DeviceConfig {
-    /// Checks everything that can be checked without the driver.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks everything that can be checked without the driver, the size
+    /// against `min` (the backend's smallest, named `min_name`). The
+    /// backend's own checks are `backend::Backend::validate`'s.
+    pub fn validate(&self, min: u64, min_name: &str) -> Result<()> {
         if !matches!(self.block_size, 512 | 1024 | 2048 | 4096) {
             return Err(Error::invalid(format!(
                 "block size {} is not supported: use 512, 1024, 2048 or 4096",
                 self.block_size
             )));
         }
-        // A user's file may be small; a device we size ourselves is 1M at least.
-        let (min, min_name) = match self.backend {
-            BackendKind::File => (self.block_size as u64, format!("{} (one block)", self.block_size)),
-            _ => (MIN_SIZE, "1M".to_string()),
-        };
         if self.size < min || self.size > MAX_SIZE {
             return Err(Error::invalid(format!(
                 "size {} is out of range: give --size between {min_name} and 1P",
@@ -325,17 +299,11 @@ impl DeviceConfig {
                 self.size / self.block_size as u64 * self.block_size as u64
             )));
         }
-        if (self.backend == BackendKind::File) != self.path.is_some() {
-            return Err(Error::invalid(
-                "--path goes with the file backend, and the file backend needs --path",
-            ));
-        }
         check_depth(self.depth as u32)?;
         check_queues(self.queues as u32)?;
         if let Some(name) = &self.scheduler {
             parse_scheduler(name).map_err(Error::invalid)?;
         }
-        check_copy_mode(self.copy_mode, self.backend, self.explicit_buf_reg)?;
         self.validate_cpus()
     }
 
@@ -510,7 +478,7 @@ pub(crate) mod tests {
 
     #[test]
     fn validation_rejects_bad_values() {
-        assert!(sample().validate().is_ok());
+        assert!(sample().validate(MIN_SIZE, "1M").is_ok());
         let bad = [
             DeviceConfig { size: 1000 << 20 | 100, ..sample() },
             DeviceConfig { size: 4096, ..sample() },
@@ -523,7 +491,7 @@ pub(crate) mod tests {
             DeviceConfig { block_size: 3000, ..sample() },
         ];
         for cfg in bad {
-            assert!(matches!(cfg.validate(), Err(Error::Invalid(_))), "{cfg:?}");
+            assert!(matches!(cfg.validate(MIN_SIZE, "1M"), Err(Error::Invalid(_))), "{cfg:?}");
         }
     }
 
@@ -585,37 +553,6 @@ pub(crate) mod tests {
         let ncpu = online_cpus().len() as u16;
         let free = DeviceConfig { cpus: vec![], ..poll };
         assert!(free.poll_sharing(ncpu + 1).is_some() && free.poll_sharing(ncpu).is_none());
-    }
-
-    #[test]
-    fn copy_modes_a_backend_cannot_do_are_refused() {
-        use BackendKind::*;
-        use CopyMode::*;
-        let refused = [
-            (User, Nvme, false, "user copy would add a bounce copy for nvme"),
-            (User, File, false, "user copy would add a bounce copy for file"),
-            (Copy, Nvme, true, "--explicit-buf-reg applies to zero copy"),
-            (User, Ram, true, "--explicit-buf-reg applies to zero copy"),
-            (Auto, Null, true, "--explicit-buf-reg applies to zero copy"),
-        ];
-        for (mode, backend, ebr, want) in refused {
-            let err = check_copy_mode(mode, backend, ebr).unwrap_err().to_string();
-            assert!(err.contains(want), "{mode:?} {backend:?} {ebr}: {err}");
-        }
-        for (mode, backend, ebr) in [
-            (Zero, Nvme, true),
-            (Auto, Nvme, true),
-            (Zero, Null, true),
-            (User, Ram, false),
-            (Zero, Ram, true),
-            (Auto, Ram, true),
-            (Auto, File, true),
-            (Copy, File, false),
-        ] {
-            assert!(check_copy_mode(mode, backend, ebr).is_ok(), "{mode:?} {backend:?} {ebr}");
-        }
-        let cfg = DeviceConfig { copy_mode: User, backend: File, ..sample() };
-        assert!(matches!(cfg.validate(), Err(Error::Invalid(_))));
     }
 
     #[test]

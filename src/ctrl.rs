@@ -257,14 +257,14 @@ pub fn block_path(dev_id: u32) -> String {
 pub fn no_device(dev_id: u32, e: std::io::Error) -> Error {
     match e.raw_os_error() {
         Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoDevice(dev_id),
-        _ => Error::io(format!("GET_DEV_INFO of device {dev_id}"), e),
+        _ => Error::kernel(format!("GET_DEV_INFO of device {dev_id}"), e),
     }
 }
 
 /// Refuses a device that was created without USER_RECOVERY.
 pub fn check_recoverable(info: &DevInfo) -> Result<()> {
     if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
-        return Err(Error::invalid(format!(
+        return Err(Error::Recovery(format!(
             "device {} was created without -r (USER_RECOVERY): it cannot be recovered; delete it and add it again with -r",
             info.dev_id
         )));

@@ -6,12 +6,14 @@
 //! 1. `sys` (kernel ABI), with `error`, `clock`, `log`, `fault`;
 //! 2. `ctrl` (control plane), `process` (pidfds, signals), `cpus` (the
 //!    machine's CPUs, CPU lists), `io_scheduler` (a device's elevator, via sysfs);
-//! 3. `config` (the validated device configuration), `run_files` (its
+//! 3. `config` (the validated device configuration), `plan` (what was
+//!    asked and what the kernel offers, resolved once), `run_files` (its
 //!    files and the others under /run/ublk-bench), `teardown` (deleting a
 //!    device with its files and processes);
 //! 4. `request` (what a backend is handed);
 //! 5. `stats` (measurement);
-//! 6. `backend` (what a request does; no threads);
+//! 6. `backend` (one module per backend: its options, copy modes and
+//!    parameters, and what a request does; no threads);
 //! 7. `queue` (data plane: the loop, its user_data, its thread), `batch_queue`
 //!    (the same for UBLK_F_BATCH_IO);
 //! 8. `server` (the running device server: its queues and threads);
@@ -20,7 +22,8 @@
 //!     it), `supervisor` (restarting a crashed server), `server_process` (a
 //!     server process's life from start to exit);
 //! 11. `cli`, `cmd`, `downtime` (the command line; `downtime` uses only
-//!     the control plane, run files and process helpers).
+//!     the control plane, run files, process helpers, and `add` to make
+//!     its device).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -39,6 +42,7 @@ pub mod error;
 pub mod fault;
 pub mod io_scheduler;
 pub mod log;
+pub mod plan;
 pub mod process;
 pub mod queue;
 pub mod recovery;

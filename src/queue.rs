@@ -46,15 +46,11 @@ use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opc
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::backend::emulated::Emulated;
-use crate::backend::file::FileQueue;
-use crate::backend::null::NullQueue;
-use crate::backend::nvme::NvmeQueue;
-use crate::backend::ram::RamQueue;
-use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend};
+use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend, QueueMaker};
 use crate::clock::now_ns;
-use crate::config::CopyMode;
 use crate::emulate::{Emulation, Failer};
 use crate::error::{Error, Result};
+use crate::plan::Transfer;
 use crate::request::{Data, Request};
 use crate::stats::{QueueCounters, StatsFile};
 use crate::sys::{self, IoCmd, IoDesc};
@@ -79,7 +75,7 @@ pub struct QueueSetup {
     pub depth: u16,
     pub cpu: Option<usize>,
     pub poll: bool,
-    pub copy: CopyMode,
+    pub copy: Transfer,
     /// UBLK_F_AUTO_BUF_REG (zero copy on 6.16+): every FETCH and COMMIT names
     /// the buffer slot the kernel registers the tag's next request at.
     pub auto_buf_reg: bool,
@@ -220,7 +216,7 @@ pub(crate) fn build_ring<B: QueueBackend>(
     entries: u32,
     cq_entries: u32,
     qid: u16,
-    copy: CopyMode,
+    copy: Transfer,
 ) -> Result<Ring<B>> {
     // TASKRUN_FLAG: the kernel sets IORING_SQ_TASKRUN in the SQ flags when
     // it queues task work (a new request for us), so a polling queue sees
@@ -232,7 +228,7 @@ pub(crate) fn build_ring<B: QueueBackend>(
     // (synchronize_rcu in io_ring_exit_work) before it frees its buffer
     // table, and the requests registered there hold the driver's release
     // work, so the recovery, until then (README, "Where the gap goes").
-    if copy != CopyMode::Zero {
+    if copy != Transfer::Zero {
         b.setup_defer_taskrun();
     }
     b.build(entries).map_err(|e| Error::io(format!("io_uring setup for queue {qid}"), e))
@@ -331,7 +327,7 @@ impl<B: QueueBackend> Queue<B> {
         let entries = ring_entries(setup.depth, B::MAX_COMMANDS);
         let ring = build_ring::<B>(entries, entries, setup.qid, setup.copy)?;
         let gather = Gather::new(&ring, &setup);
-        if setup.copy == CopyMode::Zero {
+        if setup.copy == Transfer::Zero {
             ring.submitter()
                 .register_buffers_sparse(setup.depth as u32)
                 .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
@@ -369,7 +365,7 @@ impl<B: QueueBackend> Queue<B> {
             // SAFETY: the command points at this queue's buffer (copy mode) or
             // nothing; the ring drops before the buffers (field order above).
             unsafe { sq.push(&sqe) }
-                .map_err(|_| Error::invalid("submission queue smaller than queue depth"))?;
+                .map_err(|_| Error::Queue("submission queue smaller than queue depth".into()))?;
         }
         drop(sq);
         self.ring.submit().map_err(|e| Error::io(format!("submit FETCH_REQ on queue {}", s.setup.qid), e))?;
@@ -580,7 +576,7 @@ impl<B: QueueBackend> State<B> {
         }
         let sqe = self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
         // SAFETY: as in fetch_all. The SQ has room: see ring_entries.
-        unsafe { sq.push(&sqe) }.map_err(|_| Error::invalid("submission queue overflow"))
+        unsafe { sq.push(&sqe) }.map_err(|_| Error::RingFull("submission queue overflow".into()))
     }
 
     fn submit(&mut self, tag: u16, req: &Request, sq: &mut Sq<'_, B>) -> Option<i32> {
@@ -627,7 +623,7 @@ impl TagIo {
     /// Allocates the per-tag buffers of copy mode; nothing is bound yet.
     pub(crate) fn new(setup: &QueueSetup) -> Result<Self> {
         let bufs = match setup.copy {
-            CopyMode::Copy => Some(
+            Transfer::Copy => Some(
                 MmapMut::map_anon(setup.depth as usize * setup.max_io_bytes as usize)
                     .map_err(|e| Error::io("allocate per-tag buffers", e))?,
             ),
@@ -655,15 +651,15 @@ impl TagIo {
     /// Where the request of `tag` has its bytes, by the queue's copy mode.
     pub(crate) fn data(&mut self, setup: &QueueSetup, tag: u16) -> Data<'_> {
         match setup.copy {
-            CopyMode::Copy => {
+            Transfer::Copy => {
                 let len = setup.max_io_bytes as usize;
                 let bufs = self.bufs.as_mut().expect("copy mode has buffers");
                 let off = tag as usize * len;
                 Data::Buf(&mut bufs[off..off + len])
             }
-            CopyMode::Zero if setup.auto_buf_reg => Data::Registered { index: tag },
-            CopyMode::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid },
-            _ => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(setup.qid, tag, 0) },
+            Transfer::Zero if setup.auto_buf_reg => Data::Registered { index: tag },
+            Transfer::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid },
+            Transfer::User => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(setup.qid, tag, 0) },
         }
     }
 
@@ -692,40 +688,33 @@ pub(crate) fn spawn_queue<K: PlaneKind>(
     setup: QueueSetup,
     io: QueueChannels,
 ) -> Result<JoinHandle<Result<()>>> {
-    let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
-    let spawn = |f: Box<dyn FnOnce() -> Result<()> + Send>| {
-        std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(f)
-            .map_err(|e| Error::io("spawn queue thread", e))
-    };
-    match backend {
-        DeviceBackend::Null => spawn(body::<K, _>(setup, NullQueue, io)),
-        DeviceBackend::Ram(store) => spawn(body::<K, _>(setup, RamQueue::new(store.clone()), io)),
-        DeviceBackend::File(f) => {
-            let q = FileQueue::new(f.clone(), setup.depth);
-            spawn(body::<K, _>(setup, q, io))
-        }
-        DeviceBackend::Nvme(ns, file) => {
-            let q = NvmeQueue::new(ns.clone(), file.clone(), setup.depth);
-            spawn(body::<K, _>(setup, q, io))
-        }
-    }
+    let depth = setup.depth;
+    backend.with_queue(depth, Spawn::<K> { setup, io, plane: std::marker::PhantomData })
 }
 
-/// A queue thread's body for backend `q`, wrapped in [`Emulated`] when
-/// the device emulates a disk.
-fn body<K: PlaneKind, B: QueueBackend + Send + 'static>(
+/// Starts a queue thread once the backend has made the queue's half.
+struct Spawn<K> {
     setup: QueueSetup,
-    q: B,
     io: QueueChannels,
-) -> Box<dyn FnOnce() -> Result<()> + Send> {
-    match setup.emulate.clone() {
-        None => Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io)),
-        Some((e, failer)) => {
-            let q = Emulated::new(q, &e, failer, setup.depth, setup.dev_id as u64 * 4099 + setup.qid as u64);
-            Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io))
-        }
+    plane: std::marker::PhantomData<K>,
+}
+
+impl<K: PlaneKind> QueueMaker for Spawn<K> {
+    type Out = Result<JoinHandle<Result<()>>>;
+
+    /// The backend is wrapped in [`Emulated`] when the device emulates a disk.
+    fn make<B: QueueBackend + Send + 'static>(self, backend: B) -> Self::Out {
+        let Spawn { setup, io, .. } = self;
+        let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
+        let body: Box<dyn FnOnce() -> Result<()> + Send> = match setup.emulate.clone() {
+            None => Box::new(move || run_queue::<_, K::Plane<_>>(setup, backend, io)),
+            Some((e, failer)) => {
+                let seed = setup.dev_id as u64 * 4099 + setup.qid as u64;
+                let q = Emulated::new(backend, &e, failer, setup.depth, seed);
+                Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io))
+            }
+        };
+        std::thread::Builder::new().name(name).spawn(body).map_err(|e| Error::io("spawn queue thread", e))
     }
 }
 
@@ -817,12 +806,12 @@ pub fn pin(cpu: usize) -> Result<()> {
     // SAFETY: mask is readable for its whole length in bytes; 0 is this thread.
     if unsafe { libc::sched_setaffinity(0, mask.len() * 8, mask.as_ptr().cast()) } != 0 {
         let e = std::io::Error::last_os_error();
-        return Err(Error::invalid(format!("could not pin queue thread to CPU {cpu}: {e}")));
+        return Err(Error::Queue(format!("could not pin queue thread to CPU {cpu}: {e}")));
     }
     // SAFETY: sched_getcpu has no preconditions.
     let now = unsafe { libc::sched_getcpu() };
     if now != cpu as i32 {
-        return Err(Error::invalid(format!("pinned to CPU {cpu} but running on CPU {now}")));
+        return Err(Error::Queue(format!("pinned to CPU {cpu} but running on CPU {now}")));
     }
     Ok(())
 }
@@ -835,6 +824,7 @@ pub fn page_size() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::null::NullQueue;
 
     #[test]
     fn rings_hold_what_can_be_in_flight_and_no_more() {
@@ -855,7 +845,7 @@ mod tests {
     /// ring fd, as `run` uses it.
     #[test]
     fn a_queue_ring_round_trips_through_one_borrow() {
-        for copy in [CopyMode::Copy, CopyMode::Zero] {
+        for copy in [Transfer::Copy, Transfer::Zero] {
             round_trip(build_ring::<NullQueue>(ring_entries(4, 0), ring_entries(4, 0), 0, copy).unwrap());
         }
     }
@@ -866,7 +856,7 @@ mod tests {
     /// from any syscall and a DEFER_TASKRUN ring only in io_uring_enter.
     #[test]
     fn only_zero_copy_rings_run_task_work_outside_enter() {
-        for (copy, deferred) in [(CopyMode::Copy, true), (CopyMode::User, true), (CopyMode::Zero, false)] {
+        for (copy, deferred) in [(Transfer::Copy, true), (Transfer::User, true), (Transfer::Zero, false)] {
             let mut ring = build_ring::<NullQueue>(4, 4, 0, copy).unwrap();
             let ts = types::Timespec::new().nsec(1_000_000);
             // SAFETY: ts outlives the timeout: it is waited for below.

@@ -14,13 +14,14 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::backend::DeviceBackend;
 use crate::backend::claim::Claim;
+use crate::backend::{self, DeviceBackend};
 use crate::clock::now_ns;
 use crate::config::{CopyMode, DeviceConfig};
 use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
+use crate::plan::{self, Plan, Transfer};
 use crate::process;
 use crate::run_files::{self, Phases};
 use crate::server::{Server, Stop};
@@ -57,10 +58,11 @@ impl Takeover {
         };
         let mut ctrl = Ctrl::open()?;
         let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
-        let params = ctrl.get_params(dev_id).map_err(|e| Error::io("GET_PARAMS", e))?;
+        let params = ctrl.get_params(dev_id).map_err(|e| Error::kernel("GET_PARAMS", e))?;
         check_settings(dev_id, &mut cfg, &info, &params)?;
-        let backend = DeviceBackend::new(&cfg, false, None)?;
-        let mut server = Server::adopt(ctrl, info, cfg);
+        let plan = Plan::of_device(info.flags);
+        let backend = backend::of(cfg.backend).open(&mut cfg, plan.transfer, false)?;
+        let mut server = Server::adopt(ctrl, info, plan, cfg);
         server.prepare(&backend)?;
         let phases = Phases {
             dev_id,
@@ -92,7 +94,7 @@ impl Takeover {
         self.server.attach()?;
         self.phases.fetch_posted_ns = now_ns();
         let pid = std::process::id() as i32;
-        self.server.ctrl.end_recovery(dev_id, pid).map_err(|e| Error::io("END_USER_RECOVERY", e))?;
+        self.server.ctrl.end_recovery(dev_id, pid).map_err(|e| Error::kernel("END_USER_RECOVERY", e))?;
         self.phases.end_recovery_ns = now_ns();
         self.server.publish_stats();
         Ok(())
@@ -123,58 +125,20 @@ impl Takeover {
 /// mismatch is named. A copy mode of `auto` (never written by `add`, which
 /// records the mode it chose) takes the kernel's.
 pub fn check_settings(dev_id: u32, cfg: &mut DeviceConfig, info: &DevInfo, params: &Params) -> Result<()> {
-    let kernel_mode = copy_mode_of(info.flags);
     if cfg.copy_mode == CopyMode::Auto {
-        cfg.copy_mode = kernel_mode;
+        cfg.copy_mode = Transfer::of_flags(info.flags).mode();
     }
-    let wrong = settings_mismatches(cfg, info, params);
+    let wrong = plan::mismatches(cfg, info, params);
     if wrong.is_empty() {
         return Ok(());
     }
-    Err(Error::invalid(format!(
+    Err(Error::Recovery(format!(
         "device {dev_id}: the settings file {} does not match the device in the kernel: {}; nothing was sent \
          and the device stays {}: put the right settings back, or delete the device with `ublk-bench del -n {dev_id}`",
         run_files::path(dev_id).display(),
         wrong.join("; "),
         sys::state_name(info.state)
     )))
-}
-
-/// Each setting the kernel also knows, as "NAME X in the file, Y in the kernel".
-/// `max_io_bytes` is left out: ADD_DEV may round it, and a takeover sizes
-/// its buffers from the kernel's value alone.
-fn settings_mismatches(cfg: &DeviceConfig, info: &DevInfo, params: &Params) -> Vec<String> {
-    let mut wrong = vec![];
-    let mut check = |name: &str, file: String, kernel: String| {
-        if file != kernel {
-            wrong.push(format!("{name} {file} in the file, {kernel} in the kernel"));
-        }
-    };
-    check("device id", cfg.dev_id.map_or("none".into(), |i| i.to_string()), info.dev_id.to_string());
-    check("queues", cfg.queues.to_string(), info.nr_hw_queues.to_string());
-    check("depth", cfg.depth.to_string(), info.queue_depth.to_string());
-    check("size", cfg.size.to_string(), (params.basic.dev_sectors << 9).to_string());
-    check("block size", cfg.block_size.to_string(), (1u64 << params.basic.logical_bs_shift).to_string());
-    check("copy mode", cfg.copy_mode.name().into(), copy_mode_of(info.flags).name().into());
-    let rec_bits =
-        sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE | sys::UBLK_F_USER_RECOVERY_FAIL_IO;
-    check("recovery flags", format!("{:#x}", cfg.recovery.flags()), format!("{:#x}", info.flags & rec_bits));
-    check("batch", cfg.batch.to_string(), (info.flags & sys::UBLK_F_BATCH_IO != 0).to_string());
-    if cfg.explicit_buf_reg && info.flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
-        wrong.push("explicit buffer registration in the file, AUTO_BUF_REG in the kernel".into());
-    }
-    wrong
-}
-
-/// The copy mode a device's flags give.
-fn copy_mode_of(flags: u64) -> CopyMode {
-    if flags & sys::UBLK_F_USER_COPY != 0 {
-        CopyMode::User
-    } else if flags & (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY) != 0 {
-        CopyMode::Zero
-    } else {
-        CopyMode::Copy
-    }
 }
 
 /// Polls GET_DEV_INFO (every 100 µs, bounded) until QUIESCED or FAIL_IO.
@@ -187,20 +151,20 @@ pub fn wait_recoverable(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Resu
         match info.state {
             sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => return Ok(info),
             sys::UBLK_S_DEV_DEAD => {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {dev_id} is DEAD (stopped): delete it with `ublk-bench del -n {dev_id}`"
                 )));
             }
             _ if info.ublksrv_pid != std::process::id() as i32
                 && process::server_of(dev_id, info.ublksrv_pid).is_some() =>
             {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {dev_id} is LIVE, served by pid {}: nothing to recover (use `ublk-bench restart -n {dev_id}` for a planned handover)",
                     info.ublksrv_pid
                 )));
             }
             _ if Instant::now() >= deadline => {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {dev_id} did not reach QUIESCED within {}s after its server died",
                     timeout.as_secs()
                 )));
@@ -223,7 +187,7 @@ pub fn start_recovery(ctrl: &mut Ctrl, dev_id: u32, timeout: Duration) -> Result
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_micros(500));
             }
-            Err(e) => return Err(Error::io("START_USER_RECOVERY", e)),
+            Err(e) => return Err(Error::kernel("START_USER_RECOVERY", e)),
         }
     }
 }
@@ -297,7 +261,9 @@ mod tests {
             );
         }
         let mut two = DeviceConfig { depth: 128, size: 32 << 20, ..cfg };
-        let err = check_settings(3, &mut two, &info, &params).unwrap_err().to_string();
+        let err = check_settings(3, &mut two, &info, &params).unwrap_err();
+        assert!(matches!(err, Error::Recovery(_)), "a recovery refusal, not bad input: {err:?}");
+        let err = err.to_string();
         assert!(err.contains("depth 128") && err.contains("size 33554432"), "{err}");
     }
 }

@@ -18,23 +18,26 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::DeviceBackend;
 use crate::backend::claim::Claim;
-use crate::backend::nvme::Namespace;
+use crate::backend::{self, DeviceBackend};
 use crate::batch_queue::Batch;
-use crate::config::{self, BackendKind, CopyMode, DeviceConfig, Recovery};
+use crate::config::DeviceConfig;
 use crate::ctrl::{self, Ctrl};
 use crate::emulate::Failer;
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
+use crate::plan::{self, Plan};
 use crate::queue::{PerTag, QueueChannels, QueueSetup, spawn_queue};
 use crate::stats::StatsFile;
-use crate::sys::{self, DevInfo, Params};
+use crate::sys::{self, DevInfo};
 use crate::{run_files, teardown};
 
 pub struct Server {
     pub ctrl: Ctrl,
     pub cfg: DeviceConfig,
+    /// How the device is served, made once: from the features for a new
+    /// device, from the kernel's flags for a takeover.
+    pub plan: Plan,
     pub info: DevInfo,
     pub dev_id: u32,
     char_dev: Option<Arc<File>>,
@@ -66,9 +69,10 @@ pub enum Stop {
 }
 
 impl Server {
-    /// ADD_DEV and SET_PARAMS for a new device. On error nothing is left.
-    /// `ns` is the namespace of an nvme device, whose limits the params take.
-    pub fn create(cfg: &DeviceConfig, ns: Option<&Namespace>) -> Result<Self> {
+    /// Plans a new device from the kernel's features, then ADD_DEV and
+    /// SET_PARAMS. On error nothing is left. The settings take the plan's
+    /// copy mode, so the run file records the mode chosen.
+    pub fn create(cfg: &DeviceConfig) -> Result<Self> {
         let fault = fault::from_env()?;
         let panic_after = match fault {
             Some(Fault::QueuePanic(n)) => Some(n),
@@ -76,42 +80,42 @@ impl Server {
         };
         let mut ctrl = Ctrl::open()?;
         let features = fault::mask_features(ctrl.features()?, fault);
+        let spec = backend::of(cfg.backend);
+        let plan = Plan::new(cfg, spec.copy_rules(), features)?;
         let mut cfg = cfg.clone();
-        cfg.copy_mode = resolve_copy_mode(cfg.copy_mode, cfg.backend, features)?;
-        check_recovery(cfg.recovery, features)?;
-        let batch = batch_flag(cfg.batch, features)?;
+        cfg.copy_mode = plan.transfer.mode();
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
             max_io_buf_bytes: cfg.max_io_bytes,
             dev_id: cfg.dev_id.unwrap_or(sys::DEV_ID_ANY),
-            flags: copy_flags(&cfg, features)?
-                | cfg.recovery.flags()
-                | quiesce_flag(cfg.recovery, features)
-                | part_scan_flag(cfg.part_scan, features)
-                | batch,
+            flags: plan.flags,
             ..Default::default()
         };
         ctrl.add(&mut info).map_err(|e| match e.raw_os_error() {
             Some(libc::EEXIST) => Error::IdInUse(info.dev_id),
-            _ => Error::io("ADD_DEV", e),
+            _ => Error::kernel("ADD_DEV", e),
         })?;
         let dev_id = info.dev_id;
         cfg.dev_id = Some(dev_id);
-        let mut params = params_for(&cfg, &info, ns);
-        if let Err(e) = ctrl.set_params(dev_id, &mut params) {
+        let mut params = plan::params(&cfg, info.max_io_buf_bytes);
+        let set = spec
+            .params(&cfg, &mut params)
+            .and_then(|()| ctrl.set_params(dev_id, &mut params).map_err(|e| Error::kernel("SET_PARAMS", e)));
+        if let Err(e) = set {
             let undo = ctrl.del(dev_id).err();
-            return Err(with_undo(Error::io("SET_PARAMS", e), dev_id, "DEL_DEV", undo));
+            return Err(with_undo(e, dev_id, "DEL_DEV", undo));
         }
         let unreg_auto_buf = fault == Some(Fault::AutoBufRegFallback);
-        Ok(Server { panic_after, unreg_auto_buf, ..Server::new(ctrl, cfg, info) })
+        Ok(Server { panic_after, unreg_auto_buf, ..Server::new(ctrl, cfg, plan, info) })
     }
 
-    fn new(ctrl: Ctrl, cfg: DeviceConfig, info: DevInfo) -> Self {
+    fn new(ctrl: Ctrl, cfg: DeviceConfig, plan: Plan, info: DevInfo) -> Self {
         let failer = cfg.emulate.is_on().then(|| Arc::new(Failer::new(cfg.emulate.fail.clone())));
         Server {
             ctrl,
             cfg,
+            plan,
             info,
             dev_id: info.dev_id,
             char_dev: None,
@@ -133,9 +137,10 @@ impl Server {
     }
 
     /// Takes over an existing device (recovery): no ADD_DEV, the kernel's
-    /// queue count, depth and flags (`info`, read through `ctrl`) stand.
-    pub fn adopt(ctrl: Ctrl, info: DevInfo, cfg: DeviceConfig) -> Self {
-        Server::new(ctrl, cfg, info)
+    /// queue count, depth and flags (`info`, read through `ctrl`) stand,
+    /// and the plan is theirs ([`Plan::of_device`]).
+    pub fn adopt(ctrl: Ctrl, info: DevInfo, plan: Plan, cfg: DeviceConfig) -> Self {
+        Server::new(ctrl, cfg, plan, info)
     }
 
     /// Starts every queue thread and returns once each has pinned itself and
@@ -151,10 +156,9 @@ impl Server {
         for qid in 0..self.info.nr_hw_queues {
             let setup = self.queue_setup(qid, &stats)?;
             let (bind_tx, bind_rx) = mpsc::channel();
-            // The kernel's flags decide: a takeover serves the device as it was made.
-            let spawn = match self.info.flags & sys::UBLK_F_BATCH_IO {
-                0 => spawn_queue::<PerTag>,
-                _ => spawn_queue::<Batch>,
+            let spawn = match self.plan.batch {
+                false => spawn_queue::<PerTag>,
+                true => spawn_queue::<Batch>,
             };
             let handle = spawn(backend, setup, QueueChannels { bind: bind_rx, ready: tx.clone() })?;
             self.threads.push(handle);
@@ -196,7 +200,7 @@ impl Server {
             match rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(Error::invalid("a queue thread died during start-up")),
+                Err(_) => return Err(Error::Queue("a queue thread died during start-up".into())),
             }
         }
         Ok(())
@@ -210,7 +214,7 @@ impl Server {
             None => self
                 .ctrl
                 .queue_affinity(self.dev_id, qid, crate::cpus::nr_cpu_ids())
-                .map_err(|e| Error::io("GET_QUEUE_AFFINITY", e))?,
+                .map_err(|e| Error::kernel("GET_QUEUE_AFFINITY", e))?,
         };
         let cpu = self.cfg.queue_cpu(qid, &affinity, &online);
         if let Some(c) = listed.filter(|&c| c != cpu) {
@@ -227,8 +231,8 @@ impl Server {
             depth: self.cfg.depth,
             cpu: Some(cpu),
             poll: self.cfg.poll,
-            copy: self.cfg.copy_mode,
-            auto_buf_reg: self.info.flags & sys::UBLK_F_AUTO_BUF_REG != 0,
+            copy: self.plan.transfer,
+            auto_buf_reg: self.plan.auto_buf_reg,
             max_io_bytes: self.info.max_io_buf_bytes,
             stats: Some(stats.clone()),
             stats_on: self.cfg.stats,
@@ -243,8 +247,8 @@ impl Server {
 
     /// START_DEV with our pid; `/dev/ublkbN` exists when it returns.
     pub fn start(&mut self) -> Result<()> {
-        self.ctrl.start(self.dev_id, std::process::id() as i32).map_err(|e| Error::io("START_DEV", e))?;
-        self.info = self.ctrl.info(self.dev_id).map_err(|e| Error::io("GET_DEV_INFO", e))?;
+        self.ctrl.start(self.dev_id, std::process::id() as i32).map_err(|e| Error::kernel("START_DEV", e))?;
+        self.info = self.ctrl.info(self.dev_id).map_err(|e| Error::kernel("GET_DEV_INFO", e))?;
         Ok(())
     }
 
@@ -302,7 +306,7 @@ impl Server {
         self.char_dev = None;
         if delete {
             teardown::del_dev(&mut self.ctrl, self.dev_id, Some(&self.cfg))
-                .map_err(|e| Error::io(format!("DEL_DEV of device {}", self.dev_id), e))?;
+                .map_err(|e| Error::kernel(format!("DEL_DEV of device {}", self.dev_id), e))?;
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -333,124 +337,6 @@ fn with_undo(cause: Error, dev_id: u32, op: &str, undo: Option<std::io::Error>) 
         "{cause}; deleting the half-made device {dev_id} then failed too ({op}: {e}): \
          remove it with `ublk-bench del -n {dev_id} --force`"
     ))
-}
-
-/// Picks the copy mode: `auto` takes the best the kernel offers for the
-/// backend; an explicit mode the kernel cannot do is refused. What the
-/// backend cannot do is refused earlier, by `config::check_copy_mode`.
-pub fn resolve_copy_mode(mode: CopyMode, backend: BackendKind, features: u64) -> Result<CopyMode> {
-    let has = |f: u64| features & f != 0;
-    let mode = match (mode, backend) {
-        // ram too: zero copy serves its store as a file and maps nothing.
-        (CopyMode::Auto, BackendKind::Nvme | BackendKind::File | BackendKind::Ram)
-            if has(sys::UBLK_F_SUPPORT_ZERO_COPY) =>
-        {
-            CopyMode::Zero
-        }
-        (CopyMode::Auto, BackendKind::Nvme | BackendKind::File) => CopyMode::Copy,
-        (CopyMode::Auto, _) if has(sys::UBLK_F_USER_COPY) => CopyMode::User,
-        (CopyMode::Auto, _) => CopyMode::Copy,
-        (m, _) => m,
-    };
-    config::check_copy_mode(mode, backend, false)?;
-    match mode {
-        CopyMode::User if !has(sys::UBLK_F_USER_COPY) => Err(Error::Unsupported {
-            feature: "UBLK_F_USER_COPY",
-            version: "6.5",
-            hint: "use --copy-mode copy",
-        }),
-        // Before 6.15 GET_FEATURES masked SUPPORT_ZERO_COPY out (and ADD_DEV
-        // cleared it); 6.15 added REGISTER_IO_BUF and began to report it. So
-        // the bit in GET_FEATURES alone means a working zero copy.
-        CopyMode::Zero if !has(sys::UBLK_F_SUPPORT_ZERO_COPY) => Err(Error::Unsupported {
-            feature: "UBLK_F_SUPPORT_ZERO_COPY with REGISTER_IO_BUF",
-            version: "6.15",
-            hint: "use --copy-mode copy",
-        }),
-        m => Ok(m),
-    }
-}
-
-fn check_recovery(rec: Recovery, features: u64) -> Result<()> {
-    let need = [
-        (sys::UBLK_F_USER_RECOVERY, "UBLK_F_USER_RECOVERY", "6.1"),
-        (sys::UBLK_F_USER_RECOVERY_REISSUE, "UBLK_F_USER_RECOVERY_REISSUE", "6.1"),
-        (sys::UBLK_F_USER_RECOVERY_FAIL_IO, "UBLK_F_USER_RECOVERY_FAIL_IO", "6.13"),
-    ];
-    for (flag, feature, version) in need {
-        if rec.flags() & flag != 0 && features & flag == 0 {
-            return Err(Error::Unsupported { feature, version, hint: "drop the recovery flag or upgrade" });
-        }
-    }
-    Ok(())
-}
-
-/// UBLK_F_BATCH_IO for `--batch`, refused before ADD_DEV where the kernel lacks it.
-fn batch_flag(batch: bool, features: u64) -> Result<u64> {
-    match (batch, features & sys::UBLK_F_BATCH_IO) {
-        (false, _) => Ok(0),
-        (true, 0) => Err(Error::Unsupported {
-            feature: "UBLK_F_BATCH_IO",
-            version: "7.0",
-            hint: "drop --batch (see `ublk-bench features`)",
-        }),
-        (true, f) => Ok(f),
-    }
-}
-
-/// QUIESCE_DEV (planned restart) comes free with recovery where the kernel has it.
-fn quiesce_flag(rec: Recovery, features: u64) -> u64 {
-    if rec != Recovery::None { features & sys::UBLK_F_QUIESCE } else { 0 }
-}
-
-/// No partition scan unless asked, where the kernel can leave it out
-/// (7.0); before that the kernel always scans.
-fn part_scan_flag(part_scan: bool, features: u64) -> u64 {
-    if part_scan { 0 } else { features & sys::UBLK_F_NO_AUTO_PART_SCAN }
-}
-
-/// Zero copy prefers AUTO_BUF_REG (6.16+): the kernel registers each
-/// request's pages itself, which saves two commands per request.
-fn copy_flags(cfg: &DeviceConfig, features: u64) -> Result<u64> {
-    let auto = features & sys::UBLK_F_AUTO_BUF_REG != 0 && !cfg.explicit_buf_reg;
-    Ok(match cfg.copy_mode {
-        CopyMode::User => sys::UBLK_F_USER_COPY,
-        // SUPPORT_ZERO_COPY too: a request whose pages the kernel could not
-        // register (AUTO_BUF_REG_FALLBACK) is registered by a REGISTER_IO_BUF
-        // chain, which the kernel refuses without it.
-        CopyMode::Zero if auto => sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY,
-        CopyMode::Zero => sys::UBLK_F_SUPPORT_ZERO_COPY,
-        m if cfg.explicit_buf_reg => {
-            return Err(Error::invalid(format!(
-                "--explicit-buf-reg applies to zero copy, but this device uses {} copy: drop it or add --copy-mode zero",
-                m.name()
-            )));
-        }
-        _ => 0,
-    })
-}
-
-fn params_for(cfg: &DeviceConfig, info: &DevInfo, ns: Option<&Namespace>) -> Params {
-    let bs_shift = cfg.block_size.trailing_zeros() as u8;
-    let mut p =
-        Params { types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD, ..Default::default() };
-    p.basic.logical_bs_shift = bs_shift;
-    p.basic.physical_bs_shift = bs_shift.max(12);
-    p.basic.io_min_shift = bs_shift;
-    p.basic.io_opt_shift = bs_shift.max(12);
-    p.basic.max_sectors = info.max_io_buf_bytes >> 9;
-    p.basic.dev_sectors = cfg.dev_sectors();
-    p.discard.discard_granularity = cfg.block_size.max(4096);
-    p.discard.max_discard_sectors = u32::MAX >> 9;
-    p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
-    p.discard.max_discard_segments = 1;
-    if let Some(ns) = ns {
-        ns.apply_params(&mut p);
-    }
-    if cfg.backend == BackendKind::File {
-        p.basic.attrs |= crate::backend::file::cache_attrs(cfg);
-    }
-    p
 }
 
 /// Opens `/dev/ublkcN`, waiting briefly for udev/devtmpfs to create it.
@@ -525,40 +411,6 @@ fn notify_queue_ended() {
 mod tests {
     use super::*;
 
-    /// Bits 0-9 as GET_FEATURES reports them on 6.15 (ZERO_COPY, no UPDATE_SIZE).
-    const LINUX_6_15: u64 = (1 << 10) - 1;
-    /// 6.14 masks ZERO_COPY out of GET_FEATURES.
-    const LINUX_6_14: u64 = LINUX_6_15 & !sys::UBLK_F_SUPPORT_ZERO_COPY;
-
-    #[test]
-    fn zero_copy_is_allowed_on_6_15_and_refused_before() {
-        assert_eq!(resolve_copy_mode(CopyMode::Zero, BackendKind::Nvme, LINUX_6_15).unwrap(), CopyMode::Zero);
-        assert_eq!(resolve_copy_mode(CopyMode::Auto, BackendKind::Nvme, LINUX_6_15).unwrap(), CopyMode::Zero);
-        assert!(matches!(
-            resolve_copy_mode(CopyMode::Zero, BackendKind::Nvme, LINUX_6_14),
-            Err(Error::Unsupported { version: "6.15", .. })
-        ));
-        assert_eq!(resolve_copy_mode(CopyMode::Auto, BackendKind::Nvme, LINUX_6_14).unwrap(), CopyMode::Copy);
-    }
-
-    #[test]
-    fn backend_rules_hold_whatever_the_kernel() {
-        assert!(resolve_copy_mode(CopyMode::User, BackendKind::Nvme, u64::MAX).is_err());
-        assert!(resolve_copy_mode(CopyMode::User, BackendKind::File, u64::MAX).is_err());
-    }
-
-    #[test]
-    fn ram_and_file_take_zero_copy_where_the_kernel_has_it() {
-        use BackendKind::{File, Ram};
-        assert_eq!(resolve_copy_mode(CopyMode::Auto, Ram, LINUX_6_15).unwrap(), CopyMode::Zero);
-        assert_eq!(resolve_copy_mode(CopyMode::Auto, Ram, LINUX_6_14).unwrap(), CopyMode::User);
-        assert_eq!(resolve_copy_mode(CopyMode::Auto, File, LINUX_6_15).unwrap(), CopyMode::Zero);
-        assert_eq!(resolve_copy_mode(CopyMode::Auto, File, LINUX_6_14).unwrap(), CopyMode::Copy);
-        // user and copy stay selectable for ram, for comparison.
-        assert_eq!(resolve_copy_mode(CopyMode::User, Ram, LINUX_6_15).unwrap(), CopyMode::User);
-        assert_eq!(resolve_copy_mode(CopyMode::Copy, Ram, LINUX_6_15).unwrap(), CopyMode::Copy);
-    }
-
     /// A failed undo is reported with the failure it undid, not dropped.
     #[test]
     fn a_failed_undo_is_reported_with_its_cause() {
@@ -570,16 +422,5 @@ mod tests {
         assert!(err.starts_with(&cause().to_string()), "{err}");
         assert!(err.contains("DEL_DEV_ASYNC") && err.contains("busy"), "{err}");
         assert!(err.contains("ublk-bench del -n 4"), "{err}");
-    }
-
-    #[test]
-    fn batch_is_asked_for_only_where_the_kernel_has_it() {
-        assert_eq!(batch_flag(false, u64::MAX).unwrap(), 0);
-        assert_eq!(batch_flag(true, u64::MAX).unwrap(), sys::UBLK_F_BATCH_IO);
-        let err = batch_flag(true, LINUX_6_15).unwrap_err().to_string();
-        assert!(
-            err.contains("UBLK_F_BATCH_IO") && err.contains("7.0") && err.contains("drop --batch"),
-            "{err}"
-        );
     }
 }

@@ -3,18 +3,17 @@
 //! signal or until its queues end. Run by `__serve` (and by
 //! `add --foreground`); progress goes to the starter on the notify pipe.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::backend::DeviceBackend;
 use crate::backend::claim::Claim;
-use crate::backend::nvme::Namespace;
+use crate::backend::{self, DeviceBackend};
 use crate::clock::now_ns;
-use crate::config::{BackendKind, DeviceConfig};
+use crate::config::DeviceConfig;
 use crate::daemonize::{HANDOVER_SIGNAL, Notifier};
 use crate::error::Result;
 use crate::fault::{self, Fault};
+use crate::plan::Transfer;
 use crate::process::ProcId;
 use crate::recovery::Takeover;
 use crate::server::{Server, Stop};
@@ -27,7 +26,7 @@ pub fn new_device(
     mut notify: Notifier,
     on_live: impl FnOnce(u32) -> Result<()>,
 ) -> Result<()> {
-    let (mut server, ns) = match create(&cfg) {
+    let mut server = match Server::create(&cfg) {
         Ok(s) => s,
         Err(e) => {
             notify.failed(&e);
@@ -36,10 +35,7 @@ pub fn new_device(
     };
     notify.added(server.dev_id);
     note_queues(&mut server.cfg, server.info.nr_hw_queues);
-    if server.cfg.backend == BackendKind::Ram && server.cfg.store.is_none() {
-        server.cfg.store = Some(format!("/dev/shm/ublk-bench-{}", server.dev_id).into());
-    }
-    let started = make_backend(&mut server.cfg, ns).and_then(|backend| {
+    let started = make_backend(&mut server.cfg, server.plan.transfer).and_then(|backend| {
         server.hold(Claim::take_new(&backend, server.dev_id)?);
         run_files::save(server.dev_id, &server.cfg)?;
         server.prepare(&backend)?;
@@ -92,25 +88,14 @@ fn note_queues(cfg: &mut DeviceConfig, made: u16) {
 
 /// A new store is created (and only then marked ours, so a failed start
 /// never removes a file that was there before); a reused one is opened.
-fn make_backend(cfg: &mut DeviceConfig, ns: Option<(Namespace, File)>) -> Result<DeviceBackend> {
+fn make_backend(cfg: &mut DeviceConfig, transfer: Transfer) -> Result<DeviceBackend> {
     let create = cfg.store_created;
     cfg.store_created = false;
-    let backend = DeviceBackend::new(cfg, create, ns)?;
+    let backend = backend::of(cfg.backend).open(cfg, transfer, create)?;
     cfg.store_created = create;
     // A store made just now is identified as opened (`add` identified the rest).
     cfg.backing_id = cfg.backing_id.or_else(|| backend.file_id());
     Ok(backend)
-}
-
-/// ADD_DEV and SET_PARAMS. An nvme namespace is opened once, here, for
-/// the params and then the backend.
-fn create(cfg: &DeviceConfig) -> Result<(Server, Option<(Namespace, File)>)> {
-    let ns = match cfg.backend {
-        BackendKind::Nvme => Some(Namespace::probe_for(cfg)?),
-        _ => None,
-    };
-    let server = Server::create(cfg, ns.as_ref().map(|(n, _)| n))?;
-    Ok((server, ns))
 }
 
 /// The recovering server. With `watch` it is a successor (a hot standby,

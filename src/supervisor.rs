@@ -87,7 +87,7 @@ impl Supervisor {
                 self.server.pid()
             );
             if self.too_many_crashes() {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {} crashed {MAX_CRASHES} times within {}s: giving up, device left QUIESCED; \
                      run `ublk-bench recover -n {0}` or `ublk-bench del -n {0}`",
                     self.dev_id,
@@ -102,8 +102,8 @@ impl Supervisor {
     /// Blocks until the server exits (true) or SIGTERM/SIGINT arrives (false).
     fn wait_server_exit(&self) -> Result<bool> {
         // Our own child: its pid cannot be reused before we reap it.
-        let pidfd =
-            process::child_pidfd(self.server.pid()).ok_or_else(|| Error::invalid("server pid vanished"))?;
+        let pidfd = process::child_pidfd(self.server.pid())
+            .ok_or_else(|| Error::Recovery("server pid vanished".into()))?;
         let mut fds = [
             libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.signals.as_raw_fd(), events: libc::POLLIN, revents: 0 },

@@ -137,7 +137,7 @@ fn stop_if_unused(ctrl: &mut Ctrl, info: &DevInfo) -> Result<()> {
         }
         // ENODEV: the disk is not there (never started, or already stopped).
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
-        Err(e) => Err(Error::io(format!("TRY_STOP_DEV of device {dev_id}"), e)),
+        Err(e) => Err(Error::kernel(format!("TRY_STOP_DEV of device {dev_id}"), e)),
     }
 }
 

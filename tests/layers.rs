@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["sys", "error", "clock", "log", "fault"], // ABI and what everything uses
     &["ctrl", "process", "cpus", "io_scheduler"], // control plane, processes, CPUs, I/O scheduler
-    &["emulate", "config", "run_files", "teardown"], // device emulation, config, run files, deleting both
-    &["request"],                               // request and data types
+    &["emulate", "config", "plan", "run_files", "teardown"], // emulation, device config and plan, run files, deleting both
+    &["request"],                                            // request and data types
     &["stats"],
     &["backend"],              // no threads, no server
     &["queue", "batch_queue"], // the loop, user_data encoding, its thread
@@ -22,9 +22,11 @@ const LAYERS: &[&[&str]] = &[
 ];
 
 /// What `downtime` may use besides itself: the control plane, run files,
-/// process helpers and what they stand on, and its arguments.
+/// process helpers and what they stand on, its arguments, and `add`
+/// (`cmd`) with the backends' sizes (`backend`), to make its device as
+/// `add` makes one, without a command line between them.
 const DOWNTIME_MAY_USE: &[&str] =
-    &["sys", "error", "clock", "log", "ctrl", "process", "config", "run_files", "cli"];
+    &["sys", "error", "clock", "log", "ctrl", "process", "config", "run_files", "cli", "cmd", "backend"];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
@@ -217,7 +219,7 @@ fn no_module_import_cycle() {
 }
 
 #[test]
-fn downtime_needs_only_the_control_plane_run_files_and_processes() {
+fn downtime_uses_only_the_control_plane_run_files_processes_and_add() {
     let g = graph();
     let mut used = BTreeSet::new();
     for (m, deps) in g.iter().filter(|(m, _)| top(m) == "downtime") {

@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::DeviceBackend;
-use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
+use crate::config::{DeviceConfig, FileId, FileKind};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::{process, run_files, sys};
@@ -184,12 +184,7 @@ impl Claim {
 /// The file a device of `cfg` holds exclusively: `file`'s path, the RAM
 /// store, the NVMe namespace's generic node.
 fn claimed_path(cfg: &DeviceConfig) -> Option<&Path> {
-    match cfg.backend {
-        BackendKind::File => cfg.path.as_deref(),
-        BackendKind::Ram => cfg.store.as_deref(),
-        BackendKind::Nvme => cfg.nvme_dev.as_deref(),
-        BackendKind::Null => None,
-    }
+    super::of(cfg.backend).claimed_path(cfg)
 }
 
 /// An O_EXCL open of a block device, a flock'd open of anything else.

@@ -28,13 +28,15 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::QueueBackend;
 use super::chain::{Chains, KIND_IO, Registration};
 use super::claim;
-use crate::config::{DeviceConfig, FileId, FileKind};
+use super::{Backend, Device, DeviceBackend, Options, QueueBackend, QueueMaker};
+use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
+use crate::plan::{CopyRules, Transfer};
 use crate::request::{Data, Request};
 use crate::sys;
+use crate::sys::Params;
 
 /// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -411,10 +413,107 @@ impl QueueBackend for FileQueue {
     }
 }
 
+/// The `file` backend: `--path` (and `--direct`) name what it serves.
+pub struct FileBackend;
+
+impl Backend for FileBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::File
+    }
+
+    fn default_size(&self) -> Option<u64> {
+        None
+    }
+
+    fn copy_rules(&self) -> &'static CopyRules {
+        &CopyRules {
+            backend: "file",
+            auto: &[Transfer::Zero, Transfer::Copy],
+            refused: &[(Transfer::User, "would add a bounce copy")],
+        }
+    }
+
+    fn options(&self) -> &'static [&'static str] {
+        &["--path", "--direct"]
+    }
+
+    fn instead(&self) -> &'static str {
+        " (file serves --path)"
+    }
+
+    fn needs(&self, o: &Options<'_>) -> Result<()> {
+        match o.path {
+            Some(_) => Ok(()),
+            None => Err(Error::invalid(
+                "the file backend needs --path FILE: a regular file or block device to serve",
+            )),
+        }
+    }
+
+    /// The file's size by default; --size may be smaller, never larger. A
+    /// block device opened O_DIRECT needs requests of its own block size at least.
+    fn configure(&self, cfg: &mut DeviceConfig, o: &Options<'_>) -> Result<()> {
+        let path = o.path.expect("needs() wants --path");
+        let probe = probe(path, o.direct, cfg.block_size)?;
+        if let Some(size) = o.size.filter(|&s| s > probe.size) {
+            return Err(Error::invalid(format!(
+                "--size {size} exceeds --path {} ({} bytes): give at most {}, or leave --size out to serve the whole file",
+                probe.path.display(),
+                probe.size,
+                probe.size
+            )));
+        }
+        if let Some(lbs) = probe.logical_block.filter(|&b| o.direct && b > cfg.block_size) {
+            if lbs > 4096 {
+                return Err(Error::invalid(format!(
+                    "--direct on {} needs I/O aligned to {lbs} bytes, more than the largest block size (4096): drop --direct",
+                    probe.path.display()
+                )));
+            }
+            cfg.block_size = lbs;
+        }
+        let bs = cfg.block_size as u64;
+        // A tail shorter than a block is not served.
+        cfg.size = o.size.unwrap_or(probe.size) / bs * bs;
+        cfg.path = Some(probe.path);
+        cfg.backing_id = Some(probe.id);
+        cfg.direct = o.direct;
+        Ok(())
+    }
+
+    /// A user's file may be small: one block is enough.
+    fn validate(&self, cfg: &DeviceConfig) -> Result<()> {
+        cfg.validate(cfg.block_size as u64, &format!("{} (one block)", cfg.block_size))
+    }
+
+    fn claimed_path<'a>(&self, cfg: &'a DeviceConfig) -> Option<&'a Path> {
+        cfg.path.as_deref()
+    }
+
+    fn params(&self, cfg: &DeviceConfig, p: &mut Params) -> Result<()> {
+        p.basic.attrs |= cache_attrs(cfg);
+        Ok(())
+    }
+
+    fn open(&self, cfg: &mut DeviceConfig, _transfer: Transfer, _create: bool) -> Result<DeviceBackend> {
+        Ok(DeviceBackend::File(Arc::new(Backing::open(cfg)?)))
+    }
+}
+
+impl Device for Arc<Backing> {
+    fn served_file(&self) -> Option<(&File, &Path)> {
+        Some((self.file(), self.path()))
+    }
+
+    fn with_queue<M: QueueMaker>(&self, depth: u16, m: M) -> M::Out {
+        m.make(FileQueue::new(self.clone(), depth))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendKind, CopyMode};
+    use crate::config::CopyMode;
 
     fn cfg(path: &Path, direct: bool) -> DeviceConfig {
         DeviceConfig {

@@ -8,6 +8,13 @@
 //! position of the request (user copy), where the backend moves the bytes
 //! itself with one pread/pwrite and no copy of its own, or the request's own
 //! pages as a fixed buffer of the queue ring (zero copy: nvme, file, ram).
+//!
+//! Each backend is one room: its module holds a [`Backend`] (its options,
+//! default size, copy modes, device parameters, how its device is opened)
+//! and the [`Device`] it opens, which makes its queue backend. The rest of
+//! the code asks [`of`] for a device's backend. A new backend is one module
+//! and one line in the [`registry!`] below (plus the name users type, a
+//! variant of [`BackendKind`]).
 
 pub mod chain;
 pub mod claim;
@@ -19,11 +26,14 @@ pub mod ram;
 
 use std::fs::File;
 use std::os::fd::RawFd;
+use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{BackendKind, CopyMode, DeviceConfig, FileId};
+use crate::config::{self, BackendKind, CopyMode, DeviceConfig, FileId};
 use crate::error::{Error, Result};
+use crate::plan::{self, CopyRules, Transfer};
 use crate::request::{Data, Request};
+use crate::sys::Params;
 use io_uring::{SubmissionQueue, cqueue, squeue};
 
 /// The per-queue half of a backend, as the queue loop drives it.
@@ -142,64 +152,277 @@ fn neg_errno(n: isize) -> i32 {
     if n == 0 { -libc::EIO } else { -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) }
 }
 
-/// The device-wide half of a backend: made once per server process; the
-/// queue layer makes one [`QueueBackend`] from it per queue thread.
-pub enum DeviceBackend {
-    Null,
-    /// A mapped RAM store (user and copy modes).
-    Ram(Arc<ram::RamStore>),
-    /// A file served by io_uring commands: `file`, and `ram` in zero copy.
-    File(Arc<file::Backing>),
-    Nvme(Arc<nvme::Namespace>, Arc<File>),
+/// A backend before any device exists: what `add` asks it, what a new
+/// device's server asks it, and how a server opens a device of it.
+pub trait Backend: Sync {
+    fn kind(&self) -> BackendKind;
+
+    fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// `add`'s size without `--size`; None: the size of what it serves.
+    fn default_size(&self) -> Option<u64>;
+
+    /// Which copy modes it takes, and which `auto` prefers.
+    fn copy_rules(&self) -> &'static CopyRules;
+
+    /// The `add` options that are its own (other backends refuse them).
+    fn options(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// What a user who gave another backend's option is told about this one.
+    fn instead(&self) -> &'static str {
+        ""
+    }
+
+    /// The options it cannot do without.
+    fn needs(&self, _o: &Options<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// `add`: completes the settings from what the device will serve
+    /// (probed here, never changed), before anything is created.
+    fn configure(&self, _cfg: &mut DeviceConfig, _o: &Options<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// The checks of whole settings that need no driver.
+    fn validate(&self, cfg: &DeviceConfig) -> Result<()> {
+        cfg.validate(config::MIN_SIZE, "1M")
+    }
+
+    /// `add`, before ADD_DEV: what the machine must have for the device.
+    fn preflight(&self, _cfg: &DeviceConfig) -> Result<()> {
+        Ok(())
+    }
+
+    /// The file a device of it holds exclusively (`claim`).
+    fn claimed_path<'a>(&self, _cfg: &'a DeviceConfig) -> Option<&'a Path> {
+        None
+    }
+
+    /// Its part of a new device's parameters (cache and FUA, discard,
+    /// limits, DMA alignment), over the common ones.
+    fn params(&self, _cfg: &DeviceConfig, _p: &mut Params) -> Result<()> {
+        Ok(())
+    }
+
+    /// Opens a device's backend: with `create` a new device's (whose
+    /// settings it may complete, e.g. a RAM store's path), else an existing
+    /// one's, keeping its data (recovery).
+    fn open(&self, cfg: &mut DeviceConfig, transfer: Transfer, create: bool) -> Result<DeviceBackend>;
+}
+
+/// The device-wide half of a backend, opened: made once per server
+/// process; it makes one [`QueueBackend`] per queue thread.
+pub trait Device: Send + Sync {
+    /// The file the device serves, as opened, and its path (None: nothing).
+    fn served_file(&self) -> Option<(&File, &Path)>;
+
+    /// Hands the queue backend of one queue of `depth` tags to `m`.
+    fn with_queue<M: QueueMaker>(&self, depth: u16, m: M) -> M::Out;
+}
+
+/// What a queue thread is started with: given the concrete queue backend,
+/// so the queue loop stays generic over it (static calls per request).
+pub trait QueueMaker {
+    type Out;
+    fn make<B: QueueBackend + Send + 'static>(self, backend: B) -> Self::Out;
+}
+
+/// The `add` options that belong to one backend or another, as given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options<'a> {
+    pub size: Option<u64>,
+    pub store: Option<&'a Path>,
+    pub reuse_store: bool,
+    pub sparse: bool,
+    pub path: Option<&'a Path>,
+    pub direct: bool,
+    pub dev: Option<&'a Path>,
+    pub copy_mode: CopyMode,
+    pub explicit_buf_reg: bool,
+}
+
+impl Options<'_> {
+    /// The backend options given, as flags.
+    fn given(&self) -> Vec<&'static str> {
+        let set = [
+            ("--store", self.store.is_some()),
+            ("--sparse", self.sparse),
+            ("--path", self.path.is_some()),
+            ("--direct", self.direct),
+            ("--dev", self.dev.is_some()),
+        ];
+        set.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect()
+    }
+}
+
+/// The checks of `add`'s backend options that need neither the driver nor
+/// the file: each option belongs to the backend, the copy mode fits it, and
+/// what it needs is given. Opening `--path` or `--dev` is `configure`'s.
+pub fn check_options(b: &dyn Backend, o: &Options<'_>) -> Result<()> {
+    for flag in o.given() {
+        if let Some(owner) = ALL.iter().find(|x| x.options().contains(&flag)).filter(|x| x.kind() != b.kind())
+        {
+            return Err(Error::invalid(format!(
+                "{flag} is an option of the {} backend, not {}: drop it{}",
+                owner.name(),
+                b.name(),
+                b.instead()
+            )));
+        }
+    }
+    plan::check_copy_mode(o.copy_mode, b.copy_rules(), o.explicit_buf_reg)?;
+    b.needs(o)
+}
+
+macro_rules! registry {
+    ($($kind:ident => $spec:path, $device:ty;)*) => {
+        /// Every backend, in the order `features` lists them.
+        pub const ALL: &[&dyn Backend] = &[$(&$spec),*];
+
+        /// The backend of a kind.
+        pub fn of(kind: BackendKind) -> &'static dyn Backend {
+            match kind {
+                $(BackendKind::$kind => &$spec,)*
+            }
+        }
+
+        /// A device's backend, opened ([`Backend::open`]).
+        pub enum DeviceBackend {
+            $($kind($device),)*
+        }
+
+        impl DeviceBackend {
+            /// The file the device serves, as opened, and its path: a
+            /// `file`'s, a RAM store, or an NVMe namespace's generic node.
+            pub fn served_file(&self) -> Option<(&File, &Path)> {
+                match self {
+                    $(DeviceBackend::$kind(d) => d.served_file(),)*
+                }
+            }
+
+            /// Hands one queue's backend to `m`.
+            pub fn with_queue<M: QueueMaker>(&self, depth: u16, m: M) -> M::Out {
+                match self {
+                    $(DeviceBackend::$kind(d) => d.with_queue(depth, m),)*
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    Null => null::Null, null::NullDevice;
+    Ram => ram::Ram, Arc<ram::RamStore>;
+    File => file::FileBackend, Arc<file::Backing>;
+    Nvme => nvme::Nvme, nvme::NvmeDevice;
 }
 
 impl DeviceBackend {
-    /// The backend of a device: with `create` a new device's (a fresh
-    /// zeroed RAM store), else an existing one's, keeping its data (a
-    /// reused store, or recovery). `probed` is the nvme namespace if the
-    /// caller has opened it already.
-    pub fn new(cfg: &DeviceConfig, create: bool, probed: Option<(nvme::Namespace, File)>) -> Result<Self> {
-        match cfg.backend {
-            BackendKind::Null => Ok(DeviceBackend::Null),
-            BackendKind::Nvme => {
-                let (ns, file) = match probed {
-                    Some(p) => p,
-                    None => nvme::Namespace::probe_for(cfg)?,
-                };
-                Ok(DeviceBackend::Nvme(Arc::new(ns), Arc::new(file)))
-            }
-            BackendKind::Ram => Self::ram(cfg, create),
-            BackendKind::File => Ok(DeviceBackend::File(Arc::new(file::Backing::open(cfg)?))),
-        }
-    }
-
-    /// The file the device serves, as opened, and its path: a `file`'s, a
-    /// RAM store, or an NVMe namespace's generic node; None for null.
-    pub fn served_file(&self) -> Option<(&File, &std::path::Path)> {
-        match self {
-            DeviceBackend::Ram(store) => Some((store.file(), store.path())),
-            DeviceBackend::File(b) => Some((b.file(), b.path())),
-            DeviceBackend::Nvme(ns, file) => Some((file, &ns.char_dev)),
-            DeviceBackend::Null => None,
-        }
-    }
-
     /// What [`Self::served_file`] is.
     pub fn file_id(&self) -> Option<FileId> {
         self.served_file().and_then(|(f, _)| f.metadata().ok()).map(|m| FileId::of(&m))
     }
+}
 
-    /// The RAM store, created or opened; mapped only for user and copy modes.
-    fn ram(cfg: &DeviceConfig, create: bool) -> Result<Self> {
-        let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
-        let file = match create {
-            true => ram::create_file(path, cfg.size)?,
-            false => ram::open_checked(path, cfg.size, cfg.backing_id.as_ref(), cfg.dev_id)?,
-        };
-        let reserved = ram::reserve_as_asked(&file, path, cfg.size, create, cfg.sparse)?;
-        Ok(match cfg.copy_mode {
-            CopyMode::Zero => DeviceBackend::File(Arc::new(file::Backing::store(file, path, cfg.size))),
-            _ => DeviceBackend::Ram(Arc::new(ram::RamStore::map(file, path, cfg.size, !reserved)?)),
-        })
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::tests::{LINUX_6_14, LINUX_6_15};
+    use crate::plan::{Transfer::*, resolve};
+
+    /// Each kind has one backend, and `features` lists them in this order.
+    #[test]
+    fn the_registry_has_every_kind_once() {
+        let kinds: Vec<BackendKind> = ALL.iter().map(|b| b.kind()).collect();
+        assert_eq!(kinds, [BackendKind::Null, BackendKind::Ram, BackendKind::File, BackendKind::Nvme]);
+        for b in ALL {
+            assert_eq!(of(b.kind()).kind(), b.kind());
+            assert_eq!(b.copy_rules().backend, b.name());
+        }
+    }
+
+    /// What `auto` takes for each backend on a kernel with zero copy and on
+    /// one without, and the backend rules whatever the kernel.
+    #[test]
+    fn each_backend_resolves_auto_to_its_best() {
+        let want = [
+            (BackendKind::Null, User, User),
+            (BackendKind::Ram, Zero, User),
+            (BackendKind::File, Zero, Copy),
+            (BackendKind::Nvme, Zero, Copy),
+        ];
+        for (kind, new, old) in want {
+            let rules = of(kind).copy_rules();
+            assert_eq!(resolve(CopyMode::Auto, rules, LINUX_6_15).unwrap(), new, "{kind:?} on 6.15");
+            assert_eq!(resolve(CopyMode::Auto, rules, LINUX_6_14).unwrap(), old, "{kind:?} on 6.14");
+        }
+        for kind in [BackendKind::Nvme, BackendKind::File] {
+            let err = plan::check_copy_mode(CopyMode::User, of(kind).copy_rules(), false).unwrap_err();
+            assert!(err.to_string().contains("would add a bounce copy"), "{kind:?}: {err}");
+        }
+        for kind in [BackendKind::Ram, BackendKind::Null] {
+            assert!(plan::check_copy_mode(CopyMode::User, of(kind).copy_rules(), false).is_ok());
+        }
+        let err =
+            plan::check_copy_mode(CopyMode::Auto, of(BackendKind::Null).copy_rules(), true).unwrap_err();
+        assert!(err.to_string().contains("--explicit-buf-reg applies to zero copy"), "{err}");
+    }
+
+    /// An option of one backend given to another is refused, naming both.
+    #[test]
+    fn options_belong_to_their_backend() {
+        let p = Path::new("/x");
+        let cases = [
+            (
+                BackendKind::Null,
+                Options { store: Some(p), ..Default::default() },
+                "--store is an option of the ram backend, not null",
+            ),
+            (
+                BackendKind::File,
+                Options { path: Some(p), store: Some(p), ..Default::default() },
+                "--store is an option of the ram backend, not file: drop it (file serves --path)",
+            ),
+            (
+                BackendKind::Ram,
+                Options { path: Some(p), ..Default::default() },
+                "--path is an option of the file backend, not ram: drop it (ram keeps its data in --store)",
+            ),
+            (
+                BackendKind::Nvme,
+                Options { direct: true, dev: Some(p), ..Default::default() },
+                "--direct is an option of the file backend, not nvme",
+            ),
+            (
+                BackendKind::Ram,
+                Options { dev: Some(p), ..Default::default() },
+                "--dev is an option of the nvme backend, not ram",
+            ),
+            (
+                BackendKind::Null,
+                Options { sparse: true, ..Default::default() },
+                "--sparse is an option of the ram backend, not null",
+            ),
+            (BackendKind::Nvme, Options::default(), "the nvme backend needs --dev"),
+            (BackendKind::File, Options::default(), "the file backend needs --path FILE"),
+        ];
+        for (kind, o, want) in cases {
+            let err = check_options(of(kind), &o).unwrap_err().to_string();
+            assert!(err.contains(want), "{kind:?} {o:?}: {err}");
+        }
+        let ok = [
+            (BackendKind::Ram, Options { store: Some(p), sparse: true, ..Default::default() }),
+            (BackendKind::File, Options { path: Some(p), direct: true, ..Default::default() }),
+            (BackendKind::Nvme, Options { dev: Some(p), ..Default::default() }),
+            (BackendKind::Null, Options::default()),
+        ];
+        for (kind, o) in ok {
+            assert!(check_options(of(kind), &o).is_ok(), "{kind:?} {o:?}");
+        }
     }
 }

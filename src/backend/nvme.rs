@@ -27,11 +27,12 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::QueueBackend;
 use super::chain::{Chains, KIND_IO, Registration};
 use super::claim;
-use crate::config::{DeviceConfig, FileId, FileKind};
+use super::{Backend, Device, DeviceBackend, Options, QueueBackend, QueueMaker};
+use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
+use crate::plan::{CopyRules, Transfer};
 use crate::request::{Data, Request};
 use crate::sys::{self, Params};
 
@@ -487,6 +488,87 @@ fn nvme_payload(cmd: &NvmeUringCmd) -> [u8; 80] {
     // SAFETY: NvmeUringCmd is repr(C), 72 bytes of plain data.
     unsafe { std::ptr::copy_nonoverlapping(cmd as *const _ as *const u8, payload.as_mut_ptr(), 72) };
     payload
+}
+
+/// The `nvme` backend: `--dev` names the namespace it passes requests to.
+pub struct Nvme;
+
+/// An nvme device's namespace and its generic node, opened.
+pub struct NvmeDevice {
+    ns: Arc<Namespace>,
+    file: Arc<File>,
+}
+
+impl Backend for Nvme {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Nvme
+    }
+
+    fn default_size(&self) -> Option<u64> {
+        None
+    }
+
+    fn copy_rules(&self) -> &'static CopyRules {
+        &CopyRules {
+            backend: "nvme",
+            auto: &[Transfer::Zero, Transfer::Copy],
+            refused: &[(Transfer::User, "would add a bounce copy")],
+        }
+    }
+
+    fn options(&self) -> &'static [&'static str] {
+        &["--dev"]
+    }
+
+    fn needs(&self, o: &Options<'_>) -> Result<()> {
+        match o.dev {
+            Some(_) => Ok(()),
+            None => Err(Error::invalid("the nvme backend needs --dev /dev/ngXnY")),
+        }
+    }
+
+    /// Size, block size and request size come from the namespace.
+    fn configure(&self, cfg: &mut DeviceConfig, o: &Options<'_>) -> Result<()> {
+        let dev = o.dev.expect("needs() wants --dev");
+        let (ns, file) = Namespace::probe(dev)?;
+        let meta = file.metadata().map_err(|e| Error::io(format!("stat {}", ns.char_dev.display()), e))?;
+        cfg.backing_id = Some(FileId::of(&meta));
+        if o.size.is_some_and(|s| s > ns.size) {
+            return Err(Error::invalid(format!("--size exceeds the namespace ({} bytes)", ns.size)));
+        }
+        cfg.size = o.size.unwrap_or(ns.size);
+        cfg.block_size = 1 << ns.lba_shift;
+        // No buffer larger than one NVMe command carries (NLB).
+        cfg.max_io_bytes =
+            cfg.max_io_bytes.min(ns.max_hw_bytes).min(ns.max_cmd_bytes().min(u32::MAX as u64) as u32);
+        cfg.nvme_dev = Some(ns.char_dev);
+        Ok(())
+    }
+
+    fn claimed_path<'a>(&self, cfg: &'a DeviceConfig) -> Option<&'a Path> {
+        cfg.nvme_dev.as_deref()
+    }
+
+    /// The namespace's limits, cache and DMA alignment.
+    fn params(&self, cfg: &DeviceConfig, p: &mut Params) -> Result<()> {
+        Namespace::probe_for(cfg)?.0.apply_params(p);
+        Ok(())
+    }
+
+    fn open(&self, cfg: &mut DeviceConfig, _transfer: Transfer, _create: bool) -> Result<DeviceBackend> {
+        let (ns, file) = Namespace::probe_for(cfg)?;
+        Ok(DeviceBackend::Nvme(NvmeDevice { ns: Arc::new(ns), file: Arc::new(file) }))
+    }
+}
+
+impl Device for NvmeDevice {
+    fn served_file(&self) -> Option<(&File, &Path)> {
+        Some((&self.file, &self.ns.char_dev))
+    }
+
+    fn with_queue<M: QueueMaker>(&self, depth: u16, m: M) -> M::Out {
+        m.make(NvmeQueue::new(self.ns.clone(), self.file.clone(), depth))
+    }
 }
 
 #[cfg(test)]

@@ -32,9 +32,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::claim;
-use super::{SyncBackend, done, pread_all, pwrite_all};
-use crate::config::{FileId, FileKind};
+use super::file::Backing;
+use super::{Backend, Device, DeviceBackend, Options, QueueMaker, SyncBackend, done, pread_all, pwrite_all};
+use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
+use crate::plan::{CopyRules, Transfer};
 use crate::request::{Data, Request};
 use crate::sys;
 
@@ -434,6 +436,116 @@ impl SyncBackend for RamQueue {
             _ => -libc::EOPNOTSUPP,
         }
     }
+}
+
+/// The `ram` backend: its options are the store's.
+pub struct Ram;
+
+impl Backend for Ram {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Ram
+    }
+
+    fn default_size(&self) -> Option<u64> {
+        Some(256 << 20)
+    }
+
+    /// Zero copy serves the store as a file and maps nothing; user and copy
+    /// stay selectable, for comparison.
+    fn copy_rules(&self) -> &'static CopyRules {
+        &CopyRules { backend: "ram", auto: &[Transfer::Zero, Transfer::User, Transfer::Copy], refused: &[] }
+    }
+
+    fn options(&self) -> &'static [&'static str] {
+        &["--store", "--sparse"]
+    }
+
+    fn instead(&self) -> &'static str {
+        " (ram keeps its data in --store)"
+    }
+
+    /// `--store` is checked and made absolute here; a reused one gives the
+    /// size and is identified now (a new one by the server that makes it).
+    /// Only a store ublk-bench makes is its to remove.
+    fn configure(&self, cfg: &mut DeviceConfig, o: &Options<'_>) -> Result<()> {
+        cfg.sparse = o.sparse;
+        cfg.store_created = !o.reuse_store;
+        let Some(path) = o.store else { return Ok(()) };
+        let (path, store_size) = resolve_store(path, o.reuse_store, o.size)?;
+        if o.reuse_store {
+            let found = claim::find(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+            cfg.backing_id = Some(found.id);
+        }
+        cfg.size = o.size.or(store_size).unwrap_or(cfg.size);
+        cfg.store = Some(path);
+        Ok(())
+    }
+
+    fn preflight(&self, cfg: &DeviceConfig) -> Result<()> {
+        check_store_space(cfg)
+    }
+
+    fn claimed_path<'a>(&self, cfg: &'a DeviceConfig) -> Option<&'a Path> {
+        cfg.store.as_deref()
+    }
+
+    /// The store, created (at `/dev/shm/ublk-bench-<id>` unless named) or
+    /// opened; mapped only for user and copy modes.
+    fn open(&self, cfg: &mut DeviceConfig, transfer: Transfer, create: bool) -> Result<DeviceBackend> {
+        if create && cfg.store.is_none() {
+            cfg.store = cfg.dev_id.map(|id| format!("/dev/shm/ublk-bench-{id}").into());
+        }
+        let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
+        let file = match create {
+            true => create_file(path, cfg.size)?,
+            false => open_checked(path, cfg.size, cfg.backing_id.as_ref(), cfg.dev_id)?,
+        };
+        let reserved = reserve_as_asked(&file, path, cfg.size, create, cfg.sparse)?;
+        Ok(match transfer {
+            Transfer::Zero => DeviceBackend::File(Arc::new(Backing::store(file, path, cfg.size))),
+            _ => DeviceBackend::Ram(Arc::new(RamStore::map(file, path, cfg.size, !reserved)?)),
+        })
+    }
+}
+
+impl Device for Arc<RamStore> {
+    fn served_file(&self) -> Option<(&File, &Path)> {
+        Some((self.file(), self.path()))
+    }
+
+    fn with_queue<M: QueueMaker>(&self, _depth: u16, m: M) -> M::Out {
+        m.make(RamQueue::new(self.clone()))
+    }
+}
+
+fn store_dir(cfg: &DeviceConfig) -> PathBuf {
+    match &cfg.store {
+        Some(p) => p.parent().map(PathBuf::from).unwrap_or_else(|| ".".into()),
+        None => "/dev/shm".into(),
+    }
+}
+
+/// The store fits where it goes, before anything is created.
+fn check_store_space(cfg: &DeviceConfig) -> Result<()> {
+    let dir = store_dir(cfg);
+    let c = std::ffi::CString::new(dir.to_string_lossy().as_bytes())
+        .map_err(|_| Error::invalid("bad store path"))?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is NUL-terminated and st is a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(format!("statvfs {}", dir.display()), std::io::Error::last_os_error()));
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    if cfg.size > free {
+        return Err(Error::invalid(format!(
+            "size {} does not fit in {} ({} bytes free): give a smaller --size or another --store",
+            cfg.size,
+            dir.display(),
+            free
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

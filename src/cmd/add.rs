@@ -1,12 +1,12 @@
 //! `add`: validate, then serve a new device in a daemon (default) or in
 //! this process (`--foreground`), and print it once LIVE.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::backend::claim::{self, Claim};
+use crate::backend::claim::Claim;
+use crate::backend::{self, Options};
 use crate::cli::{AddArgs, OnOff};
-use crate::config::{self, BackendKind, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery};
+use crate::config::{self, DEFAULT_MAX_IO_BYTES, DeviceConfig, Recovery};
 use crate::ctrl::Ctrl;
 use crate::daemonize::{self, Notifier};
 use crate::error::{Error, Result};
@@ -16,29 +16,46 @@ use crate::server_process;
 /// is slow under software emulation.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Every check that needs no driver (`config_from`, `validate`) runs before
-/// `preflight`, so bad input gets its own message on any machine.
 pub fn run(args: &AddArgs) -> Result<()> {
-    let cfg = config_from(args)?;
-    cfg.validate()?;
-    preflight(&cfg)?;
-    let supervised = args.supervise || args.standby;
+    let cfg = checked(args)?;
     if args.foreground {
         return server_process::new_device(cfg, Notifier::none(), |id| {
             crate::cmd::list::print_one(id, args.json)
         });
     }
-    let dev_id = if supervised {
-        let json = serde_json::to_string(&cfg).expect("config serializes");
+    let dev_id = start(&cfg, args)?;
+    crate::cmd::list::print_one(dev_id, args.json)
+}
+
+/// Makes the device `args` describe, served in the background (`add`
+/// without `--foreground`, and `downtime`'s device): its id once LIVE.
+pub fn create(args: &AddArgs) -> Result<u32> {
+    start(&checked(args)?, args)
+}
+
+/// The device's settings, checked. Every check that needs no driver
+/// (`config_from`, the backend's `validate`) runs before `preflight`, so
+/// bad input gets its own message on any machine.
+fn checked(args: &AddArgs) -> Result<DeviceConfig> {
+    let cfg = config_from(args)?;
+    backend::of(cfg.backend).validate(&cfg)?;
+    preflight(&cfg)?;
+    Ok(cfg)
+}
+
+/// Starts the server (or its supervisor) in the background and waits
+/// until the device is LIVE.
+fn start(cfg: &DeviceConfig, args: &AddArgs) -> Result<u32> {
+    if args.supervise || args.standby {
+        let json = serde_json::to_string(cfg).expect("config serializes");
         let mut a = vec!["__supervise".to_string(), "--config".into(), json];
         if args.standby {
             a.push("--standby".into());
         }
-        daemonize::spawn_server(&a, START_TIMEOUT)?
+        daemonize::spawn_server(&a, START_TIMEOUT)
     } else {
-        daemonize::spawn_server(&daemonize::serve_args(&cfg), START_TIMEOUT)?
-    };
-    crate::cmd::list::print_one(dev_id, args.json)
+        daemonize::spawn_server(&daemonize::serve_args(cfg), START_TIMEOUT)
+    }
 }
 
 pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
@@ -54,31 +71,20 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
             )));
         }
     };
-    let default_size = match args.backend {
-        BackendKind::Null => 250 << 30,
-        BackendKind::Ram => 256 << 20,
-        BackendKind::Nvme | BackendKind::File => 0,
-    };
-    let (store, store_size) = store_from(args)?;
-    // A reused store is identified now; a new one by the server that makes it.
-    let store_id = match (&store, args.reuse_store) {
-        (Some(p), true) => {
-            Some(claim::find(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?.id)
-        }
-        _ => None,
-    };
+    let spec = backend::of(args.backend);
+    let opts = options(args);
+    backend::check_options(spec, &opts)?;
     let (queues, depth) = args.queue.checked()?;
-    let cfg = DeviceConfig {
+    let mut cfg = DeviceConfig {
         dev_id,
         backend: args.backend,
-        size: args.size.or(store_size).unwrap_or(default_size),
-        store,
-        // Only a store we make is ours to remove; `file` never makes one.
-        store_created: !args.reuse_store && args.backend == BackendKind::Ram,
+        size: args.size.or(spec.default_size()).unwrap_or(0),
+        store: None,
+        store_created: false,
         path: None,
         direct: false,
         nvme_dev: None,
-        backing_id: store_id,
+        backing_id: None,
         queues,
         depth,
         cpus: args.cpus.clone().unwrap_or_default(),
@@ -92,87 +98,22 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         gather_wait_us: args.queue.gather_wait_us(args.poll)?,
         stats: args.queue.stats == OnOff::On,
         scheduler: args.queue.scheduler.0.clone(),
-        sparse: args.sparse,
+        sparse: false,
         part_scan: args.part_scan,
         emulate: args.dev_opts.emulation(),
     };
-    if args.sparse && args.backend != BackendKind::Ram {
-        return Err(Error::invalid(format!(
-            "--sparse is an option of the ram backend (its store), not {}: drop it",
-            args.backend.name()
-        )));
-    }
-    args.dev_opts.check(args.backend)?;
-    match args.backend {
-        BackendKind::Nvme => nvme_config(cfg, args),
-        BackendKind::File => file_config(cfg, args),
-        _ => Ok(cfg),
-    }
-}
-
-/// The file's size by default; --size may be smaller, never larger. A block
-/// device opened O_DIRECT needs requests of its own block size at least.
-fn file_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
-    let opts = &args.dev_opts;
-    let path = opts.path.as_deref().expect("DeviceOptions::check wants --path for file");
-    let probe = crate::backend::file::probe(path, opts.direct, cfg.block_size)?;
-    if let Some(size) = args.size.filter(|&s| s > probe.size) {
-        return Err(Error::invalid(format!(
-            "--size {size} exceeds --path {} ({} bytes): give at most {}, or leave --size out to serve the whole file",
-            probe.path.display(),
-            probe.size,
-            probe.size
-        )));
-    }
-    if let Some(lbs) = probe.logical_block.filter(|&b| opts.direct && b > cfg.block_size) {
-        if lbs > 4096 {
-            return Err(Error::invalid(format!(
-                "--direct on {} needs I/O aligned to {lbs} bytes, more than the largest block size (4096): drop --direct",
-                probe.path.display()
-            )));
-        }
-        cfg.block_size = lbs;
-    }
-    let bs = cfg.block_size as u64;
-    // A tail shorter than a block is not served.
-    cfg.size = args.size.unwrap_or(probe.size) / bs * bs;
-    cfg.path = Some(probe.path);
-    cfg.backing_id = Some(probe.id);
-    cfg.direct = opts.direct;
+    spec.configure(&mut cfg, &opts)?;
     Ok(cfg)
 }
 
-/// Size, block size and request size come from the namespace.
-fn nvme_config(mut cfg: DeviceConfig, args: &AddArgs) -> Result<DeviceConfig> {
-    let dev = args.dev_opts.dev.as_deref().expect("DeviceOptions::check wants --dev for nvme");
-    let (ns, file) = crate::backend::nvme::Namespace::probe(dev)?;
-    let meta = file.metadata().map_err(|e| Error::io(format!("stat {}", ns.char_dev.display()), e))?;
-    cfg.backing_id = Some(config::FileId::of(&meta));
-    if args.size.is_some_and(|s| s > ns.size) {
-        return Err(Error::invalid(format!("--size exceeds the namespace ({} bytes)", ns.size)));
+/// The backend options of `add`, as given.
+fn options(args: &AddArgs) -> Options<'_> {
+    Options {
+        store: args.store.as_deref(),
+        reuse_store: args.reuse_store,
+        sparse: args.sparse,
+        ..args.dev_opts.options(args.size)
     }
-    cfg.size = args.size.unwrap_or(ns.size);
-    cfg.block_size = 1 << ns.lba_shift;
-    // No buffer larger than one NVMe command carries (NLB).
-    cfg.max_io_bytes =
-        cfg.max_io_bytes.min(ns.max_hw_bytes).min(ns.max_cmd_bytes().min(u32::MAX as u64) as u32);
-    cfg.nvme_dev = Some(ns.char_dev);
-    Ok(cfg)
-}
-
-/// `--store` belongs to `ram`; its path is checked and made absolute here,
-/// before anything is created.
-fn store_from(args: &AddArgs) -> Result<(Option<PathBuf>, Option<u64>)> {
-    let Some(path) = &args.store else { return Ok((None, None)) };
-    if args.backend != BackendKind::Ram {
-        let hint = if args.backend == BackendKind::File { " (file serves --path)" } else { "" };
-        return Err(Error::invalid(format!(
-            "--store is an option of the ram backend, not {}: drop it{hint}",
-            args.backend.name()
-        )));
-    }
-    let (path, size) = crate::backend::ram::resolve_store(path, args.reuse_store, args.size)?;
-    Ok((Some(path), size))
 }
 
 fn recovery_from(args: &AddArgs) -> Result<Recovery> {
@@ -200,17 +141,12 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
     if let Some(id) = cfg.dev_id.filter(|&id| ctrl.info(id).is_ok()) {
         return Err(Error::IdInUse(id));
     }
-    if cfg.backend == BackendKind::Ram {
-        check_store_space(cfg)?;
-    }
+    let spec = backend::of(cfg.backend);
+    spec.preflight(cfg)?;
     // A file, store or NVMe namespace another device serves, or a block device in use, is
-    // refused here, before ADD_DEV; the server's own claim is the one that holds.
-    let existing = match cfg.backend {
-        BackendKind::File => cfg.path.as_deref(),
-        BackendKind::Ram if !cfg.store_created => cfg.store.as_deref(),
-        BackendKind::Nvme => cfg.nvme_dev.as_deref(),
-        BackendKind::Null | BackendKind::Ram => None,
-    };
+    // refused here, before ADD_DEV; the server's own claim is the one that holds. A store
+    // the server will create does not exist yet.
+    let existing = spec.claimed_path(cfg).filter(|_| !cfg.store_created);
     if let Some(path) = existing {
         Claim::check_free(path, cfg.backing_id.as_ref())?;
     }
@@ -226,35 +162,6 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
     }
     if let Some(warning) = cfg.poll_sharing(queues) {
         eprintln!("{warning}");
-    }
-    Ok(())
-}
-
-fn store_dir(cfg: &DeviceConfig) -> PathBuf {
-    match &cfg.store {
-        Some(p) => p.parent().map(PathBuf::from).unwrap_or_else(|| ".".into()),
-        None => "/dev/shm".into(),
-    }
-}
-
-fn check_store_space(cfg: &DeviceConfig) -> Result<()> {
-    let dir = store_dir(cfg);
-    let c = std::ffi::CString::new(dir.to_string_lossy().as_bytes())
-        .map_err(|_| Error::invalid("bad store path"))?;
-    // SAFETY: statvfs is plain data; all-zero is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is NUL-terminated and st is a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(Error::io(format!("statvfs {}", dir.display()), std::io::Error::last_os_error()));
-    }
-    let free = st.f_bavail as u64 * st.f_frsize as u64;
-    if cfg.size > free {
-        return Err(Error::invalid(format!(
-            "size {} does not fit in {} ({} bytes free): give a smaller --size or another --store",
-            cfg.size,
-            dir.display(),
-            free
-        )));
     }
     Ok(())
 }
@@ -391,7 +298,7 @@ mod tests {
             "tail cut to a block"
         );
         assert_eq!(cfg.path, Some(img.canonicalize().unwrap()));
-        assert!(cfg.validate().is_ok());
+        assert!(backend::of(cfg.backend).validate(&cfg).is_ok());
         let cfg = config_from(&args(&["file", "--path", p, "--size", "4k"])).unwrap();
         assert_eq!(cfg.size, 4096);
         let err = config_from(&args(&["file", "--path", p, "--size", "2M"])).unwrap_err().to_string();

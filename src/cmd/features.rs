@@ -3,25 +3,28 @@
 
 use serde_json::json;
 
-use crate::config::{BackendKind, CopyMode};
+use crate::backend;
+use crate::config::CopyMode;
 use crate::ctrl::Ctrl;
 use crate::error::Result;
 use crate::fault;
-use crate::server::resolve_copy_mode;
+use crate::plan::{self, Transfer};
 use crate::sys;
 
-const BACKENDS: [BackendKind; 4] =
-    [BackendKind::Null, BackendKind::Ram, BackendKind::File, BackendKind::Nvme];
-const MODES: [CopyMode; 3] = [CopyMode::Copy, CopyMode::User, CopyMode::Zero];
+const MODES: [Transfer; 3] = [Transfer::Copy, Transfer::User, Transfer::Zero];
 
 /// (backend, auto's pick, every mode this kernel allows for it)
 fn copy_modes(f: u64) -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
-    BACKENDS
+    backend::ALL
         .iter()
-        .map(|&b| {
-            let auto = resolve_copy_mode(CopyMode::Auto, b, f).map_or("none", |m| m.name());
-            let ok =
-                MODES.iter().filter(|&&m| resolve_copy_mode(m, b, f).is_ok()).map(|m| m.name()).collect();
+        .map(|b| {
+            let rules = b.copy_rules();
+            let auto = plan::resolve(CopyMode::Auto, rules, f).map_or("none", |m| m.name());
+            let ok = MODES
+                .iter()
+                .filter(|&&m| rules.allows(m) && plan::resolve(m.mode(), rules, f).is_ok())
+                .map(|m| m.name())
+                .collect();
             (b.name(), auto, ok)
         })
         .collect()

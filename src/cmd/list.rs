@@ -3,9 +3,11 @@
 
 use serde::Serialize;
 
-use crate::config::{BackendKind, DeviceConfig};
+use crate::backend;
+use crate::config::DeviceConfig;
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
+use crate::plan::Plan;
 use crate::run_files;
 use crate::sys::{self, DevInfo};
 
@@ -59,6 +61,7 @@ pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
 }
 
 fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: Option<String>) -> DeviceView {
+    let plan = Plan::of_device(info.flags);
     DeviceView {
         dev_id: info.dev_id,
         state: sys::state_name(info.state),
@@ -71,14 +74,14 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
         max_io_bytes: info.max_io_buf_bytes,
         flags_raw: info.flags,
         flags: sys::flag_names(info.flags),
-        copy_mode: cfg.map(|c| c.copy_mode.name()),
+        copy_mode: cfg.map(|_| plan.transfer.name()),
         poll: cfg.map(|c| c.poll),
-        batch: info.flags & sys::UBLK_F_BATCH_IO != 0,
+        batch: plan.batch,
         gather_wait_us: cfg.filter(|c| !c.poll).map(|c| c.gather_wait_us),
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
         store: cfg.and_then(|c| c.store.as_ref().map(|p| p.display().to_string())),
         path: cfg
-            .filter(|c| c.backend == BackendKind::File)
+            .filter(|c| c.path.is_some() && backend::of(c.backend).claimed_path(c) == c.path.as_deref())
             .and_then(|c| c.path.as_ref())
             .map(|p| p.display().to_string()),
         scheduler,
@@ -158,8 +161,8 @@ pub fn run(id: Option<u32>, json: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CopyMode;
     use crate::config::tests::sample;
+    use crate::config::{BackendKind, CopyMode};
 
     fn settings(backend: BackendKind, path: Option<&str>) -> DeviceConfig {
         let path = path.map(Into::into);

@@ -24,7 +24,7 @@ pub fn run(dev_id: u32) -> Result<()> {
     check_recoverable(&info)?;
     let cfg = run_files::load(dev_id)?;
     if info.state == sys::UBLK_S_DEV_LIVE && process::server_of(dev_id, info.ublksrv_pid).is_some() {
-        return Err(Error::invalid(format!(
+        return Err(Error::Recovery(format!(
             "device {dev_id} is LIVE, served by pid {}: nothing to recover",
             info.ublksrv_pid
         )));

@@ -54,7 +54,7 @@ pub fn run(dev_id: u32) -> Result<()> {
         });
     }
     if info.state != sys::UBLK_S_DEV_LIVE {
-        return Err(Error::invalid(format!(
+        return Err(Error::Recovery(format!(
             "device {dev_id} is {}, not LIVE: use `ublk-bench recover -n {dev_id}`",
             sys::state_name(info.state)
         )));
@@ -65,7 +65,7 @@ pub fn run(dev_id: u32) -> Result<()> {
     if old_server.is_none() && !supervised {
         // Nobody would bring up a new server: QUIESCE_DEV would only take
         // the device from the one it has.
-        return Err(Error::invalid(format!(
+        return Err(Error::Recovery(format!(
             "device {dev_id} is served by pid {old} ({}), which is not a ublk-bench server holding {}: \
              restart cannot hand it over, and nothing was sent; the device stays LIVE under it",
             process::comm(old),

@@ -5,8 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::backend;
 use crate::cli::{DowntimeArgs, RecoverMethod};
-use crate::config::{self, BackendKind};
+use crate::config::{self, Recovery};
 use crate::error::{Error, Result};
 
 /// The longest run the per-millisecond buckets cover (1 h).
@@ -34,12 +35,12 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// The `add` flags of a recovery flavour.
-pub(super) fn recovery_flags(name: &str) -> Result<&'static [&'static str]> {
+/// The recovery of a flavour's name.
+pub(super) fn recovery_of(name: &str) -> Result<Recovery> {
     Ok(match name {
-        "reissue" => &["-r", "-i"],
-        "plain" => &["-r"],
-        "fail-io" | "fail_io" | "failio" => &["-r", "-e"],
+        "reissue" => Recovery::Reissue,
+        "plain" => Recovery::Plain,
+        "fail-io" | "fail_io" | "failio" => Recovery::FailIo,
         _ => {
             return Err(Error::invalid(format!(
                 "--recovery {name} is unknown: use reissue (-r -i), plain (-r) or fail-io (-r -e)"
@@ -57,7 +58,7 @@ const MAX_CLIENT_BYTES: u64 = 1 << 30;
 /// a device exists (nothing here may leave one behind).
 pub(super) fn validate(a: &DowntimeArgs) -> Result<Duration> {
     let interval = parse_duration(&a.interval)?;
-    recovery_flags(&a.recovery)?;
+    recovery_of(&a.recovery)?;
     if a.cycles == 0 || a.cycles > MAX_CYCLES {
         return Err(Error::invalid(format!(
             "--cycles {} is out of range: give 1..{MAX_CYCLES} (split longer runs)",
@@ -120,12 +121,13 @@ fn check_recover_cmd(a: &DowntimeArgs) -> Result<()> {
 /// Size of a null or ram device when --size is not given.
 const DEFAULT_SIZE: u64 = 256 << 20;
 
-/// The size the run asks `add` for: null and ram get DEFAULT_SIZE unless
-/// told; file and nvme serve the whole file or namespace unless told.
+/// The size the run asks `add` for: a backend that sizes its device
+/// itself (null, ram) gets DEFAULT_SIZE unless told; one that serves a file
+/// or namespace serves all of it unless told.
 pub(super) fn device_size(a: &DowntimeArgs) -> Option<u64> {
-    match a.backend {
-        BackendKind::Null | BackendKind::Ram => Some(a.size.unwrap_or(DEFAULT_SIZE)),
-        BackendKind::File | BackendKind::Nvme => a.size,
+    match backend::of(a.backend).default_size() {
+        Some(_) => Some(a.size.unwrap_or(DEFAULT_SIZE)),
+        None => a.size,
     }
 }
 
@@ -139,7 +141,7 @@ fn validate_new_device(a: &DowntimeArgs) -> Result<()> {
     a.queue.gather_wait_us(a.poll)?;
     a.dev_opts.check(a.backend)?;
     // A file or namespace is sized, and its --size checked, by `add` against it.
-    if let (BackendKind::Null | BackendKind::Ram, Some(size)) = (a.backend, device_size(a))
+    if let (Some(_), Some(size)) = (backend::of(a.backend).default_size(), device_size(a))
         && !((config::MIN_SIZE..=config::MAX_SIZE).contains(&size) && size.is_multiple_of(512))
     {
         return Err(Error::invalid(format!(
@@ -256,8 +258,11 @@ mod tests {
             (&["--backend", "file"], "the file backend needs --path FILE"),
             (&["--path", "/etc/passwd"], "--path is an option of the file backend, not ram"),
             (&["--backend", "null", "--direct"], "--direct is an option of the file backend, not null"),
-            (&["--dev", "/dev/ng0n1"], "--dev is for the nvme backend only"),
-            (&["--backend", "file", "--path", "/etc/passwd", "--dev", "/dev/ng0n1"], "--dev is for the nvme"),
+            (&["--dev", "/dev/ng0n1"], "--dev is an option of the nvme backend, not ram"),
+            (
+                &["--backend", "file", "--path", "/etc/passwd", "--dev", "/dev/ng0n1"],
+                "--dev is an option of the nvme backend, not file",
+            ),
             (&["--backend", "file", "--path", "/etc/passwd", "--copy-mode", "user"], "user copy would add"),
             (&["--backend", "null", "--explicit-buf-reg"], "--explicit-buf-reg applies to zero copy"),
             (&["--backend", "file", "--path", "/nonexistent/dt"], "--path /nonexistent/dt: No such file"),
@@ -320,9 +325,9 @@ mod tests {
 
     #[test]
     fn recovery_names() {
-        assert_eq!(recovery_flags("reissue").unwrap(), &["-r", "-i"]);
-        assert_eq!(recovery_flags("plain").unwrap(), &["-r"]);
-        assert_eq!(recovery_flags("fail-io").unwrap(), &["-r", "-e"]);
-        assert!(recovery_flags("magic").is_err());
+        assert_eq!(recovery_of("reissue").unwrap(), Recovery::Reissue);
+        assert_eq!(recovery_of("plain").unwrap(), Recovery::Plain);
+        assert_eq!(recovery_of("fail-io").unwrap(), Recovery::FailIo);
+        assert!(recovery_of("magic").is_err());
     }
 }

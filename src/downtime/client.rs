@@ -353,7 +353,7 @@ fn run_job(cfg: &JobConfig, shared: &Shared) -> Result<JobResult> {
         // SAFETY: the buffer of `slot` stays allocated and untouched until its
         // CQE is reaped (or forever, if the job gives up draining), and the
         // fd outlives the ring's use of it.
-        unsafe { sq.push(&sqe) }.map_err(|_| Error::invalid("io_uring submission queue full"))?;
+        unsafe { sq.push(&sqe) }.map_err(|_| Error::RingFull("io_uring submission queue full".into()))?;
         bufs.count += 1;
     }
     sq.sync();

@@ -1,18 +1,19 @@
-//! The device under test: taken (`--reuse`) or made by running `add` with
-//! the run's options, checked for the method, and deleted again when the
-//! run made it.
+//! The device under test: taken (`--reuse`) or made as `add` makes one,
+//! from the run's options, checked for the method, and deleted again when
+//! the run made it.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::cli::{DowntimeArgs, OnOff, RecoverMethod};
-use crate::config;
+use crate::cli::{AddArgs, DowntimeArgs, RecoverMethod};
+use crate::cmd::add;
+use crate::config::{self, Recovery};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
 use crate::{run_files, sys};
 
-use super::args::{device_size, recovery_flags};
+use super::args::{device_size, recovery_of};
 
 /// Runs this binary with `args` in its own process group; Ok(stdout) on success.
 pub(super) fn run_self(exe: &Path, args: &[String]) -> Result<String> {
@@ -108,59 +109,37 @@ impl Device {
         Ok(dev)
     }
 
+    /// Makes the device as `add` does, from the same options (no command
+    /// line between them): checked, planned by its server, LIVE on return.
     fn create(a: &DowntimeArgs, exe: &Path) -> Result<Device> {
-        let args = add_argv(a)?;
-        let out = run_self(exe, &args)?;
-        let v: serde_json::Value = serde_json::from_str(&out)
-            .map_err(|e| Error::invalid(format!("cannot read `add --json` output ({e}): {out}")))?;
-        let id = v["dev_id"]
-            .as_u64()
-            .ok_or_else(|| Error::invalid(format!("no dev_id in `add` output: {out}")))?;
-        Ok(Device { id: id as u32, created: true, exe: exe.into(), facts: DeviceFacts::default() })
+        let id = add::create(&add_args(a)?)?;
+        Ok(Device { id, created: true, exe: exe.into(), facts: DeviceFacts::default() })
     }
 }
 
-/// The `add` command line of the device the run creates.
-fn add_argv(a: &DowntimeArgs) -> Result<Vec<String>> {
-    let mut args: Vec<String> = vec!["add".into(), a.backend.name().into()];
-    if let Some(size) = device_size(a) {
-        args.extend(["--size".into(), size.to_string()]);
-    }
-    args.extend([
-        "-q".into(),
-        a.queue.queues.to_string(),
-        "-d".into(),
-        a.queue.depth.to_string(),
-        "--scheduler".into(),
-        a.queue.scheduler.to_string(),
-        "--json".into(),
-    ]);
-    args.extend(a.dev_opts.to_args());
-    if let Some(id) = a.id {
-        args.extend(["-n".into(), id.to_string()]);
-    }
-    if a.poll {
-        args.push("--poll".into());
-    }
-    if a.queue.batch {
-        args.push("--batch".into());
-    }
-    if let Some(w) = a.queue.gather_wait {
-        args.extend(["--gather-wait".into(), w.to_string()]);
-    }
-    if a.queue.stats == OnOff::Off {
-        args.extend(["--stats".into(), "off".into()]);
-    }
-    if let Some(store) = &a.store {
-        args.extend(["--store".into(), store.display().to_string()]);
-    }
-    args.extend(recovery_flags(&a.recovery)?.iter().map(|s| s.to_string()));
-    match a.method {
-        RecoverMethod::Supervise => args.push("--supervise".into()),
-        RecoverMethod::Standby => args.push("--standby".into()),
-        _ => {}
-    }
-    Ok(args)
+/// The `add` options of the device the run creates.
+fn add_args(a: &DowntimeArgs) -> Result<AddArgs> {
+    let recovery = recovery_of(&a.recovery)?;
+    Ok(AddArgs {
+        backend: a.backend,
+        id: a.id.map(i64::from),
+        queue: a.queue.clone(),
+        cpus: None,
+        poll: a.poll,
+        size: device_size(a),
+        store: a.store.clone(),
+        reuse_store: false,
+        sparse: false,
+        part_scan: false,
+        dev_opts: a.dev_opts.clone(),
+        foreground: false,
+        json: false,
+        recovery: recovery == Recovery::Plain,
+        reissue: recovery == Recovery::Reissue,
+        fail_io: recovery == Recovery::FailIo,
+        supervise: a.method == RecoverMethod::Supervise,
+        standby: a.method == RecoverMethod::Standby,
+    })
 }
 
 impl Drop for Device {
@@ -178,71 +157,56 @@ impl Drop for Device {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BackendKind;
+    use crate::cli::OnOff;
+    use crate::config::{BackendKind, CopyMode};
     use crate::downtime::args::{args, validate};
 
-    /// The `add` line of each row of the recovery-gap matrix, exactly.
+    /// Each row of the recovery-gap matrix reaches `add` with its options.
     #[test]
-    fn the_add_argv_carries_the_device_options() {
-        let argv = |extra: &[&str]| add_argv(&args(extra).unwrap()).unwrap();
-        let common = ["-q", "1", "-d", "128", "--scheduler", "none", "--json"];
-        let want = |head: &[&str], tail: &[&str]| -> Vec<String> {
-            head.iter().chain(&common).chain(tail).map(|s| s.to_string()).collect()
-        };
+    fn the_add_args_carry_the_device_options() {
+        let add = |extra: &[&str]| add_args(&args(extra).unwrap()).unwrap();
+        let file = add(&["--backend", "file", "--path", "/dev/shm/f", "--direct", "--method", "standby"]);
+        assert_eq!((file.backend, file.size), (BackendKind::File, None), "the whole file unless told");
         assert_eq!(
-            argv(&["--backend", "file", "--path", "/dev/shm/f", "--direct", "--method", "standby"]),
-            want(
-                &["add", "file"],
-                &[
-                    "--copy-mode",
-                    "auto",
-                    "--block-size",
-                    "512",
-                    "--path",
-                    "/dev/shm/f",
-                    "--direct",
-                    "-r",
-                    "-i",
-                    "--standby"
-                ]
-            ),
-            "a file device is the whole file unless --size says otherwise"
+            (file.dev_opts.path.as_deref(), file.dev_opts.direct),
+            (Some(Path::new("/dev/shm/f")), true)
         );
         assert_eq!(
-            argv(&["--copy-mode", "user", "--method", "recover", "--recovery", "plain"]),
-            want(
-                &["add", "ram", "--size", "268435456"],
-                &["--copy-mode", "user", "--block-size", "512", "-r"]
-            )
+            (file.recovery, file.reissue, file.fail_io, file.supervise, file.standby),
+            (false, true, false, false, true)
         );
+        assert_eq!((file.queue.queues, file.queue.depth, file.foreground, file.json), (1, 128, false, false));
+        let ram = add(&["--copy-mode", "user", "--method", "recover", "--recovery", "plain"]);
         assert_eq!(
-            argv(&["--backend", "nvme", "--dev", "/dev/ng0n1", "--copy-mode", "zero", "--explicit-buf-reg"]),
-            want(
-                &["add", "nvme"],
-                &[
-                    "--copy-mode",
-                    "zero",
-                    "--block-size",
-                    "512",
-                    "--dev",
-                    "/dev/ng0n1",
-                    "--explicit-buf-reg",
-                    "-r",
-                    "-i",
-                    "--supervise"
-                ]
-            )
+            (ram.backend, ram.size, ram.dev_opts.copy_mode),
+            (BackendKind::Ram, Some(256 << 20), CopyMode::User)
         );
-        let null = argv(&["--backend", "null", "--size", "1G", "-b", "4096"]);
-        assert!(null.windows(2).any(|w| w == ["--size", "1073741824"]), "{null:?}");
-        assert!(null.windows(2).any(|w| w == ["--block-size", "4096"]), "{null:?}");
+        assert_eq!((ram.recovery, ram.reissue, ram.supervise, ram.standby), (true, false, false, false));
+        let nvme =
+            add(&["--backend", "nvme", "--dev", "/dev/ng0n1", "--copy-mode", "zero", "--explicit-buf-reg"]);
+        assert_eq!(
+            (nvme.dev_opts.dev.as_deref(), nvme.dev_opts.explicit_buf_reg),
+            (Some(Path::new("/dev/ng0n1")), true)
+        );
+        assert_eq!((nvme.reissue, nvme.supervise), (true, true));
+        let null = add(&["--backend", "null", "--size", "1G", "-b", "4096", "-n", "7", "--poll", "--batch"]);
+        assert_eq!(
+            (null.size, null.dev_opts.block_size, null.id, null.poll, null.queue.batch),
+            (Some(1 << 30), 4096, Some(7), true, true)
+        );
+        let quiet =
+            add(&["--stats", "off", "--gather-wait", "20", "--scheduler", "keep", "--store", "/dev/shm/s"]);
+        assert_eq!((quiet.queue.stats, quiet.queue.gather_wait), (OnOff::Off, Some(20)));
+        assert_eq!(
+            (quiet.queue.scheduler.0.as_deref(), quiet.store.as_deref()),
+            (None, Some(Path::new("/dev/shm/s")))
+        );
     }
 
     /// What the run hands `add` is what `add` itself accepts and means the
     /// same by: a file device on a file that exists.
     #[test]
     fn add_takes_the_file_device_as_downtime_describes_it() {
-        use clap::Parser;
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("img");
         std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
@@ -250,18 +214,12 @@ mod tests {
         let a =
             args(&["--backend", "file", "--path", p, "--copy-mode", "zero", "--explicit-buf-reg"]).unwrap();
         validate(&a).unwrap();
-        let argv = add_argv(&a).unwrap();
-        let crate::cli::Command::Add(add) =
-            crate::cli::Cli::try_parse_from(["ublk-bench".to_string()].into_iter().chain(argv)).unwrap().cmd
-        else {
-            panic!("not add")
-        };
-        let cfg = crate::cmd::add::config_from(&add).unwrap();
+        let cfg = add::config_from(&add_args(&a).unwrap()).unwrap();
         assert_eq!(
             (cfg.backend, cfg.size, cfg.path),
             (BackendKind::File, 4 << 20, Some(img.canonicalize().unwrap()))
         );
-        assert_eq!((cfg.copy_mode, cfg.explicit_buf_reg), (config::CopyMode::Zero, true));
-        assert_eq!(cfg.recovery, config::Recovery::Reissue);
+        assert_eq!((cfg.copy_mode, cfg.explicit_buf_reg), (CopyMode::Zero, true));
+        assert_eq!(cfg.recovery, Recovery::Reissue);
     }
 }
