@@ -54,7 +54,7 @@ pub enum Command {
         id: u32,
     },
     /// Planned handover: the server drains and exits, a new one takes over (6.16+;
-    /// a --batch device with -i is handed over by SIGKILL: see the README).
+    /// a --batch device with -i is handed over by SIGKILL: see docs/recovery.md).
     Restart {
         /// Id of the LIVE device to hand over to a new server.
         #[arg(short = 'n', long = "number")]

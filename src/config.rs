@@ -328,7 +328,7 @@ impl DeviceConfig {
     /// online CPU of the queue's affinity set (`affinity`, GET_QUEUE_AFFINITY),
     /// away from CPU 0 where clients tend to start. A queue whose set has no
     /// online CPU takes the online CPUs round robin, sharing them. `add
-    /// --help` and the README state the rule. Measured in one boot (7.3.4,
+    /// --help` and docs/data-plane.md state the rule. Measured in one boot (7.3.4,
     /// TCG, 2 CPUs, 1 queue, fio unpinned, scheduler none): a blocking
     /// thread left on both CPUs gave 24.5k IOPS, pinned to CPU 0 50.3k, to
     /// CPU 1 49.5k (tuned 54.3k); a polling one on both 26.8k, on CPU 0

@@ -227,7 +227,7 @@ pub(crate) fn build_ring<B: QueueBackend>(
     // died, a DEFER_TASKRUN ring waits an RCU grace period
     // (synchronize_rcu in io_ring_exit_work) before it frees its buffer
     // table, and the requests registered there hold the driver's release
-    // work, so the recovery, until then (README, "Where the gap goes").
+    // work, so the recovery, until then (docs/measurements.md, "Where the gap goes").
     if copy != Transfer::Zero {
         b.setup_defer_taskrun();
     }
