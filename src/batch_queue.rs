@@ -45,7 +45,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use crossbeam_utils::Backoff;
 use io_uring::squeue::{self, EntryMarker as _};
 use io_uring::{CompletionQueue, IoUring, Submitter, cqueue, opcode, types};
 use memmap2::MmapMut;
@@ -56,8 +55,8 @@ use crate::error::{Error, Result};
 use crate::plan::Transfer;
 use crate::queue::{
     Arrivals, BACKEND_BIT, Cq, DataPlane, Gather, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER,
-    PlaneKind, QueueSetup, Ring, Sq, TAG_MASK, TagIo, build_ring, idle_backoff, page_size, pin, ring_entries,
-    run_split, wait_until,
+    PlaneKind, QueueSetup, Ring, Sq, TAG_MASK, TagIo, build_ring, page_size, pin, ring_entries, run_split,
+    wait_until,
 };
 use crate::request::Request;
 use crate::stats::QueueCounters;
@@ -214,7 +213,6 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
 
 impl<B: QueueBackend> State<B> {
     fn serve(&mut self, sub: &Submitter<'_>, sq: &mut Sq<'_, B>, cq: &mut Cq<'_, B>) -> Result<()> {
-        let idle = Backoff::new();
         loop {
             let drained = self.held == 0 && self.commits.idle();
             if self.stopping && drained && self.fetches_live == 0 {
@@ -246,7 +244,6 @@ impl<B: QueueBackend> State<B> {
             self.fetch.publish();
             self.flush(sq)?;
             self.counters.turn(busy);
-            idle_backoff(&idle, self.setup.poll && !busy && !entered);
             if busy || entered || self.counters.idle_turns.is_multiple_of(IDLE_PUBLISH_EVERY) {
                 self.publish();
             }

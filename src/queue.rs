@@ -40,7 +40,6 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_utils::Backoff;
 use io_uring::squeue::EntryMarker as _;
 use io_uring::{CompletionQueue, IoUring, SubmissionQueue, Submitter, cqueue, opcode, types};
 use memmap2::{Mmap, MmapMut, MmapOptions};
@@ -234,22 +233,6 @@ pub(crate) fn build_ring<B: QueueBackend>(
     b.build(entries).map_err(|e| Error::io(format!("io_uring setup for queue {qid}"), e))
 }
 
-/// After a polling pass that found nothing and entered nothing, spins a
-/// little, then yields the CPU between looks (`Backoff::snooze`); any
-/// other pass starts the count again. Where clients and queue threads
-/// outnumber CPUs, they run in the queue's idle time: measured in the
-/// guest (docs/measurements.md, 2026-12-07), 2 polling queues under 2 fio
-/// jobs at QD32 on 2 CPUs served 1.3x the IOPS at half the p99, with QD1
-/// on one queue unchanged within the noise.
-#[inline]
-pub(crate) fn idle_backoff(idle: &Backoff, idle_pass: bool) {
-    if idle_pass {
-        idle.snooze();
-    } else {
-        idle.reset();
-    }
-}
-
 /// Submits and sleeps until a completion comes or the monotonic time
 /// `due_ns` (a held request's), whichever is first; ETIME is the latter.
 pub(crate) fn wait_until(sub: &Submitter<'_>, due_ns: u64) -> std::io::Result<usize> {
@@ -412,7 +395,6 @@ impl<B: QueueBackend> State<B> {
     fn serve(&mut self, sub: &Submitter<'_>, sq: &mut Sq<'_, B>, cq: &mut Cq<'_, B>) -> Result<()> {
         let mut live = self.setup.depth as u32;
         let mut stopping = false;
-        let idle = Backoff::new();
         while live > 0 {
             sq.sync();
             // Publish the CQ head the last pass advanced: the kernel counts a
@@ -457,7 +439,6 @@ impl<B: QueueBackend> State<B> {
             let busy = self.commit_due(sq)? || busy;
             self.gather.end_pass();
             self.counters.turn(busy);
-            idle_backoff(&idle, self.setup.poll && !busy && !entered);
             if busy || entered || self.counters.idle_turns.is_multiple_of(IDLE_PUBLISH_EVERY) {
                 self.publish();
             }
