@@ -141,6 +141,8 @@ pub const UBLK_IO_F_NOUNMAP: u32 = 1 << 15;
 pub const UBLK_IO_F_NEED_REG_BUF: u32 = 1 << 17;
 pub const UBLK_PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const UBLK_PARAM_TYPE_DISCARD: u32 = 1 << 1;
+pub const UBLK_PARAM_TYPE_DMA_ALIGN: u32 = 1 << 4;
+pub const UBLK_PARAM_TYPE_SEGMENT: u32 = 1 << 5;
 
 /// The descriptor array of queue q starts at `q * UBLK_MAX_QUEUE_DESC_BYTES`
 /// rounded up to a page.
@@ -242,9 +244,51 @@ pub struct ParamDevt {
     pub disk_minor: u32,
 }
 
-/// `struct ublk_params` (7.x layout, 152 bytes). The zoned, dma, segment
-/// and integrity members we never set are kept as opaque bytes; older
-/// kernels clamp `len` to their own size.
+/// `struct ublk_param_zoned` (never set: no zoned backend).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParamZoned {
+    pub max_open_zones: u32,
+    pub max_active_zones: u32,
+    pub max_zone_append_sectors: u32,
+    pub reserved: [u8; 20],
+}
+
+/// `struct ublk_param_dma_align`: the mask a buffer's address and length
+/// must clear (`alignment + 1` a power of two below a page).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParamDmaAlign {
+    pub alignment: u32,
+    pub pad: [u8; 4],
+}
+
+/// `struct ublk_param_segment`: how a request's memory may be split.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParamSegment {
+    pub seg_boundary_mask: u64,
+    pub max_segment_size: u32,
+    pub max_segments: u16,
+    pub pad: [u8; 2],
+}
+
+/// `struct ublk_param_integrity` (never set yet).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParamIntegrity {
+    pub flags: u32,
+    pub max_integrity_segments: u16,
+    pub interval_exp: u8,
+    pub metadata_size: u8,
+    pub pi_offset: u8,
+    pub csum_type: u8,
+    pub tag_size: u8,
+    pub pad: [u8; 5],
+}
+
+/// `struct ublk_params` (7.x layout, 152 bytes); older kernels clamp `len`
+/// to their own size and drop the types they do not know.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Params {
@@ -253,7 +297,10 @@ pub struct Params {
     pub basic: ParamBasic,
     pub discard: ParamDiscard,
     pub devt: ParamDevt,
-    pub unused: [u32; 19],
+    pub zoned: ParamZoned,
+    pub dma: ParamDmaAlign,
+    pub seg: ParamSegment,
+    pub integrity: ParamIntegrity,
 }
 
 /// `struct ublksrv_io_desc`: one per tag in the read-only mmapped array.
@@ -398,6 +445,10 @@ const _: () = {
     assert!(offset_of!(Params, basic) == 8);
     assert!(offset_of!(Params, discard) == 40);
     assert!(offset_of!(Params, devt) == 60);
+    assert!(offset_of!(Params, zoned) == 76);
+    assert!(offset_of!(Params, dma) == 108);
+    assert!(offset_of!(Params, seg) == 120);
+    assert!(offset_of!(Params, integrity) == 136);
 
     assert!(size_of::<IoDesc>() == 24);
     assert!(offset_of!(IoDesc, nr_sectors) == 4);

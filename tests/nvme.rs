@@ -1210,3 +1210,54 @@ fn make_block_node(path: &Path, like: &Path) {
     let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, rdev) };
     assert_eq!(r, 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
 }
+
+// ---------------------------------------------------------------- the namespace's limits
+
+/// A zero-copy `nvme` device, and `file --direct` on the namespace's block
+/// node, advertise what the namespace accepts of a request's memory
+/// (UBLK_PARAM_TYPE_DMA_ALIGN, _SEGMENT): their DMA alignment and segment
+/// limits are the namespace's, `list` shows them, and O_DIRECT I/O whose
+/// buffer is aligned only as far as the ublk device asks (`dma_alignment +
+/// 1` bytes, 4 on NVMe, not the default 512) goes through end to end:
+/// written through `/dev/ublkbN`, read back through it with the same
+/// alignment, and found on the namespace.
+#[test]
+fn zero_copy_devices_advertise_the_namespace_limits() {
+    let Some(_h) = nvme_harness() else { return };
+    let _d = Diagnostics;
+    let nvme = add_nvme(NG, "zero", &[]);
+    finely_aligned_io_lands(nvme, 0x1d4a);
+    let file = add(&["file", "--path", NVME_BLOCK, "--direct"]);
+    assert_eq!(file.json["copy_mode"], "zero", "{}", file.json);
+    finely_aligned_io_lands(file, 0x1d4b);
+}
+
+fn finely_aligned_io_lands(dev: Dev, seed: u64) {
+    let name = ublk_name(&dev);
+    for attr in ["dma_alignment", "max_segments", "max_segment_size"] {
+        let (ublk, ns) = (queue_attr(&name, attr), queue_attr("nvme0n1", attr));
+        assert_eq!(ublk, ns, "{name} {attr} vs nvme0n1's");
+        assert_eq!(dev.json["limits"][attr], ublk, "`list` shows {attr}: {}", dev.json);
+    }
+    let mask = queue_attr(&name, "dma_alignment") as usize;
+    assert!(mask < 511, "the namespace accepts finer alignment than the 512-byte default: {mask}");
+    let len = 4 * (namespace_lbs() as usize).max(4096);
+    let offset = PATTERN_AT;
+    let want = random_bytes(len, seed);
+    // A page-aligned buffer, used from `mask + 1` bytes in: aligned to that and no more.
+    let mut raw = Aligned::new(len + 4096);
+    let at = mask + 1;
+    raw.get_mut()[at..at + len].copy_from_slice(&want);
+    let f = open_direct(&dev.block(), true);
+    f.write_all_at(&raw.get()[at..at + len], offset)
+        .unwrap_or_else(|e| panic!("{name}: O_DIRECT write with a buffer aligned to {at} bytes: {e}"));
+    f.sync_all().unwrap();
+    raw.get_mut()[at..at + len].fill(0);
+    f.read_exact_at(&mut raw.get_mut()[at..at + len], offset)
+        .unwrap_or_else(|e| panic!("{name}: O_DIRECT read with a buffer aligned to {at} bytes: {e}"));
+    assert_same(&raw.get()[at..at + len], &want, offset, &format!("{name}: read back"));
+    drop(f);
+    del(dev.id);
+    let on_ns = pread_direct(Path::new(NVME_BLOCK), offset, len as u64);
+    assert_same(&on_ns, &want, offset, &format!("{name}: on the namespace"));
+}

@@ -30,6 +30,7 @@ use io_uring::{opcode, squeue, types};
 
 use super::chain::{Chains, KIND_IO, Registration};
 use super::claim;
+use super::limits::Limits;
 use super::{Backend, Device, DeviceBackend, Options, QueueBackend, QueueMaker};
 use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
@@ -177,6 +178,24 @@ pub fn cache_attrs(cfg: &DeviceConfig) -> u32 {
         Ok(m) if m.file_type().is_block_device() && bdev_write_through(m.rdev()) => 0,
         _ => with_cache,
     }
+}
+
+/// With `--direct`: a block device's queue limits, or a regular file's
+/// O_DIRECT memory alignment (statx STATX_DIOALIGN); None without `--direct`.
+fn direct_limits(cfg: &DeviceConfig) -> Option<Limits> {
+    let path = cfg.path.as_deref().filter(|_| cfg.direct)?;
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.file_type().is_block_device() {
+        return Limits::of_block_device(meta.rdev());
+    }
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx on an fd we own with an empty path (AT_EMPTY_PATH), writing into stx.
+    let ok = unsafe {
+        libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx)
+    } == 0;
+    (ok && stx.stx_mask & libc::STATX_DIOALIGN != 0).then(|| Limits::of_direct_file(stx.stx_dio_mem_align))?
 }
 
 /// `queue/write_cache` of the device `rdev` (a partition's is its disk's).
@@ -490,8 +509,13 @@ impl Backend for FileBackend {
         cfg.path.as_deref()
     }
 
+    /// The cache; with `--direct`, what the backing device accepts of a
+    /// request's memory (its pages reach it as they are).
     fn params(&self, cfg: &DeviceConfig, p: &mut Params) -> Result<()> {
         p.basic.attrs |= cache_attrs(cfg);
+        if let Some(l) = direct_limits(cfg) {
+            l.apply(p);
+        }
         Ok(())
     }
 

@@ -20,6 +20,7 @@ pub mod chain;
 pub mod claim;
 pub mod emulated;
 pub mod file;
+pub mod limits;
 pub mod null;
 pub mod nvme;
 pub mod ram;

@@ -29,6 +29,7 @@ use io_uring::{opcode, squeue, types};
 
 use super::chain::{Chains, KIND_IO, Registration};
 use super::claim;
+use super::limits::Limits;
 use super::{Backend, Device, DeviceBackend, Options, QueueBackend, QueueMaker};
 use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
@@ -114,6 +115,9 @@ pub struct Namespace {
     pub volatile_cache: bool,
     /// `queue/fua` is 1: a write can be made durable on its own.
     pub fua: bool,
+    /// The namespace's DMA alignment and segments (`queue/`): a zero-copy
+    /// request's pages go to it as they are, in one passthrough command.
+    pub limits: Option<Limits>,
 }
 
 impl Namespace {
@@ -157,6 +161,9 @@ impl Namespace {
         p.discard.max_write_zeroes_sectors = sectors(self.write_zeroes_bytes());
         if self.discard_max_bytes() == 0 {
             p.types &= !sys::UBLK_PARAM_TYPE_DISCARD;
+        }
+        if let Some(l) = &self.limits {
+            l.apply(p);
         }
     }
 }
@@ -291,6 +298,7 @@ impl Namespace {
             write_zeroes_max: q("write_zeroes_max_bytes").unwrap_or(0),
             volatile_cache: read_write_cache(&file("queue/write_cache"))?,
             fua: q("fua").unwrap_or(0) == 1,
+            limits: Limits::from_queue(&sysfs.join("queue")),
         })
     }
 }
@@ -604,6 +612,7 @@ mod tests {
             write_zeroes_max: 0,
             volatile_cache: true,
             fua: true,
+            limits: None,
         }
     }
 

@@ -38,9 +38,35 @@ pub struct DeviceView {
     pub path: Option<String>,
     /// The queue's active I/O scheduler (sysfs); None before START_DEV.
     pub scheduler: Option<String>,
+    /// What a client's I/O must meet, as the kernel set up `/dev/ublkbN`
+    /// (sysfs `queue/`); None before START_DEV.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<QueueLimits>,
     /// `--latency`/`--fail` as the device emulates them; None: a plain device.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub emulate: Option<String>,
+}
+
+/// A block device's queue limits that say what O_DIRECT I/O it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QueueLimits {
+    pub logical_block_size: u32,
+    /// Mask a buffer's address and length must clear.
+    pub dma_alignment: u32,
+    pub max_segments: u32,
+    pub max_segment_size: u64,
+}
+
+impl QueueLimits {
+    fn read(queue: &std::path::Path) -> Option<QueueLimits> {
+        let read = |f: &str| std::fs::read_to_string(queue.join(f)).ok()?.trim().parse::<u64>().ok();
+        Some(QueueLimits {
+            logical_block_size: read("logical_block_size")? as u32,
+            dma_alignment: read("dma_alignment")? as u32,
+            max_segments: read("max_segments")? as u32,
+            max_segment_size: read("max_segment_size")?,
+        })
+    }
 }
 
 pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
@@ -51,6 +77,8 @@ pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
         None => ctrl.get_params(dev_id).map(|p| p.basic.dev_sectors << 9).unwrap_or(0),
     };
     let mut v = make_view(&info, cfg.as_ref(), size, crate::io_scheduler::active_scheduler(dev_id));
+    v.limits =
+        QueueLimits::read(&std::path::Path::new("/sys/block").join(format!("ublkb{dev_id}")).join("queue"));
     if cfg.is_none() {
         // Another server's device: the kernel's block size, as ublksrv prints it.
         if let Ok(p) = ctrl.get_params(dev_id) {
@@ -85,6 +113,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
             .and_then(|c| c.path.as_ref())
             .map(|p| p.display().to_string()),
         scheduler,
+        limits: None,
         emulate: cfg.filter(|c| c.emulate.is_on()).map(|c| c.emulate.describe()),
     }
 }
@@ -97,7 +126,7 @@ pub fn dump(v: &DeviceView) -> String {
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
          \tmax rq size {} daemon pid {} flags {:#x} state {}\n\
          \tfeatures {}\n\
-         \tbackend {} copy {} poll {} batch {}{} cpus [{}] scheduler {}{}{}\n{}",
+         \tbackend {} copy {} poll {} batch {}{} cpus [{}] scheduler {}{}{}\n{}{}",
         v.dev_id,
         v.queues,
         v.depth,
@@ -118,6 +147,10 @@ pub fn dump(v: &DeviceView) -> String {
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
         v.path.as_ref().map_or(String::new(), |p| format!(" path {p}")),
         v.emulate.as_ref().map_or(String::new(), |e| format!("\temulate {e}\n")),
+        v.limits.map_or(String::new(), |l| format!(
+            "\tlimits logical_block_size {} dma_alignment {} max_segments {} max_segment_size {}\n",
+            l.logical_block_size, l.dma_alignment, l.max_segments, l.max_segment_size
+        )),
     )
 }
 
