@@ -337,8 +337,6 @@ impl<B: QueueBackend> State<B> {
         Ok(())
     }
 
-    /// Counts the request (stats on) and adds its result to the array the
-    /// next COMMIT sends.
     /// Commits what the backend held back (emulated service times) and is
     /// now due; true if it committed any.
     #[inline]
@@ -358,6 +356,8 @@ impl<B: QueueBackend> State<B> {
         any
     }
 
+    /// Counts the request (stats on) and adds its result to the array the
+    /// next COMMIT sends.
     fn commit(&mut self, tag: u16, result: i32) {
         self.held -= 1;
         if self.setup.stats_on {

@@ -639,7 +639,7 @@ impl TagIo {
                 Data::Buf(&mut bufs[off..off + len])
             }
             Transfer::Zero if setup.auto_buf_reg => Data::Registered { index: tag },
-            Transfer::Zero => Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid },
+            Transfer::Zero => self.fixed(setup, tag),
             Transfer::User => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(setup.qid, tag, 0) },
         }
     }

@@ -15,6 +15,30 @@ const MAX_DMA_MASK: u32 = 4095;
 /// backing device's is not in sysfs.
 const SEG_BOUNDARY: u64 = 0xffff_ffff;
 
+/// A block device's queue limits as sysfs shows them (`queue/`): what a
+/// client's O_DIRECT I/O on it must meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct QueueLimits {
+    pub logical_block_size: u32,
+    /// Mask a buffer's address and length must clear.
+    pub dma_alignment: u32,
+    pub max_segments: u32,
+    pub max_segment_size: u64,
+}
+
+impl QueueLimits {
+    /// From a block device's `queue` folder; None where a file is missing.
+    pub fn read(queue: &Path) -> Option<QueueLimits> {
+        let read = |f: &str| std::fs::read_to_string(queue.join(f)).ok()?.trim().parse::<u64>().ok();
+        Some(QueueLimits {
+            logical_block_size: read("logical_block_size")? as u32,
+            dma_alignment: read("dma_alignment")? as u32,
+            max_segments: read("max_segments")? as u32,
+            max_segment_size: read("max_segment_size")?,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Mask a buffer's address and length must clear (`queue/dma_alignment`).
@@ -24,16 +48,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// A block device's, from its `queue` folder in sysfs.
+    /// A block device's, from its `queue` folder in sysfs, clamped to what
+    /// the parameters can carry.
     pub fn from_queue(queue: &Path) -> Option<Limits> {
-        let read = |f: &str| std::fs::read_to_string(queue.join(f)).ok()?.trim().parse::<u64>().ok();
-        let dma = read("dma_alignment")?;
-        let (max_segments, max_segment_size) = (read("max_segments")?, read("max_segment_size")?);
+        let q = QueueLimits::read(queue)?;
         Some(Limits {
-            dma_alignment: (dma as u32).min(MAX_DMA_MASK),
+            dma_alignment: q.dma_alignment.min(MAX_DMA_MASK),
             segments: Some((
-                max_segments.clamp(1, u16::MAX as u64) as u16,
-                max_segment_size.min(u32::MAX as u64) as u32,
+                q.max_segments.clamp(1, u16::MAX as u32) as u16,
+                q.max_segment_size.min(u32::MAX as u64) as u32,
             )),
         })
     }
@@ -81,7 +104,12 @@ mod tests {
     /// as the kernel validates them: mask below a page, segment >= 4 KiB.
     #[test]
     fn a_block_devices_limits_become_the_parameters() {
-        let q = queue(&[("dma_alignment", "3"), ("max_segments", "33"), ("max_segment_size", "4294967295")]);
+        let q = queue(&[
+            ("logical_block_size", "512"),
+            ("dma_alignment", "3"),
+            ("max_segments", "33"),
+            ("max_segment_size", "4294967295"),
+        ]);
         let l = Limits::from_queue(q.path()).unwrap();
         assert_eq!(l, Limits { dma_alignment: 3, segments: Some((33, u32::MAX)) });
         let mut p = Params::default();
@@ -89,7 +117,12 @@ mod tests {
         assert_eq!(p.types, sys::UBLK_PARAM_TYPE_DMA_ALIGN | sys::UBLK_PARAM_TYPE_SEGMENT);
         assert_eq!((p.dma.alignment, p.seg.max_segments, p.seg.max_segment_size), (3, 33, u32::MAX));
         assert!((p.seg.seg_boundary_mask + 1).is_power_of_two());
-        let small = queue(&[("dma_alignment", "65535"), ("max_segments", "0"), ("max_segment_size", "512")]);
+        let small = queue(&[
+            ("logical_block_size", "4096"),
+            ("dma_alignment", "65535"),
+            ("max_segments", "0"),
+            ("max_segment_size", "512"),
+        ]);
         let mut p = Params::default();
         Limits::from_queue(small.path()).unwrap().apply(&mut p);
         assert_eq!((p.dma.alignment, p.seg.max_segments, p.seg.max_segment_size), (4095, 1, 4096));

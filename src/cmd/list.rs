@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::backend;
+use crate::backend::limits::QueueLimits;
 use crate::config::DeviceConfig;
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
@@ -45,28 +46,6 @@ pub struct DeviceView {
     /// `--latency`/`--fail` as the device emulates them; None: a plain device.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub emulate: Option<String>,
-}
-
-/// A block device's queue limits that say what O_DIRECT I/O it accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct QueueLimits {
-    pub logical_block_size: u32,
-    /// Mask a buffer's address and length must clear.
-    pub dma_alignment: u32,
-    pub max_segments: u32,
-    pub max_segment_size: u64,
-}
-
-impl QueueLimits {
-    fn read(queue: &std::path::Path) -> Option<QueueLimits> {
-        let read = |f: &str| std::fs::read_to_string(queue.join(f)).ok()?.trim().parse::<u64>().ok();
-        Some(QueueLimits {
-            logical_block_size: read("logical_block_size")? as u32,
-            dma_alignment: read("dma_alignment")? as u32,
-            max_segments: read("max_segments")? as u32,
-            max_segment_size: read("max_segment_size")?,
-        })
-    }
 }
 
 pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
