@@ -10,6 +10,7 @@ use crate::config::{self as config, BackendKind, CopyMode, check_depth, check_qu
 use crate::cpus::parse_cpus;
 use crate::emulate::{self, Emulation, FailRule, Latency};
 use crate::error::{Error, Result};
+use crate::integrity::{Integrity, PiFormat};
 use crate::io_scheduler::{SchedulerChoice, parse_scheduler};
 
 /// A whole `--cpus` list: an alias, so clap takes the parser's Vec as one value.
@@ -204,6 +205,16 @@ pub struct DeviceOptions {
     /// requests never reach the backend and count in `stats` as errors.
     #[arg(long = "fail", value_name = "RULE", value_parser = emulate::fail::parse)]
     pub fail: Vec<FailRule>,
+    /// ram and null: protection information (UBLK_F_INTEGRITY, Linux 7.0): t10dif-type1,
+    /// t10dif-type3, nvme-type1 or nvme-type3 (type 1 checks the reference tag). The block layer
+    /// generates it on write and verifies it on read; ram keeps it beside the data in its store,
+    /// null returns unwritten metadata (not checked). Data moves by user copy.
+    #[arg(long, value_name = "FORMAT", value_parser = PiFormat::parse)]
+    pub integrity: Option<PiFormat>,
+    /// --integrity: metadata bytes per logical block, 8 or 16 (default: the PI tuple's size, 8 for
+    /// t10dif and 16 for nvme).
+    #[arg(long, value_name = "BYTES", requires = "integrity")]
+    pub metadata_size: Option<u8>,
 }
 
 /// `--latency` as given (so `downtime` can pass it on) and as parsed.
@@ -223,6 +234,11 @@ impl DeviceOptions {
         Emulation { latency: self.latency.as_ref().map(|l| l.model.clone()), fail: self.fail.clone() }
     }
 
+    /// The device's protection information, checked.
+    pub fn integrity(&self) -> Result<Option<Integrity>> {
+        self.integrity.map(|f| Integrity::new(f, self.metadata_size)).transpose()
+    }
+
     /// The checks that need neither the driver nor the file: each option
     /// belongs to the backend, the copy mode fits it, and what it needs is
     /// given. Opening --path or --dev is left to `add`.
@@ -240,6 +256,7 @@ impl DeviceOptions {
             dev: self.dev.as_deref(),
             copy_mode: self.copy_mode,
             explicit_buf_reg: self.explicit_buf_reg,
+            integrity: self.integrity.is_some(),
             ..Options::default()
         }
     }
@@ -255,6 +272,8 @@ impl DeviceOptions {
             ("--explicit-buf-reg", self.explicit_buf_reg),
             ("--latency", self.latency.is_some()),
             ("--fail", !self.fail.is_empty()),
+            ("--integrity", self.integrity.is_some()),
+            ("--metadata-size", self.metadata_size.is_some()),
         ];
         set.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect()
     }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpus::{format_cpus, online_cpus, possible_cpus};
 use crate::emulate::Emulation;
 use crate::error::{Error, Result};
+use crate::integrity::Integrity;
 use crate::io_scheduler::parse_scheduler;
 use crate::sys;
 
@@ -153,6 +154,9 @@ pub struct DeviceConfig {
     /// `--latency` and `--fail`: served like a disk (see `emulate`).
     #[serde(default, skip_serializing_if = "Emulation::is_off")]
     pub emulate: Emulation,
+    /// `--integrity`: protection information kept beside the data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<Integrity>,
 }
 
 /// A file as a device's servers know it. A regular file is its filesystem
@@ -421,6 +425,7 @@ pub(crate) mod tests {
             sparse: false,
             part_scan: false,
             emulate: Emulation::default(),
+            integrity: None,
         }
     }
 

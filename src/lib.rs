@@ -6,7 +6,8 @@
 //! 1. `sys` (kernel ABI), with `error`, `clock`, `log`, `fault`;
 //! 2. `ctrl` (control plane), `process` (pidfds, signals), `cpus` (the
 //!    machine's CPUs, CPU lists), `io_scheduler` (a device's elevator, via sysfs);
-//! 3. `config` (the validated device configuration), `plan` (what was
+//! 3. `config` (the validated device configuration), `integrity` (its
+//!    protection-information format), `plan` (what was
 //!    asked and what the kernel offers, resolved once), `run_files` (its
 //!    files and the others under /run/ublk-bench), `teardown` (deleting a
 //!    device with its files and processes);
@@ -40,6 +41,7 @@ pub mod downtime;
 pub mod emulate;
 pub mod error;
 pub mod fault;
+pub mod integrity;
 pub mod io_scheduler;
 pub mod log;
 pub mod plan;

@@ -13,6 +13,7 @@
 
 use crate::config::{CopyMode, DeviceConfig, Recovery};
 use crate::error::{Error, Result};
+use crate::integrity::Integrity;
 use crate::sys::{self, DevInfo, Params};
 
 /// How request data travels between the bio and the server, resolved.
@@ -175,10 +176,16 @@ impl Plan {
     /// A new device's plan on a kernel with `features`; what the kernel
     /// lacks is refused here, before ADD_DEV.
     pub fn new(cfg: &DeviceConfig, rules: &CopyRules, features: u64) -> Result<Plan> {
-        let transfer = resolve(cfg.copy_mode, rules, features)?;
+        // Metadata moves by user copy only, so `auto` means user there.
+        let mode = match (cfg.integrity, cfg.copy_mode) {
+            (Some(_), CopyMode::Auto) => CopyMode::User,
+            (_, mode) => mode,
+        };
+        let transfer = resolve(mode, rules, features)?;
         check_buf_reg(transfer == Transfer::Zero, transfer.name(), rules.backend, cfg.explicit_buf_reg)?;
         check_recovery(cfg.recovery, features)?;
         let batch = batch_flag(cfg.batch, features)?;
+        let integrity = integrity_flag(cfg.integrity.is_some(), transfer, features)?;
         let auto_buf_reg =
             transfer == Transfer::Zero && features & sys::UBLK_F_AUTO_BUF_REG != 0 && !cfg.explicit_buf_reg;
         let copy = match transfer {
@@ -194,7 +201,8 @@ impl Plan {
             | cfg.recovery.flags()
             | quiesce_flag(cfg.recovery, features)
             | part_scan_flag(cfg.part_scan, features)
-            | batch;
+            | batch
+            | integrity;
         Ok(Plan { transfer, auto_buf_reg, batch: batch != 0, flags })
     }
 
@@ -230,6 +238,14 @@ pub fn mismatches(cfg: &DeviceConfig, info: &DevInfo, params: &Params) -> Vec<St
         sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE | sys::UBLK_F_USER_RECOVERY_FAIL_IO;
     check("recovery flags", format!("{:#x}", cfg.recovery.flags()), format!("{:#x}", info.flags & rec_bits));
     check("batch", cfg.batch.to_string(), (info.flags & sys::UBLK_F_BATCH_IO != 0).to_string());
+    if !Integrity::same_as_kernel(cfg.integrity.as_ref(), info.flags, params) {
+        let kernel = match info.flags & sys::UBLK_F_INTEGRITY {
+            0 => "none".into(),
+            _ => format!("{} bytes per block", params.integrity.metadata_size),
+        };
+        let file = cfg.integrity.map_or("none".into(), |i| i.describe());
+        wrong.push(format!("integrity {file} in the file, {kernel} in the kernel"));
+    }
     if cfg.explicit_buf_reg && info.flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
         wrong.push("explicit buffer registration in the file, AUTO_BUF_REG in the kernel".into());
     }
@@ -263,8 +279,31 @@ fn batch_flag(batch: bool, features: u64) -> Result<u64> {
     }
 }
 
+/// UBLK_F_INTEGRITY for `--integrity`: refused before ADD_DEV where the
+/// kernel lacks it, and with any copy mode but user (the kernel's rule).
+fn integrity_flag(integrity: bool, transfer: Transfer, features: u64) -> Result<u64> {
+    if !integrity {
+        return Ok(0);
+    }
+    if features & sys::UBLK_F_INTEGRITY == 0 {
+        return Err(Error::Unsupported {
+            feature: "UBLK_F_INTEGRITY",
+            version: "7.0",
+            hint: "drop --integrity (it also needs CONFIG_BLK_DEV_INTEGRITY; see `ublk-bench features`)",
+        });
+    }
+    match transfer {
+        Transfer::User => Ok(sys::UBLK_F_INTEGRITY),
+        t => Err(Error::invalid(format!(
+            "--integrity moves metadata by user copy, the only way the kernel offers: use --copy-mode user, not {}",
+            t.name()
+        ))),
+    }
+}
+
 /// A new device's parameters, as every backend has them: block size,
-/// size, request size (`max_io_buf_bytes`, as ADD_DEV left it) and discard.
+/// size, request size (`max_io_buf_bytes`, as ADD_DEV left it), discard
+/// and protection information.
 /// Its backend adds or narrows its own (`backend::Backend::params`).
 pub fn params(cfg: &DeviceConfig, max_io_buf_bytes: u32) -> Params {
     let bs_shift = cfg.block_size.trailing_zeros() as u8;
@@ -280,6 +319,10 @@ pub fn params(cfg: &DeviceConfig, max_io_buf_bytes: u32) -> Params {
     p.discard.max_discard_sectors = u32::MAX >> 9;
     p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
     p.discard.max_discard_segments = 1;
+    if let Some(i) = &cfg.integrity {
+        p.types |= sys::UBLK_PARAM_TYPE_INTEGRITY;
+        p.integrity = i.param(cfg.block_size);
+    }
     p
 }
 
@@ -386,6 +429,33 @@ pub(crate) mod tests {
             assert_eq!(seen.flags, flags);
             assert_eq!(seen.transfer, Transfer::of_flags(flags));
         }
+    }
+
+    /// `--integrity` resolves `auto` to user copy, asks for the flag and
+    /// the parameters, is refused where the kernel lacks the flag or with
+    /// another copy mode, and a takeover sees a device without it as another.
+    #[test]
+    fn integrity_is_user_copy_with_its_flag_and_parameters() {
+        use crate::integrity::{Integrity, PiFormat};
+        let pi = Integrity::new(PiFormat::T10difType1, None).unwrap();
+        let cfg = DeviceConfig { integrity: Some(pi), ..crate::config::tests::sample() };
+        let p = Plan::new(&cfg, &MEM, u64::MAX).unwrap();
+        assert_eq!(p.transfer, User);
+        assert_ne!(p.flags & sys::UBLK_F_INTEGRITY, 0);
+        let plain = crate::config::tests::sample();
+        assert_eq!(Plan::new(&plain, &MEM, u64::MAX).unwrap().flags & sys::UBLK_F_INTEGRITY, 0);
+        let err = Plan::new(&cfg, &MEM, !sys::UBLK_F_INTEGRITY).unwrap_err().to_string();
+        assert!(err.contains("UBLK_F_INTEGRITY") && err.contains("drop --integrity"), "{err}");
+        let zero = DeviceConfig { copy_mode: CopyMode::Zero, ..cfg.clone() };
+        let err = Plan::new(&zero, &MEM, u64::MAX).unwrap_err().to_string();
+        assert!(err.contains("--copy-mode user"), "{err}");
+        let params = params(&cfg, 1 << 20);
+        assert_ne!(params.types & sys::UBLK_PARAM_TYPE_INTEGRITY, 0);
+        assert_eq!(params.integrity.metadata_size, 8);
+        let info = DevInfo { flags: p.flags, ..Default::default() };
+        assert!(!mismatches(&cfg, &info, &params).iter().any(|m| m.contains("integrity")));
+        let wrong = mismatches(&plain, &info, &params);
+        assert!(wrong.iter().any(|m| m.contains("integrity none in the file")), "{wrong:?}");
     }
 
     #[test]

@@ -139,10 +139,13 @@ pub const UBLK_IO_F_NOUNMAP: u32 = 1 << 15;
 /// AUTO_BUF_REG could not register this request's pages (6.16): with
 /// [`UBLK_AUTO_BUF_REG_FALLBACK`] the server registers them itself.
 pub const UBLK_IO_F_NEED_REG_BUF: u32 = 1 << 17;
+/// The request carries protection information (UBLK_F_INTEGRITY, 7.0).
+pub const UBLK_IO_F_INTEGRITY: u32 = 1 << 18;
 pub const UBLK_PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const UBLK_PARAM_TYPE_DISCARD: u32 = 1 << 1;
 pub const UBLK_PARAM_TYPE_DMA_ALIGN: u32 = 1 << 4;
 pub const UBLK_PARAM_TYPE_SEGMENT: u32 = 1 << 5;
+pub const UBLK_PARAM_TYPE_INTEGRITY: u32 = 1 << 6;
 
 /// The descriptor array of queue q starts at `q * UBLK_MAX_QUEUE_DESC_BYTES`
 /// rounded up to a page.
@@ -166,6 +169,9 @@ pub fn mask_cpus(mask: &[u64]) -> Vec<usize> {
 pub const UBLKSRV_IO_BUF_OFFSET: u64 = 0x8000_0000;
 pub const UBLK_TAG_OFF: u32 = 25;
 pub const UBLK_QID_OFF: u32 = 41;
+/// Set in a user-copy position, it reaches the request's metadata (its
+/// protection information) instead of its data.
+pub const UBLKSRV_IO_INTEGRITY_FLAG: u64 = 1 << 62;
 /// A request carries at most 32 MiB in user-copy mode.
 pub const UBLK_IO_BUF_BYTES_MAX: u32 = 1 << UBLK_TAG_OFF;
 
@@ -273,7 +279,7 @@ pub struct ParamSegment {
     pub pad: [u8; 2],
 }
 
-/// `struct ublk_param_integrity` (never set yet).
+/// `struct ublk_param_integrity`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ParamIntegrity {

@@ -91,7 +91,7 @@ fn common_contract(b: &mut impl SyncBackend, mode: &mut Mode) {
 #[test]
 fn null_meets_the_common_contract() {
     for mut mode in Mode::all() {
-        common_contract(&mut NullQueue, &mut mode);
+        common_contract(&mut NullQueue::default(), &mut mode);
     }
 }
 

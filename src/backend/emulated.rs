@@ -108,7 +108,7 @@ mod tests {
             fail: fail.iter().map(|f| fail::parse(f).unwrap()).collect(),
         };
         let failer = Arc::new(Failer::new(e.fail.clone()));
-        Emulated::new(NullQueue, &e, failer, 8, 1)
+        Emulated::new(NullQueue::default(), &e, failer, 8, 1)
     }
 
     /// Held until due, out by due time whatever the order of arrival, and

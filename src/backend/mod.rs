@@ -178,6 +178,12 @@ pub trait Backend: Sync {
         ""
     }
 
+    /// Whether it serves `--integrity`: keeps a device's metadata (or, for
+    /// null, hands back unwritten metadata).
+    fn keeps_metadata(&self) -> bool {
+        false
+    }
+
     /// The options it cannot do without.
     fn needs(&self, _o: &Options<'_>) -> Result<()> {
         Ok(())
@@ -245,6 +251,8 @@ pub struct Options<'a> {
     pub dev: Option<&'a Path>,
     pub copy_mode: CopyMode,
     pub explicit_buf_reg: bool,
+    /// `--integrity` was given.
+    pub integrity: bool,
 }
 
 impl Options<'_> {
@@ -277,7 +285,31 @@ pub fn check_options(b: &dyn Backend, o: &Options<'_>) -> Result<()> {
         }
     }
     plan::check_copy_mode(o.copy_mode, b.copy_rules(), o.explicit_buf_reg)?;
+    if o.integrity {
+        check_integrity(b, o.copy_mode)?;
+    }
     b.needs(o)
+}
+
+/// `--integrity` needs a backend that keeps metadata, and user copy: the
+/// kernel moves metadata no other way.
+fn check_integrity(b: &dyn Backend, mode: CopyMode) -> Result<()> {
+    if !b.keeps_metadata() {
+        let with: Vec<&str> = ALL.iter().filter(|x| x.keeps_metadata()).map(|x| x.name()).collect();
+        return Err(Error::invalid(format!(
+            "--integrity is served by {} (which keep the metadata), not {}: drop it or use one of those",
+            with.join(" and "),
+            b.name()
+        )));
+    }
+    match mode {
+        CopyMode::Auto | CopyMode::User => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "--integrity moves metadata by user copy, the only way the kernel offers: use --copy-mode user \
+             (or leave --copy-mode out), not {}",
+            mode.name()
+        ))),
+    }
 }
 
 macro_rules! registry {
@@ -375,6 +407,24 @@ mod tests {
     }
 
     /// An option of one backend given to another is refused, naming both.
+    #[test]
+    fn integrity_needs_a_backend_that_keeps_metadata_and_user_copy() {
+        let pi = Options { integrity: true, ..Default::default() };
+        for kind in [BackendKind::Null, BackendKind::Ram] {
+            check_options(of(kind), &pi).unwrap();
+            let user = Options { copy_mode: CopyMode::User, ..pi };
+            check_options(of(kind), &user).unwrap();
+        }
+        let dev = Path::new("/dev/ng0n1");
+        for (kind, o) in [(BackendKind::File, pi), (BackendKind::Nvme, Options { dev: Some(dev), ..pi })] {
+            let err = check_options(of(kind), &o).unwrap_err().to_string();
+            assert!(err.contains("--integrity is served by null and ram"), "{err}");
+        }
+        let copy = Options { copy_mode: CopyMode::Copy, ..pi };
+        let err = check_options(of(BackendKind::Ram), &copy).unwrap_err().to_string();
+        assert!(err.contains("use --copy-mode user"), "{err}");
+    }
+
     #[test]
     fn options_belong_to_their_backend() {
         let p = Path::new("/x");

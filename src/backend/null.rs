@@ -1,19 +1,46 @@
 //! `null`: completes every request at once, so a run measures ublk alone.
-//! Reads return whatever the buffer holds; no data is produced.
+//! Reads return whatever the buffer holds; no data is produced. With
+//! `--integrity` a read hands back unwritten metadata (all ones, the PI
+//! escape), which the block layer's verify skips.
 
-use super::{Backend, Device, DeviceBackend, QueueMaker, SyncBackend, done};
+use super::{Backend, Device, DeviceBackend, QueueMaker, SyncBackend, done, pwrite_all};
 use crate::config::{BackendKind, DeviceConfig};
 use crate::error::Result;
+use crate::integrity::{self, MetaLayout};
 use crate::plan::{CopyRules, Transfer};
 use crate::request::{Data, Request};
 use crate::sys;
 
 #[derive(Debug, Default)]
-pub struct NullQueue;
+pub struct NullQueue {
+    meta: Option<MetaLayout>,
+}
+
+/// Metadata as never written.
+static UNWRITTEN: [u8; 4096] = [integrity::UNWRITTEN; 4096];
+
+impl NullQueue {
+    /// A read's metadata (user copy): unwritten, as `len` data bytes have it.
+    fn read_meta(&self, req: &Request, data: &Data<'_>) -> i32 {
+        let (Some(meta), Data::UserCopy { fd, pos }) = (self.meta, data) else { return -libc::EINVAL };
+        let (mut at, mut left) = (pos | sys::UBLKSRV_IO_INTEGRITY_FLAG, meta.bytes(req.len as u64) as usize);
+        while left > 0 {
+            let n = left.min(UNWRITTEN.len());
+            // SAFETY: UNWRITTEN is static and readable for n <= its length.
+            let r = unsafe { pwrite_all(*fd, UNWRITTEN.as_ptr(), n, at) };
+            if r < 0 {
+                return r;
+            }
+            (at, left) = (at + n as u64, left - n);
+        }
+        done(req.len)
+    }
+}
 
 impl SyncBackend for NullQueue {
-    fn serve(&mut self, req: &Request, _data: Data<'_>) -> i32 {
+    fn serve(&mut self, req: &Request, data: Data<'_>) -> i32 {
         match req.op {
+            sys::UBLK_IO_OP_READ if req.flags & sys::UBLK_IO_F_INTEGRITY != 0 => self.read_meta(req, &data),
             sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => done(req.len),
             sys::UBLK_IO_OP_FLUSH | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => 0,
             _ => -libc::EOPNOTSUPP,
@@ -25,8 +52,8 @@ impl SyncBackend for NullQueue {
 /// (there are no pages to take).
 pub struct Null;
 
-/// A null device: nothing is served.
-pub struct NullDevice;
+/// A null device: nothing is served (but unwritten metadata, with `--integrity`).
+pub struct NullDevice(Option<MetaLayout>);
 
 impl Backend for Null {
     fn kind(&self) -> BackendKind {
@@ -41,8 +68,12 @@ impl Backend for Null {
         &CopyRules { backend: "null", auto: &[Transfer::User, Transfer::Copy], refused: &[] }
     }
 
-    fn open(&self, _cfg: &mut DeviceConfig, _transfer: Transfer, _create: bool) -> Result<DeviceBackend> {
-        Ok(DeviceBackend::Null(NullDevice))
+    fn keeps_metadata(&self) -> bool {
+        true
+    }
+
+    fn open(&self, cfg: &mut DeviceConfig, _transfer: Transfer, _create: bool) -> Result<DeviceBackend> {
+        Ok(DeviceBackend::Null(NullDevice(cfg.integrity.map(|i| i.layout(cfg.block_size)))))
     }
 }
 
@@ -52,6 +83,6 @@ impl Device for NullDevice {
     }
 
     fn with_queue<M: QueueMaker>(&self, _depth: u16, m: M) -> M::Out {
-        m.make(NullQueue)
+        m.make(NullQueue { meta: self.0 })
     }
 }

@@ -21,9 +21,14 @@
 //! not be reserved), the store is *guarded*: every request goes through the
 //! store's fd (pread/pwrite, which tmpfs answers with ENOSPC), never the
 //! map, so a full tmpfs fails that request and nothing else.
+//!
+//! Protection information (`--integrity`): the store file holds the data,
+//! then each block's metadata in block order, so it outlives the server
+//! with the data it protects. A new store's metadata starts unwritten
+//! ([`integrity::UNWRITTEN`]), as do blocks discarded or written without PI.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +41,7 @@ use super::file::Backing;
 use super::{Backend, Device, DeviceBackend, Options, QueueMaker, SyncBackend, done, pread_all, pwrite_all};
 use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
+use crate::integrity::{self, MetaLayout};
 use crate::plan::{CopyRules, Transfer};
 use crate::request::{Data, Request};
 use crate::sys;
@@ -44,7 +50,9 @@ use crate::sys;
 pub struct RamStore {
     file: File,
     map: MmapRaw,
+    /// Data bytes; the metadata of `--integrity` follows them in the file.
     size: u64,
+    meta: Option<MetaLayout>,
     path: PathBuf,
     /// Some page may be a hole: serve through the fd, not the map (module doc).
     guarded: AtomicBool,
@@ -54,6 +62,8 @@ pub struct RamStore {
 const BOUNCE: usize = 64 << 10;
 /// A zero page for the unaligned edges of a guarded discard.
 static ZEROES: [u8; 4096] = [0; 4096];
+/// Metadata as never written, for a guarded store's fd.
+static UNWRITTEN: [u8; 4096] = [integrity::UNWRITTEN; 4096];
 
 /// Creates a fresh zeroed store file of `size` bytes at `path`, mode 0600.
 /// The path must not exist (O_EXCL, and O_NOFOLLOW for a dangling link):
@@ -121,6 +131,31 @@ pub fn reserve_as_asked(file: &File, path: &Path, size: u64, created: bool, spar
     }
 }
 
+/// The store file's length: `size` data bytes and their metadata.
+pub fn store_len(size: u64, meta: Option<MetaLayout>) -> u64 {
+    size + meta.map_or(0, |m| m.bytes(size))
+}
+
+/// The metadata layout of a device's store (None without `--integrity`).
+fn meta_of(cfg: &DeviceConfig) -> Option<MetaLayout> {
+    cfg.integrity.map(|i| i.layout(cfg.block_size))
+}
+
+/// Writes `[off, off+len)` of `fd` from the repeated `pattern`.
+fn fill_fd(fd: RawFd, pattern: &'static [u8; 4096], mut off: u64, len: u64) -> i32 {
+    let end = off + len;
+    while off < end {
+        let n = (end - off).min(pattern.len() as u64) as usize;
+        // SAFETY: pattern is static and readable for n <= its length.
+        let r = unsafe { pwrite_all(fd, pattern.as_ptr(), n, off) };
+        if r < 0 {
+            return r;
+        }
+        off += n as u64;
+    }
+    0
+}
+
 /// fallocate mode 0 of `[off, off+len)`.
 fn fallocate(file: &File, off: u64, len: u64) -> std::io::Result<()> {
     if len == 0 {
@@ -164,24 +199,25 @@ impl RamStore {
             let _ = std::fs::remove_file(path);
             return Err(e);
         }
-        Self::map(file, path, size, false)
+        Self::map(file, path, size, None, false)
     }
 
     /// An existing store at `path`, reserved where it can be, and mapped.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
         let file = open_file(path, size)?;
         let reserved = reserve_as_asked(&file, path, size, false, false)?;
-        Self::map(file, path, size, !reserved)
+        Self::map(file, path, size, None, !reserved)
     }
 
-    /// Maps `file` MAP_SHARED: the user and copy modes move bytes through
-    /// the map, unless `guarded` (the store may have holes: module doc).
-    pub fn map(file: File, path: &Path, size: u64, guarded: bool) -> Result<Self> {
+    /// Maps `file` (`size` data bytes, then their metadata by `meta`)
+    /// MAP_SHARED: the user and copy modes move bytes through the map,
+    /// unless `guarded` (the store may have holes: module doc).
+    pub fn map(file: File, path: &Path, size: u64, meta: Option<MetaLayout>, guarded: bool) -> Result<Self> {
         let map = MmapOptions::new()
-            .len(size as usize)
+            .len(store_len(size, meta) as usize)
             .map_raw(&file)
             .map_err(|e| Error::io(format!("mmap RAM store {}", path.display()), e))?;
-        Ok(RamStore { file, map, size, path: path.to_owned(), guarded: AtomicBool::new(guarded) })
+        Ok(RamStore { file, map, size, meta, path: path.to_owned(), guarded: AtomicBool::new(guarded) })
     }
 
     /// Requests must not touch the map: some page may be a hole.
@@ -243,25 +279,36 @@ impl RamStore {
     }
 
     /// Zeroes a range through the fd (guarded: it may be a hole).
-    fn write_zeroes(&self, mut off: u64, len: u64) -> i32 {
-        let end = off + len;
-        while off < end {
-            let n = (end - off).min(ZEROES.len() as u64) as usize;
-            // SAFETY: ZEROES is static and readable for n <= its length.
-            let r = unsafe { pwrite_all(self.file.as_raw_fd(), ZEROES.as_ptr(), n, off) };
-            if r < 0 {
-                return r;
-            }
-            off += n as u64;
-        }
-        0
+    fn write_zeroes(&self, off: u64, len: u64) -> i32 {
+        fill_fd(self.file.as_raw_fd(), &ZEROES, off, len)
     }
 
     /// Only on a reserved store (no holes, so no fault).
     fn memset(&self, off: u64, len: u64) -> i32 {
-        // SAFETY: callers checked off+len <= size; the map lives as long as self.
-        unsafe { self.map.as_mut_ptr().add(off as usize).write_bytes(0, len as usize) };
+        self.fill_map(off, len, 0)
+    }
+
+    /// Sets `[off, off+len)` of the file to `byte` through the map.
+    fn fill_map(&self, off: u64, len: u64, byte: u8) -> i32 {
+        // SAFETY: callers checked off+len is inside the file, which the map
+        // covers; the map lives as long as self.
+        unsafe { self.map.as_mut_ptr().add(off as usize).write_bytes(byte, len as usize) };
         0
+    }
+
+    /// The file range of the metadata of data `[off, off+len)`.
+    fn meta_range(&self, meta: MetaLayout, off: u64, len: u64) -> (u64, u64) {
+        (self.size + meta.bytes(off), meta.bytes(len))
+    }
+
+    /// Marks the metadata of data `[off, off+len)` unwritten (module doc).
+    fn unwrite_meta(&self, off: u64, len: u64) -> i32 {
+        let Some(meta) = self.meta else { return 0 };
+        let (at, n) = self.meta_range(meta, off, len);
+        match self.guarded() {
+            true => fill_fd(self.file.as_raw_fd(), &UNWRITTEN, at, n),
+            false => self.fill_map(at, n, integrity::UNWRITTEN),
+        }
     }
 
     fn in_range(&self, req: &Request) -> bool {
@@ -341,38 +388,62 @@ impl RamQueue {
             Data::Buf(buf) if write => unsafe { pwrite_all(store, buf.as_ptr(), len, req.offset) },
             // SAFETY: as above, written by the store's pread.
             Data::Buf(buf) => unsafe { pread_all(store, buf.as_mut_ptr(), len, req.offset) },
-            Data::UserCopy { fd, pos } => {
-                if self.bounce.is_empty() {
-                    self.bounce = vec![0; BOUNCE];
-                }
-                let b = self.bounce.as_mut_ptr();
-                let mut done = 0usize;
-                while done < len {
-                    let n = (len - done).min(BOUNCE);
-                    let (at, p) = (req.offset + done as u64, pos + done as u64);
-                    // SAFETY: bounce is ours and BOUNCE >= n bytes long.
-                    let r = unsafe {
-                        match write {
-                            true => match pread_all(fd, b, n, p) {
-                                r if r < 0 => r,
-                                _ => pwrite_all(store, b, n, at),
-                            },
-                            false => match pread_all(store, b, n, at) {
-                                r if r < 0 => r,
-                                _ => pwrite_all(fd, b, n, p),
-                            },
-                        }
-                    };
-                    if r < 0 {
-                        return r;
-                    }
-                    done += n;
-                }
-                done as i32
-            }
+            Data::UserCopy { fd, pos } if write => self.bounce_copy((fd, pos), (store, req.offset), len),
+            Data::UserCopy { fd, pos } => self.bounce_copy((store, req.offset), (fd, pos), len),
             Data::None | Data::Fixed { .. } | Data::Registered { .. } => -libc::EINVAL,
         };
         if r < 0 { r } else { done(req.len) }
+    }
+
+    /// Moves `len` bytes from one fd and position to another through the
+    /// bounce buffer; the bytes moved or -errno.
+    fn bounce_copy(&mut self, from: (RawFd, u64), to: (RawFd, u64), len: usize) -> i32 {
+        if self.bounce.is_empty() {
+            self.bounce = vec![0; BOUNCE];
+        }
+        let b = self.bounce.as_mut_ptr();
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(BOUNCE);
+            // SAFETY: bounce is ours and BOUNCE >= n bytes long.
+            let r = unsafe {
+                match pread_all(from.0, b, n, from.1 + done as u64) {
+                    r if r < 0 => r,
+                    _ => pwrite_all(to.0, b, n, to.1 + done as u64),
+                }
+            };
+            if r < 0 {
+                return r;
+            }
+            done += n;
+        }
+        done as i32
+    }
+
+    /// `--integrity`: moves the request's metadata between `/dev/ublkcN`
+    /// (user copy, the plan's rule) and the store, after its data. A write
+    /// that came without PI (the block layer's generate turned off) leaves
+    /// its blocks' metadata unwritten, so no stale tuple fails a later read.
+    fn move_meta(&mut self, req: &Request, user: Option<(RawFd, u64)>, write: bool) -> i32 {
+        let Some(meta) = self.store.meta else { return 0 };
+        if req.flags & sys::UBLK_IO_F_INTEGRITY == 0 {
+            return if write { self.store.unwrite_meta(req.offset, req.len as u64) } else { 0 };
+        }
+        let Some((fd, pos)) = user else { return -libc::EINVAL };
+        let (at, n) = self.store.meta_range(meta, req.offset, req.len as u64);
+        let (pos, n) = (pos | sys::UBLKSRV_IO_INTEGRITY_FLAG, n as usize);
+        if self.store.guarded() {
+            let store = self.store.file.as_raw_fd();
+            return match write {
+                true => self.bounce_copy((fd, pos), (store, at), n),
+                false => self.bounce_copy((store, at), (fd, pos), n),
+            };
+        }
+        // SAFETY: meta_range of an in_range request is inside the file,
+        // which the map covers.
+        let p = unsafe { self.store.map.as_mut_ptr().add(at as usize) };
+        // SAFETY: [p, p+n) is inside the map (above), which outlives the call.
+        unsafe { if write { pread_all(fd, p, n, pos) } else { pwrite_all(fd, p, n, pos) } }
     }
 
     fn read(&self, req: &Request, data: Data<'_>) -> i32 {
@@ -424,16 +495,32 @@ impl SyncBackend for RamQueue {
             return -libc::EINVAL;
         }
         let guarded = self.store.guarded();
-        match req.op {
+        let user = match &data {
+            Data::UserCopy { fd, pos } => Some((*fd, *pos)),
+            _ => None,
+        };
+        let r = match req.op {
             sys::UBLK_IO_OP_READ if guarded => self.guarded_io(req, data, false),
             sys::UBLK_IO_OP_WRITE if guarded => self.guarded_io(req, data, true),
             sys::UBLK_IO_OP_READ => self.read(req, data),
             sys::UBLK_IO_OP_WRITE => self.write(req, data),
             sys::UBLK_IO_OP_FLUSH => 0,
             sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-                self.store.zero(req.offset, req.len as u64)
+                match self.store.zero(req.offset, req.len as u64) {
+                    0 => self.store.unwrite_meta(req.offset, req.len as u64),
+                    e => e,
+                }
             }
             _ => -libc::EOPNOTSUPP,
+        };
+        match (r >= 0, req.op) {
+            (true, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) if self.store.meta.is_some() => {
+                match self.move_meta(req, user, req.op == sys::UBLK_IO_OP_WRITE) {
+                    m if m < 0 => m,
+                    _ => r,
+                }
+            }
+            _ => r,
         }
     }
 }
@@ -471,7 +558,20 @@ impl Backend for Ram {
         cfg.sparse = o.sparse;
         cfg.store_created = !o.reuse_store;
         let Some(path) = o.store else { return Ok(()) };
-        let (path, store_size) = resolve_store(path, o.reuse_store, o.size)?;
+        let meta = meta_of(cfg);
+        let (path, store_len) = resolve_store(path, o.reuse_store, o.size.map(|s| store_len(s, meta)))?;
+        let store_size = match (store_len, meta) {
+            (Some(len), Some(m)) => Some(m.data_of(len).ok_or_else(|| {
+                Error::invalid(format!(
+                    "RAM store {} ({len} bytes) is no store of --integrity with {} bytes per {}-byte block: \
+                     give the --integrity and --block-size it was made with",
+                    path.display(),
+                    m.per_block,
+                    1u64 << m.block_shift
+                ))
+            })?),
+            (len, _) => len,
+        };
         if o.reuse_store {
             let found = claim::find(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
             cfg.backing_id = Some(found.id);
@@ -496,15 +596,29 @@ impl Backend for Ram {
             cfg.store = cfg.dev_id.map(|id| format!("/dev/shm/ublk-bench-{id}").into());
         }
         let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram backend without a store path"))?;
+        let meta = meta_of(cfg);
+        let len = store_len(cfg.size, meta);
         let file = match create {
-            true => create_file(path, cfg.size)?,
-            false => open_checked(path, cfg.size, cfg.backing_id.as_ref(), cfg.dev_id)?,
+            true => create_file(path, len)?,
+            false => open_checked(path, len, cfg.backing_id.as_ref(), cfg.dev_id)?,
         };
-        let reserved = reserve_as_asked(&file, path, cfg.size, create, cfg.sparse)?;
+        let reserved = reserve_as_asked(&file, path, len, create, cfg.sparse)?;
+        if create && meta.is_some() {
+            let r = fill_fd(file.as_raw_fd(), &UNWRITTEN, cfg.size, len - cfg.size);
+            if r < 0 {
+                let _ = std::fs::remove_file(path);
+                let e = std::io::Error::from_raw_os_error(-r);
+                return Err(Error::io(format!("write the metadata of RAM store {}", path.display()), e));
+            }
+        }
         Ok(match transfer {
             Transfer::Zero => DeviceBackend::File(Arc::new(Backing::store(file, path, cfg.size))),
-            _ => DeviceBackend::Ram(Arc::new(RamStore::map(file, path, cfg.size, !reserved)?)),
+            _ => DeviceBackend::Ram(Arc::new(RamStore::map(file, path, cfg.size, meta, !reserved)?)),
         })
+    }
+
+    fn keeps_metadata(&self) -> bool {
+        true
     }
 }
 
@@ -537,10 +651,11 @@ fn check_store_space(cfg: &DeviceConfig) -> Result<()> {
         return Err(Error::io(format!("statvfs {}", dir.display()), std::io::Error::last_os_error()));
     }
     let free = st.f_bavail as u64 * st.f_frsize as u64;
-    if cfg.size > free {
+    let len = store_len(cfg.size, meta_of(cfg));
+    if len > free {
         return Err(Error::invalid(format!(
             "size {} does not fit in {} ({} bytes free): give a smaller --size or another --store",
-            cfg.size,
+            len,
             dir.display(),
             free
         )));
@@ -560,7 +675,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mapped = RamStore::create(&dir.path().join("mapped"), 1 << 20).unwrap();
         let file = create_file(&dir.path().join("guarded"), 1 << 20).unwrap();
-        let guarded = RamStore::map(file, &dir.path().join("guarded"), 1 << 20, true).unwrap();
+        let guarded = RamStore::map(file, &dir.path().join("guarded"), 1 << 20, None, true).unwrap();
         assert!(guarded.guarded() && !mapped.guarded());
         for store in [mapped, guarded] {
             refuses_requests_longer_than_the_buffer(RamQueue::new(Arc::new(store)));

@@ -101,6 +101,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         sparse: false,
         part_scan: args.part_scan,
         emulate: args.dev_opts.emulation(),
+        integrity: args.dev_opts.integrity()?,
     };
     spec.configure(&mut cfg, &opts)?;
     Ok(cfg)

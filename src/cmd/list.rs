@@ -46,6 +46,9 @@ pub struct DeviceView {
     /// `--latency`/`--fail` as the device emulates them; None: a plain device.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub emulate: Option<String>,
+    /// `--integrity`: the PI format and metadata bytes per block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<String>,
 }
 
 pub fn view(ctrl: &mut Ctrl, dev_id: u32) -> Result<DeviceView> {
@@ -94,6 +97,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
         scheduler,
         limits: None,
         emulate: cfg.filter(|c| c.emulate.is_on()).map(|c| c.emulate.describe()),
+        integrity: cfg.and_then(|c| c.integrity).map(|i| i.describe()),
     }
 }
 
@@ -105,7 +109,7 @@ pub fn dump(v: &DeviceView) -> String {
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
          \tmax rq size {} daemon pid {} flags {:#x} state {}\n\
          \tfeatures {}\n\
-         \tbackend {} copy {} poll {} batch {}{} cpus [{}] scheduler {}{}{}\n{}{}",
+         \tbackend {} copy {} poll {} batch {}{} cpus [{}] scheduler {}{}{}\n{}{}{}",
         v.dev_id,
         v.queues,
         v.depth,
@@ -126,6 +130,7 @@ pub fn dump(v: &DeviceView) -> String {
         v.store.as_ref().map_or(String::new(), |s| format!(" store {s}")),
         v.path.as_ref().map_or(String::new(), |p| format!(" path {p}")),
         v.emulate.as_ref().map_or(String::new(), |e| format!("\temulate {e}\n")),
+        v.integrity.as_ref().map_or(String::new(), |i| format!("\tintegrity {i}\n")),
         v.limits.map_or(String::new(), |l| format!(
             "\tlimits logical_block_size {} dma_alignment {} max_segments {} max_segment_size {}\n",
             l.logical_block_size, l.dma_alignment, l.max_segments, l.max_segment_size
