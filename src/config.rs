@@ -130,7 +130,7 @@ pub struct DeviceConfig {
     #[serde(default)]
     pub batch: bool,
     /// `--gather-wait`: how long (µs) a blocking queue whose last pass had
-    /// two deliveries or more waits for a second one (`queue`, `batch_queue`);
+    /// two deliveries or more waits for a second one (`queue::run_loop`);
     /// files from before the option get the default.
     #[serde(default = "gather_wait_default")]
     pub gather_wait_us: u32,

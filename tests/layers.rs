@@ -13,8 +13,8 @@ const LAYERS: &[&[&str]] = &[
     &["emulate", "config", "plan", "run_files", "teardown"], // emulation, device config and plan, run files, deleting both
     &["request"],                                            // request and data types
     &["stats"],
-    &["backend"],              // no threads, no server
-    &["queue", "batch_queue"], // the loop, user_data encoding, its thread
+    &["backend"], // no threads, no server
+    &["queue"],   // the queue thread, the loop both planes share, per-tag and batch planes
     &["server"],
     &["recovery"],                                  // takeover
     &["daemonize", "supervisor", "server_process"], // processes and a server's life
