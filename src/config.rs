@@ -22,17 +22,6 @@ pub enum BackendKind {
     File,
 }
 
-impl BackendKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendKind::Null => "null",
-            BackendKind::Ram => "ram",
-            BackendKind::Nvme => "nvme",
-            BackendKind::File => "file",
-        }
-    }
-}
-
 /// How request data travels between the bio and the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -158,9 +158,9 @@ fn neg_errno(n: isize) -> i32 {
 pub trait Backend: Sync {
     fn kind(&self) -> BackendKind;
 
-    fn name(&self) -> &'static str {
-        self.kind().name()
-    }
+    /// The name users type (`--backend`, `add NAME`) and run files hold:
+    /// the kind's as clap and serde spell it (checked by a test).
+    fn name(&self) -> &'static str;
 
     /// `add`'s size without `--size`; None: the size of what it serves.
     fn default_size(&self) -> Option<u64>;
@@ -344,6 +344,10 @@ mod tests {
         for b in ALL {
             assert_eq!(of(b.kind()).kind(), b.kind());
             assert_eq!(b.copy_rules().backend, b.name());
+            // The name is the one users type and run files hold.
+            let typed = clap::ValueEnum::to_possible_value(&b.kind()).unwrap();
+            assert_eq!(typed.get_name(), b.name());
+            assert_eq!(serde_json::to_string(&b.kind()).unwrap(), format!("\"{}\"", b.name()));
         }
     }
 

@@ -512,6 +512,10 @@ impl Backend for Nvme {
         BackendKind::Nvme
     }
 
+    fn name(&self) -> &'static str {
+        "nvme"
+    }
+
     fn default_size(&self) -> Option<u64> {
         None
     }

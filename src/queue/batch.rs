@@ -213,6 +213,7 @@ impl<B: QueueBackend> Protocol<B> for BatchCommands {
         self.commits_unsent = 0;
     }
 
+    #[inline]
     fn reap(&mut self, core: &mut Core<B>, cqe: &cqueue::Entry, sq: &mut Sq<'_, B>) -> Result<()> {
         let ud = cqe.user_data();
         let index = (ud & TAG_MASK) as u16;
@@ -232,6 +233,7 @@ impl<B: QueueBackend> Protocol<B> for BatchCommands {
 
     /// Gives the kernel the fetch buffers taken this pass and sends the
     /// array filled this pass, if a free one can take its place.
+    #[inline]
     fn end_pass(&mut self, core: &mut Core<B>, sq: &mut Sq<'_, B>) -> Result<()> {
         self.fetch.publish();
         if let Some(slot) = self.commits.send() {
