@@ -585,6 +585,17 @@ mod tests {
         BatchElem { tag, buf_index: 0, result: 4096 }
     }
 
+    /// A command of the queue's own that the kernel failed is a queue
+    /// error with the kernel's errno, not bad input.
+    #[test]
+    fn a_failed_command_is_a_queue_error_not_bad_input() {
+        let e = cmd_error("FETCH_IO_CMDS", 3, -libc::EINVAL);
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Queue(_)), "{e:?}");
+        assert!(msg.starts_with("FETCH_IO_CMDS on queue 3 failed (not an abort): "), "{msg}");
+        assert!(msg.contains("os error 22"), "{msg}");
+    }
+
     #[test]
     fn a_partial_commit_resends_the_rest_and_a_failure_names_its_tag() {
         let mut c = Commits::new(8, false);
