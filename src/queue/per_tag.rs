@@ -160,8 +160,9 @@ impl<B: QueueBackend> Protocol<B> for TagCommands {
 /// A ublk FETCH or COMMIT: 16 bytes of command, so it fits a 64-byte SQE
 /// and widens to a 128-byte one unchanged. Built by value and pushed at
 /// once, it is written in place all the same: in the release build
-/// (`objdump -d`, `TagCommands::commit`) its fields are stored straight
-/// into `sqes[tail & mask]`, with no copy on the stack.
+/// (`objdump -d` of the per-tag `Core::finish`, which inlines
+/// `TagCommands::commit`) its fields are stored straight into
+/// `sqes[tail & mask]`, with no copy on the stack.
 #[inline]
 fn io_cmd<B: QueueBackend>(core: &Core<B>, op: u32, tag: u16, result: i32) -> B::Sqe {
     let setup = &core.setup;
