@@ -13,8 +13,9 @@
 //! default size, copy modes, device parameters, how its device is opened)
 //! and the [`Device`] it opens, which makes its queue backend. The rest of
 //! the code asks [`of`] for a device's backend. A new backend is one module
-//! and one line in the [`registry!`] below (plus the name users type, a
-//! variant of [`BackendKind`]).
+//! and one line in the [`registry!`] below (plus its variant of
+//! [`BackendKind`], which spells the name users type; the module's
+//! [`Backend::name`] says the same, and a test holds them together).
 
 pub mod chain;
 pub mod claim;

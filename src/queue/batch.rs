@@ -38,7 +38,7 @@
 //! Stopping: a FETCH that ends with ABORT (device stopped, quiesced, or its
 //! server being replaced) puts the queue in stopping mode; it commits what
 //! it holds and returns once both FETCHes have ended, or once it holds
-//! nothing and nothing has come for [`LINGER`].
+//! nothing and nothing has come for [`LINGER`](super::run_loop::LINGER).
 
 use std::fs::File;
 use std::sync::Arc;
