@@ -358,7 +358,7 @@ impl Arrivals {
 
 /// Submits and sleeps until a completion comes or the monotonic time
 /// `due_ns` (a held request's), whichever is first; ETIME is the latter.
-pub(crate) fn wait_until(sub: &Submitter<'_>, due_ns: u64) -> std::io::Result<usize> {
+fn wait_until(sub: &Submitter<'_>, due_ns: u64) -> std::io::Result<usize> {
     let left = due_ns.saturating_sub(now_ns());
     if left == 0 {
         return sub.submit();
