@@ -23,17 +23,6 @@ pub enum BackendKind {
     File,
 }
 
-impl BackendKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendKind::Null => "null",
-            BackendKind::Ram => "ram",
-            BackendKind::Nvme => "nvme",
-            BackendKind::File => "file",
-        }
-    }
-}
-
 /// How request data travels between the bio and the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -131,7 +120,7 @@ pub struct DeviceConfig {
     #[serde(default)]
     pub batch: bool,
     /// `--gather-wait`: how long (µs) a blocking queue whose last pass had
-    /// two deliveries or more waits for a second one (`queue`, `batch_queue`);
+    /// two deliveries or more waits for a second one (`queue::run_loop`);
     /// files from before the option get the default.
     #[serde(default = "gather_wait_default")]
     pub gather_wait_us: u32,

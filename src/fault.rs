@@ -34,7 +34,7 @@
 //! - `fetch-bufs:N`: each `--batch` queue's FETCH buffer ring has N
 //!   buffers (a power of two) instead of one per tag, so under load it runs
 //!   dry and the kernel ends a multishot FETCH with -ENOBUFS while
-//!   requests wait in its queue (`batch_queue` module doc).
+//!   requests wait in its queue (`queue::batch` module doc).
 
 use crate::error::{Error, Result};
 use crate::sys;

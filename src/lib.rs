@@ -15,8 +15,9 @@
 //! 5. `stats` (measurement);
 //! 6. `backend` (one module per backend: its options, copy modes and
 //!    parameters, and what a request does; no threads);
-//! 7. `queue` (data plane: the loop, its user_data, its thread), `batch_queue`
-//!    (the same for UBLK_F_BATCH_IO);
+//! 7. `queue` (data plane: its thread and setup in `queue`, the loop both
+//!    planes share in `queue::run_loop`, the per-tag plane in `queue::per_tag`,
+//!    UBLK_F_BATCH_IO's in `queue::batch`);
 //! 8. `server` (the running device server: its queues and threads);
 //! 9. `recovery` (takeover);
 //! 10. `daemonize` (starting a server in the background and waiting for
@@ -29,7 +30,6 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
-pub mod batch_queue;
 pub mod cli;
 pub mod clock;
 pub mod cmd;

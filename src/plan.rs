@@ -215,6 +215,17 @@ impl Plan {
             flags,
         }
     }
+
+    /// QUIESCE_DEV can hand the device over (UBLK_F_QUIESCE, `restart`).
+    pub fn quiesce(&self) -> bool {
+        self.flags & sys::UBLK_F_QUIESCE != 0
+    }
+
+    /// A takeover reissues the requests the old server held
+    /// (UBLK_F_USER_RECOVERY_REISSUE, `-i`).
+    pub fn reissue(&self) -> bool {
+        self.flags & sys::UBLK_F_USER_RECOVERY_REISSUE != 0
+    }
 }
 
 /// A takeover's settings against the device as the kernel has it
@@ -456,6 +467,19 @@ pub(crate) mod tests {
         assert!(!mismatches(&cfg, &info, &params).iter().any(|m| m.contains("integrity")));
         let wrong = mismatches(&plain, &info, &params);
         assert!(wrong.iter().any(|m| m.contains("integrity none in the file")), "{wrong:?}");
+    }
+
+    /// What `restart` reads of a device: whether QUIESCE_DEV applies, and
+    /// whether a batch device reissues (and so is handed over by SIGKILL).
+    #[test]
+    fn a_device_plan_says_quiesce_reissue_and_batch() {
+        let all = sys::UBLK_F_QUIESCE | Recovery::Reissue.flags() | sys::UBLK_F_BATCH_IO;
+        let p = Plan::of_device(all);
+        assert!(p.quiesce() && p.reissue() && p.batch);
+        let p = Plan::of_device(Recovery::Reissue.flags() & !sys::UBLK_F_USER_RECOVERY_REISSUE);
+        assert!(!p.quiesce() && !p.reissue() && !p.batch);
+        assert!(Plan::of_device(sys::UBLK_F_USER_RECOVERY_REISSUE).reissue());
+        assert!(Plan::of_device(sys::UBLK_F_QUIESCE).quiesce());
     }
 
     #[test]

@@ -159,7 +159,7 @@ pub fn load(dev_id: u32) -> Result<DeviceConfig> {
         )),
         _ => Error::io(format!("read {}", p.display()), e),
     })?;
-    serde_json::from_slice(&text).map_err(|e| Error::invalid(format!("{} is corrupt: {e}", p.display())))
+    serde_json::from_slice(&text).map_err(|e| Error::Refused(format!("{} is corrupt: {e}", p.display())))
 }
 
 /// Records this process as the supervisor of `dev_id`.

@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use crate::backend::claim::Claim;
 use crate::backend::{self, DeviceBackend};
-use crate::batch_queue::Batch;
 use crate::config::DeviceConfig;
 use crate::ctrl::{self, Ctrl};
 use crate::emulate::Failer;
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
 use crate::plan::{self, Plan};
+use crate::queue::batch::Batch;
 use crate::queue::{PerTag, QueueChannels, QueueSetup, spawn_queue};
 use crate::stats::StatsFile;
 use crate::sys::{self, DevInfo};

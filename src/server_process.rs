@@ -62,7 +62,12 @@ pub fn new_device(
         std::process::abort();
     }
     let cfg = &server.cfg;
-    log!("device {} LIVE, {} queue(s), backend {}", server.dev_id, cfg.queues, cfg.backend.name());
+    log!(
+        "device {} LIVE, {} queue(s), backend {}",
+        server.dev_id,
+        cfg.queues,
+        backend::of(cfg.backend).name()
+    );
     notify.live(server.dev_id);
     on_live(server.dev_id)?;
     let stop = server.wait();

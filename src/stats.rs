@@ -381,12 +381,12 @@ impl StatsFile {
         // SAFETY: shared map of a file only ever grown before use; we check its size below.
         let map = unsafe { MmapOptions::new().map_mut(&f) }.map_err(|e| Error::io("mmap stats file", e))?;
         if map.len() < size_of::<Header>() {
-            return Err(Error::invalid(format!("{} is truncated", path.display())));
+            return Err(Error::Refused(format!("{} is truncated", path.display())));
         }
         let h = Self::header(&map);
         let fits = Self::len(h.queues).is_some_and(|len| map.len() >= len);
         if h.magic != MAGIC || !fits {
-            return Err(Error::invalid(format!("{} is not a ublk-bench stats file", path.display())));
+            return Err(Error::Refused(format!("{} is not a ublk-bench stats file", path.display())));
         }
         let queues = h.queues as usize;
         Ok(StatsFile { map, queues, dev_id, dir, unpublished: Mutex::new(None) })

@@ -162,7 +162,7 @@ use ublk_bench::backend::QueueBackend;
 use ublk_bench::backend::chain::{KIND_IO, KIND_REG, KIND_UNREG};
 use ublk_bench::backend::file::{Backing, FileQueue};
 
-/// The queue's `user_data` for a backend command of `tag` (bit 63, as in queue.rs).
+/// The queue's `user_data` for a backend command of `tag` (bit 63, as in src/queue/mod.rs).
 const BACKEND_BIT: u64 = 1 << 63;
 
 /// A file queue on a real ring, driven one request at a time the way the

@@ -13,8 +13,8 @@ const LAYERS: &[&[&str]] = &[
     &["emulate", "integrity", "config", "plan", "run_files", "teardown"], // emulation, PI, device config and plan, run files, deleting both
     &["request"],                                                         // request and data types
     &["stats"],
-    &["backend"],              // no threads, no server
-    &["queue", "batch_queue"], // the loop, user_data encoding, its thread
+    &["backend"], // no threads, no server
+    &["queue"],   // the queue thread, the loop both planes share, per-tag and batch planes
     &["server"],
     &["recovery"],                                  // takeover
     &["daemonize", "supervisor", "server_process"], // processes and a server's life
@@ -232,4 +232,16 @@ fn downtime_uses_only_the_control_plane_run_files_processes_and_add() {
         }
     }
     assert!(!used.is_empty(), "downtime imports nothing: the parser is broken");
+}
+
+/// The two data-plane protocols share the loop (`queue::run_loop`) and the
+/// queue's thread and setup (`queue`), and nothing of each other.
+#[test]
+fn the_data_planes_share_only_the_loop() {
+    let g = graph();
+    for (a, b) in [("queue::per_tag", "queue::batch"), ("queue::batch", "queue::per_tag")] {
+        assert!(g.contains_key(a), "{a} missing: the rooms of src/queue/ moved");
+        assert!(!g[a].contains(b), "{a} imports {b}: what both need goes in queue::run_loop");
+        assert!(g[a].contains("queue::run_loop"), "{a} does not run the shared loop");
+    }
 }

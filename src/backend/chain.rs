@@ -6,7 +6,7 @@
 //!
 //! Each entry is pushed where it is built, with no staging array, so the
 //! compiler stores its fields straight into the ring's slot: in the
-//! release build `objdump -d` shows `State::commit` and these pushes
+//! release build `objdump -d` shows the per-tag `Core::finish` and these pushes
 //! writing through the slot address (`sqes + (tail & mask) * size`), not
 //! copying a finished entry from the stack.
 

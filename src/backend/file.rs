@@ -440,6 +440,10 @@ impl Backend for FileBackend {
         BackendKind::File
     }
 
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
     fn default_size(&self) -> Option<u64> {
         None
     }

@@ -13,8 +13,9 @@
 //! default size, copy modes, device parameters, how its device is opened)
 //! and the [`Device`] it opens, which makes its queue backend. The rest of
 //! the code asks [`of`] for a device's backend. A new backend is one module
-//! and one line in the [`registry!`] below (plus the name users type, a
-//! variant of [`BackendKind`]).
+//! and one line in the [`registry!`] below (plus its variant of
+//! [`BackendKind`], which spells the name users type; the module's
+//! [`Backend::name`] says the same, and a test holds them together).
 
 pub mod chain;
 pub mod claim;
@@ -158,9 +159,9 @@ fn neg_errno(n: isize) -> i32 {
 pub trait Backend: Sync {
     fn kind(&self) -> BackendKind;
 
-    fn name(&self) -> &'static str {
-        self.kind().name()
-    }
+    /// The name users type (`--backend`, `add NAME`) and run files hold:
+    /// the kind's as clap and serde spell it (checked by a test).
+    fn name(&self) -> &'static str;
 
     /// `add`'s size without `--size`; None: the size of what it serves.
     fn default_size(&self) -> Option<u64>;
@@ -376,6 +377,10 @@ mod tests {
         for b in ALL {
             assert_eq!(of(b.kind()).kind(), b.kind());
             assert_eq!(b.copy_rules().backend, b.name());
+            // The name is the one users type and run files hold.
+            let typed = clap::ValueEnum::to_possible_value(&b.kind()).unwrap();
+            assert_eq!(typed.get_name(), b.name());
+            assert_eq!(serde_json::to_string(&b.kind()).unwrap(), format!("\"{}\"", b.name()));
         }
     }
 

@@ -60,6 +60,10 @@ impl Backend for Null {
         BackendKind::Null
     }
 
+    fn name(&self) -> &'static str {
+        "null"
+    }
+
     fn default_size(&self) -> Option<u64> {
         Some(250 << 30)
     }

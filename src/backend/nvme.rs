@@ -309,7 +309,7 @@ fn read_write_cache(path: &str) -> Result<bool> {
     match s.trim() {
         "write back" => Ok(true),
         "write through" => Ok(false),
-        other => Err(Error::invalid(format!("{path}: unknown cache mode {other:?}"))),
+        other => Err(Error::Refused(format!("{path}: unknown cache mode {other:?}"))),
     }
 }
 
@@ -320,7 +320,7 @@ fn block_name(char_dev: &Path) -> String {
 
 fn read_u64(path: &str) -> Result<u64> {
     let s = std::fs::read_to_string(path).map_err(|e| Error::io(format!("read {path}"), e))?;
-    s.trim().parse().map_err(|_| Error::invalid(format!("{path}: not a number")))
+    s.trim().parse().map_err(|_| Error::Refused(format!("{path}: not a number")))
 }
 
 /// NVMe status (CQE res > 0) to the errno a block-layer client should see.
@@ -510,6 +510,10 @@ pub struct NvmeDevice {
 impl Backend for Nvme {
     fn kind(&self) -> BackendKind {
         BackendKind::Nvme
+    }
+
+    fn name(&self) -> &'static str {
+        "nvme"
     }
 
     fn default_size(&self) -> Option<u64> {

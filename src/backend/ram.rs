@@ -533,6 +533,10 @@ impl Backend for Ram {
         BackendKind::Ram
     }
 
+    fn name(&self) -> &'static str {
+        "ram"
+    }
+
     fn default_size(&self) -> Option<u64> {
         Some(256 << 20)
     }

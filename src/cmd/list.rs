@@ -78,7 +78,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
         pid: info.ublksrv_pid,
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
-        backend: cfg.map_or("unknown".into(), |c| c.backend.name().into()),
+        backend: cfg.map_or("unknown".into(), |c| backend::of(c.backend).name().into()),
         size,
         block_size: cfg.map_or(512, |c| c.block_size),
         max_io_bytes: info.max_io_buf_bytes,

@@ -31,6 +31,7 @@ use crate::ctrl::{Ctrl, check_recoverable, no_device};
 use crate::daemonize::{self, Spawned};
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
+use crate::plan::Plan;
 use crate::process::{self, ProcId};
 use crate::supervisor::recover_args;
 use crate::{run_files, server_process, sys};
@@ -46,7 +47,8 @@ pub fn run(dev_id: u32) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     let info = ctrl.info(dev_id).map_err(|e| no_device(dev_id, e))?;
     check_recoverable(&info)?;
-    if info.flags & sys::UBLK_F_QUIESCE == 0 {
+    let plan = Plan::of_device(info.flags);
+    if !plan.quiesce() {
         return Err(Error::Unsupported {
             feature: "UBLK_F_QUIESCE on this device",
             version: "6.16",
@@ -95,11 +97,11 @@ pub fn run(dev_id: u32) -> Result<()> {
         return Err(interrupted_before_quiesce(dev_id, old));
     }
     match &old_server {
-        Some((_, fd)) if hand_over_by_kill(info.flags) => {
+        Some((_, fd)) if hand_over_by_kill(&plan) => {
             process::kill_and_wait(fd, HANDOVER_TIMEOUT);
         }
         _ => {
-            if info.flags & sys::UBLK_F_BATCH_IO != 0 {
+            if plan.batch {
                 crate::log!(
                     "restart: device {dev_id} is --batch without -i: QUIESCE_DEV can fail a request \
                      submitted during the handover with EIO (kernel); a device made with -i hands over losslessly"
@@ -108,7 +110,7 @@ pub fn run(dev_id: u32) -> Result<()> {
             if let Err(e) = ctrl.quiesce(dev_id, QUIESCE_TIMEOUT_MS) {
                 if still_served_by(&mut ctrl, dev_id, old) {
                     successor.iter_mut().for_each(Spawned::kill_and_reap);
-                    return Err(Error::io(
+                    return Err(Error::kernel(
                         format!("QUIESCE_DEV (device {dev_id} stays LIVE under pid {old})"),
                         e,
                     ));
@@ -206,9 +208,8 @@ fn recover_cold(dev_id: u32) -> Result<()> {
 }
 
 /// Batch queues with REISSUE: see the module comment.
-fn hand_over_by_kill(flags: u64) -> bool {
-    let both = sys::UBLK_F_BATCH_IO | sys::UBLK_F_USER_RECOVERY_REISSUE;
-    flags & both == both
+fn hand_over_by_kill(plan: &Plan) -> bool {
+    plan.batch && plan.reissue()
 }
 
 /// A new server, ready to take over the moment `old` exits.

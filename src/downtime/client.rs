@@ -229,7 +229,7 @@ impl Buffers {
         // SAFETY: the layout has a non-zero size (slots and bs are >= 1).
         let ptr = unsafe { alloc_zeroed(layout) };
         if ptr.is_null() {
-            return Err(Error::invalid(format!("cannot allocate {} bytes of client buffers", slots * bs)));
+            return Err(Error::Refused(format!("cannot allocate {} bytes of client buffers", slots * bs)));
         }
         Ok(Buffers { ptr, layout, bs })
     }

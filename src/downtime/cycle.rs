@@ -59,7 +59,7 @@ fn run_shell(cmd: &str) -> Result<()> {
         return Ok(());
     }
     let err = String::from_utf8_lossy(&out.stderr);
-    Err(Error::invalid(format!("--recover-cmd `{cmd}` failed ({}): {}", out.status, err.trim())))
+    Err(Error::Recovery(format!("--recover-cmd `{cmd}` failed ({}): {}", out.status, err.trim())))
 }
 
 /// What the run did, cycle by cycle (monotonic ns).
@@ -102,7 +102,7 @@ impl Run<'_> {
             self.check_jobs()?;
             let info = ctrl.info(self.dev_id).map_err(|e| Error::io("GET_DEV_INFO", e))?;
             if info.state != sys::UBLK_S_DEV_LIVE {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {} is {} before cycle {}",
                     self.dev_id,
                     sys::state_name(info.state),
@@ -157,7 +157,7 @@ impl Run<'_> {
 
     fn check_jobs(&self) -> Result<()> {
         if self.jobs.iter().any(|h| h.is_finished()) {
-            return Err(Error::invalid("a client job stopped early"));
+            return Err(Error::Refused("a client job stopped early".into()));
         }
         Ok(())
     }
@@ -168,7 +168,7 @@ impl Run<'_> {
             check_interrupt()?;
             self.check_jobs()?;
             if Instant::now() > deadline {
-                return Err(Error::invalid(format!(
+                return Err(Error::Refused(format!(
                     "the client completed no I/O on {} within {}s",
                     ctrl::block_path(self.dev_id),
                     FIRST_IO_TIMEOUT.as_secs()
@@ -190,7 +190,7 @@ impl Run<'_> {
             return Ok(k);
         }
         let fd = self.server_of(old).ok_or_else(|| {
-            Error::invalid(format!("server pid {old} of device {} is not running", self.dev_id))
+            Error::Recovery(format!("server pid {old} of device {} is not running", self.dev_id))
         })?;
         let k = now_ns();
         self.shared.publish_kill(i, k);
@@ -232,14 +232,14 @@ impl Run<'_> {
             }
             check_interrupt()?;
             if supervised && run_files::live_supervisor(self.dev_id).is_none() {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "the supervisor of device {} is gone (it gives up after too many crashes): see {}",
                     self.dev_id,
                     run_files::log_path().display()
                 )));
             }
             if Instant::now() > deadline {
-                return Err(Error::invalid(format!(
+                return Err(Error::Recovery(format!(
                     "device {} is {} {}s after the kill, not LIVE under a new server",
                     self.dev_id,
                     sys::state_name(info.state),

@@ -129,7 +129,7 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
                 Ok(()) => outcome = Err(e),
                 Err(_) => eprintln!("ublk-bench: downtime: client job: {e}"),
             },
-            Err(_) => outcome = Err(Error::invalid("a client thread panicked")),
+            Err(_) => outcome = Err(Error::Refused("a client thread panicked".into())),
         }
     }
     let events = read_events(dev.id, &run.tl, outcome.is_ok());
@@ -141,7 +141,7 @@ pub fn run(a: &DowntimeArgs) -> Result<()> {
         let rep = build_report(&run, &results, &events, &stamp, complete, &facts, trace_note);
         write_outputs(&run, &rep, &results, end_ns, &stamp)?;
     } else if outcome.is_ok() {
-        outcome = Err(Error::invalid("no result: a client job failed"));
+        outcome = Err(Error::Refused("no result: a client job failed".into()));
     }
     outcome
 }

@@ -1,6 +1,7 @@
 //! What the run leaves: the report built from the client's results, the
 //! timeline and the takeover events, and its JSON, CSV and SVG files.
 
+use crate::backend;
 use crate::cli::RecoverMethod;
 use crate::error::Result;
 use crate::sys;
@@ -116,7 +117,7 @@ fn run_config(run: &Run, facts: &DeviceFacts) -> RunConfig {
         dev_id: run.dev_id,
         device_created: !a.reuse,
         device_flags: sys::flag_names(facts.flags),
-        backend: settings.map_or(a.backend, |s| s.backend).name().into(),
+        backend: backend::of(settings.map_or(a.backend, |s| s.backend)).name().into(),
         size: facts.size,
         store: a.store.as_ref().map(|p| p.display().to_string()),
         copy_mode_requested: (!a.reuse).then(|| a.dev_opts.copy_mode.name().into()),

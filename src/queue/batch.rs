@@ -38,7 +38,7 @@
 //! Stopping: a FETCH that ends with ABORT (device stopped, quiesced, or its
 //! server being replaced) puts the queue in stopping mode; it commits what
 //! it holds and returns once both FETCHes have ended, or once it holds
-//! nothing and nothing has come for [`LINGER`].
+//! nothing and nothing has come for [`LINGER`](super::run_loop::LINGER).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -46,20 +46,17 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::squeue::{self, EntryMarker as _};
-use io_uring::{CompletionQueue, IoUring, Submitter, cqueue, opcode, types};
+use io_uring::{IoUring, cqueue, opcode, types};
 use memmap2::MmapMut;
 
+use super::run_loop::{Core, Protocol, run_split};
+use super::{
+    BACKEND_BIT, DataPlane, PlaneKind, QueueSetup, Ring, Sq, TAG_MASK, TagIo, build_ring, page_size, pin,
+    ring_entries,
+};
 use crate::backend::{KIND_MASK, QueueBackend};
-use crate::clock::now_ns;
 use crate::error::{Error, Result};
 use crate::plan::Transfer;
-use crate::queue::{
-    Arrivals, BACKEND_BIT, Cq, DataPlane, Gather, IDLE_PUBLISH_EVERY, IORING_ENTER_GETEVENTS, LINGER,
-    PlaneKind, QueueSetup, Ring, Sq, TAG_MASK, TagIo, build_ring, page_size, pin, ring_entries, run_split,
-    wait_until,
-};
-use crate::request::Request;
-use crate::stats::QueueCounters;
 use crate::sys::{self, BatchElem, BatchIo};
 
 /// Multishot FETCH_IO_CMDS armed per queue (see the module doc).
@@ -99,15 +96,13 @@ pub struct BatchQueue<B: QueueBackend> {
     // Declared first so it drops first: closing the ring cancels every
     // command before the buffers it points at go.
     ring: Ring<B>,
-    state: State<B>,
+    core: Core<B>,
+    cmds: BatchCommands,
 }
 
-/// Everything of a queue but its ring, so a pass can hold the ring's
-/// submission and completion queues and still call into this.
-struct State<B: QueueBackend> {
-    setup: QueueSetup,
-    backend: B,
-    tags: TagIo,
+/// The batch protocol's own state: the fetch buffers, the commit arrays
+/// and the commands in flight.
+struct BatchCommands {
     fetch: FetchRing,
     commits: Commits,
     /// COMMITs pushed since the last enter: each completes at once, so a
@@ -116,16 +111,6 @@ struct State<B: QueueBackend> {
     /// Multishot FETCHes armed and not yet ended.
     fetches_live: u16,
     stopping: bool,
-    arrivals: Arrivals,
-    /// Requests handed to us and not yet committed.
-    held: u32,
-    /// Each tag's request and the pass time it arrived at (stats on).
-    inflight: Vec<(Request, u64)>,
-    counters: QueueCounters,
-    /// The time of the current pass (stats on; else 0).
-    now: u64,
-    /// Counts FETCH CQEs with tags as deliveries (see [`State::wait`]).
-    gather: Gather,
 }
 
 impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
@@ -134,7 +119,6 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         if let Some(cpu) = setup.cpu {
             pin(cpu)?;
         }
-        let depth = setup.depth as usize;
         // The SQ holds the backend's commands, a few COMMITs and FETCH
         // re-arms; the CQ also FETCH CQEs (at most one per tag we hold).
         let entries = ring_entries(setup.depth + 8, B::MAX_COMMANDS);
@@ -145,147 +129,146 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
                 .map_err(|e| Error::io("register the sparse buffer table for zero copy", e))?;
         }
         let bufs = crate::fault::fetch_bufs().unwrap_or(setup.depth.next_power_of_two());
-        let fetch = FetchRing::new(&ring, setup.depth, bufs)?;
-        let state = State {
-            backend,
-            tags: TagIo::new(&setup)?,
-            fetch,
-            commits: Commits::new(depth, setup.copy == Transfer::Copy),
+        let cmds = BatchCommands {
+            fetch: FetchRing::new(&ring, setup.depth, bufs)?,
+            commits: Commits::new(setup.depth as usize, setup.copy == Transfer::Copy),
             commits_unsent: 0,
             fetches_live: 0,
             stopping: false,
-            arrivals: Arrivals::new(&setup),
-            held: 0,
-            inflight: vec![(Request::default(), 0); depth],
-            counters: QueueCounters::new(),
-            now: 0,
-            gather: Gather::new(&ring, &setup),
-            setup,
         };
-        Ok(BatchQueue { ring, state })
+        let tags = TagIo::new(&setup)?;
+        let core = Core::new(setup, backend, tags, &ring);
+        Ok(BatchQueue { ring, core, cmds })
     }
 
     fn bind(&mut self, char_dev: Arc<File>) -> Result<()> {
-        let s = &mut self.state;
-        s.tags.bind(&s.setup, char_dev)?;
-        Ok(())
+        let c = &mut self.core;
+        c.tags.bind(&c.setup, char_dev)
     }
 
     /// PREP_IO_CMDS with every tag, waited for (it completes at once), then
     /// the FETCHes.
     fn fetch_all(&mut self) -> Result<()> {
-        let BatchQueue { ring, state: s } = self;
-        let qid = s.setup.qid;
-        let slot = s.commits.filling;
-        for tag in 0..s.setup.depth {
-            let elem = s.elem(tag, 0);
-            s.commits.push(elem, s.tags.buf_addr(&s.setup, tag));
+        let BatchQueue { ring, core, cmds } = self;
+        let qid = core.setup.qid;
+        let slot = cmds.commits.filling;
+        for tag in 0..core.setup.depth {
+            let elem = elem(core, tag, 0);
+            cmds.commits.push(elem, core.tags.buf_addr(&core.setup, tag));
         }
-        let sqe = s.batch_cmd(sys::UBLK_U_IO_PREP_IO_CMDS, PREP, slot);
+        let sqe = cmds.batch_cmd::<B>(core, sys::UBLK_U_IO_PREP_IO_CMDS, PREP, slot);
         push::<B>(&mut ring.submission(), &sqe, qid)?;
         ring.submit_and_wait(1).map_err(|e| Error::io(format!("submit PREP_IO_CMDS on queue {qid}"), e))?;
         let cqe: cqueue::Entry = ring.completion().next().expect("waited for it").into();
-        s.commits.bufs[slot].clear();
+        cmds.commits.bufs[slot].clear();
         match cqe.result() {
             0 => {}
             // The device is being stopped: nothing to serve, `run` returns at once.
             sys::UBLK_IO_RES_ABORT => {
-                s.stopping = true;
+                cmds.stopping = true;
                 return Ok(());
             }
             err => return Err(cmd_error("PREP_IO_CMDS", qid, err)),
         }
         for i in 0..FETCHES {
-            s.arm_fetch(i, &mut ring.submission())?;
+            cmds.arm_fetch(core, i, &mut ring.submission())?;
         }
         ring.submit().map_err(|e| Error::io(format!("submit FETCH_IO_CMDS on queue {qid}"), e))?;
         Ok(())
     }
 
     /// Serves until stopped (see the module doc); a command that fails
-    /// other than by ABORT ends it with an error. The submission and
-    /// completion queues are borrowed once for the whole run.
+    /// other than by ABORT ends it with an error.
     fn run(mut self) -> Result<()> {
-        let BatchQueue { ring, state } = &mut self;
-        run_split::<B>(ring, |sub, sq, cq| state.serve(sub, sq, cq))
+        let BatchQueue { ring, core, cmds } = &mut self;
+        run_split::<B>(ring, |sub, sq, cq| core.serve(cmds, sub, sq, cq))
     }
 }
 
-impl<B: QueueBackend> State<B> {
-    fn serve(&mut self, sub: &Submitter<'_>, sq: &mut Sq<'_, B>, cq: &mut Cq<'_, B>) -> Result<()> {
-        loop {
-            let drained = self.held == 0 && self.commits.idle();
-            if self.stopping && drained && self.fetches_live == 0 {
-                break;
-            }
-            sq.sync();
-            // Publish the CQ head first: the kernel counts a wait's CQEs
-            // from it, and entries this queue already took must not count.
-            cq.sync();
-            let entered = if self.stopping {
-                if !self.wait_for(sub, cq, LINGER)? && drained {
-                    break;
-                }
-                true
-            } else {
-                self.wait(sub, sq)?
-            };
-            sq.sync();
-            cq.sync();
-            let busy = !CompletionQueue::is_empty(cq);
-            if busy && self.setup.stats_on {
-                self.now = now_ns();
-            }
-            for cqe in &mut *cq {
-                self.reap(cqe.into(), sq)?;
-            }
-            let busy = self.commit_due() || busy;
-            self.gather.end_pass();
-            self.fetch.publish();
-            self.flush(sq)?;
-            self.counters.turn(busy);
-            if busy || entered || self.counters.idle_turns.is_multiple_of(IDLE_PUBLISH_EVERY) {
-                self.publish();
-            }
+impl<B: QueueBackend> Protocol<B> for BatchCommands {
+    /// Bounded, so that a CQE the wait's count did not foresee (or one the
+    /// kernel posted without waking us) is reaped within RECHECK rather
+    /// than never; an idle queue wakes once per RECHECK.
+    const RECHECK: Option<Duration> = Some(RECHECK);
+
+    fn ended(&self, core: &Core<B>) -> bool {
+        self.stopping && self.drained(core) && self.fetches_live == 0
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    fn drained(&self, core: &Core<B>) -> bool {
+        core.held() == 0 && self.commits.idle()
+    }
+
+    /// The COMMITs submitted by the wait complete at once: it waits for a
+    /// CQE beyond theirs.
+    fn want(&self) -> usize {
+        1 + self.commits_unsent as usize
+    }
+
+    fn entered(&mut self) {
+        self.commits_unsent = 0;
+    }
+
+    #[inline]
+    fn reap(&mut self, core: &mut Core<B>, cqe: &cqueue::Entry, sq: &mut Sq<'_, B>) -> Result<()> {
+        let ud = cqe.user_data();
+        let index = (ud & TAG_MASK) as u16;
+        match ud >> KIND_SHIFT {
+            FETCH => self.fetched(core, index, cqe, sq),
+            COMMIT => self.committed(core, index as usize, cqe.result(), sq),
+            kind => Err(Error::Queue(format!("queue {}: CQE of unknown kind {kind}", core.setup.qid))),
         }
-        self.publish();
+    }
+
+    /// Adds the request's result to the array the next COMMIT sends.
+    #[inline]
+    fn commit(&mut self, core: &mut Core<B>, tag: u16, result: i32, _sq: &mut Sq<'_, B>) -> Result<()> {
+        self.commits.push(elem(core, tag, result), core.tags.buf_addr(&core.setup, tag));
         Ok(())
     }
 
-    fn publish(&mut self) {
-        if let Some(stats) = &self.setup.stats {
-            self.counters.publish(stats.queue(self.setup.qid as usize));
+    /// Gives the kernel the fetch buffers taken this pass and sends the
+    /// array filled this pass, if a free one can take its place.
+    #[inline]
+    fn end_pass(&mut self, core: &mut Core<B>, sq: &mut Sq<'_, B>) -> Result<()> {
+        self.fetch.publish();
+        if let Some(slot) = self.commits.send() {
+            let sqe = self.batch_cmd::<B>(core, sys::UBLK_U_IO_COMMIT_IO_CMDS, COMMIT, slot);
+            self.commits_unsent += 1;
+            push::<B>(sq, &sqe, core.setup.qid)?;
         }
+        Ok(())
     }
+}
 
-    fn reap(&mut self, cqe: cqueue::Entry, sq: &mut Sq<'_, B>) -> Result<()> {
-        let ud = cqe.user_data();
-        let index = (ud & TAG_MASK) as u16;
-        if ud & BACKEND_BIT != 0 {
-            if let Some(result) = self.backend.complete(index, ud & KIND_MASK, cqe.result()) {
-                self.commit(index, result);
-            }
-            return Ok(());
-        }
-        match ud >> KIND_SHIFT {
-            FETCH => self.fetched(index, &cqe, sq),
-            COMMIT => self.committed(index as usize, cqe.result(), sq),
-            kind => Err(Error::invalid(format!("queue {}: CQE of unknown kind {kind}", self.setup.qid))),
-        }
-    }
-
+impl BatchCommands {
     /// A FETCH CQE: serve its tags; arm it again if it ended short of ABORT.
-    fn fetched(&mut self, index: u16, cqe: &cqueue::Entry, sq: &mut Sq<'_, B>) -> Result<()> {
+    fn fetched<B: QueueBackend>(
+        &mut self,
+        core: &mut Core<B>,
+        index: u16,
+        cqe: &cqueue::Entry,
+        sq: &mut Sq<'_, B>,
+    ) -> Result<()> {
         let mut tags = [0u16; MAX_TAGS];
         let mut n = 0;
         if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
             n = self.fetch.take(bid, cqe.result().max(0) as usize, &mut tags);
         }
         if n > 0 {
-            self.gather.delivered();
+            core.delivered();
         }
         for &tag in &tags[..n] {
-            self.handle(tag, sq)?;
+            if tag >= core.setup.depth {
+                return Err(Error::Queue(format!("queue {}: FETCH delivered tag {tag}", core.setup.qid)));
+            }
+            if let Some(result) = core.arrive(tag, sq) {
+                core.finish(self, tag, result, sq)?;
+            }
         }
         if cqueue::more(cqe.flags()) {
             return Ok(());
@@ -297,102 +280,47 @@ impl<B: QueueBackend> State<B> {
             // ublk_batch_attach; the ABORT of the other follows.
             sys::UBLK_IO_RES_ABORT => self.stopping = true,
             r if r == -libc::ENODEV => self.stopping = true,
-            r if (r >= 0 || r == -libc::ENOBUFS) && !self.stopping => self.arm_fetch(index, sq)?,
+            r if (r >= 0 || r == -libc::ENOBUFS) && !self.stopping => self.arm_fetch(core, index, sq)?,
             r if r >= 0 || r == -libc::ENOBUFS => {}
-            err => return Err(cmd_error("FETCH_IO_CMDS", self.setup.qid, err)),
+            err => return Err(cmd_error("FETCH_IO_CMDS", core.setup.qid, err)),
         }
         Ok(())
     }
 
     /// A COMMIT CQE: its array is free again, or what it did not consume is sent again.
-    fn committed(&mut self, slot: usize, res: i32, sq: &mut Sq<'_, B>) -> Result<()> {
-        let qid = self.setup.qid;
+    fn committed<B: QueueBackend>(
+        &mut self,
+        core: &Core<B>,
+        slot: usize,
+        res: i32,
+        sq: &mut Sq<'_, B>,
+    ) -> Result<()> {
+        let qid = core.setup.qid;
         match self.commits.done(slot, res) {
             Done::All => Ok(()),
             Done::Partial => {
-                let sqe = self.batch_cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, COMMIT, slot);
+                let sqe = self.batch_cmd::<B>(core, sys::UBLK_U_IO_COMMIT_IO_CMDS, COMMIT, slot);
                 self.commits_unsent += 1;
                 push::<B>(sq, &sqe, qid)
             }
-            Done::Failed(tag) => Err(Error::io(
-                format!("COMMIT_IO_CMDS on queue {qid} failed at tag {tag} (not an abort)"),
-                std::io::Error::from_raw_os_error(-res),
-            )),
+            Done::Failed(tag) => Err(Error::Queue(format!(
+                "COMMIT_IO_CMDS on queue {qid} failed at tag {tag} (not an abort): {}",
+                std::io::Error::from_raw_os_error(-res)
+            ))),
         }
-    }
-
-    fn handle(&mut self, tag: u16, sq: &mut Sq<'_, B>) -> Result<()> {
-        if tag >= self.setup.depth {
-            return Err(Error::invalid(format!("queue {}: FETCH delivered tag {tag}", self.setup.qid)));
-        }
-        self.arrivals.arrive(&self.setup, tag);
-        self.held += 1;
-        let req = Request::from_desc(&self.tags.desc(tag));
-        if self.setup.stats_on {
-            self.inflight[tag as usize] = (req, self.now);
-        }
-        if let Some(result) = self.submit(tag, &req, sq) {
-            self.commit(tag, result);
-        }
-        Ok(())
-    }
-
-    /// Commits what the backend held back (emulated service times) and is
-    /// now due; true if it committed any.
-    #[inline]
-    fn commit_due(&mut self) -> bool {
-        if self.backend.next_due().is_none() {
-            return false;
-        }
-        let now = now_ns();
-        if self.setup.stats_on {
-            self.now = now;
-        }
-        let mut any = false;
-        while let Some((tag, res)) = self.backend.pop_due(now) {
-            self.commit(tag, res);
-            any = true;
-        }
-        any
-    }
-
-    /// Counts the request (stats on) and adds its result to the array the
-    /// next COMMIT sends.
-    fn commit(&mut self, tag: u16, result: i32) {
-        self.held -= 1;
-        if self.setup.stats_on {
-            let (req, t0) = &self.inflight[tag as usize];
-            self.counters.record(req, result, self.now.saturating_sub(*t0));
-        }
-        let elem = self.elem(tag, result);
-        self.commits.push(elem, self.tags.buf_addr(&self.setup, tag));
-    }
-
-    /// Sends the array filled this pass, if a free one can take its place.
-    fn flush(&mut self, sq: &mut Sq<'_, B>) -> Result<()> {
-        if let Some(slot) = self.commits.send() {
-            let sqe = self.batch_cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, COMMIT, slot);
-            self.commits_unsent += 1;
-            push::<B>(sq, &sqe, self.setup.qid)?;
-        }
-        Ok(())
-    }
-
-    fn elem(&self, tag: u16, result: i32) -> BatchElem {
-        BatchElem { tag, buf_index: if self.setup.auto_buf_reg { tag } else { 0 }, result }
     }
 
     /// PREP or COMMIT of what commit array `slot` has not had consumed yet.
-    fn batch_cmd(&self, op: u32, kind: u64, slot: usize) -> B::Sqe {
+    fn batch_cmd<B: QueueBackend>(&self, core: &Core<B>, op: u32, kind: u64, slot: usize) -> B::Sqe {
         let (addr, nr_elem) = self.commits.pending(slot);
         let cmd = BatchIo {
-            q_id: self.setup.qid,
+            q_id: core.setup.qid,
             flags: self.commits.flags,
             nr_elem,
             elem_bytes: self.commits.elem_bytes(),
             ..Default::default()
         };
-        let sqe = opcode::UringCmd16::new(types::Fd(self.tags.char_fd), op)
+        let sqe = opcode::UringCmd16::new(types::Fd(core.tags.char_fd), op)
             .cmd(cmd.bytes())
             .addr(Some(addr))
             .build();
@@ -402,89 +330,29 @@ impl<B: QueueBackend> State<B> {
     }
 
     /// Arms multishot FETCH number `index` on the queue's buffer group.
-    fn arm_fetch(&mut self, index: u16, sq: &mut Sq<'_, B>) -> Result<()> {
+    fn arm_fetch<B: QueueBackend>(&mut self, core: &Core<B>, index: u16, sq: &mut Sq<'_, B>) -> Result<()> {
         let cmd = BatchIo {
-            q_id: self.setup.qid,
+            q_id: core.setup.qid,
             nr_elem: self.fetch.tags_per_buf(),
             elem_bytes: 2,
             ..Default::default()
         };
-        let sqe = opcode::UringCmd16::new(types::Fd(self.tags.char_fd), sys::UBLK_U_IO_FETCH_IO_CMDS)
+        let sqe = opcode::UringCmd16::new(types::Fd(core.tags.char_fd), sys::UBLK_U_IO_FETCH_IO_CMDS)
             .cmd(cmd.bytes())
             .build()
             .flags(squeue::Flags::BUFFER_SELECT);
         let mut sqe = B::Sqe::from(multishot(sqe, BGID));
         sqe.set_user_data(FETCH << KIND_SHIFT | index as u64);
-        push::<B>(sq, &sqe, self.setup.qid)?;
+        push::<B>(sq, &sqe, core.setup.qid)?;
         self.fetches_live += 1;
         Ok(())
     }
+}
 
-    fn submit(&mut self, tag: u16, req: &Request, sq: &mut Sq<'_, B>) -> Option<i32> {
-        let data = self.tags.data(&self.setup, tag);
-        self.backend.submit(tag, req, data, sq, BACKEND_BIT | tag as u64)
-    }
-
-    /// Blocking: one `io_uring_enter` that submits and sleeps until a CQE
-    /// beyond those of the COMMITs it submits (they complete at once).
-    /// After a pass that took two FETCH CQEs or more it gathers, as the
-    /// per-request loop does ([`Gather`]). It counts CQEs, not
-    /// tags: a burst the client submitted at once comes in one CQE and has
-    /// nothing to gain, and there the COMMITs' own CQEs would end the
-    /// min_wait empty (measured: 0.65x IOPS in perf-null's burst round).
-    /// Polling: enters only when there is something to submit, task work
-    /// (a new FETCH CQE) or a CQ overflow, and returns at once; otherwise
-    /// the pass just looks at the CQ. True if it entered.
-    fn wait(&mut self, sub: &Submitter<'_>, sq: &Sq<'_, B>) -> Result<bool> {
-        let want = 1 + self.commits_unsent as usize;
-        let res = if let (false, Some(due)) = (self.setup.poll, self.backend.next_due()) {
-            wait_until(sub, due)
-        } else if !self.setup.poll && self.gather.armed() {
-            self.gather.wait(sub, want)
-        } else if !self.setup.poll {
-            // Bounded, so that a CQE this count did not foresee (or one the
-            // kernel posted without waking us) is reaped within RECHECK
-            // rather than never; an idle queue wakes once per RECHECK.
-            let ts = types::Timespec::from(RECHECK);
-            sub.submit_with_args(want, &types::SubmitArgs::new().timespec(&ts))
-        } else if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
-            // SAFETY: no argument pointer is passed; the ring is ours.
-            unsafe { sub.enter::<libc::sigset_t>(sq.len() as u32, 0, IORING_ENTER_GETEVENTS, None) }
-        } else {
-            return Ok(false);
-        };
-        self.commits_unsent = 0;
-        self.counters.entered();
-        match res {
-            Err(e)
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
-                ) =>
-            {
-                Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
-            }
-            _ => Ok(true),
-        }
-    }
-
-    /// Submits and waits up to `timeout` for a completion; false if none came.
-    fn wait_for(&mut self, sub: &Submitter<'_>, cq: &mut Cq<'_, B>, timeout: Duration) -> Result<bool> {
-        let ts = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        self.commits_unsent = 0;
-        self.counters.entered();
-        match sub.submit_with_args(1, &args) {
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
-                cq.sync();
-                Ok(!CompletionQueue::is_empty(cq))
-            }
-            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
-                Err(Error::io(format!("io_uring_enter on queue {}", self.setup.qid), e))
-            }
-            _ => Ok(true),
-        }
-    }
+/// The element that commits `result` for `tag` (and, with AUTO_BUF_REG,
+/// names slot = tag for its next request).
+fn elem<B: QueueBackend>(core: &Core<B>, tag: u16, result: i32) -> BatchElem {
+    BatchElem { tag, buf_index: if core.setup.auto_buf_reg { tag } else { 0 }, result }
 }
 
 fn push<B: QueueBackend>(sq: &mut Sq<'_, B>, sqe: &B::Sqe, qid: u16) -> Result<()> {
@@ -495,8 +363,13 @@ fn push<B: QueueBackend>(sq: &mut Sq<'_, B>, sqe: &B::Sqe, qid: u16) -> Result<(
         .map_err(|_| Error::RingFull(format!("submission queue of queue {qid} overflowed")))
 }
 
+/// A command of the queue's own that failed other than by ABORT: the
+/// kernel broke the protocol or the device is broken.
 fn cmd_error(what: &str, qid: u16, res: i32) -> Error {
-    Error::io(format!("{what} on queue {qid} failed (not an abort)"), std::io::Error::from_raw_os_error(-res))
+    Error::Queue(format!(
+        "{what} on queue {qid} failed (not an abort): {}",
+        std::io::Error::from_raw_os_error(-res)
+    ))
 }
 
 /// `sqe` made multishot with buffer select from group `bgid`: the two
@@ -710,6 +583,17 @@ mod tests {
 
     fn elem(tag: u16) -> BatchElem {
         BatchElem { tag, buf_index: 0, result: 4096 }
+    }
+
+    /// A command of the queue's own that the kernel failed is a queue
+    /// error with the kernel's errno, not bad input.
+    #[test]
+    fn a_failed_command_is_a_queue_error_not_bad_input() {
+        let e = cmd_error("FETCH_IO_CMDS", 3, -libc::EINVAL);
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Queue(_)), "{e:?}");
+        assert!(msg.starts_with("FETCH_IO_CMDS on queue 3 failed (not an abort): "), "{msg}");
+        assert!(msg.contains("os error 22"), "{msg}");
     }
 
     #[test]
