@@ -1099,22 +1099,29 @@ fn devices_added_side_by_side_all_go_live_and_serve() {
 /// the kernel cannot register any request's pages and hands each over with
 /// UBLK_IO_F_NEED_REG_BUF; the server registers them itself (a
 /// REGISTER/UNREGISTER chain) and fio's verification passes. Without the
-/// fallback flag every request would fail with EIO.
+/// fallback flag every request would fail with EIO. Per-tag and `--batch`
+/// (whose PREP and COMMIT arrays carry UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK).
 #[test]
 fn auto_buf_reg_fallback_serves_every_request() {
     let Some(_h) = harness() else { return };
-    let out = run(Command::new(bin())
-        .args(["add", "ram", "--size", "16M", "-q", "1"])
-        .env("UBLK_BENCH_FAULT", "auto-buf-reg-fallback"))
-    .success();
-    let id = parse_dev_id(&out.stdout).unwrap_or_else(|| panic!("no device:\n{}", out.describe()));
-    let json = list_one(id).expect("the device is listed");
-    let flags: Vec<&str> = json["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
-    assert!(flags.contains(&"AUTO_BUF_REG") && flags.contains(&"ZERO_COPY"), "{json}");
-    let dev = Dev { id, pid: json["pid"].as_i64().unwrap() as i32, json };
-    fio_verify_devices(&[("ram-fallback", &dev)], 16 * MIB);
-    del(id);
-    assert_gone(&dev);
+    let add_faulty = |extra: &[&str]| {
+        let out = run(Command::new(bin())
+            .args(["add", "ram", "--size", "16M", "-q", "1"])
+            .args(extra)
+            .env("UBLK_BENCH_FAULT", "auto-buf-reg-fallback"))
+        .success();
+        let id = parse_dev_id(&out.stdout).unwrap_or_else(|| panic!("no device:\n{}", out.describe()));
+        let json = list_one(id).expect("the device is listed");
+        let flags: Vec<&str> = json["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+        assert!(flags.contains(&"AUTO_BUF_REG") && flags.contains(&"ZERO_COPY"), "{extra:?}: {json}");
+        Dev { id, pid: json["pid"].as_i64().unwrap() as i32, json }
+    };
+    let (per_tag, batch) = (add_faulty(&[]), add_faulty(&["--batch"]));
+    fio_verify_devices(&[("ram-fallback", &per_tag), ("ram-batch-fallback", &batch)], 16 * MIB);
+    for dev in [per_tag, batch] {
+        del(dev.id);
+        assert_gone(&dev);
+    }
 }
 
 /// A disk image with an MBR and one partition (sectors 2048-4095).

@@ -33,7 +33,11 @@
 //! Elements are 8 bytes (tag, buffer slot, result) and 16 in copy mode
 //! (plus the tag's buffer address, which the kernel needs on every commit).
 //! With AUTO_BUF_REG each element names slot = tag for the tag's next
-//! request, as the per-tag loop does.
+//! request, as the per-tag loop does, and every array asks for the
+//! fallback: a request whose pages the kernel could not register comes
+//! with UBLK_IO_F_NEED_REG_BUF and is served through a REGISTER/UNREGISTER
+//! chain (REGISTER_IO_BUF is one of the per-tag commands a batch device
+//! still takes).
 //!
 //! Stopping: a FETCH that ends with ABORT (device stopped, quiesced, or its
 //! server being replaced) puts the queue in stopping mode; it commits what
@@ -131,7 +135,7 @@ impl<B: QueueBackend> DataPlane<B> for BatchQueue<B> {
         let bufs = crate::fault::fetch_bufs().unwrap_or(setup.depth.next_power_of_two());
         let cmds = BatchCommands {
             fetch: FetchRing::new(&ring, setup.depth, bufs)?,
-            commits: Commits::new(setup.depth as usize, setup.copy == Transfer::Copy),
+            commits: Commits::new(setup.depth as usize, setup.copy == Transfer::Copy, setup.auto_buf_reg),
             commits_unsent: 0,
             fetches_live: 0,
             stopping: false,
@@ -350,9 +354,15 @@ impl BatchCommands {
 }
 
 /// The element that commits `result` for `tag` (and, with AUTO_BUF_REG,
-/// names slot = tag for its next request).
+/// names slot = tag for its next request; the fault hook names a slot past
+/// the table, so every request falls back).
 fn elem<B: QueueBackend>(core: &Core<B>, tag: u16, result: i32) -> BatchElem {
-    BatchElem { tag, buf_index: if core.setup.auto_buf_reg { tag } else { 0 }, result }
+    let buf_index = match (core.setup.auto_buf_reg, core.setup.unreg_auto_buf) {
+        (false, _) => 0,
+        (true, false) => tag,
+        (true, true) => core.setup.depth + tag,
+    };
+    BatchElem { tag, buf_index, result }
 }
 
 fn push<B: QueueBackend>(sq: &mut Sq<'_, B>, sqe: &B::Sqe, qid: u16) -> Result<()> {
@@ -511,10 +521,14 @@ enum Done {
 }
 
 impl Commits {
-    fn new(depth: usize, with_addr: bool) -> Self {
+    /// Arrays of `depth` elements; `with_addr` in copy mode, `fallback`
+    /// with AUTO_BUF_REG (a request whose pages the kernel cannot register
+    /// comes with UBLK_IO_F_NEED_REG_BUF instead of failing).
+    fn new(depth: usize, with_addr: bool, fallback: bool) -> Self {
         let stride = if with_addr { 2 } else { 1 };
         let buf = || CommitBuf { words: vec![0; depth * stride].into(), len: 0, sent: 0, in_flight: false };
-        let flags = if with_addr { sys::UBLK_BATCH_F_HAS_BUF_ADDR } else { 0 };
+        let flags = if with_addr { sys::UBLK_BATCH_F_HAS_BUF_ADDR } else { 0 }
+            | if fallback { sys::UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK } else { 0 };
         Commits { bufs: (0..COMMIT_BUFS).map(|_| buf()).collect(), filling: 0, stride, flags }
     }
 
@@ -598,7 +612,7 @@ mod tests {
 
     #[test]
     fn a_partial_commit_resends_the_rest_and_a_failure_names_its_tag() {
-        let mut c = Commits::new(8, false);
+        let mut c = Commits::new(8, false, false);
         for t in [3, 5, 7] {
             c.push(elem(t), 0);
         }
@@ -614,7 +628,7 @@ mod tests {
 
     #[test]
     fn copy_mode_elements_carry_the_buffer_address() {
-        let mut c = Commits::new(4, true);
+        let mut c = Commits::new(4, true, false);
         assert_eq!((c.elem_bytes(), c.flags), (16, sys::UBLK_BATCH_F_HAS_BUF_ADDR));
         c.push(elem(2), 0xdead_b000);
         let b = &c.bufs[c.filling];
@@ -622,8 +636,16 @@ mod tests {
     }
 
     #[test]
+    fn auto_buf_reg_arrays_ask_for_the_fallback() {
+        let f = sys::UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK;
+        assert_eq!(Commits::new(4, false, true).flags & f, f);
+        assert_eq!(Commits::new(4, false, false).flags & f, 0);
+        assert_eq!(Commits::new(4, true, false).flags, sys::UBLK_BATCH_F_HAS_BUF_ADDR);
+    }
+
+    #[test]
     fn a_filled_array_waits_while_no_other_is_free() {
-        let mut c = Commits::new(4, false);
+        let mut c = Commits::new(4, false, false);
         let mut sent = vec![];
         for t in 0..COMMIT_BUFS as u16 {
             c.push(elem(t), 0);
