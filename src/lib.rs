@@ -24,7 +24,7 @@
 //!     it), `supervisor` (restarting a crashed server), `server_process` (a
 //!     server process's life from start to exit);
 //! 11. `cli`, `cmd`, `downtime` (the command line; `downtime` uses only
-//!     the control plane, run files, process helpers, and `add` to make
+//!     the control plane, run files, a device's plan, process helpers, and `add` to make
 //!     its device).
 
 #![deny(clippy::undocumented_unsafe_blocks)]

@@ -22,11 +22,23 @@ const LAYERS: &[&[&str]] = &[
 ];
 
 /// What `downtime` may use besides itself: the control plane, run files,
-/// process helpers and what they stand on, its arguments, and `add`
+/// a device's plan, process helpers and what they stand on, its arguments, and `add`
 /// (`cmd`) with the backends' sizes (`backend`), to make its device as
 /// `add` makes one, without a command line between them.
-const DOWNTIME_MAY_USE: &[&str] =
-    &["sys", "error", "clock", "log", "ctrl", "process", "config", "run_files", "cli", "cmd", "backend"];
+const DOWNTIME_MAY_USE: &[&str] = &[
+    "sys",
+    "error",
+    "clock",
+    "log",
+    "ctrl",
+    "process",
+    "config",
+    "plan",
+    "run_files",
+    "cli",
+    "cmd",
+    "backend",
+];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

@@ -11,6 +11,7 @@ use crate::cmd::add;
 use crate::config::{self, Recovery};
 use crate::ctrl::{self, Ctrl};
 use crate::error::{Error, Result};
+use crate::plan::Plan;
 use crate::{run_files, sys};
 
 use super::args::{device_size, recovery_of};
@@ -97,7 +98,7 @@ impl Device {
                     dev.id
                 )));
             }
-            RecoverMethod::Restart if info.flags & sys::UBLK_F_QUIESCE == 0 => {
+            RecoverMethod::Restart if !Plan::of_device(info.flags).quiesce() => {
                 return Err(Error::Unsupported {
                     feature: "UBLK_F_QUIESCE on this device",
                     version: "6.16",
