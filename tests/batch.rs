@@ -89,15 +89,23 @@ fn batch_fio_verify_rounds_every_copy_mode_queues_and_poll() {
 /// `list` says of it, runs `rounds` rounds of fio verification on all of
 /// them together and deletes them.
 fn verify_batch_ram(shapes: &[(&str, &[&str])], rounds: u64) {
-    let devs: Vec<Dev> = shapes
-        .iter()
-        .map(|(_, extra)| {
-            let size = format!("{}M", ROUND_SIZE / MIB);
-            let mut args = vec!["ram", "--batch", "--size", &size];
-            args.extend_from_slice(extra);
-            add(&args)
-        })
-        .collect();
+    // Added side by side: each `add` is two process starts, and each device
+    // is checked on its own below.
+    let devs: Vec<Dev> = std::thread::scope(|s| {
+        let adding: Vec<_> = shapes
+            .iter()
+            .map(|(_, extra)| {
+                s.spawn(move || {
+                    let size = format!("{}M", ROUND_SIZE / MIB);
+                    let mut args = vec!["ram", "--batch", "--size", &size];
+                    args.extend_from_slice(extra);
+                    add(&args)
+                })
+            })
+            .collect();
+        let added: Vec<_> = adding.into_iter().map(|t| t.join()).collect();
+        added.into_iter().map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
     for (dev, (label, extra)) in devs.iter().zip(shapes) {
         assert_batch(dev);
         // A blocking queue gathers for 50 µs unless told; a polling one never waits.
@@ -123,10 +131,9 @@ fn verify_batch_ram(shapes: &[(&str, &[&str])], rounds: u64) {
             shapes.iter().map(|(l, _)| *l).collect::<Vec<_>>().join(" ")
         );
     }
-    for dev in &devs {
-        del(dev.id);
-        assert_gone(dev);
-    }
+    // Side by side, and one `list` for all: each is a process start.
+    side_by_side(&devs, |dev| del(dev.id));
+    assert_all_gone(&devs);
 }
 
 /// One fio run, bounded by [`ROUND_LIMIT`]: on every device 4 KiB random
@@ -207,33 +214,41 @@ fn null_fio(devs: &[(String, Dev)]) {
         })
         .collect();
     let json = fio_jobs(None, &global, &jobs);
-    // `stats` samples for a second: ask every server at once.
-    let outs: Vec<Out> = std::thread::scope(|s| {
-        let asks: Vec<_> = devs
-            .iter()
-            .map(|(_, dev)| s.spawn(move || ublk(&["stats", "-n", &dev.id.to_string(), "--json"])))
-            .collect();
-        asks.into_iter().map(|h| h.join().expect("stats thread")).collect()
-    });
-    for (((what, _), (job, _)), out) in devs.iter().zip(&jobs).zip(outs) {
+    // The counts are totals, which `--window 0` reads at once (no sampling
+    // second). A server publishes them at the end of the pass that queued
+    // the commits, so they may trail fio's exit by a moment: read again
+    // until they cover fio's I/Os, or SETTLE is up.
+    let counts = |dev: &Dev| {
+        let out = ublk(&["stats", "-n", &dev.id.to_string(), "--json", "--window", "0"]).success();
+        let stats: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+            panic!("device {}: `stats --json` is not JSON ({e}): {}", dev.id, out.stdout)
+        });
+        let served = stats["merged"]["ios"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("device {}: no merged.ios in {stats}", dev.id));
+        (served, stats)
+    };
+    for ((what, dev), (job, _)) in devs.iter().zip(&jobs) {
         let j = json["jobs"].as_array().into_iter().flatten().find(|j| j["jobname"] == job.as_str());
         let j = j.unwrap_or_else(|| panic!("{what}: no fio job {job} in {json}"));
         let ios =
             j["read"]["total_ios"].as_u64().unwrap_or(0) + j["write"]["total_ios"].as_u64().unwrap_or(0);
         assert_eq!(ios, NULL_FIO_MIB * MIB / 4096, "{what}: fio did {ios} I/Os");
-        let out = out.success();
-        let stats: Value = serde_json::from_str(&out.stdout)
-            .unwrap_or_else(|e| panic!("{what}: `stats --json` is not JSON ({e}): {}", out.stdout));
-        let served =
-            stats["merged"]["ios"].as_u64().unwrap_or_else(|| panic!("{what}: no merged.ios in {stats}"));
+        let mut got = counts(dev);
+        if got.0 < ios {
+            eventually(SETTLE, || {
+                got = counts(dev);
+                got.0 >= ios
+            });
+        }
+        let (served, stats) = got;
         assert!(served >= ios, "{what}: the server counted {served} requests, fio did {ios}");
         assert_eq!(stats["merged"]["errors"], 0, "{what}: {stats}");
         println!("{what}: {ios} I/Os by fio, {served} served");
     }
-    for (_, dev) in devs {
-        del(dev.id);
-        assert_gone(dev);
-    }
+    let devs: Vec<Dev> = devs.iter().map(|(_, dev)| dev.clone()).collect();
+    side_by_side(&devs, |dev| del(dev.id));
+    assert_all_gone(&devs);
 }
 
 /// Where the kernel lacks UBLK_F_BATCH_IO (forced here: the fault hook

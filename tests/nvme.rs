@@ -115,21 +115,79 @@ fn queue_attr(name: &str, file: &str) -> u64 {
 /// booted with (`bench-scripts/vm --nvme-lbs`, passed as UBLK_VM_NVME_LBS),
 /// so a run meant for 4 KiB LBAs cannot pass on 512-byte ones.
 fn namespace_lbs() -> u64 {
-    let lbs = queue_attr("nvme0n1", "logical_block_size");
-    if let Some(want) = std::env::var("UBLK_VM_NVME_LBS").ok().filter(|v| !v.is_empty()) {
-        assert_eq!(lbs.to_string(), want, "{NVME_BLOCK} logical_block_size vs the guest's --nvme-lbs");
-    }
-    lbs
+    MAIN_NS.lbs()
 }
 
-/// The ublk device's logical block is the namespace's LBA: a smaller one
-/// would let the block layer send requests that are no whole LBAs.
-fn assert_lbs_of_namespace(dev: &Dev) -> u64 {
-    let lbs = namespace_lbs();
-    let name = ublk_name(dev);
-    assert_eq!(queue_attr(&name, "logical_block_size"), lbs, "{name} logical_block_size vs {NVME_BLOCK}'s");
-    assert_eq!(dev.json["block_size"], lbs, "{}", dev.json);
-    lbs
+/// A namespace of the guest's NVMe controller, by its block device's name
+/// (`nvme0nN`; the generic node is `/dev/ng0nN`), and the LBA size the guest
+/// made it with (None: whatever it has).
+#[derive(Clone, Copy)]
+struct Ns {
+    name: &'static str,
+    want_lbs: Option<u64>,
+}
+
+/// /dev/nvme0n1: its LBA size is what the guest was booted with
+/// (`bench-scripts/vm --nvme-lbs`, passed as UBLK_VM_NVME_LBS).
+const MAIN_NS: Ns = Ns { name: "nvme0n1", want_lbs: None };
+/// Where bench-scripts/vm names its namespace with 4 KiB LBAs.
+const NS_4K_ENV: &str = "UBLK_VM_NVME_4K";
+
+impl Ns {
+    fn ng(&self) -> String {
+        format!("/dev/{}", self.name.replacen("nvme", "ng", 1))
+    }
+
+    fn block(&self) -> String {
+        format!("/dev/{}", self.name)
+    }
+
+    /// The logical block size, which must be the one the guest made the
+    /// namespace with, so a run meant for 4 KiB LBAs cannot pass on 512-byte ones.
+    fn lbs(&self) -> u64 {
+        let lbs = queue_attr(self.name, "logical_block_size");
+        let want = match self.want_lbs {
+            Some(n) => Some(n.to_string()),
+            None => std::env::var("UBLK_VM_NVME_LBS").ok().filter(|v| !v.is_empty()),
+        };
+        if let Some(want) = want {
+            assert_eq!(lbs.to_string(), want, "{} logical_block_size vs what the guest made", self.block());
+        }
+        lbs
+    }
+
+    /// The ublk device's logical block is the namespace's LBA: a smaller one
+    /// would let the block layer send requests that are no whole LBAs.
+    fn assert_lbs_of(&self, dev: &Dev) -> u64 {
+        let lbs = self.lbs();
+        let name = ublk_name(dev);
+        assert_eq!(
+            queue_attr(&name, "logical_block_size"),
+            lbs,
+            "{name} logical_block_size vs {}'s",
+            self.block()
+        );
+        assert_eq!(dev.json["block_size"], lbs, "{}", dev.json);
+        lbs
+    }
+}
+
+/// The harness and the namespace with 4 KiB LBAs that bench-scripts/vm
+/// makes beside /dev/nvme0n1 and names in [`NS_4K_ENV`]; None (after
+/// `skip`, a failure in the guest) where there is none.
+fn nvme_4k_harness() -> Option<(Harness, Ns)> {
+    let h = nvme_harness()?;
+    let Some(name) = std::env::var(NS_4K_ENV).ok().filter(|v| !v.is_empty()) else {
+        skip(&format!("{NS_4K_ENV} unset: no NVMe namespace with 4 KiB LBAs (bench-scripts/vm makes one)"));
+        return None;
+    };
+    let ns = Ns { name: String::leak(name), want_lbs: Some(4096) };
+    let is_char = fs::metadata(ns.ng()).is_ok_and(|m| m.file_type().is_char_device());
+    if !is_char || !is_block_device(Path::new(&ns.block())) {
+        skip(&format!("{NS_4K_ENV}={}, but {} or {} is absent", ns.name, ns.ng(), ns.block()));
+        return None;
+    }
+    Some((h, ns))
 }
 
 fn ublk_name(dev: &Dev) -> String {
@@ -244,8 +302,13 @@ const PATTERN_SIZES: &[usize] = &[4096, 12288, 131072, 69632, 1 << 20, 528384, 8
 /// CRC32C, read back and checked at the end; `seed` makes each run's data
 /// its own, so a block left from another run fails the check.
 fn verify_job(seed: u64, span: u64, bs: &str) -> Vec<String> {
+    verify_job_at(seed, 0, span, bs)
+}
+
+/// [`verify_job`] over `span` bytes from `offset`.
+fn verify_job_at(seed: u64, offset: u64, span: u64, bs: &str) -> Vec<String> {
     let mut a: Vec<String> = FIO_CRC_VERIFY.map(String::from).to_vec();
-    a.push("--offset=0".into());
+    a.push(format!("--offset={offset}"));
     a.push(format!("--size={span}"));
     a.push(if bs.contains('-') { format!("--bsrange={bs}") } else { format!("--bs={bs}") });
     a.push(format!("--randseed={seed}"));
@@ -309,35 +372,75 @@ impl Drop for BgFio {
 /// and a byte compare of the pattern. `seed` must differ between callers,
 /// so that data left by an earlier test cannot pass for this one's.
 fn verify_and_check_namespace(dev: Dev, seed: u64) {
+    check_on_namespace(&[write_through(dev, seed, 0)]);
+}
+
+/// What [`write_through`] left on the namespace, for [`check_on_namespace`].
+struct Landed {
+    mode: String,
+    seed: u64,
+    fio_at: u64,
+    pattern_at: u64,
+    pattern: Vec<u8>,
+}
+
+/// The part of [`verify_and_check_namespace`] through `dev`, in region
+/// `slot` of the namespace (fio's span at `slot` FIO_SPANs, the pattern at
+/// PATTERN_AT plus `slot` PATTERN_SPANs, so that several devices made one
+/// after another leave their data side by side); the device is deleted.
+fn write_through(dev: Dev, seed: u64, slot: u64) -> Landed {
     let mode = dev.json["copy_mode"].as_str().unwrap_or("?").to_string();
     let block = dev.block();
+    let (fio_at, pattern_at) = (slot * FIO_SPAN, PATTERN_AT + slot * PATTERN_SPAN);
+    assert!(fio_at + FIO_SPAN <= PATTERN_AT, "slot {slot}: fio's span would reach the patterns");
     let t = Instant::now();
-    let job = verify_job(seed, FIO_SPAN, "4k-128k");
+    let job = verify_job_at(seed, fio_at, FIO_SPAN, "4k-128k");
     let json = fio(&block, &as_strs(&job));
     assert_eq!(fio_bytes(&json, "write"), FIO_SPAN, "{mode}: fio wrote less than its span");
     assert_eq!(fio_bytes(&json, "read"), FIO_SPAN, "{mode}: fio verified less than its span");
     println!("{mode}: fio verify of {} MiB through {} in {:?}", FIO_SPAN >> 20, block.display(), t.elapsed());
 
     let pattern = random_bytes(PATTERN_SPAN as usize, seed);
-    let sizes = pwrite_direct(&block, PATTERN_AT, &pattern, PATTERN_SIZES);
-    let back = pread_direct(&block, PATTERN_AT, PATTERN_SPAN);
+    let sizes = pwrite_direct(&block, pattern_at, &pattern, PATTERN_SIZES);
+    let back = pread_direct(&block, pattern_at, PATTERN_SPAN);
     assert_same(
         &back,
         &pattern,
-        PATTERN_AT,
+        pattern_at,
         &format!("{mode}: pattern read back through {}", block.display()),
     );
     println!("{mode}: pattern of {} writes ({} MiB) read back through ublk", sizes.len(), PATTERN_SPAN >> 20);
 
     del(dev.id);
     assert_gone(&dev);
+    Landed { mode, seed, fio_at, pattern_at, pattern }
+}
 
+/// Reads what [`write_through`] left straight from /dev/nvme0n1: each
+/// pattern byte for byte, and fio's blocks with a verify-only job per
+/// device, all in one fio run (one start-up, seconds under emulation).
+fn check_on_namespace(landed: &[Landed]) {
     let nvme = Path::new(NVME_BLOCK);
-    let back = pread_direct(nvme, PATTERN_AT, PATTERN_SPAN);
-    assert_same(&back, &pattern, PATTERN_AT, &format!("{mode}: pattern read straight from {NVME_BLOCK}"));
-    let json = fio(nvme, &as_strs(&verify_only_job(seed, FIO_SPAN, "4k-128k")));
-    assert_eq!(fio_bytes(&json, "read"), FIO_SPAN, "{mode}: fio verify-only on {NVME_BLOCK} read less");
-    println!("{mode}: fio's blocks and the pattern verified on {NVME_BLOCK} itself");
+    for l in landed {
+        let back = pread_direct(nvme, l.pattern_at, PATTERN_SPAN);
+        let what = format!("{}: pattern read straight from {NVME_BLOCK}", l.mode);
+        assert_same(&back, &l.pattern, l.pattern_at, &what);
+    }
+    let jobs: Vec<(String, Vec<String>)> = landed
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut a = verify_job_at(l.seed, l.fio_at, FIO_SPAN, "4k-128k");
+            a.push("--verify_only=1".into());
+            (format!("check{i}-{}", l.mode), a)
+        })
+        .collect();
+    let json = fio_jobs(Some(nvme), &[], &jobs);
+    for ((job, _), l) in jobs.iter().zip(landed) {
+        let read = fio_job_bytes(&json, job, "read");
+        assert_eq!(read, FIO_SPAN, "{}: fio verify-only on {NVME_BLOCK} read less", l.mode);
+        println!("{}: fio's blocks and the pattern verified on {NVME_BLOCK} itself", l.mode);
+    }
 }
 
 /// `--copy-mode copy`: the tag buffers, one queue.
@@ -402,14 +505,17 @@ fn nvme_batch_every_copy_mode_verifies_and_lands_on_the_namespace() {
     let _d = Diagnostics;
     let modes: [(&str, &[&str], u64); 3] =
         [("copy", &[], 0xba01), ("zero", &[], 0xba02), ("zero", &["--explicit-buf-reg"], 0xba03)];
-    for (mode, extra, seed) in modes {
+    let mut landed = vec![];
+    for (slot, (mode, extra, seed)) in modes.into_iter().enumerate() {
         let mut args = vec!["--batch"];
         args.extend_from_slice(extra);
         let dev = add_nvme(NG, mode, &args);
         assert!(has_flag(&dev, "BATCH_IO"), "--batch without UBLK_F_BATCH_IO: {}", dev.json);
         assert_eq!(dev.json["copy_mode"], mode, "{}", dev.json);
-        verify_and_check_namespace(dev, seed);
+        landed.push(write_through(dev, seed, slot as u64));
     }
+    // Each mode's data in its own region, all read back from the namespace at once.
+    check_on_namespace(&landed);
 }
 
 /// `--copy-mode auto` picks zero on this kernel (as `features` says it
@@ -747,8 +853,10 @@ fn nvme_zero_restart_under_fio_verify() {
 
 // ---------------------------------------------------------------- durability
 //
-// Every test here is named nvme_durable_*: bench-scripts/test runs them by
-// that name a second time, on a namespace of 4 KiB LBAs.
+// Every test here runs on /dev/nvme0n1 (nvme_durable_*) and again, in the
+// same boot, on the guest's namespace with 4 KiB LBAs (nvme_durable_4k_*,
+// /dev/nvme0n2): there a FLUSH names no whole LBA and the ublk device's
+// block is 4 KiB, the format most datacenter drives ship with.
 
 /// A `/sys/block/NAME/queue/FILE` as trimmed text.
 fn queue_text(name: &str, file: &str) -> String {
@@ -774,13 +882,23 @@ const STAT_FLUSH_IOS: usize = 15;
 #[test]
 fn nvme_durable_cache_and_fua_attributes_match_the_namespace() {
     let Some(_h) = nvme_harness() else { return };
+    cache_and_fua_attributes_match(MAIN_NS);
+}
+
+#[test]
+fn nvme_durable_4k_cache_and_fua_attributes_match_the_namespace() {
+    let Some((_h, ns)) = nvme_4k_harness() else { return };
+    cache_and_fua_attributes_match(ns);
+}
+
+fn cache_and_fua_attributes_match(nvme: Ns) {
     let _d = Diagnostics;
-    let ns = (queue_text("nvme0n1", "write_cache"), queue_text("nvme0n1", "fua"));
-    let dev = add_nvme(NG, "zero", &[]);
-    assert_lbs_of_namespace(&dev);
+    let ns = (queue_text(nvme.name, "write_cache"), queue_text(nvme.name, "fua"));
+    let dev = add_nvme(&nvme.ng(), "zero", &[]);
+    nvme.assert_lbs_of(&dev);
     let name = ublk_name(&dev);
     let ours = (queue_text(&name, "write_cache"), queue_text(&name, "fua"));
-    assert_eq!(ours, ns, "{name} (write_cache, fua) vs {NVME_BLOCK}'s");
+    assert_eq!(ours, ns, "{name} (write_cache, fua) vs {}'s", nvme.block());
     let ram = add(&["ram", "--size", "8M"]);
     let ram_name = ublk_name(&ram);
     let ram_attrs = (queue_text(&ram_name, "write_cache"), queue_text(&ram_name, "fua"));
@@ -892,18 +1010,29 @@ const FUA_AT: u64 = 33 * MIB;
 #[test]
 fn nvme_durable_fsync_and_fua_writes_reach_the_namespace() {
     let Some(_h) = nvme_harness() else { return };
+    fsync_and_fua_writes_reach(MAIN_NS);
+}
+
+#[test]
+fn nvme_durable_4k_fsync_and_fua_writes_reach_the_namespace() {
+    let Some((_h, ns)) = nvme_4k_harness() else { return };
+    fsync_and_fua_writes_reach(ns);
+}
+
+fn fsync_and_fua_writes_reach(ns: Ns) {
     let _d = Diagnostics;
+    let nvme_block = ns.block();
     assert_eq!(
-        queue_text("nvme0n1", "write_cache"),
+        queue_text(ns.name, "write_cache"),
         "write back",
-        "{NVME_BLOCK} has no volatile cache, so no flush is ever due: QEMU's nvme device needs one"
+        "{nvme_block} has no volatile cache, so no flush is ever due: QEMU's nvme device needs one"
     );
-    let ns_fua = queue_text("nvme0n1", "fua") == "1";
-    let dev = add_nvme(NG, "zero", &[]);
-    let lbs = assert_lbs_of_namespace(&dev);
+    let ns_fua = queue_text(ns.name, "fua") == "1";
+    let dev = add_nvme(&ns.ng(), "zero", &[]);
+    let lbs = ns.assert_lbs_of(&dev);
     let name = ublk_name(&dev);
     let trace = NvmeTrace::start();
-    let (ours_before, ns_before) = (block_stat(&name, STAT_FLUSH_IOS), block_stat("nvme0n1", STAT_FLUSH_IOS));
+    let (ours_before, ns_before) = (block_stat(&name, STAT_FLUSH_IOS), block_stat(ns.name, STAT_FLUSH_IOS));
 
     let f = open_direct(&dev.block(), true);
     let mut buf = Aligned::new(4096);
@@ -919,7 +1048,7 @@ fn nvme_durable_fsync_and_fua_writes_reach_the_namespace() {
     drop(f);
 
     let flushed = block_stat(&name, STAT_FLUSH_IOS) - ours_before;
-    let lines = trace.lines("nvme0n1");
+    let lines = trace.lines(ns.name);
     let nvme_flushes = lines.iter().filter(|l| l.contains("cmd=(nvme_cmd_flush ")).count() as u64;
     let writes = traced_writes(&lines);
     let in_span = |at: u64, n: u64| move |w: &&(u64, bool)| (at / lbs..(at + n * 8192) / lbs).contains(&w.0);
@@ -927,11 +1056,11 @@ fn nvme_durable_fsync_and_fua_writes_reach_the_namespace() {
     let fua: Vec<_> = writes.iter().filter(in_span(FUA_AT, FUA_WRITES)).collect();
     println!(
         "{FSYNCS} fsyncs and {FUA_WRITES} RWF_DSYNC writes: {name} counted {flushed} flushes; the NVMe driver sent \
-         {nvme_flushes} Flush, {} plain and {} FUA Writes in range ({NVME_BLOCK} stat flush field {} -> {})",
+         {nvme_flushes} Flush, {} plain and {} FUA Writes in range ({nvme_block} stat flush field {} -> {})",
         plain.iter().filter(|w| !w.1).count(),
         fua.iter().filter(|w| w.1).count(),
         ns_before,
-        block_stat("nvme0n1", STAT_FLUSH_IOS)
+        block_stat(ns.name, STAT_FLUSH_IOS)
     );
     assert!(flushed >= FSYNCS, "{name} counted {flushed} flushes for {FSYNCS} fsyncs");
     assert!(
@@ -994,10 +1123,20 @@ const EXT4_FILES: u64 = 4;
 #[test]
 fn nvme_durable_ext4_fsync_and_fsck_pass() {
     let Some(_h) = nvme_harness() else { return };
+    ext4_fsync_and_fsck_pass(MAIN_NS);
+}
+
+#[test]
+fn nvme_durable_4k_ext4_fsync_and_fsck_pass() {
+    let Some((_h, ns)) = nvme_4k_harness() else { return };
+    ext4_fsync_and_fsck_pass(ns);
+}
+
+fn ext4_fsync_and_fsck_pass(ns: Ns) {
     let _d = Diagnostics;
     for (mode, seed) in [("zero", 0xe4_0000_u64), ("copy", 0xe4_1000)] {
-        let dev = add_nvme(NG, mode, &["--size", "256M"]);
-        let lbs = assert_lbs_of_namespace(&dev);
+        let dev = add_nvme(&ns.ng(), mode, &["--size", "256M"]);
+        let lbs = ns.assert_lbs_of(&dev);
         assert_eq!(dev.json["size"], 256 * MIB, "{}", dev.json);
         let block = dev.block();
         let mkfs = run(Command::new(need_tool("mkfs.ext4")).args(["-q", "-F"]).arg(&block));
@@ -1060,9 +1199,19 @@ fn nvme_durable_ext4_fsync_and_fsck_pass() {
 #[test]
 fn nvme_durable_recover_refuses_settings_the_namespace_cannot_hold() {
     let Some(_h) = nvme_harness() else { return };
+    recover_refuses_settings_the_namespace_cannot_hold(MAIN_NS);
+}
+
+#[test]
+fn nvme_durable_4k_recover_refuses_settings_the_namespace_cannot_hold() {
+    let Some((_h, ns)) = nvme_4k_harness() else { return };
+    recover_refuses_settings_the_namespace_cannot_hold(ns);
+}
+
+fn recover_refuses_settings_the_namespace_cannot_hold(ns: Ns) {
     let _d = Diagnostics;
-    let dev = add_nvme(NG, "zero", &["-r", "--size", "256M"]);
-    let lbs = assert_lbs_of_namespace(&dev);
+    let dev = add_nvme(&ns.ng(), "zero", &["-r", "--size", "256M"]);
+    let lbs = ns.assert_lbs_of(&dev);
     let (id, at) = (dev.id.to_string(), 8 * MIB);
     let pattern = random_bytes(MIB as usize, 0x7a6e);
     pwrite_direct(&dev.block(), at, &pattern, &[128 << 10]);
@@ -1072,7 +1221,7 @@ fn nvme_durable_recover_refuses_settings_the_namespace_cannot_hold() {
     let path = settings_path(dev.id);
     let saved = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let cfg: Value = serde_json::from_str(&saved).expect("settings are JSON");
-    let sectors = fs::read_to_string("/sys/block/nvme0n1/size").expect("nvme0n1 size");
+    let sectors = fs::read_to_string(format!("/sys/block/{}/size", ns.name)).expect("namespace size");
     let ns_bytes = sectors.trim().parse::<u64>().expect("a number") << 9;
     let kernel = "does not match the device in the kernel".to_string();
     let mut cases = vec![(
