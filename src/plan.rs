@@ -194,6 +194,8 @@ impl Plan {
             | cfg.recovery.flags()
             | quiesce_flag(cfg.recovery, features)
             | part_scan_flag(cfg.part_scan, features)
+            // `resize` (UPDATE_SIZE) needs the flag on the device; it costs nothing else.
+            | features & sys::UBLK_F_UPDATE_SIZE
             | batch;
         Ok(Plan { transfer, auto_buf_reg, batch: batch != 0, flags })
     }
@@ -386,6 +388,15 @@ pub(crate) mod tests {
             assert_eq!(seen.flags, flags);
             assert_eq!(seen.transfer, Transfer::of_flags(flags));
         }
+    }
+
+    #[test]
+    fn update_size_is_asked_for_where_the_kernel_has_it() {
+        let cfg = crate::config::tests::sample();
+        let with = Plan::new(&cfg, &MEM, u64::MAX).unwrap();
+        assert_ne!(with.flags & sys::UBLK_F_UPDATE_SIZE, 0, "resize needs it at ADD_DEV");
+        let without = Plan::new(&cfg, &MEM, LINUX_6_15).unwrap();
+        assert_eq!(without.flags & sys::UBLK_F_UPDATE_SIZE, 0, "6.15 has no UPDATE_SIZE");
     }
 
     #[test]
