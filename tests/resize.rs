@@ -12,9 +12,9 @@
 //! - bad sizes are refused with a message and a non-zero exit before
 //!   anything changes (the kernel's size and the settings file stay), and
 //!   a kernel or device without UPDATE_SIZE is refused the same way;
-//! - a takeover after a resize (`recover`, a supervised restart, a hot
-//!   standby prepared before the resize) comes up at the new size with the
-//!   data.
+//! - a takeover after a resize (`recover`, `restart`, a supervised
+//!   restart, a hot standby prepared before the resize) comes up at the new
+//!   size with the data.
 //!
 //! They need /dev/ublk-control and root; without the driver each test goes
 //! through `common::skip` (a failure in the guest, `UBLK_TEST_NO_SKIP=1`).
@@ -218,7 +218,8 @@ fn bad_sizes_are_refused_before_anything_changes() {
 }
 
 /// Grows a recoverable ram device with data past the old size, kills its
-/// server, lets `how` bring a new one, and checks size and data.
+/// server (or hands it over with `restart`), lets `how` bring a new one,
+/// and checks size and data.
 fn takeover_keeps_the_new_size(dev: &Dev, how: &str) {
     let (id, block) = (dev.id, dev.block());
     // The standby must be prepared at the old size, before the resize.
@@ -231,7 +232,12 @@ fn takeover_keeps_the_new_size(dev: &Dev, how: &str) {
     }
     grows_and_serves(dev, 8);
     let high = read_direct(&block, 15 * MIB, MIB);
-    signal(dev.pid, libc::SIGKILL);
+    match how {
+        "restart" => {
+            ublk(&["restart", "-n", &id.to_string()]).success();
+        }
+        _ => signal(dev.pid, libc::SIGKILL),
+    }
     if how == "recover" {
         wait_until("QUIESCED", Duration::from_secs(30), || {
             list_one(id).is_some_and(|d| d["state"] == "QUIESCED")
@@ -281,6 +287,7 @@ fn takeovers_after_a_resize_come_up_at_the_new_size() {
     let Some(_h) = harness() else { return };
     let cases = [
         (add(&["ram", "--size", "8M", "-r", "-i"]), "recover"),
+        (add(&["ram", "--size", "8M", "-r"]), "restart"),
         (add(&["ram", "--size", "8M", "--copy-mode", "user", "--supervise"]), "supervise"),
         (add(&["ram", "--size", "8M", "--copy-mode", "user", "--standby"]), "standby"),
     ];
