@@ -45,6 +45,10 @@ pub fn run(dev_id: u32, size: u64) -> Result<()> {
             sys::state_name(info.state)
         )));
     }
+    // One resize at a time, from reading the size on: the store, the cell
+    // and the kernel change in step. (A null device has no cell, and
+    // nothing to keep in step.)
+    let _lock = lock(dev_id)?;
     let mut cfg = run_files::load(dev_id)?;
     let params = ctrl.get_params(dev_id).map_err(|e| Error::kernel("GET_PARAMS", e))?;
     check_settings(dev_id, &mut cfg, &info, &params)?;
@@ -59,8 +63,6 @@ pub fn run(dev_id: u32, size: u64) -> Result<()> {
         println!("device {dev_id} is already {size} bytes");
         return Ok(());
     }
-    // One resize at a time: the store, the cell and the kernel change in step.
-    let _lock = live.as_ref().map(|_| lock(dev_id)).transpose()?;
     let store = match cfg.backend {
         BackendKind::Ram => Some(open_store(&cfg)?),
         _ => None,
@@ -208,21 +210,22 @@ pub fn check_size(dev_id: u32, cfg: &DeviceConfig, new: u64, room: &Room) -> Res
     Ok(())
 }
 
-/// Takes the device's resize lock (the size cell's flock), or says who has it.
-fn lock(dev_id: u32) -> Result<File> {
+/// Takes the device's resize lock (the size cell's flock), or says who
+/// has it; None where the device has no cell.
+fn lock(dev_id: u32) -> Result<Option<File>> {
     let p = live_size::path(dev_id);
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&p)
-        .map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+    let f = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("open {}", p.display()), e)),
+    };
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(Error::Refused(format!(
             "another resize of device {dev_id} is running: wait for it, then try again"
         )));
     }
-    Ok(f)
+    Ok(Some(f))
 }
 
 /// The device's store, as its servers opened it.
