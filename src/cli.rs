@@ -61,6 +61,16 @@ pub enum Command {
         #[arg(short = 'n', long = "number")]
         id: u32,
     },
+    /// Change a LIVE device's size while it is served (UPDATE_SIZE, 6.16): null, ram (the store
+    /// grows or shrinks, data below the new size kept) and file (up to the file's size).
+    Resize {
+        /// Id of the device.
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        /// The new size, e.g. 512M or 2G: a multiple of the device's block size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
     /// Per-queue and merged server-side statistics of a device.
     Stats {
         /// Id of the device to report on.

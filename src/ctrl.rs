@@ -188,6 +188,14 @@ impl Ctrl {
         self.dev_cmd::<u8>(sys::UBLK_U_CMD_END_USER_RECOVERY, dev_id, None, pid as u64).map(|_| ())
     }
 
+    /// UPDATE_SIZE: the device's capacity becomes `sectors` (512 bytes
+    /// each). The kernel does not check that the device was made with
+    /// UBLK_F_UPDATE_SIZE and changes the capacity of a started device
+    /// only (-ENODEV before START_DEV): the caller checks both.
+    pub fn update_size(&mut self, dev_id: u32, sectors: u64) -> io::Result<()> {
+        self.dev_cmd::<u8>(sys::UBLK_U_CMD_UPDATE_SIZE, dev_id, None, sectors).map(|_| ())
+    }
+
     pub fn quiesce(&mut self, dev_id: u32, timeout_ms: u64) -> io::Result<()> {
         self.dev_cmd::<u8>(sys::UBLK_U_CMD_QUIESCE_DEV, dev_id, None, timeout_ms).map(|_| ())
     }

@@ -13,6 +13,9 @@
 //! - `no-batch-io`: GET_FEATURES is read as if the kernel lacked
 //!   UBLK_F_BATCH_IO (as before 7.0), so `add --batch` must refuse before
 //!   ADD_DEV and `features` must say so.
+//! - `no-update-size`: GET_FEATURES is read as if the kernel lacked
+//!   UBLK_F_UPDATE_SIZE (as before 6.16): `add` makes a device without it,
+//!   as an older ublk-bench did, and `resize` refuses as on such a kernel.
 //! - `interrupt-after-quiesce`: `restart` sends itself SIGINT right after
 //!   QUIESCE_DEV, as a Ctrl-C at that moment would; the successor it handed
 //!   the device to must take over all the same.
@@ -46,6 +49,7 @@ pub enum Fault {
     QueuePanic(u64),
     AbortBeforeLive,
     NoBatchIo,
+    NoUpdateSize,
     InterruptAfterQuiesce,
     KillAfterQuiesce,
     SuccessorAbort,
@@ -55,10 +59,11 @@ pub enum Fault {
 }
 
 /// The kernel's GET_FEATURES as this server is to see it: the fault hook
-/// may hide UBLK_F_BATCH_IO.
+/// may hide UBLK_F_BATCH_IO or UBLK_F_UPDATE_SIZE.
 pub fn mask_features(features: u64, fault: Option<Fault>) -> u64 {
     match fault {
         Some(Fault::NoBatchIo) => features & !sys::UBLK_F_BATCH_IO,
+        Some(Fault::NoUpdateSize) => features & !sys::UBLK_F_UPDATE_SIZE,
         _ => features,
     }
 }
@@ -85,6 +90,7 @@ fn parse(v: &str) -> Result<Fault> {
     match v {
         "abort-before-live" => return Ok(Fault::AbortBeforeLive),
         "no-batch-io" => return Ok(Fault::NoBatchIo),
+        "no-update-size" => return Ok(Fault::NoUpdateSize),
         "interrupt-after-quiesce" => return Ok(Fault::InterruptAfterQuiesce),
         "kill-after-quiesce" => return Ok(Fault::KillAfterQuiesce),
         "successor-abort" => return Ok(Fault::SuccessorAbort),
@@ -102,7 +108,7 @@ fn parse(v: &str) -> Result<Fault> {
         .ok_or_else(|| {
             Error::invalid(format!(
                 "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
-                 serving N requests), abort-before-live, no-batch-io, interrupt-after-quiesce, \
+                 serving N requests), abort-before-live, no-batch-io, no-update-size, interrupt-after-quiesce, \
                  kill-after-quiesce, successor-abort, auto-buf-reg-fallback, pause-after-start-recovery:MS, \
                  fetch-bufs:N (a power of two), or unset it"
             ))
@@ -120,6 +126,7 @@ mod tests {
         assert_eq!(parse("auto-buf-reg-fallback").unwrap(), Fault::AutoBufRegFallback);
         assert_eq!(parse("abort-before-live").unwrap(), Fault::AbortBeforeLive);
         assert_eq!(parse("no-batch-io").unwrap(), Fault::NoBatchIo);
+        assert_eq!(parse("no-update-size").unwrap(), Fault::NoUpdateSize);
         assert_eq!(parse("interrupt-after-quiesce").unwrap(), Fault::InterruptAfterQuiesce);
         assert_eq!(parse("kill-after-quiesce").unwrap(), Fault::KillAfterQuiesce);
         assert_eq!(parse("successor-abort").unwrap(), Fault::SuccessorAbort);
@@ -128,6 +135,7 @@ mod tests {
         assert_eq!(parse("fetch-bufs:4").unwrap(), Fault::FetchBufs(4));
         let all = u64::MAX;
         assert_eq!(mask_features(all, Some(Fault::NoBatchIo)), all & !sys::UBLK_F_BATCH_IO);
+        assert_eq!(mask_features(all, Some(Fault::NoUpdateSize)), all & !sys::UBLK_F_UPDATE_SIZE);
         assert_eq!(mask_features(all, Some(Fault::AbortBeforeLive)), all);
         assert_eq!(mask_features(all, None), all);
         for bad in [

@@ -26,6 +26,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Del(d) => cmd::del::run(d.which.id, d.which.all, d.force),
         Command::Recover { id } => cmd::recover::run(id),
         Command::Restart { id } => cmd::restart::run(id),
+        Command::Resize { id, size } => cmd::resize::run(id, size),
         Command::Stats { id, json, window } => cmd::stats::run(id, json, window),
         Command::Downtime(a) => downtime::run(&a),
         Command::Serve(a) => serve_daemon(a),

@@ -201,6 +201,8 @@ impl Plan {
             | cfg.recovery.flags()
             | quiesce_flag(cfg.recovery, features)
             | part_scan_flag(cfg.part_scan, features)
+            // `resize` (UPDATE_SIZE) needs the flag on the device; it costs nothing else.
+            | features & sys::UBLK_F_UPDATE_SIZE
             | batch
             | integrity;
         Ok(Plan { transfer, auto_buf_reg, batch: batch != 0, flags })
@@ -480,6 +482,15 @@ pub(crate) mod tests {
         assert!(!p.quiesce() && !p.reissue() && !p.batch);
         assert!(Plan::of_device(sys::UBLK_F_USER_RECOVERY_REISSUE).reissue());
         assert!(Plan::of_device(sys::UBLK_F_QUIESCE).quiesce());
+    }
+
+    #[test]
+    fn update_size_is_asked_for_where_the_kernel_has_it() {
+        let cfg = crate::config::tests::sample();
+        let with = Plan::new(&cfg, &MEM, u64::MAX).unwrap();
+        assert_ne!(with.flags & sys::UBLK_F_UPDATE_SIZE, 0, "resize needs it at ADD_DEV");
+        let without = Plan::new(&cfg, &MEM, LINUX_6_15).unwrap();
+        assert_eq!(without.flags & sys::UBLK_F_UPDATE_SIZE, 0, "6.15 has no UPDATE_SIZE");
     }
 
     #[test]

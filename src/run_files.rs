@@ -224,7 +224,7 @@ pub fn append_event(p: &Phases) -> Result<()> {
 
 /// Removes the settings and every other per-device file in the run folder.
 pub fn remove(dev_id: u32) {
-    for ext in ["json", "events", "stats", "supervisor"] {
+    for ext in ["json", "events", "stats", "supervisor", "size"] {
         let _ = fs::remove_file(run_dir().join(format!("{dev_id}.{ext}")));
     }
 }

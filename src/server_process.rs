@@ -93,7 +93,11 @@ fn note_queues(cfg: &mut DeviceConfig, made: u16) {
 
 /// A new store is created (and only then marked ours, so a failed start
 /// never removes a file that was there before); a reused one is opened.
+/// A size cell left by a gone device with this id goes first.
 fn make_backend(cfg: &mut DeviceConfig, transfer: Transfer) -> Result<DeviceBackend> {
+    if let Some(id) = cfg.dev_id {
+        backend::live_size::remove(id);
+    }
     let create = cfg.store_created;
     cfg.store_created = false;
     let backend = backend::of(cfg.backend).open(cfg, transfer, create)?;

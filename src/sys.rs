@@ -32,6 +32,8 @@ pub const UBLK_U_CMD_START_USER_RECOVERY: u32 = iowr(0x10);
 pub const UBLK_U_CMD_END_USER_RECOVERY: u32 = iowr(0x11);
 pub const UBLK_U_CMD_GET_FEATURES: u32 = ior(0x13);
 pub const UBLK_U_CMD_DEL_DEV_ASYNC: u32 = ior(0x14);
+/// Sets a started device's capacity to `data[0]` sectors (UBLK_F_UPDATE_SIZE, 6.16).
+pub const UBLK_U_CMD_UPDATE_SIZE: u32 = iowr(0x15);
 pub const UBLK_U_CMD_QUIESCE_DEV: u32 = iowr(0x16);
 /// Stops the device only if `/dev/ublkbN` has no openers (-EBUSY otherwise).
 pub const UBLK_U_CMD_TRY_STOP_DEV: u32 = iowr(0x17);
@@ -526,6 +528,7 @@ mod tests {
         assert_eq!(UBLK_U_CMD_ADD_DEV, 0xC020_7504);
         assert_eq!(UBLK_U_CMD_GET_FEATURES, 0x8020_7513);
         assert_eq!(UBLK_U_CMD_DEL_DEV_ASYNC, 0x8020_7514);
+        assert_eq!(UBLK_U_CMD_UPDATE_SIZE, 0xC020_7515);
         assert_eq!(UBLK_U_CMD_TRY_STOP_DEV, 0xC020_7517);
         assert_eq!(UBLK_U_IO_FETCH_REQ, 0xC010_7520);
         assert_eq!(UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0xC010_7521);

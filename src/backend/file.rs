@@ -31,6 +31,7 @@ use io_uring::{opcode, squeue, types};
 use super::chain::{Chains, KIND_IO, Registration};
 use super::claim;
 use super::limits::Limits;
+use super::live_size::LiveSize;
 use super::{Backend, Device, DeviceBackend, Options, QueueBackend, QueueMaker};
 use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
@@ -48,7 +49,9 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 pub struct Backing {
     file: File,
     path: PathBuf,
-    size: u64,
+    /// What is served: the file's first `size` bytes, which `resize` may
+    /// change while the device runs.
+    size: Arc<LiveSize>,
     /// FLUSH and FUA reach the file (fsync, RWF_DSYNC); false for a RAM store.
     durable: bool,
     /// tmpfs has no FALLOC_FL_ZERO_RANGE: WRITE_ZEROES punches there too.
@@ -213,7 +216,8 @@ impl Backing {
     /// It must also be the file the device was made with ([`claim`]).
     pub fn open(cfg: &DeviceConfig) -> Result<Self> {
         let path = cfg.path.as_deref().ok_or_else(|| Error::invalid("file backend without --path"))?;
-        Self::open_checked(path, cfg.size, cfg.direct, cfg.backing_id.as_ref(), cfg.dev_id)
+        let b = Self::open_checked(path, cfg.size, cfg.direct, cfg.backing_id.as_ref(), cfg.dev_id)?;
+        Ok(b.with_live_size(LiveSize::of_config(cfg, 0)?))
     }
 
     /// Opens `path` (a link in its last component is not followed) to serve
@@ -264,11 +268,16 @@ impl Backing {
         if tmpfs && std::env::var_os(TMPFS_PUNT_ENV).is_none() {
             keep_inline(&file, path);
         }
-        Backing { file, path: path.to_owned(), size, durable, tmpfs }
+        Backing { file, path: path.to_owned(), size: LiveSize::private(size), durable, tmpfs }
+    }
+
+    /// Serves the size `size` holds, which `resize` may change.
+    pub fn with_live_size(self, size: Arc<LiveSize>) -> Self {
+        Backing { size, ..self }
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.get()
     }
 
     pub fn path(&self) -> &Path {
@@ -287,7 +296,7 @@ impl Backing {
     }
 
     fn in_range(&self, req: &Request) -> bool {
-        req.offset.checked_add(req.len as u64).is_some_and(|end| end <= self.size)
+        self.size.holds(req.offset, req.len)
     }
 }
 

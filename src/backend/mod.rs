@@ -22,6 +22,7 @@ pub mod claim;
 pub mod emulated;
 pub mod file;
 pub mod limits;
+pub mod live_size;
 pub mod null;
 pub mod nvme;
 pub mod ram;

@@ -38,6 +38,7 @@ use memmap2::{MmapOptions, MmapRaw};
 
 use super::claim;
 use super::file::Backing;
+use super::live_size::LiveSize;
 use super::{Backend, Device, DeviceBackend, Options, QueueMaker, SyncBackend, done, pread_all, pwrite_all};
 use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
@@ -49,10 +50,14 @@ use crate::sys;
 /// The shared-memory store of one device.
 pub struct RamStore {
     file: File,
+    /// The store and, past its end, the range it may grow into
+    /// (`live_size`): pages past the file's end are never touched.
     map: MmapRaw,
-    /// Data bytes; the metadata of `--integrity` follows them in the file.
-    size: u64,
+    size: Arc<LiveSize>,
+    /// `--integrity`: each block's metadata, in the file from `meta_base`
+    /// (the data's size: such a store is never resized).
     meta: Option<MetaLayout>,
+    meta_base: u64,
     path: PathBuf,
     /// Some page may be a hole: serve through the fd, not the map (module doc).
     guarded: AtomicBool,
@@ -199,25 +204,44 @@ impl RamStore {
             let _ = std::fs::remove_file(path);
             return Err(e);
         }
-        Self::map(file, path, size, None, false)
+        Self::map(file, path, size, false)
     }
 
     /// An existing store at `path`, reserved where it can be, and mapped.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
         let file = open_file(path, size)?;
         let reserved = reserve_as_asked(&file, path, size, false, false)?;
-        Self::map(file, path, size, None, !reserved)
+        Self::map(file, path, size, !reserved)
     }
 
-    /// Maps `file` (`size` data bytes, then their metadata by `meta`)
-    /// MAP_SHARED: the user and copy modes move bytes through the map,
-    /// unless `guarded` (the store may have holes: module doc).
-    pub fn map(file: File, path: &Path, size: u64, meta: Option<MetaLayout>, guarded: bool) -> Result<Self> {
+    /// Maps `file` MAP_SHARED: the user and copy modes move bytes through
+    /// the map, unless `guarded` (the store may have holes: module doc).
+    pub fn map(file: File, path: &Path, size: u64, guarded: bool) -> Result<Self> {
+        Self::map_live(file, path, LiveSize::private(size), None, guarded)
+    }
+
+    /// [`Self::map`] of a store whose size `resize` may change: the map
+    /// covers the limit the cell gives, so a grown store is already mapped.
+    /// With `meta` the map is the data and its metadata after it.
+    pub fn map_live(
+        file: File,
+        path: &Path,
+        size: Arc<LiveSize>,
+        meta: Option<MetaLayout>,
+        guarded: bool,
+    ) -> Result<Self> {
+        let meta_base = size.get();
+        let len = match meta {
+            Some(_) => store_len(meta_base, meta),
+            None => meta_base.max(size.map_limit()),
+        };
+        let len = usize::try_from(len).map_err(|_| Error::invalid("RAM store too large to map"))?;
         let map = MmapOptions::new()
-            .len(store_len(size, meta) as usize)
+            .len(len)
             .map_raw(&file)
             .map_err(|e| Error::io(format!("mmap RAM store {}", path.display()), e))?;
-        Ok(RamStore { file, map, size, meta, path: path.to_owned(), guarded: AtomicBool::new(guarded) })
+        let guarded = AtomicBool::new(guarded);
+        Ok(RamStore { file, map, size, meta, meta_base, path: path.to_owned(), guarded })
     }
 
     /// Requests must not touch the map: some page may be a hole.
@@ -226,7 +250,7 @@ impl RamStore {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.get()
     }
 
     pub fn path(&self) -> &Path {
@@ -298,7 +322,7 @@ impl RamStore {
 
     /// The file range of the metadata of data `[off, off+len)`.
     fn meta_range(&self, meta: MetaLayout, off: u64, len: u64) -> (u64, u64) {
-        (self.size + meta.bytes(off), meta.bytes(len))
+        (self.meta_base + meta.bytes(off), meta.bytes(len))
     }
 
     /// Marks the metadata of data `[off, off+len)` unwritten (module doc).
@@ -312,7 +336,7 @@ impl RamStore {
     }
 
     fn in_range(&self, req: &Request) -> bool {
-        req.offset.checked_add(req.len as u64).is_some_and(|end| end <= self.size)
+        self.size.holds(req.offset, req.len)
     }
 }
 
@@ -615,9 +639,12 @@ impl Backend for Ram {
                 return Err(Error::io(format!("write the metadata of RAM store {}", path.display()), e));
             }
         }
+        let size = LiveSize::of_config(cfg, fs_bytes(path).unwrap_or(0))?;
         Ok(match transfer {
-            Transfer::Zero => DeviceBackend::File(Arc::new(Backing::store(file, path, cfg.size))),
-            _ => DeviceBackend::Ram(Arc::new(RamStore::map(file, path, cfg.size, meta, !reserved)?)),
+            Transfer::Zero => {
+                DeviceBackend::File(Arc::new(Backing::store(file, path, cfg.size).with_live_size(size)))
+            }
+            _ => DeviceBackend::Ram(Arc::new(RamStore::map_live(file, path, size, meta, !reserved)?)),
         })
     }
 
@@ -636,6 +663,28 @@ impl Device for Arc<RamStore> {
     }
 }
 
+/// The size of the file system `path` is on: no store there grows past it.
+fn fs_bytes(path: &Path) -> Option<u64> {
+    statvfs(path.parent()?).ok().map(|st| st.f_blocks.saturating_mul(st.f_frsize))
+}
+
+/// Bytes free for an unprivileged user in the file system of `dir`.
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    statvfs(dir).map(|st| st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+fn statvfs(dir: &Path) -> Result<libc::statvfs> {
+    let c = std::ffi::CString::new(dir.to_string_lossy().as_bytes())
+        .map_err(|_| Error::invalid("bad store path"))?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is NUL-terminated and st is a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(format!("statvfs {}", dir.display()), std::io::Error::last_os_error()));
+    }
+    Ok(st)
+}
+
 fn store_dir(cfg: &DeviceConfig) -> PathBuf {
     match &cfg.store {
         Some(p) => p.parent().map(PathBuf::from).unwrap_or_else(|| ".".into()),
@@ -646,15 +695,7 @@ fn store_dir(cfg: &DeviceConfig) -> PathBuf {
 /// The store fits where it goes, before anything is created.
 fn check_store_space(cfg: &DeviceConfig) -> Result<()> {
     let dir = store_dir(cfg);
-    let c = std::ffi::CString::new(dir.to_string_lossy().as_bytes())
-        .map_err(|_| Error::invalid("bad store path"))?;
-    // SAFETY: statvfs is plain data; all-zero is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is NUL-terminated and st is a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(Error::io(format!("statvfs {}", dir.display()), std::io::Error::last_os_error()));
-    }
-    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let free = free_bytes(&dir)?;
     let len = store_len(cfg.size, meta_of(cfg));
     if len > free {
         return Err(Error::invalid(format!(
@@ -679,11 +720,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mapped = RamStore::create(&dir.path().join("mapped"), 1 << 20).unwrap();
         let file = create_file(&dir.path().join("guarded"), 1 << 20).unwrap();
-        let guarded = RamStore::map(file, &dir.path().join("guarded"), 1 << 20, None, true).unwrap();
+        let guarded = RamStore::map(file, &dir.path().join("guarded"), 1 << 20, true).unwrap();
         assert!(guarded.guarded() && !mapped.guarded());
         for store in [mapped, guarded] {
             refuses_requests_longer_than_the_buffer(RamQueue::new(Arc::new(store)));
         }
+    }
+
+    /// A mapped store grown (file extended, then the size cell) is served
+    /// past its old end through the map made before, keeping the data
+    /// below; shrunk (the cell first), the tail is refused.
+    #[test]
+    fn a_mapped_store_follows_its_live_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let file = create_file(&path, 1 << 20).unwrap();
+        reserve(&file, &path, 1 << 20).unwrap();
+        let live = LiveSize::private_up_to(1 << 20, 4 << 20);
+        let store = Arc::new(RamStore::map_live(file, &path, live.clone(), None, false).unwrap());
+        let mut q = RamQueue::new(store.clone());
+        let mut buf = vec![0x5au8; 4096];
+        let at = |op, offset| Request { op, flags: 0, offset, len: 4096 };
+        assert_eq!(q.serve(&at(sys::UBLK_IO_OP_WRITE, 8192), Data::Buf(&mut buf)), 4096);
+        let high = (3 << 20) - 4096;
+        assert_eq!(q.serve(&at(sys::UBLK_IO_OP_WRITE, high), Data::Buf(&mut buf)), -libc::EINVAL);
+        store.file().set_len(4 << 20).unwrap();
+        reserve(store.file(), &path, 4 << 20).unwrap();
+        live.set(4 << 20);
+        buf.fill(0xa5);
+        assert_eq!(q.serve(&at(sys::UBLK_IO_OP_WRITE, high), Data::Buf(&mut buf)), 4096, "grown");
+        let mut back = vec![0u8; 4096];
+        assert_eq!(q.serve(&at(sys::UBLK_IO_OP_READ, high), Data::Buf(&mut back)), 4096);
+        assert!(back.iter().all(|&b| b == 0xa5), "the grown range reads back");
+        assert_eq!(q.serve(&at(sys::UBLK_IO_OP_READ, 8192), Data::Buf(&mut back)), 4096);
+        assert!(back.iter().all(|&b| b == 0x5a), "the data below the old size is kept");
+        live.set(1 << 20);
+        assert_eq!(q.serve(&at(sys::UBLK_IO_OP_READ, high), Data::Buf(&mut back)), -libc::EINVAL, "shrunk");
     }
 
     fn refuses_requests_longer_than_the_buffer(mut q: RamQueue) {

@@ -6,5 +6,6 @@ pub mod del;
 pub mod features;
 pub mod list;
 pub mod recover;
+pub mod resize;
 pub mod restart;
 pub mod stats;
