@@ -31,7 +31,7 @@ use io_uring::{opcode, squeue, types};
 use super::chain::{Chains, KIND_IO, Registration};
 use super::claim;
 use super::limits::Limits;
-use super::live_size::LiveSize;
+use super::live_size::{LiveSize, Resizing, Room};
 use super::{Backend, Device, DeviceBackend, Options, QueueBackend, QueueMaker};
 use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
@@ -471,6 +471,22 @@ impl Backend for FileBackend {
 
     fn instead(&self) -> &'static str {
         " (file serves --path)"
+    }
+
+    /// Up to what its file holds now, as long as it is the same file.
+    fn resizing(&self, dev_id: u32, cfg: &DeviceConfig) -> Result<Resizing> {
+        let path = cfg.path.as_deref().ok_or_else(|| Error::invalid("file device without a path"))?;
+        let probe = probe(path, cfg.direct, cfg.block_size)?;
+        if let Some(want) = cfg.backing_id.filter(|want| !want.same(&probe.id)) {
+            return Err(Error::Refused(format!(
+                "{} is not the file the device was made with (a {want}, now a {}): put it back, or delete the \
+                 device",
+                path.display(),
+                probe.id
+            )));
+        }
+        let room = Room { file_bytes: Some(probe.size), min_one_block: true, ..Room::default() };
+        Ok(Resizing { room, live: Some(LiveSize::open(dev_id)?), store: None })
     }
 
     fn needs(&self, o: &Options<'_>) -> Result<()> {

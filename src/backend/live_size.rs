@@ -29,6 +29,39 @@ use crate::run_files;
 
 const LEN: usize = 2 * size_of::<u64>();
 
+/// What `resize` may make of a device, from its backend
+/// ([`super::Backend::resizing`]), read before anything changes.
+#[derive(Default)]
+pub struct Resizing {
+    pub room: Room,
+    /// The cell the device's servers follow (None: they check no size).
+    pub live: Option<LiveSize>,
+    /// What `resize` grows and cuts (a RAM store).
+    pub store: Option<Box<dyn ResizableStore>>,
+}
+
+/// What the machine allows a device to become.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Room {
+    /// `file`: the bytes its file (or block device) holds now.
+    pub file_bytes: Option<u64>,
+    /// `ram`: bytes free where the store is.
+    pub free: Option<u64>,
+    /// `ram` in user or copy mode: how far its servers map the store.
+    pub map_limit: Option<u64>,
+    /// The smallest size is one block (`file`), not 1M.
+    pub min_one_block: bool,
+}
+
+/// A backing store that follows the device's size.
+pub trait ResizableStore {
+    /// Extends it from `old` to `new` bytes (reserved as the device asks);
+    /// on failure it is as it was.
+    fn grow(&self, old: u64, new: u64) -> Result<()>;
+    /// Cuts it to `new` bytes.
+    fn cut(&self, new: u64) -> Result<()>;
+}
+
 pub struct LiveSize {
     /// LEN bytes, page aligned: two naturally aligned u64 cells.
     map: MmapRaw,

@@ -38,6 +38,7 @@ use crate::plan::{self, CopyRules, Transfer};
 use crate::request::{Data, Request};
 use crate::sys::Params;
 use io_uring::{SubmissionQueue, cqueue, squeue};
+use live_size::Resizing;
 
 /// The per-queue half of a backend, as the queue loop drives it.
 ///
@@ -216,6 +217,13 @@ pub trait Backend: Sync {
     /// limits, DMA alignment), over the common ones.
     fn params(&self, _cfg: &DeviceConfig, _p: &mut Params) -> Result<()> {
         Ok(())
+    }
+
+    /// `resize`: the room a device of it has and what follows its size;
+    /// an error where its size cannot change. (Default: anything in range,
+    /// nothing to tell, as for null.)
+    fn resizing(&self, _dev_id: u32, _cfg: &DeviceConfig) -> Result<Resizing> {
+        Ok(Resizing::default())
     }
 
     /// Opens a device's backend: with `create` a new device's (whose

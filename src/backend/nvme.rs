@@ -30,6 +30,7 @@ use io_uring::{opcode, squeue, types};
 use super::chain::{Chains, KIND_IO, Registration};
 use super::claim;
 use super::limits::Limits;
+use super::live_size::Resizing;
 use super::{Backend, Device, DeviceBackend, Options, QueueBackend, QueueMaker};
 use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
@@ -530,6 +531,13 @@ impl Backend for Nvme {
 
     fn options(&self) -> &'static [&'static str] {
         &["--dev"]
+    }
+
+    fn resizing(&self, dev_id: u32, _cfg: &DeviceConfig) -> Result<Resizing> {
+        Err(Error::invalid(format!(
+            "device {dev_id} serves an NVMe namespace, whose size is the namespace's: resize takes null, ram \
+             and file devices; make a new nvme device with the --size wanted"
+        )))
     }
 
     fn needs(&self, o: &Options<'_>) -> Result<()> {

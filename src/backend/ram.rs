@@ -38,9 +38,9 @@ use memmap2::{MmapOptions, MmapRaw};
 
 use super::claim;
 use super::file::Backing;
-use super::live_size::LiveSize;
+use super::live_size::{LiveSize, ResizableStore, Resizing, Room};
 use super::{Backend, Device, DeviceBackend, Options, QueueMaker, SyncBackend, done, pread_all, pwrite_all};
-use crate::config::{BackendKind, DeviceConfig, FileId, FileKind};
+use crate::config::{BackendKind, CopyMode, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
 use crate::integrity::{self, MetaLayout};
 use crate::plan::{CopyRules, Transfer};
@@ -609,6 +609,21 @@ impl Backend for Ram {
         Ok(())
     }
 
+    /// The store grows into the free space (and, mapped, up to how far its
+    /// servers map it) and is cut when the device shrinks.
+    fn resizing(&self, dev_id: u32, cfg: &DeviceConfig) -> Result<Resizing> {
+        let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram device without a store"))?;
+        let live = LiveSize::open(dev_id)?;
+        let room = Room {
+            free: Some(free_bytes(path.parent().unwrap_or(Path::new("/")))?),
+            map_limit: (cfg.copy_mode != CopyMode::Zero).then(|| live.map_limit()),
+            ..Room::default()
+        };
+        let file = open_checked(path, cfg.size, cfg.backing_id.as_ref(), cfg.dev_id)?;
+        let store = StoreResize { file, path: path.to_owned(), sparse: cfg.sparse };
+        Ok(Resizing { room, live: Some(live), store: Some(Box::new(store)) })
+    }
+
     fn preflight(&self, cfg: &DeviceConfig) -> Result<()> {
         check_store_space(cfg)
     }
@@ -683,6 +698,34 @@ fn statvfs(dir: &Path) -> Result<libc::statvfs> {
         return Err(Error::io(format!("statvfs {}", dir.display()), std::io::Error::last_os_error()));
     }
     Ok(st)
+}
+
+/// A store as `resize` changes it.
+struct StoreResize {
+    file: File,
+    path: PathBuf,
+    sparse: bool,
+}
+
+impl ResizableStore for StoreResize {
+    /// Reserved unless the device is `--sparse`: a mapped store must have no hole.
+    fn grow(&self, old: u64, new: u64) -> Result<()> {
+        let path = self.path.display();
+        self.file.set_len(new).map_err(|e| Error::io(format!("grow RAM store {path}"), e))?;
+        if self.sparse {
+            return Ok(());
+        }
+        fallocate(&self.file, old, new - old).map_err(|e| {
+            let _ = self.file.set_len(old);
+            Error::io(format!("reserve {} more bytes for RAM store {path}", new - old), e)
+        })
+    }
+
+    fn cut(&self, new: u64) -> Result<()> {
+        self.file
+            .set_len(new)
+            .map_err(|e| Error::io(format!("cut RAM store {} to {new} bytes", self.path.display()), e))
+    }
 }
 
 fn store_dir(cfg: &DeviceConfig) -> PathBuf {

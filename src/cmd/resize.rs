@@ -19,10 +19,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backend::live_size::{self, LiveSize};
-use crate::backend::{file, ram};
+use crate::backend;
+use crate::backend::live_size::{self, Resizing, Room};
 use crate::cmd::list::print_one;
-use crate::config::{self, BackendKind, CopyMode, DeviceConfig};
+use crate::config::{self, DeviceConfig};
 use crate::ctrl::{Ctrl, no_device};
 use crate::error::{Error, Result};
 use crate::recovery::check_settings;
@@ -52,35 +52,24 @@ pub fn run(dev_id: u32, size: u64) -> Result<()> {
     let mut cfg = run_files::load(dev_id)?;
     let params = ctrl.get_params(dev_id).map_err(|e| Error::kernel("GET_PARAMS", e))?;
     check_settings(dev_id, &mut cfg, &info, &params)?;
-    let live = match cfg.backend {
-        BackendKind::Ram | BackendKind::File => Some(LiveSize::open(dev_id)?),
-        _ => None,
-    };
-    let room = Room::of(&cfg, live.as_ref())?;
+    let Resizing { room, live, store } = backend::of(cfg.backend).resizing(dev_id, &cfg)?;
     check_size(dev_id, &cfg, size, &room)?;
     let old = cfg.size;
     if size == old {
         println!("device {dev_id} is already {size} bytes");
         return Ok(());
     }
-    let store = match cfg.backend {
-        BackendKind::Ram => Some(open_store(&cfg)?),
-        _ => None,
-    };
     cfg.size = size;
+    let set_live = |to: u64| live.as_ref().map(|l| l.set(to));
     if size > old {
-        if let Some(f) = &store {
-            grow_store(f, &cfg, old)?;
+        if let Some(s) = &store {
+            s.grow(old, size)?;
         }
-        if let Some(l) = &live {
-            l.set(size);
-        }
+        set_live(size);
         if let Err(e) = ctrl.update_size(dev_id, size >> 9) {
-            if let Some(l) = &live {
-                l.set(old);
-            }
-            if let Some(f) = &store {
-                let _ = f.set_len(old);
+            set_live(old);
+            if let Some(s) = &store {
+                let _ = s.cut(old);
             }
             return Err(Error::kernel("UPDATE_SIZE", e));
         }
@@ -88,12 +77,10 @@ pub fn run(dev_id: u32, size: u64) -> Result<()> {
     } else {
         ctrl.update_size(dev_id, size >> 9).map_err(|e| Error::kernel("UPDATE_SIZE", e))?;
         run_files::save(dev_id, &cfg)?;
-        if let Some(l) = &live {
-            l.set(size);
-        }
-        if let Some(f) = &store {
+        set_live(size);
+        if let Some(s) = &store {
             drain(dev_id);
-            f.set_len(size).map_err(|e| Error::io(format!("cut the RAM store to {size} bytes"), e))?;
+            s.cut(size)?;
         }
     }
     print_one(dev_id, false)
@@ -119,57 +106,9 @@ pub fn check_kernel(dev_id: u32, features: u64, flags: u64) -> Result<()> {
     Ok(())
 }
 
-/// What the machine allows a device to grow to, read before anything changes.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Room {
-    /// `file`: the bytes its file (or block device) holds now.
-    pub file_bytes: Option<u64>,
-    /// `ram`: bytes free where the store is.
-    pub free: Option<u64>,
-    /// `ram` in user or copy mode: how far its servers map the store.
-    pub map_limit: Option<u64>,
-}
-
-impl Room {
-    fn of(cfg: &DeviceConfig, live: Option<&LiveSize>) -> Result<Room> {
-        let mut room = Room::default();
-        match cfg.backend {
-            BackendKind::File => {
-                let path = cfg.path.as_deref().ok_or_else(|| Error::invalid("file device without a path"))?;
-                let probe = file::probe(path, cfg.direct, cfg.block_size)?;
-                if let Some(want) = cfg.backing_id.filter(|want| !want.same(&probe.id)) {
-                    return Err(Error::Refused(format!(
-                        "{} is not the file the device was made with (a {want}, now a {}): put it back, or \
-                         delete the device",
-                        path.display(),
-                        probe.id
-                    )));
-                }
-                room.file_bytes = Some(probe.size);
-            }
-            BackendKind::Ram => {
-                let store =
-                    cfg.store.as_deref().ok_or_else(|| Error::invalid("ram device without a store"))?;
-                room.free = Some(ram::free_bytes(store.parent().unwrap_or(Path::new("/")))?);
-                if cfg.copy_mode != CopyMode::Zero {
-                    room.map_limit = live.map(LiveSize::map_limit);
-                }
-            }
-            _ => {}
-        }
-        Ok(room)
-    }
-}
-
 /// Whether device `dev_id` (settings `cfg`) may become `new` bytes, and
 /// if not, what to give instead.
 pub fn check_size(dev_id: u32, cfg: &DeviceConfig, new: u64, room: &Room) -> Result<()> {
-    if cfg.backend == BackendKind::Nvme {
-        return Err(Error::invalid(format!(
-            "device {dev_id} serves an NVMe namespace, whose size is the namespace's: resize takes null, ram \
-             and file devices; make a new nvme device with the --size wanted"
-        )));
-    }
     if let Some(i) = &cfg.integrity {
         return Err(Error::invalid(format!(
             "device {dev_id} keeps protection information ({}) after its data in the store: resize takes \
@@ -178,9 +117,9 @@ pub fn check_size(dev_id: u32, cfg: &DeviceConfig, new: u64, room: &Room) -> Res
         )));
     }
     let bs = cfg.block_size as u64;
-    let (min, min_name) = match cfg.backend {
-        BackendKind::File => (bs, format!("{bs} (one block)")),
-        _ => (config::MIN_SIZE, "1M".into()),
+    let (min, min_name) = match room.min_one_block {
+        true => (bs, format!("{bs} (one block)")),
+        false => (config::MIN_SIZE, "1M".into()),
     };
     if new < min || new > config::MAX_SIZE {
         return Err(Error::invalid(format!(
@@ -235,34 +174,6 @@ fn lock(dev_id: u32) -> Result<Option<File>> {
     Ok(Some(f))
 }
 
-/// The device's store, as its servers opened it.
-fn open_store(cfg: &DeviceConfig) -> Result<File> {
-    let path = cfg.store.as_deref().ok_or_else(|| Error::invalid("ram device without a store"))?;
-    ram::open_checked(path, cfg.size, cfg.backing_id.as_ref(), cfg.dev_id)
-}
-
-/// Extends the store to `cfg.size`, reserving the new range unless the
-/// device is `--sparse` (a mapped store must have no hole). On failure the
-/// store is as it was.
-fn grow_store(f: &File, cfg: &DeviceConfig, old: u64) -> Result<()> {
-    let path = cfg.store.as_deref().expect("a ram device has a store");
-    f.set_len(cfg.size).map_err(|e| Error::io(format!("grow RAM store {}", path.display()), e))?;
-    if cfg.sparse {
-        return Ok(());
-    }
-    // SAFETY: plain syscall on an fd we own.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, old as i64, (cfg.size - old) as i64) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        let _ = f.set_len(old);
-        return Err(Error::io(
-            format!("reserve {} more bytes for RAM store {}", cfg.size - old, path.display()),
-            e,
-        ));
-    }
-    Ok(())
-}
-
 /// Waits (up to [`DRAIN_TIMEOUT`]) for a moment with no request in flight
 /// on the device: a request the server took before it learned the smaller
 /// size has then ended, and the store's tail is no one's.
@@ -281,6 +192,7 @@ fn drain(dev_id: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{BackendKind, CopyMode};
 
     fn dev(backend: BackendKind) -> DeviceConfig {
         DeviceConfig {
@@ -303,7 +215,7 @@ mod tests {
             check_size(3, &dev(BackendKind::Ram), new, &ram).unwrap();
         }
         check_size(3, &dev(BackendKind::Null), 1 << 50, &Room::default()).unwrap();
-        let file = Room { file_bytes: Some(100 << 20), ..Default::default() };
+        let file = Room { file_bytes: Some(100 << 20), min_one_block: true, ..Default::default() };
         check_size(3, &dev(BackendKind::File), 100 << 20, &file).unwrap();
         check_size(3, &dev(BackendKind::File), 512, &file).unwrap();
     }
@@ -334,7 +246,8 @@ mod tests {
         let pi = crate::integrity::Integrity::new(crate::integrity::PiFormat::T10difType1, None).unwrap();
         let err = refused(&DeviceConfig { integrity: Some(pi), ..dev(BackendKind::Ram) }, 32 << 20, none);
         assert!(err.contains("protection information") && err.contains("without --integrity"), "{err}");
-        let nvme = refused(&dev(BackendKind::Nvme), 32 << 20, none);
+        let nvme =
+            backend::of(BackendKind::Nvme).resizing(3, &dev(BackendKind::Nvme)).err().unwrap().to_string();
         assert!(nvme.contains("NVMe namespace") && nvme.contains("make a new nvme device"), "{nvme}");
     }
 
