@@ -43,6 +43,7 @@ pub mod error;
 pub mod fault;
 pub mod integrity;
 pub mod io_scheduler;
+pub mod layout;
 pub mod log;
 pub mod plan;
 pub mod process;
