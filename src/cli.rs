@@ -98,7 +98,8 @@ queue's affinity set (GET_QUEUE_AFFINITY), away from CPU 0 where clients tend to
 queue on two CPUs that is CPU 1. Queues whose set has no online CPU (more queues than online CPUs) \
 take the online CPUs round robin and share them; with --poll, add warns that spinning threads share \
 a CPU. With --cpus LIST queue q runs on LIST[q % len]; a recovery that finds that CPU offline \
-falls back to the rule above, with a warning.
+falls back to the rule above, with a warning. With --threads N, thread t takes LIST[t % len]; \
+without --cpus the n-th thread of a queue takes the n-th online CPU of its set, from the last.
 
 I/O scheduler: the device's queue is put on `none` once it starts (a ublk server does its own \
 queueing; mq-deadline costs a quarter of the throughput); --scheduler keep leaves the kernel's choice.";
