@@ -7,8 +7,8 @@
 //!   reads; each server has exactly N queue threads (/proc/PID/task), and
 //!   `list` and `stats` show N;
 //! - a queue's threads are spread over its affinity set;
-//! - a crash then `recover`, a planned `restart` and a `--standby` takeover
-//!   each bring the device back with the same layout (N threads), its data
+//! - a crash then `recover`, a planned `restart`, and a `--standby` and a
+//!   `--supervise` takeover each bring the device back with the same layout (N threads), its data
 //!   intact, serving a verify;
 //! - `--threads 0`, more threads than tags, and `--threads` with `--batch`
 //!   are refused before any device exists.
@@ -171,21 +171,25 @@ fn threads_layout_survives_recover_and_restart() {
     del(id);
 }
 
-/// A standby that takes over a crashed server serves with the same layout.
+/// A standby, and a supervisor, that take over a crashed server serve
+/// with the same layout.
 #[test]
-fn threads_layout_survives_a_standby_takeover() {
+fn threads_layout_survives_standby_and_supervise_takeovers() {
     let Some(_h) = harness() else { return };
-    let dev = add(&["ram", "--size", "16M", "-q", "2", "--threads", "1", "--standby"]);
-    let id = dev.id;
-    assert_threads(id, dev.pid, 1, "added");
-    let data = random_bytes(4 * MIB as usize, 0x5b ^ id as u64);
-    write_pattern(&dev.block(), &data, Path::new("/dev/shm/ublk-threads-pattern"));
-    signal(dev.pid, libc::SIGKILL);
-    let next = wait_state(id, "LIVE", dev.pid);
-    assert_threads(id, next, 1, "after the standby took over");
-    assert_pattern(&dev.block(), &data, "after the standby took over");
-    fio_verify_devices(&[("standby", &dev)], 16 * MIB);
-    del(id);
+    for (method, queues, n) in [("--standby", "2", 1), ("--supervise", "1", 2)] {
+        let dev = add(&["ram", "--size", "16M", "-q", queues, "--threads", &n.to_string(), method]);
+        let id = dev.id;
+        assert_threads(id, dev.pid, n, &format!("{method}: added"));
+        let data = random_bytes(4 * MIB as usize, 0x5b ^ id as u64);
+        write_pattern(&dev.block(), &data, Path::new("/dev/shm/ublk-threads-pattern"));
+        signal(dev.pid, libc::SIGKILL);
+        let next = wait_state(id, "LIVE", dev.pid);
+        let what = format!("{method}: after the takeover");
+        assert_threads(id, next, n, &what);
+        assert_pattern(&dev.block(), &data, &what);
+        fio_verify_devices(&[(method.trim_start_matches('-'), &dev)], 16 * MIB);
+        del(id);
+    }
 }
 
 /// Bad thread counts and `--threads` with `--batch` leave nothing behind.
