@@ -27,6 +27,7 @@ use common::*;
 
 const NG: &str = "/dev/ng0n1";
 const MIB: u64 = 1 << 20;
+const FAULT_ENV: &str = "UBLK_BENCH_FAULT";
 
 /// The queue threads of device `id`'s server `pid`: `ublk{id}q{Q}` for a
 /// thread serving one whole queue, `ublk{id}t{T}` otherwise.
@@ -204,4 +205,33 @@ fn bad_thread_counts_are_refused_before_any_device() {
     ];
     let problems: Vec<String> = cases.iter().filter_map(|(a, h)| check_rejected(a, h)).collect();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Where the kernel lacks UBLK_F_PER_IO_DAEMON (forced: the fault hook
+/// `no-per-io-daemon` hides it from GET_FEATURES), `--threads` other than
+/// one per queue fails before ADD_DEV, naming the feature and its kernel,
+/// and leaves nothing; one per queue, said outright, still works.
+#[test]
+fn threads_are_refused_where_the_kernel_lacks_the_per_io_daemon() {
+    let Some(_h) = harness() else { return };
+    let hidden = [(FAULT_ENV, "no-per-io-daemon")];
+    let ids_before = list_ids();
+    for args in
+        [&["add", "null", "-q", "1", "--threads", "2"][..], &["add", "null", "-q", "2", "--threads", "1"]]
+    {
+        let out = run(Command::new(bin()).args(args).envs(hidden));
+        let cmd = args.join(" ");
+        assert!(!out.ok(), "`{cmd}` succeeded without UBLK_F_PER_IO_DAEMON:\n{}", out.describe());
+        for hint in ["UBLK_F_PER_IO_DAEMON", "6.16", "drop --threads"] {
+            assert!(out.stderr.contains(hint), "`{cmd}`: no {hint} in the message:\n{}", out.describe());
+        }
+        assert!(!out.stderr.contains("panicked"), "`{cmd}` panicked:\n{}", out.describe());
+        let left = settled_leftovers();
+        assert!(left.is_empty(), "`{cmd}` left behind: {}", left.join("; "));
+        assert_eq!(list_ids(), ids_before, "`{cmd}` made a device");
+    }
+    let out =
+        run(Command::new(bin()).args(["add", "null", "-q", "1", "--threads", "1"]).envs(hidden)).success();
+    let id = parse_dev_id(&out.stdout).expect("a device");
+    del(id);
 }
