@@ -108,7 +108,8 @@ queue's affinity set (GET_QUEUE_AFFINITY), away from CPU 0 where clients tend to
 queue on two CPUs that is CPU 1. Queues whose set has no online CPU (more queues than online CPUs) \
 take the online CPUs round robin and share them; with --poll, add warns that spinning threads share \
 a CPU. With --cpus LIST queue q runs on LIST[q % len]; a recovery that finds that CPU offline \
-falls back to the rule above, with a warning.
+falls back to the rule above, with a warning. With --threads N, thread t takes LIST[t % len]; \
+without --cpus the n-th thread of a queue takes the n-th online CPU of its set, from the last.
 
 I/O scheduler: the device's queue is put on `none` once it starts (a ublk server does its own \
 queueing; mq-deadline costs a quarter of the throughput); --scheduler keep leaves the kernel's choice.";
@@ -300,6 +301,12 @@ pub struct QueueArgs {
     /// Queue depth (tags per queue).
     #[arg(short = 'd', long = "depth", default_value_t = 128)]
     pub depth: u32,
+    /// Threads serving the device's tags [default: one per queue]. More threads than queues split
+    /// each queue's tags into contiguous ranges over threads t = q, q+Q, ...; fewer serve whole
+    /// queues round robin (q % N). Each thread is pinned as a queue thread is. N != queues needs
+    /// UBLK_F_PER_IO_DAEMON (Linux 6.16+) and cannot be used with --batch.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<u16>,
     /// I/O scheduler of the device's queue, set once it starts: `keep` leaves the kernel's choice
     /// (mq-deadline for one queue), a NAME must be one the kernel offers.
     #[arg(long, value_name = "keep|NAME", value_parser = parse_scheduler, default_value = "none")]
@@ -329,9 +336,14 @@ pub enum OnOff {
 }
 
 impl QueueArgs {
-    /// Queues and depth, each within what the machine and the driver allow.
+    /// Queues and depth, each within what the machine and the driver
+    /// allow, and `--threads` against them.
     pub fn checked(&self) -> Result<(u16, u16)> {
-        Ok((check_queues(self.queues)?, check_depth(self.depth)?))
+        let (queues, depth) = (check_queues(self.queues)?, check_depth(self.depth)?);
+        if let Some(n) = self.threads {
+            crate::layout::check_threads(n, queues, depth)?;
+        }
+        Ok((queues, depth))
     }
 
     /// `--gather-wait` or its default; refused with --poll, whose queues

@@ -104,7 +104,7 @@ pub struct DeviceConfig {
     pub backing_id: Option<FileId>,
     pub queues: u16,
     pub depth: u16,
-    /// CPU per queue (queue q uses `cpus[q % len]`); empty: kernel affinity.
+    /// CPU per queue thread (thread t, queue t by default, uses `cpus[t % len]`); empty: kernel affinity.
     pub cpus: Vec<usize>,
     pub poll: bool,
     pub block_size: u32,
@@ -146,6 +146,10 @@ pub struct DeviceConfig {
     /// `--integrity`: protection information kept beside the data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub integrity: Option<Integrity>,
+    /// `--threads`: the threads serving the device's tags (`layout`); None,
+    /// as in files from before the option: one per queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u16>,
 }
 
 /// A file as a device's servers know it. A regular file is its filesystem
@@ -294,6 +298,9 @@ impl DeviceConfig {
         }
         check_depth(self.depth as u32)?;
         check_queues(self.queues as u32)?;
+        if let Some(n) = self.threads {
+            crate::layout::check_threads(n, self.queues, self.depth)?;
+        }
         if let Some(name) = &self.scheduler {
             parse_scheduler(name).map_err(Error::invalid)?;
         }
@@ -311,28 +318,31 @@ impl DeviceConfig {
         }
     }
 
-    /// The CPU for queue `qid` if the user gave a list.
-    pub fn cpu_for(&self, qid: u16) -> Option<usize> {
-        (!self.cpus.is_empty()).then(|| self.cpus[qid as usize % self.cpus.len()])
+    /// The CPU for queue thread `idx` if the user gave a list.
+    pub fn cpu_for(&self, idx: u16) -> Option<usize> {
+        (!self.cpus.is_empty()).then(|| self.cpus[idx as usize % self.cpus.len()])
     }
 
-    /// Where queue `qid`'s thread runs: `--cpus` round robin while that CPU
-    /// is online (a takeover may find it gone since `add`); else the last
-    /// online CPU of the queue's affinity set (`affinity`, GET_QUEUE_AFFINITY),
-    /// away from CPU 0 where clients tend to start. A queue whose set has no
-    /// online CPU takes the online CPUs round robin, sharing them. `add
-    /// --help` and docs/data-plane.md state the rule. Measured in one boot (7.3.4,
+    /// Where queue thread `idx` runs (with one thread per queue, `idx` is
+    /// the queue), the `nth` of its queue's threads: `--cpus` round robin
+    /// over the threads while that CPU is online (a takeover may find it
+    /// gone since `add`); else the `nth` online CPU of the queue's affinity
+    /// set (`affinity`, GET_QUEUE_AFFINITY) counting from its last, away from
+    /// CPU 0 where clients tend to start. A queue whose set has no online CPU
+    /// takes the online CPUs round robin, sharing them. `add --help` and
+    /// docs/data-plane.md state the rule. Measured in one boot (7.3.4,
     /// TCG, 2 CPUs, 1 queue, fio unpinned, scheduler none): a blocking
     /// thread left on both CPUs gave 24.5k IOPS, pinned to CPU 0 50.3k, to
     /// CPU 1 49.5k (tuned 54.3k); a polling one on both 26.8k, on CPU 0
     /// 16.1k, on CPU 1 67.6k.
-    pub fn queue_cpu(&self, qid: u16, affinity: &[usize], online: &[usize]) -> usize {
-        if let Some(cpu) = self.cpu_for(qid).filter(|c| online.contains(c)) {
+    pub fn queue_cpu(&self, idx: u16, nth: usize, affinity: &[usize], online: &[usize]) -> usize {
+        if let Some(cpu) = self.cpu_for(idx).filter(|c| online.contains(c)) {
             return cpu;
         }
-        match affinity.iter().rev().find(|c| online.contains(c)) {
-            Some(&cpu) => cpu,
-            None => online.get(qid as usize % online.len().max(1)).copied().unwrap_or(0),
+        let set: Vec<usize> = affinity.iter().rev().filter(|c| online.contains(c)).copied().collect();
+        match set.len() {
+            0 => online.get(idx as usize % online.len().max(1)).copied().unwrap_or(0),
+            n => set[nth % n],
         }
     }
 
@@ -349,6 +359,11 @@ impl DeviceConfig {
                  and slow each other down; give -q {cpus} or fewer, more --cpus, or drop --poll"
             )
         })
+    }
+
+    /// Threads serving a device of `queues` queues (the kernel's count).
+    pub fn threads_for(&self, queues: u16) -> u16 {
+        self.threads.unwrap_or(queues)
     }
 
     pub fn dev_sectors(&self) -> u64 {
@@ -415,6 +430,7 @@ pub(crate) mod tests {
             part_scan: false,
             emulate: Emulation::default(),
             integrity: None,
+            threads: None,
         }
     }
 
@@ -519,22 +535,25 @@ pub(crate) mod tests {
     fn queue_threads_go_to_the_last_cpu_of_their_set_or_round_robin() {
         let cfg = sample();
         let online = [0, 1];
-        assert_eq!(cfg.queue_cpu(0, &[0, 1], &online), 1, "one queue on two CPUs: the last");
-        assert_eq!(cfg.queue_cpu(1, &[1], &online), 1);
-        assert_eq!(cfg.queue_cpu(0, &[0], &online), 0);
+        assert_eq!(cfg.queue_cpu(0, 0, &[0, 1], &online), 1, "one queue on two CPUs: the last");
+        assert_eq!(cfg.queue_cpu(1, 0, &[1], &online), 1);
+        assert_eq!(cfg.queue_cpu(0, 0, &[0], &online), 0);
         // Sets of offline CPUs: round robin over the online ones.
-        assert_eq!(cfg.queue_cpu(2, &[2], &online), 0);
-        assert_eq!(cfg.queue_cpu(3, &[3], &online), 1);
+        assert_eq!(cfg.queue_cpu(2, 0, &[2], &online), 0);
+        assert_eq!(cfg.queue_cpu(3, 0, &[3], &online), 1);
         let pinned = DeviceConfig { cpus: vec![1, 0], ..sample() };
-        assert_eq!((pinned.queue_cpu(0, &[0], &online), pinned.queue_cpu(3, &[1], &online)), (1, 0));
+        assert_eq!((pinned.queue_cpu(0, 0, &[0], &online), pinned.queue_cpu(3, 0, &[1], &online)), (1, 0));
     }
 
     #[test]
     fn an_offline_cpu_of_the_list_falls_back_to_the_affinity_set() {
         let pinned = DeviceConfig { cpus: vec![1], ..sample() };
-        assert_eq!(pinned.queue_cpu(0, &[0, 1], &[0, 1]), 1, "online: the list decides");
-        assert_eq!(pinned.queue_cpu(0, &[0, 1], &[0]), 0, "CPU 1 offline: the set's last online CPU");
-        assert_eq!(pinned.queue_cpu(1, &[2, 3], &[0, 2]), 2);
+        assert_eq!(pinned.queue_cpu(0, 0, &[0, 1], &[0, 1]), 1, "online: the list decides");
+        assert_eq!(pinned.queue_cpu(0, 0, &[0, 1], &[0]), 0, "CPU 1 offline: the set's last online CPU");
+        assert_eq!(pinned.queue_cpu(1, 0, &[2, 3], &[0, 2]), 2);
+        // A queue's second and third threads (`--threads`): the set's next CPUs, round robin.
+        let free = DeviceConfig { cpus: vec![], ..sample() };
+        assert_eq!((free.queue_cpu(1, 1, &[0, 1], &[0, 1]), free.queue_cpu(2, 2, &[0, 1], &[0, 1])), (0, 1));
     }
 
     #[test]

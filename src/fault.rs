@@ -16,6 +16,9 @@
 //! - `no-update-size`: GET_FEATURES is read as if the kernel lacked
 //!   UBLK_F_UPDATE_SIZE (as before 6.16): `add` makes a device without it,
 //!   as an older ublk-bench did, and `resize` refuses as on such a kernel.
+//! - `no-per-io-daemon`: GET_FEATURES is read as if the kernel lacked
+//!   UBLK_F_PER_IO_DAEMON (as before 6.16), so `add --threads N` with N
+//!   other than the queue count must refuse before ADD_DEV.
 //! - `interrupt-after-quiesce`: `restart` sends itself SIGINT right after
 //!   QUIESCE_DEV, as a Ctrl-C at that moment would; the successor it handed
 //!   the device to must take over all the same.
@@ -50,6 +53,7 @@ pub enum Fault {
     AbortBeforeLive,
     NoBatchIo,
     NoUpdateSize,
+    NoPerIoDaemon,
     InterruptAfterQuiesce,
     KillAfterQuiesce,
     SuccessorAbort,
@@ -59,11 +63,12 @@ pub enum Fault {
 }
 
 /// The kernel's GET_FEATURES as this server is to see it: the fault hook
-/// may hide UBLK_F_BATCH_IO or UBLK_F_UPDATE_SIZE.
+/// may hide UBLK_F_BATCH_IO, UBLK_F_UPDATE_SIZE or UBLK_F_PER_IO_DAEMON.
 pub fn mask_features(features: u64, fault: Option<Fault>) -> u64 {
     match fault {
         Some(Fault::NoBatchIo) => features & !sys::UBLK_F_BATCH_IO,
         Some(Fault::NoUpdateSize) => features & !sys::UBLK_F_UPDATE_SIZE,
+        Some(Fault::NoPerIoDaemon) => features & !sys::UBLK_F_PER_IO_DAEMON,
         _ => features,
     }
 }
@@ -91,6 +96,7 @@ fn parse(v: &str) -> Result<Fault> {
         "abort-before-live" => return Ok(Fault::AbortBeforeLive),
         "no-batch-io" => return Ok(Fault::NoBatchIo),
         "no-update-size" => return Ok(Fault::NoUpdateSize),
+        "no-per-io-daemon" => return Ok(Fault::NoPerIoDaemon),
         "interrupt-after-quiesce" => return Ok(Fault::InterruptAfterQuiesce),
         "kill-after-quiesce" => return Ok(Fault::KillAfterQuiesce),
         "successor-abort" => return Ok(Fault::SuccessorAbort),
@@ -108,7 +114,8 @@ fn parse(v: &str) -> Result<Fault> {
         .ok_or_else(|| {
             Error::invalid(format!(
                 "{FAULT_ENV}={v:?} is not understood: give queue-panic:N (each queue thread panics after \
-                 serving N requests), abort-before-live, no-batch-io, no-update-size, interrupt-after-quiesce, \
+                 serving N requests), abort-before-live, no-batch-io, no-update-size, no-per-io-daemon, \
+                 interrupt-after-quiesce, \
                  kill-after-quiesce, successor-abort, auto-buf-reg-fallback, pause-after-start-recovery:MS, \
                  fetch-bufs:N (a power of two), or unset it"
             ))
@@ -136,6 +143,8 @@ mod tests {
         let all = u64::MAX;
         assert_eq!(mask_features(all, Some(Fault::NoBatchIo)), all & !sys::UBLK_F_BATCH_IO);
         assert_eq!(mask_features(all, Some(Fault::NoUpdateSize)), all & !sys::UBLK_F_UPDATE_SIZE);
+        assert_eq!(parse("no-per-io-daemon").unwrap(), Fault::NoPerIoDaemon);
+        assert_eq!(mask_features(all, Some(Fault::NoPerIoDaemon)), all & !sys::UBLK_F_PER_IO_DAEMON);
         assert_eq!(mask_features(all, Some(Fault::AbortBeforeLive)), all);
         assert_eq!(mask_features(all, None), all);
         for bad in [

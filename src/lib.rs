@@ -7,7 +7,8 @@
 //! 2. `ctrl` (control plane), `process` (pidfds, signals), `cpus` (the
 //!    machine's CPUs, CPU lists), `io_scheduler` (a device's elevator, via sysfs);
 //! 3. `config` (the validated device configuration), `integrity` (its
-//!    protection-information format), `plan` (what was
+//!    protection-information format), `layout` (which thread serves
+//!    which tags, `--threads`), `plan` (what was
 //!    asked and what the kernel offers, resolved once), `run_files` (its
 //!    files and the others under /run/ublk-bench), `teardown` (deleting a
 //!    device with its files and processes);
@@ -43,6 +44,7 @@ pub mod error;
 pub mod fault;
 pub mod integrity;
 pub mod io_scheduler;
+pub mod layout;
 pub mod log;
 pub mod plan;
 pub mod process;

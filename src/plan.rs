@@ -185,6 +185,7 @@ impl Plan {
         check_buf_reg(transfer == Transfer::Zero, transfer.name(), rules.backend, cfg.explicit_buf_reg)?;
         check_recovery(cfg.recovery, features)?;
         let batch = batch_flag(cfg.batch, features)?;
+        check_threads(cfg, features)?;
         let integrity = integrity_flag(cfg.integrity.is_some(), transfer, features)?;
         let auto_buf_reg =
             transfer == Transfer::Zero && features & sys::UBLK_F_AUTO_BUF_REG != 0 && !cfg.explicit_buf_reg;
@@ -275,6 +276,33 @@ fn check_recovery(rec: Recovery, features: u64) -> Result<()> {
         if rec.flags() & flag != 0 && features & flag == 0 {
             return Err(Error::Unsupported { feature, version, hint: "drop the recovery flag or upgrade" });
         }
+    }
+    Ok(())
+}
+
+/// `--threads` other than one per queue: a tag then belongs to the thread
+/// that fetched it, which only UBLK_F_PER_IO_DAEMON (6.16) allows; before
+/// it all tags of a queue had one daemon. Refused with `--batch`, whose
+/// devices the kernel gives no per-I/O daemon and whose plane serves one
+/// queue per thread.
+fn check_threads(cfg: &DeviceConfig, features: u64) -> Result<()> {
+    let queues = crate::config::kernel_queues(cfg.queues);
+    let threads = cfg.threads_for(queues);
+    if threads == queues {
+        return Ok(());
+    }
+    if cfg.batch {
+        return Err(Error::invalid(format!(
+            "--threads {threads} with --batch: the kernel gives batch devices no per-I/O daemon \
+             (UBLK_F_PER_IO_DAEMON), so each of the {queues} queue(s) is served by one thread: drop --threads"
+        )));
+    }
+    if features & sys::UBLK_F_PER_IO_DAEMON == 0 {
+        return Err(Error::Unsupported {
+            feature: "UBLK_F_PER_IO_DAEMON",
+            version: "6.16",
+            hint: "drop --threads (one thread per queue) or upgrade (see `ublk-bench features`)",
+        });
     }
     Ok(())
 }
@@ -502,5 +530,23 @@ pub(crate) mod tests {
             err.contains("UBLK_F_BATCH_IO") && err.contains("7.0") && err.contains("drop --batch"),
             "{err}"
         );
+    }
+
+    /// Threads other than one per queue need the per-I/O daemon and no
+    /// --batch; one per queue, said or not, needs nothing.
+    #[test]
+    fn threads_need_the_per_io_daemon_and_no_batch() {
+        let all = !sys::UBLK_F_BATCH_IO;
+        let cfg = |threads, batch| DeviceConfig { threads, batch, ..crate::config::tests::sample() };
+        assert!(Plan::new(&cfg(Some(2), false), &NONE, all).is_ok());
+        assert!(Plan::new(&cfg(Some(1), true), &NONE, u64::MAX).is_ok(), "one per queue with --batch");
+        assert!(Plan::new(&cfg(Some(1), false), &NONE, LINUX_6_15).is_ok());
+        let old = Plan::new(&cfg(Some(2), false), &NONE, LINUX_6_15).unwrap_err().to_string();
+        assert!(
+            old.contains("UBLK_F_PER_IO_DAEMON") && old.contains("6.16") && old.contains("drop --threads"),
+            "{old}"
+        );
+        let batch = Plan::new(&cfg(Some(2), true), &NONE, u64::MAX).unwrap_err().to_string();
+        assert!(batch.contains("--threads 2 with --batch") && batch.contains("drop --threads"), "{batch}");
     }
 }

@@ -42,9 +42,9 @@ pub enum Data<'a> {
     Buf(&'a mut [u8]),
     /// User copy: `pread` (WRITE) or `pwrite` (READ) on `fd` at `pos`.
     UserCopy { fd: RawFd, pos: u64 },
-    /// Zero copy: the request's pages are registered in the queue ring's
-    /// buffer table at this index.
-    Fixed { index: u16, char_fd: RawFd, qid: u16 },
+    /// Zero copy: the request's pages, the kernel's request (`qid`, `tag`),
+    /// are registered in the ring's buffer table at this index.
+    Fixed { index: u16, char_fd: RawFd, qid: u16, tag: u16 },
     /// UBLK_F_AUTO_BUF_REG: the kernel registered the request's pages at this
     /// index before handing us the request, and drops them at COMMIT.
     Registered { index: u16 },

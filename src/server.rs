@@ -25,6 +25,7 @@ use crate::ctrl::{self, Ctrl};
 use crate::emulate::Failer;
 use crate::error::{Error, Result};
 use crate::fault::{self, Fault};
+use crate::layout::{self, Slice};
 use crate::plan::{self, Plan};
 use crate::queue::batch::Batch;
 use crate::queue::{PerTag, QueueChannels, QueueSetup, spawn_queue};
@@ -149,12 +150,13 @@ impl Server {
     pub fn prepare(&mut self, backend: &DeviceBackend) -> Result<()> {
         block_signals();
         QUEUES_ENDED.store(0, Ordering::SeqCst);
-        let stats =
-            Arc::new(StatsFile::create(self.dev_id, self.info.nr_hw_queues as usize, self.cfg.stats)?);
+        let queues = self.info.nr_hw_queues;
+        let layout = layout::layout(queues, self.info.queue_depth, self.cfg.threads_for(queues));
+        let stats = Arc::new(StatsFile::create(self.dev_id, layout.len(), self.cfg.stats)?);
         self.stats = Some(stats.clone());
         let (tx, rx) = mpsc::channel();
-        for qid in 0..self.info.nr_hw_queues {
-            let setup = self.queue_setup(qid, &stats)?;
+        for (thread, slices) in layout.into_iter().enumerate() {
+            let setup = self.queue_setup(thread as u16, slices, queues, &stats)?;
             let (bind_tx, bind_rx) = mpsc::channel();
             let spawn = match self.plan.batch {
                 false => spawn_queue::<PerTag>,
@@ -206,9 +208,19 @@ impl Server {
         Ok(())
     }
 
-    fn queue_setup(&mut self, qid: u16, stats: &Arc<StatsFile>) -> Result<QueueSetup> {
+    /// Thread `thread` of the layout, serving `slices` of a device of `queues` queues.
+    fn queue_setup(
+        &mut self,
+        thread: u16,
+        slices: Vec<Slice>,
+        queues: u16,
+        stats: &Arc<StatsFile>,
+    ) -> Result<QueueSetup> {
+        let qid = slices[0].qid;
+        // With more threads than queues, this is thread `nth` of its queue's (t = qid + nth * queues).
+        let nth = (thread / queues) as usize;
         let online = crate::cpus::online_cpus();
-        let listed = self.cfg.cpu_for(qid);
+        let listed = self.cfg.cpu_for(thread);
         let affinity = match listed.filter(|c| online.contains(c)) {
             Some(_) => vec![],
             None => self
@@ -216,10 +228,10 @@ impl Server {
                 .queue_affinity(self.dev_id, qid, crate::cpus::nr_cpu_ids())
                 .map_err(|e| Error::kernel("GET_QUEUE_AFFINITY", e))?,
         };
-        let cpu = self.cfg.queue_cpu(qid, &affinity, &online);
+        let cpu = self.cfg.queue_cpu(thread, nth, &affinity, &online);
         if let Some(c) = listed.filter(|&c| c != cpu) {
             crate::log!(
-                "device {} queue {qid}: warning: CPU {c} of --cpus is offline (online: {}); the queue runs on \
+                "device {} queue thread {thread}: warning: CPU {c} of --cpus is offline (online: {}); the queue runs on \
                  CPU {cpu} of its affinity set instead",
                 self.dev_id,
                 crate::cpus::format_cpus(&online)
@@ -227,8 +239,11 @@ impl Server {
         }
         Ok(QueueSetup {
             dev_id: self.dev_id,
+            thread,
             qid,
-            depth: self.cfg.depth,
+            depth: layout::slots(&slices),
+            slices: slices.into(),
+            queue_depth: self.info.queue_depth,
             cpu: Some(cpu),
             poll: self.cfg.poll,
             copy: self.plan.transfer,

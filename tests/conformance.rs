@@ -325,7 +325,7 @@ fn a_tmpfs_file_is_set_to_stay_inline_and_another_is_not() {
 fn explicit_registration_is_a_chain_of_three_committed_once() {
     let (_d, path) = user_files().remove(0);
     let mut f = Driver::new(Backing::open_path(&path, SIZE, false).unwrap());
-    let data = Data::Fixed { index: 2, char_fd: -1, qid: 0 };
+    let data = Data::Fixed { index: 2, char_fd: -1, qid: 0, tag: 2 };
     let r = req(sys::UBLK_IO_OP_READ, 0, 4096);
     assert_eq!(f.q.submit(2, &r, data, &mut f.ring.submission(), BACKEND_BIT | 2), None);
     assert_eq!(f.ring.submission().len(), 3, "REGISTER, READ_FIXED, UNREGISTER");
@@ -336,7 +336,7 @@ fn explicit_registration_is_a_chain_of_three_committed_once() {
     assert_eq!(f.q.complete(2, kinds[2], 0), Some(4096));
     // A failed unregister fails the request even if the read was whole.
     assert_eq!(
-        f.q.submit(2, &r, Data::Fixed { index: 2, char_fd: -1, qid: 0 }, &mut f.ring.submission(), 2),
+        f.q.submit(2, &r, Data::Fixed { index: 2, char_fd: -1, qid: 0, tag: 2 }, &mut f.ring.submission(), 2),
         None
     );
     f.q.complete(2, kinds[0], 0);

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["sys", "error", "clock", "log", "fault"], // ABI and what everything uses
     &["ctrl", "process", "cpus", "io_scheduler"], // control plane, processes, CPUs, I/O scheduler
-    &["emulate", "integrity", "config", "plan", "run_files", "teardown"], // emulation, PI, device config and plan, run files, deleting both
-    &["request"],                                                         // request and data types
+    &["emulate", "integrity", "config", "layout", "plan", "run_files", "teardown"], // emulation, PI, device config, thread layout and plan, run files, deleting both
+    &["request"],                                                                   // request and data types
     &["stats"],
     &["backend"], // no threads, no server
     &["queue"],   // the queue thread, the loop both planes share, per-tag and batch planes

@@ -422,7 +422,7 @@ impl QueueBackend for FileQueue {
         };
         let rw = matches!(req.op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE);
         let reg = match data {
-            Data::Fixed { index, char_fd, qid } if rw => Some(Registration { char_fd, qid, tag, index }),
+            Data::Fixed { index, char_fd, qid, tag } if rw => Some(Registration { char_fd, qid, tag, index }),
             _ => None,
         };
         // SAFETY: the command's memory (the tag's buffer, or the request's

@@ -463,7 +463,9 @@ impl QueueBackend for NvmeQueue {
         };
         // Only READ and WRITE carry pages to register.
         let reg = match data {
-            Data::Fixed { index, char_fd, qid } if len > 0 => Some(Registration { char_fd, qid, tag, index }),
+            Data::Fixed { index, char_fd, qid, tag } if len > 0 => {
+                Some(Registration { char_fd, qid, tag, index })
+            }
             _ => None,
         };
         let registered = match data {
@@ -640,7 +642,7 @@ mod tests {
     fn requests_become_nvme_commands() {
         let mut q = queue();
         let r = Request { op: sys::UBLK_IO_OP_READ, flags: 0, offset: 4096 * 3 + (1u64 << 33), len: 8192 };
-        let c = q.command(0, &r, &Data::Fixed { index: 0, char_fd: -1, qid: 0 }).unwrap();
+        let c = q.command(0, &r, &Data::Fixed { index: 0, char_fd: -1, qid: 0, tag: 0 }).unwrap();
         assert_eq!((c.opcode, c.nsid, c.addr, c.data_len, c.cdw12), (OP_READ, 1, 0, 8192, 15));
         assert_eq!(((c.cdw11 as u64) << 32) | c.cdw10 as u64, r.offset >> 9);
         let d = Request { op: sys::UBLK_IO_OP_DISCARD, flags: 0, offset: 1 << 20, len: 1 << 20 };

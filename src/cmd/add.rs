@@ -102,6 +102,7 @@ pub fn config_from(args: &AddArgs) -> Result<DeviceConfig> {
         part_scan: args.part_scan,
         emulate: args.dev_opts.emulation(),
         integrity: args.dev_opts.integrity()?,
+        threads: args.queue.threads,
     };
     spec.configure(&mut cfg, &opts)?;
     Ok(cfg)
@@ -161,7 +162,7 @@ fn preflight(cfg: &DeviceConfig) -> Result<()> {
             cfg.queues
         );
     }
-    if let Some(warning) = cfg.poll_sharing(queues) {
+    if let Some(warning) = cfg.poll_sharing(cfg.threads_for(queues)) {
         eprintln!("{warning}");
     }
     Ok(())

@@ -28,6 +28,9 @@ pub struct DeviceView {
     pub flags: Vec<String>,
     pub copy_mode: Option<&'static str>,
     pub poll: Option<bool>,
+    /// Threads serving the device's tags (`--threads`; one per queue by
+    /// default), for a device whose settings we have.
+    pub threads: Option<u16>,
     /// UBLK_F_BATCH_IO, as the kernel has the device.
     pub batch: bool,
     /// `--gather-wait` in µs (blocking devices whose settings we have).
@@ -86,6 +89,7 @@ fn make_view(info: &DevInfo, cfg: Option<&DeviceConfig>, size: u64, scheduler: O
         flags: sys::flag_names(info.flags),
         copy_mode: cfg.map(|_| plan.transfer.name()),
         poll: cfg.map(|c| c.poll),
+        threads: cfg.map(|c| c.threads_for(info.nr_hw_queues)),
         batch: plan.batch,
         gather_wait_us: cfg.filter(|c| !c.poll).map(|c| c.gather_wait_us),
         cpus: cfg.map(|c| c.cpus.clone()).unwrap_or_default(),
@@ -109,7 +113,7 @@ pub fn dump(v: &DeviceView) -> String {
         "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\
          \tmax rq size {} daemon pid {} flags {:#x} state {}\n\
          \tfeatures {}\n\
-         \tbackend {} copy {} poll {} batch {}{} cpus [{}] scheduler {}{}{}\n{}{}{}",
+         \tbackend {} copy {} poll {} threads {} batch {}{} cpus [{}] scheduler {}{}{}\n{}{}{}",
         v.dev_id,
         v.queues,
         v.depth,
@@ -123,6 +127,7 @@ pub fn dump(v: &DeviceView) -> String {
         v.backend,
         v.copy_mode.unwrap_or("?"),
         v.poll.map_or("?".into(), |p| p.to_string()),
+        v.threads.map_or("?".into(), |t| t.to_string()),
         v.batch,
         v.gather_wait_us.map_or(String::new(), |w| format!(" gather-wait {w}us")),
         crate::cpus::format_cpus(&v.cpus),
@@ -228,10 +233,15 @@ mod tests {
     /// A blocking device shows its `--gather-wait`; a polling one none.
     #[test]
     fn a_blocking_device_shows_its_gather_wait() {
-        let info = DevInfo { dev_id: 3, ..Default::default() };
+        let info = DevInfo { dev_id: 3, nr_hw_queues: 1, ..Default::default() };
         let cfg = DeviceConfig { gather_wait_us: 20, ..settings(BackendKind::Null, None) };
         let v = make_view(&info, Some(&cfg), cfg.size, None);
         assert!(dump(&v).contains(" batch false gather-wait 20us cpus"), "{}", dump(&v));
+        assert!(dump(&v).contains(" poll false threads 1 batch"), "one per queue by default: {}", dump(&v));
+        let three = DeviceConfig { threads: Some(3), ..cfg.clone() };
+        let v3 = make_view(&DevInfo { nr_hw_queues: 2, ..info }, Some(&three), three.size, None);
+        assert!(dump(&v3).contains(" threads 3 batch"), "{}", dump(&v3));
+        assert_eq!(serde_json::to_value(&v3).unwrap()["threads"], 3);
         assert_eq!(serde_json::to_value(&v).unwrap()["gather_wait_us"], 20);
         let poll = DeviceConfig { poll: true, ..cfg };
         let v = make_view(&info, Some(&poll), poll.size, None);

@@ -98,6 +98,11 @@ pub struct Report {
     /// and `merged` are absent and only `enters` is counted.
     pub stats: &'static str,
     pub window_s: f64,
+    /// Threads serving the device (`--threads`; one per queue by default).
+    pub threads: usize,
+    /// One entry per serving thread, as `threads` counts them (thread t
+    /// serves queue t by default); the name is from when there was one
+    /// thread per queue.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<Vec<Figures>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,6 +122,7 @@ fn collect_from(file: &StatsFile, dev_id: u32, window: Duration) -> Report {
         server_pid: file.server_pid(),
         stats: if file.is_on() { "on" } else { "off" },
         window_s: 0.0,
+        threads: file.queues(),
         queues: None,
         merged: None,
         enters: 0,
@@ -163,12 +169,12 @@ pub fn run(dev_id: u32, json: bool, window: Duration) -> Result<()> {
     let over = if r.window_s > 0.0 { format!("over {:.2}s", r.window_s) } else { "no window".into() };
     println!(
         "device {dev_id}, server pid {}, {over} (service time: from the pass over the ring that saw the \
-         descriptor to the pass that queued its COMMIT; 0 when both are one pass)",
-        r.server_pid
+         descriptor to the pass that queued its COMMIT; 0 when both are one pass); {} serving thread(s)",
+        r.server_pid, r.threads
     );
     println!(
         "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>12}",
-        "queue", "IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "max us", "errors", "enters/io", "enters"
+        "thread", "IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "max us", "errors", "enters/io", "enters"
     );
     for f in queues.iter().chain(std::iter::once(merged)) {
         let q = f.queue.map_or("all".into(), |q| q.to_string());

@@ -198,6 +198,8 @@ mod tests {
         let quiet =
             add(&["--stats", "off", "--gather-wait", "20", "--scheduler", "keep", "--store", "/dev/shm/s"]);
         assert_eq!((quiet.queue.stats, quiet.queue.gather_wait), (OnOff::Off, Some(20)));
+        let split = add(&["-q", "1", "--threads", "2"]);
+        assert_eq!(crate::cmd::add::config_from(&split).unwrap().threads, Some(2), "--threads reaches add");
         assert_eq!(
             (quiet.queue.scheduler.0.as_deref(), quiet.store.as_deref()),
             (None, Some(Path::new("/dev/shm/s")))

@@ -1,13 +1,19 @@
-//! Data plane: one thread per hardware queue, and what it is made of.
+//! Data plane: its threads (one per hardware queue unless `--threads` says
+//! otherwise: `layout`), and what they are made of.
 //!
-//! - this file: the queue's setup, its thread (spawn, start-up handshake,
-//!   abort on failure), its ring, and [`TagIo`], how it reaches a tag's
-//!   descriptor and buffer;
+//! - this file: a thread's setup, the thread (spawn, start-up handshake,
+//!   abort on failure), its ring, and [`TagIo`], how it reaches a slot's
+//!   queue, tag, descriptor and buffer;
 //! - `run_loop`: the loop both planes run (wait, reap, commit what is due,
 //!   publish counters) and what they share ([`run_loop::Core`]);
 //! - `per_tag`: the per-tag plane (FETCH_REQ, COMMIT_AND_FETCH_REQ);
 //! - `batch`: the batch plane (UBLK_F_BATCH_IO: PREP, multishot FETCH and
 //!   COMMIT_IO_CMDS).
+//!
+//! Slots: a thread numbers the tags it serves 0.. (`layout`); its ring's
+//! `user_data`, its backend's `tag` and its buffer indexes are slots, and
+//! [`TagIo`] maps a slot to the kernel's (queue, tag). With one thread per
+//! queue the map is the identity.
 //!
 //! Buffers: in copy mode each tag owns `max_io_bytes` of one anonymous map
 //! made at queue start; the kernel reads or writes it between dispatch and
@@ -44,6 +50,7 @@ use crate::backend::emulated::Emulated;
 use crate::backend::{DeviceBackend, KIND_MASK, QueueBackend, QueueMaker};
 use crate::emulate::{Emulation, Failer};
 use crate::error::{Error, Result};
+use crate::layout::Slice;
 use crate::plan::Transfer;
 use crate::request::Data;
 use crate::stats::StatsFile;
@@ -65,7 +72,15 @@ pub type OnEnd = Arc<dyn Fn() + Send + Sync>;
 #[derive(Clone)]
 pub struct QueueSetup {
     pub dev_id: u32,
+    /// This thread's index in the layout: its stats slot.
+    pub thread: u16,
+    /// The queue of the first slice (the batch plane's only queue).
     pub qid: u16,
+    /// The tags this thread serves, as slots 0.. in this order.
+    pub slices: Arc<[Slice]>,
+    /// Tags per hardware queue (each descriptor map's length).
+    pub queue_depth: u16,
+    /// Slots this thread serves: the queue depth with one thread per queue.
     pub depth: u16,
     pub cpu: Option<usize>,
     pub poll: bool,
@@ -149,7 +164,13 @@ pub(crate) fn build_ring<B: QueueBackend>(
 pub(crate) struct TagIo {
     char_dev: Option<Arc<File>>,
     pub(crate) char_fd: i32,
-    descs: Option<Mmap>,
+    /// Each slot's (queue, tag).
+    ids: Vec<(u16, u16)>,
+    /// The descriptor maps of the queues this thread serves, kept mapped
+    /// while `desc_at` points into them.
+    descs: Vec<Mmap>,
+    /// Each slot's descriptor, once bound.
+    desc_at: Vec<*const IoDesc>,
     bufs: Option<MmapMut>,
 }
 
@@ -163,15 +184,38 @@ impl TagIo {
             ),
             _ => None,
         };
-        Ok(TagIo { char_dev: None, char_fd: -1, descs: None, bufs })
+        let ids = (0..setup.depth)
+            .map(|s| crate::layout::slot_tag(&setup.slices, s).expect("depth counts the slices' tags"))
+            .collect();
+        Ok(TagIo { char_dev: None, char_fd: -1, ids, descs: vec![], desc_at: vec![], bufs })
     }
 
-    /// Maps the queue's descriptors from `/dev/ublkcN`.
+    /// Maps the descriptors of the queues this thread serves from `/dev/ublkcN`.
     pub(crate) fn bind(&mut self, setup: &QueueSetup, char_dev: Arc<File>) -> Result<()> {
-        self.descs = Some(map_descs(setup, &char_dev, page_size())?);
+        let page = page_size();
+        let mut qids: Vec<u16> = setup.slices.iter().map(|s| s.qid).collect();
+        qids.dedup();
+        for &qid in &qids {
+            self.descs.push(map_descs(qid, setup.queue_depth, &char_dev, page)?);
+        }
+        self.desc_at = self
+            .ids
+            .iter()
+            .map(|&(qid, tag)| {
+                let map = &self.descs[qids.iter().position(|&q| q == qid).expect("mapped above")];
+                // SAFETY: tag < queue depth, and the map holds that many descriptors.
+                unsafe { (map.as_ptr() as *const IoDesc).add(tag as usize) }
+            })
+            .collect();
         self.char_fd = char_dev.as_raw_fd();
         self.char_dev = Some(char_dev);
         Ok(())
+    }
+
+    /// The kernel's (queue, tag) of `slot`.
+    #[inline]
+    pub(crate) fn id(&self, slot: u16) -> (u16, u16) {
+        self.ids[slot as usize]
     }
 
     /// The tag's buffer address (copy mode), else 0.
@@ -193,23 +237,28 @@ impl TagIo {
             }
             Transfer::Zero if setup.auto_buf_reg => Data::Registered { index: tag },
             Transfer::Zero => self.fixed(setup, tag),
-            Transfer::User => Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(setup.qid, tag, 0) },
+            Transfer::User => {
+                let (qid, tag) = self.id(tag);
+                Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(qid, tag, 0) }
+            }
         }
     }
 
     /// Zero copy through the server's own REGISTER/UNREGISTER chain: how a
     /// request the kernel could not register (UBLK_IO_F_NEED_REG_BUF, the
     /// AUTO_BUF_REG fallback) is served, at the tag's own slot.
-    pub(crate) fn fixed(&self, setup: &QueueSetup, tag: u16) -> Data<'static> {
-        Data::Fixed { index: tag, char_fd: self.char_fd, qid: setup.qid }
+    pub(crate) fn fixed(&self, _setup: &QueueSetup, slot: u16) -> Data<'static> {
+        let (qid, tag) = self.id(slot);
+        Data::Fixed { index: slot, char_fd: self.char_fd, qid, tag }
     }
 
-    /// The descriptor of `tag`, which must be below the queue depth.
-    pub(crate) fn desc(&self, tag: u16) -> IoDesc {
-        let base = self.descs.as_ref().expect("bound before FETCH").as_ptr() as *const IoDesc;
-        // SAFETY: tag < depth (callers check or the kernel gave it), and the
-        // map holds depth descriptors; the kernel writes it, so read it volatile.
-        unsafe { std::ptr::read_volatile(base.add(tag as usize)) }
+    /// The descriptor of `slot`, which must be below the thread's slots.
+    #[inline]
+    pub(crate) fn desc(&self, slot: u16) -> IoDesc {
+        let at = self.desc_at[slot as usize];
+        // SAFETY: `at` points into a map this TagIo keeps (bind); the kernel
+        // writes it, so read it volatile.
+        unsafe { std::ptr::read_volatile(at) }
     }
 }
 
@@ -239,11 +288,15 @@ impl<K: PlaneKind> QueueMaker for Spawn<K> {
     /// The backend is wrapped in [`Emulated`] when the device emulates a disk.
     fn make<B: QueueBackend + Send + 'static>(self, backend: B) -> Self::Out {
         let Spawn { setup, io, .. } = self;
-        let name = format!("ublk{}q{}", setup.dev_id, setup.qid);
+        // One thread per queue: named for its queue; otherwise for its place in the layout.
+        let name = match &*setup.slices {
+            [s] if s.count == setup.queue_depth => format!("ublk{}q{}", setup.dev_id, s.qid),
+            _ => format!("ublk{}t{}", setup.dev_id, setup.thread),
+        };
         let body: Box<dyn FnOnce() -> Result<()> + Send> = match setup.emulate.clone() {
             None => Box::new(move || run_queue::<_, K::Plane<_>>(setup, backend, io)),
             Some((e, failer)) => {
-                let seed = setup.dev_id as u64 * 4099 + setup.qid as u64;
+                let seed = setup.dev_id as u64 * 4099 + setup.thread as u64;
                 let q = Emulated::new(backend, &e, failer, setup.depth, seed);
                 Box::new(move || run_queue::<_, K::Plane<_>>(setup, q, io))
             }
@@ -323,12 +376,12 @@ fn prepare_and_fetch<B, P: DataPlane<B>>(
     Ok(Some(queue))
 }
 
-pub(crate) fn map_descs(setup: &QueueSetup, char_dev: &File, page: usize) -> Result<Mmap> {
-    let off = sys::desc_offset(setup.qid, page) as u64;
+pub(crate) fn map_descs(qid: u16, depth: u16, char_dev: &File, page: usize) -> Result<Mmap> {
+    let off = sys::desc_offset(qid, page) as u64;
     // SAFETY: the kernel owns the contents; we only read them volatile, and
     // the map is read-only as the driver demands.
-    unsafe { MmapOptions::new().offset(off).len(sys::desc_len(setup.depth, page)).map(char_dev) }
-        .map_err(|e| Error::io(format!("mmap descriptors of queue {}", setup.qid), e))
+    unsafe { MmapOptions::new().offset(off).len(sys::desc_len(depth, page)).map(char_dev) }
+        .map_err(|e| Error::io(format!("mmap descriptors of queue {qid}"), e))
 }
 
 /// Pins the calling thread to `cpu` and checks that it took.

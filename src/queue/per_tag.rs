@@ -1,5 +1,6 @@
 //! Per-tag data plane: FETCH_REQ once per tag, then one COMMIT_AND_FETCH_REQ
-//! per request, each its own command on the queue's ring.
+//! per request, each its own command on the thread's ring. The thread's
+//! tags are its slots (see the `queue` module doc), of one queue or several.
 //!
 //! Tag ownership: after FETCH a tag belongs to the kernel. Its CQE (result
 //! `UBLK_IO_RES_OK`) hands it to us with a request in the tag's descriptor;
@@ -140,11 +141,13 @@ impl<B: QueueBackend> Protocol<B> for TagCommands {
                 self.stopping = true;
                 Ok(())
             }
-            err => Err(Error::Queue(format!(
-                "FETCH/COMMIT of tag {tag} on queue {} failed (not an abort): {}",
-                core.setup.qid,
-                std::io::Error::from_raw_os_error(-err)
-            ))),
+            err => {
+                let (qid, tag) = core.tags.id(tag);
+                Err(Error::Queue(format!(
+                    "FETCH/COMMIT of tag {tag} on queue {qid} failed (not an abort): {}",
+                    std::io::Error::from_raw_os_error(-err)
+                )))
+            }
         }
     }
 
@@ -164,19 +167,20 @@ impl<B: QueueBackend> Protocol<B> for TagCommands {
 /// `TagCommands::commit`) its fields are stored straight into
 /// `sqes[tail & mask]`, with no copy on the stack.
 #[inline]
-fn io_cmd<B: QueueBackend>(core: &Core<B>, op: u32, tag: u16, result: i32) -> B::Sqe {
+fn io_cmd<B: QueueBackend>(core: &Core<B>, op: u32, slot: u16, result: i32) -> B::Sqe {
     let setup = &core.setup;
-    let cmd = IoCmd { q_id: setup.qid, tag, result, addr: core.tags.buf_addr(setup, tag) };
+    let (q_id, tag) = core.tags.id(slot);
+    let cmd = IoCmd { q_id, tag, result, addr: core.tags.buf_addr(setup, slot) };
     let mut payload = [0u8; 16];
     // SAFETY: IoCmd is repr(C), 16 bytes of plain data.
     unsafe { std::ptr::copy_nonoverlapping(&cmd as *const IoCmd as *const u8, payload.as_mut_ptr(), 16) };
     let mut sqe = opcode::UringCmd16::new(types::Fd(core.tags.char_fd), op).cmd(payload);
     if setup.auto_buf_reg {
         // Slots `depth..` are past the table (register_buffers_sparse).
-        let slot = if setup.unreg_auto_buf { setup.depth + tag } else { tag };
-        sqe = sqe.addr(Some(sys::auto_buf_reg(slot, sys::UBLK_AUTO_BUF_REG_FALLBACK)));
+        let index = if setup.unreg_auto_buf { setup.depth + slot } else { slot };
+        sqe = sqe.addr(Some(sys::auto_buf_reg(index, sys::UBLK_AUTO_BUF_REG_FALLBACK)));
     }
     let mut sqe = B::Sqe::from(sqe.build());
-    sqe.set_user_data(tag as u64);
+    sqe.set_user_data(slot as u64);
     sqe
 }

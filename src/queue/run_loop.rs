@@ -204,7 +204,7 @@ impl<B: QueueBackend> Core<B> {
 
     fn publish(&mut self) {
         if let Some(stats) = &self.setup.stats {
-            self.counters.publish(stats.queue(self.setup.qid as usize));
+            self.counters.publish(stats.queue(self.setup.thread as usize));
         }
     }
 
