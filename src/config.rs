@@ -346,17 +346,18 @@ impl DeviceConfig {
         }
     }
 
-    /// With `--poll`, the warning to give when `queues` spinning threads
+    /// With `--poll`, the warning to give when `threads` spinning threads
     /// will share CPUs (more of them than CPUs to pin them to).
-    pub fn poll_sharing(&self, queues: u16) -> Option<String> {
+    pub fn poll_sharing(&self, threads: u16) -> Option<String> {
         let cpus = match self.cpus.is_empty() {
             true => online_cpus().len(),
             false => self.cpus.iter().collect::<std::collections::BTreeSet<_>>().len(),
         };
-        (self.poll && queues as usize > cpus).then(|| {
+        let flag = if self.threads.is_some() { "--threads" } else { "-q" };
+        (self.poll && threads as usize > cpus).then(|| {
             format!(
-                "warning: {queues} busy-polling queue threads on {cpus} CPU(s): spinning threads share a CPU \
-                 and slow each other down; give -q {cpus} or fewer, more --cpus, or drop --poll"
+                "warning: {threads} busy-polling queue threads on {cpus} CPU(s): spinning threads share a CPU \
+                 and slow each other down; give {flag} {cpus} or fewer, more --cpus, or drop --poll"
             )
         })
     }
@@ -562,6 +563,8 @@ pub(crate) mod tests {
         let w = poll.poll_sharing(2).expect("two spinning threads on CPU 1");
         assert!(w.contains("share a CPU") && w.contains("-q 1"), "{w}");
         assert_eq!(poll.poll_sharing(1), None);
+        let threads = DeviceConfig { threads: Some(2), ..poll.clone() };
+        assert!(threads.poll_sharing(2).unwrap().contains("--threads 1"));
         assert_eq!(DeviceConfig { poll: false, ..poll.clone() }.poll_sharing(4), None);
         let ncpu = online_cpus().len() as u16;
         let free = DeviceConfig { cpus: vec![], ..poll };

@@ -86,7 +86,7 @@ fn note_queues(cfg: &mut DeviceConfig, made: u16) {
         );
         cfg.queues = made;
     }
-    if let Some(warning) = cfg.poll_sharing(made) {
+    if let Some(warning) = cfg.poll_sharing(cfg.threads_for(made)) {
         log!("device {}: {warning}", cfg.dev_id.unwrap_or(0));
     }
 }
