@@ -176,17 +176,16 @@ impl Plan {
     /// A new device's plan on a kernel with `features`; what the kernel
     /// lacks is refused here, before ADD_DEV.
     pub fn new(cfg: &DeviceConfig, rules: &CopyRules, features: u64) -> Result<Plan> {
-        // Metadata moves by user copy only, so `auto` means user there.
-        let mode = match (cfg.integrity, cfg.copy_mode) {
-            (Some(_), CopyMode::Auto) => CopyMode::User,
-            (_, mode) => mode,
+        let mode = match cfg.integrity {
+            Some(_) => integrity_mode(cfg.copy_mode)?,
+            None => cfg.copy_mode,
         };
         let transfer = resolve(mode, rules, features)?;
         check_buf_reg(transfer == Transfer::Zero, transfer.name(), rules.backend, cfg.explicit_buf_reg)?;
         check_recovery(cfg.recovery, features)?;
         let batch = batch_flag(cfg.batch, features)?;
         check_threads(cfg, features)?;
-        let integrity = integrity_flag(cfg.integrity.is_some(), transfer, features)?;
+        let integrity = integrity_flag(cfg.integrity.is_some(), features)?;
         let auto_buf_reg =
             transfer == Transfer::Zero && features & sys::UBLK_F_AUTO_BUF_REG != 0 && !cfg.explicit_buf_reg;
         let copy = match transfer {
@@ -320,9 +319,22 @@ fn batch_flag(batch: bool, features: u64) -> Result<u64> {
     }
 }
 
-/// UBLK_F_INTEGRITY for `--integrity`: refused before ADD_DEV where the
-/// kernel lacks it, and with any copy mode but user (the kernel's rule).
-fn integrity_flag(integrity: bool, transfer: Transfer, features: u64) -> Result<u64> {
+/// `--integrity`'s copy mode: the kernel moves metadata by user copy only,
+/// so `auto` means user and any other mode is refused.
+pub fn integrity_mode(mode: CopyMode) -> Result<CopyMode> {
+    match mode {
+        CopyMode::Auto | CopyMode::User => Ok(CopyMode::User),
+        _ => Err(Error::invalid(format!(
+            "--integrity moves metadata by user copy, the only way the kernel offers: use --copy-mode user \
+             (or leave --copy-mode out), not {}",
+            mode.name()
+        ))),
+    }
+}
+
+/// UBLK_F_INTEGRITY for `--integrity`, refused before ADD_DEV where the
+/// kernel lacks it (the copy mode is [`integrity_mode`]'s).
+fn integrity_flag(integrity: bool, features: u64) -> Result<u64> {
     if !integrity {
         return Ok(0);
     }
@@ -333,13 +345,7 @@ fn integrity_flag(integrity: bool, transfer: Transfer, features: u64) -> Result<
             hint: "drop --integrity (it also needs CONFIG_BLK_DEV_INTEGRITY; see `ublk-bench features`)",
         });
     }
-    match transfer {
-        Transfer::User => Ok(sys::UBLK_F_INTEGRITY),
-        t => Err(Error::invalid(format!(
-            "--integrity moves metadata by user copy, the only way the kernel offers: use --copy-mode user, not {}",
-            t.name()
-        ))),
-    }
+    Ok(sys::UBLK_F_INTEGRITY)
 }
 
 /// A new device's parameters, as every backend has them: block size,

@@ -139,6 +139,24 @@ pub unsafe fn pread_all(fd: RawFd, buf: *mut u8, len: usize, pos: u64) -> i32 {
     all(len, |off| unsafe { libc::pread(fd, buf.add(off).cast(), len - off, (pos + off as u64) as i64) })
 }
 
+/// A page of metadata as never written ([`crate::integrity::UNWRITTEN`]).
+pub static UNWRITTEN_META: [u8; 4096] = [crate::integrity::UNWRITTEN; 4096];
+
+/// Writes `[pos, pos+len)` of `fd` from the repeated `pattern`; 0 or -errno.
+pub fn fill_fd(fd: RawFd, pattern: &'static [u8; 4096], mut pos: u64, len: u64) -> i32 {
+    let end = pos + len;
+    while pos < end {
+        let n = (end - pos).min(pattern.len() as u64) as usize;
+        // SAFETY: pattern is static and readable for n <= its length.
+        let r = unsafe { pwrite_all(fd, pattern.as_ptr(), n, pos) };
+        if r < 0 {
+            return r;
+        }
+        pos += n as u64;
+    }
+    0
+}
+
 /// Repeats a partial transfer `step(done_so_far)` until `len` bytes moved.
 fn all(len: usize, mut step: impl FnMut(usize) -> isize) -> i32 {
     let mut off = 0usize;
@@ -312,14 +330,7 @@ fn check_integrity(b: &dyn Backend, mode: CopyMode) -> Result<()> {
             b.name()
         )));
     }
-    match mode {
-        CopyMode::Auto | CopyMode::User => Ok(()),
-        _ => Err(Error::invalid(format!(
-            "--integrity moves metadata by user copy, the only way the kernel offers: use --copy-mode user \
-             (or leave --copy-mode out), not {}",
-            mode.name()
-        ))),
-    }
+    plan::integrity_mode(mode).map(|_| ())
 }
 
 macro_rules! registry {

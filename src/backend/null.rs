@@ -3,10 +3,10 @@
 //! `--integrity` a read hands back unwritten metadata (all ones, the PI
 //! escape), which the block layer's verify skips.
 
-use super::{Backend, Device, DeviceBackend, QueueMaker, SyncBackend, done, pwrite_all};
+use super::{Backend, Device, DeviceBackend, QueueMaker, SyncBackend, UNWRITTEN_META, done, fill_fd};
 use crate::config::{BackendKind, DeviceConfig};
 use crate::error::Result;
-use crate::integrity::{self, MetaLayout};
+use crate::integrity::MetaLayout;
 use crate::plan::{CopyRules, Transfer};
 use crate::request::{Data, Request};
 use crate::sys;
@@ -16,24 +16,15 @@ pub struct NullQueue {
     meta: Option<MetaLayout>,
 }
 
-/// Metadata as never written.
-static UNWRITTEN: [u8; 4096] = [integrity::UNWRITTEN; 4096];
-
 impl NullQueue {
     /// A read's metadata (user copy): unwritten, as `len` data bytes have it.
     fn read_meta(&self, req: &Request, data: &Data<'_>) -> i32 {
         let (Some(meta), Data::UserCopy { fd, pos }) = (self.meta, data) else { return -libc::EINVAL };
-        let (mut at, mut left) = (pos | sys::UBLKSRV_IO_INTEGRITY_FLAG, meta.bytes(req.len as u64) as usize);
-        while left > 0 {
-            let n = left.min(UNWRITTEN.len());
-            // SAFETY: UNWRITTEN is static and readable for n <= its length.
-            let r = unsafe { pwrite_all(*fd, UNWRITTEN.as_ptr(), n, at) };
-            if r < 0 {
-                return r;
-            }
-            (at, left) = (at + n as u64, left - n);
+        let at = pos | sys::UBLKSRV_IO_INTEGRITY_FLAG;
+        match fill_fd(*fd, &UNWRITTEN_META, at, meta.bytes(req.len as u64)) {
+            r if r < 0 => r,
+            _ => done(req.len),
         }
-        done(req.len)
     }
 }
 

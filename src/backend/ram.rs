@@ -39,7 +39,10 @@ use memmap2::{MmapOptions, MmapRaw};
 use super::claim;
 use super::file::Backing;
 use super::live_size::{LiveSize, ResizableStore, Resizing, Room};
-use super::{Backend, Device, DeviceBackend, Options, QueueMaker, SyncBackend, done, pread_all, pwrite_all};
+use super::{
+    Backend, Device, DeviceBackend, Options, QueueMaker, SyncBackend, UNWRITTEN_META, done, fill_fd,
+    pread_all, pwrite_all,
+};
 use crate::config::{BackendKind, CopyMode, DeviceConfig, FileId, FileKind};
 use crate::error::{Error, Result};
 use crate::integrity::{self, MetaLayout};
@@ -67,8 +70,6 @@ pub struct RamStore {
 const BOUNCE: usize = 64 << 10;
 /// A zero page for the unaligned edges of a guarded discard.
 static ZEROES: [u8; 4096] = [0; 4096];
-/// Metadata as never written, for a guarded store's fd.
-static UNWRITTEN: [u8; 4096] = [integrity::UNWRITTEN; 4096];
 
 /// Creates a fresh zeroed store file of `size` bytes at `path`, mode 0600.
 /// The path must not exist (O_EXCL, and O_NOFOLLOW for a dangling link):
@@ -144,21 +145,6 @@ pub fn store_len(size: u64, meta: Option<MetaLayout>) -> u64 {
 /// The metadata layout of a device's store (None without `--integrity`).
 fn meta_of(cfg: &DeviceConfig) -> Option<MetaLayout> {
     cfg.integrity.map(|i| i.layout(cfg.block_size))
-}
-
-/// Writes `[off, off+len)` of `fd` from the repeated `pattern`.
-fn fill_fd(fd: RawFd, pattern: &'static [u8; 4096], mut off: u64, len: u64) -> i32 {
-    let end = off + len;
-    while off < end {
-        let n = (end - off).min(pattern.len() as u64) as usize;
-        // SAFETY: pattern is static and readable for n <= its length.
-        let r = unsafe { pwrite_all(fd, pattern.as_ptr(), n, off) };
-        if r < 0 {
-            return r;
-        }
-        off += n as u64;
-    }
-    0
 }
 
 /// fallocate mode 0 of `[off, off+len)`.
@@ -330,7 +316,7 @@ impl RamStore {
         let Some(meta) = self.meta else { return 0 };
         let (at, n) = self.meta_range(meta, off, len);
         match self.guarded() {
-            true => fill_fd(self.file.as_raw_fd(), &UNWRITTEN, at, n),
+            true => fill_fd(self.file.as_raw_fd(), &UNWRITTEN_META, at, n),
             false => self.fill_map(at, n, integrity::UNWRITTEN),
         }
     }
@@ -647,7 +633,7 @@ impl Backend for Ram {
         };
         let reserved = reserve_as_asked(&file, path, len, create, cfg.sparse)?;
         if create && meta.is_some() {
-            let r = fill_fd(file.as_raw_fd(), &UNWRITTEN, cfg.size, len - cfg.size);
+            let r = fill_fd(file.as_raw_fd(), &UNWRITTEN_META, cfg.size, len - cfg.size);
             if r < 0 {
                 let _ = std::fs::remove_file(path);
                 let e = std::io::Error::from_raw_os_error(-r);

@@ -236,7 +236,7 @@ impl TagIo {
                 Data::Buf(&mut bufs[off..off + len])
             }
             Transfer::Zero if setup.auto_buf_reg => Data::Registered { index: tag },
-            Transfer::Zero => self.fixed(setup, tag),
+            Transfer::Zero => self.fixed(tag),
             Transfer::User => {
                 let (qid, tag) = self.id(tag);
                 Data::UserCopy { fd: self.char_fd, pos: sys::user_copy_pos(qid, tag, 0) }
@@ -247,7 +247,7 @@ impl TagIo {
     /// Zero copy through the server's own REGISTER/UNREGISTER chain: how a
     /// request the kernel could not register (UBLK_IO_F_NEED_REG_BUF, the
     /// AUTO_BUF_REG fallback) is served, at the tag's own slot.
-    pub(crate) fn fixed(&self, _setup: &QueueSetup, slot: u16) -> Data<'static> {
+    pub(crate) fn fixed(&self, slot: u16) -> Data<'static> {
         let (qid, tag) = self.id(slot);
         Data::Fixed { index: slot, char_fd: self.char_fd, qid, tag }
     }

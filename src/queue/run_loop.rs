@@ -126,7 +126,7 @@ impl<B: QueueBackend> Core<B> {
         // Only a plane that asks for AUTO_BUF_REG's fallback sees the flag.
         let data = match req.flags & sys::UBLK_IO_F_NEED_REG_BUF {
             0 => self.tags.data(&self.setup, tag),
-            _ => self.tags.fixed(&self.setup, tag),
+            _ => self.tags.fixed(tag),
         };
         self.backend.submit(tag, &req, data, sq, BACKEND_BIT | tag as u64)
     }
